@@ -1,0 +1,38 @@
+"""Exporters (installed as ``upop.exporters``): one registered backend per artefact format.
+
+Each backend turns a slim checkpoint into deployable graphs and checks them against
+PyTorch. Backends register themselves by format name; asking for an unknown format is a
+clear error that lists the known ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from upop.errors import UpopError
+
+_BACKENDS: dict[str, Callable[..., Any]] = {}
+
+
+class UnknownFormatError(UpopError):
+    pass
+
+
+def register(fmt: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _BACKENDS[fmt] = fn
+        return fn
+
+    return deco
+
+
+def formats() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get(fmt: str) -> Callable[..., Any]:
+    if fmt not in _BACKENDS:
+        known = ", ".join(formats()) or "none yet"
+        raise UnknownFormatError(f"export format {fmt!r} is not supported; supported formats: {known}")
+    return _BACKENDS[fmt]

@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from upop.config import SearchConfig
+from upop.search import UnitTable, pi_schedule, search, select_units, unified_scores
+from upop.units import AttentionSpec, InProj, MLPSpec
+
+from ..conftest import batches_for, build_tiny
+
+
+def test_schedule_reaches_p_exactly_and_is_monotone():
+    p, T = 0.37, 123
+    values = [pi_schedule(t, T, p) for t in range(T + 1)]
+    assert values[0] == 0.0
+    assert values[-1] == p
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert math.isclose(pi_schedule(T // 2, T, p), p * math.sqrt((1 - math.cos(math.pi * (T // 2) / T)) / 2))
+
+
+def _run(adapter, model, ratio, gran="dim", steps=6, every=2, seed=0, **kw):
+    batches = batches_for(adapter, model, n=3)
+    cfg = SearchConfig(ratio=ratio, granularity=gran, steps=steps, update_every=every, lr=1e-4, seed=seed, **kw)
+    return search(model, adapter.modules(model), adapter.native_loss, batches, cfg)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+def test_removed_share_equals_ratio_within_the_largest_unit(tiny, ratio):
+    adapter, model = tiny
+    specs = adapter.modules(model)
+    for gran in ("dim", "head"):
+        res = _run(adapter, model, ratio, gran)
+        table = UnitTable.build(model, specs, gran)
+        largest = float(table.cost.max()) / table.total_cost
+        # Every module keeps one unit: with 4 heads a module can lose at most 3/4 of its cost.
+        target = min(ratio, res.max_share)
+        assert target - 1e-9 <= res.removed_share <= target + largest, (gran, res.removed_share)
+        assert all(len(k) >= 1 for k in res.kept.values())
+
+
+def test_marked_units_end_at_exactly_zero_and_others_at_one(tiny):
+    adapter, model = tiny
+    res = _run(adapter, model, 0.5)
+    for name, z in res.zeta.items():
+        kept = set(res.kept[name])
+        for i, v in enumerate(z):
+            assert v == (1.0 if i in kept else 0.0)
+    assert res.history[-1]["pi"] == 0.5
+
+
+def test_intermediate_updates_follow_the_schedule(tiny):
+    adapter, model = tiny
+    res = _run(adapter, model, 0.6, steps=8, every=4)
+    pis = [h["pi"] for h in res.history]
+    assert pis[3] == pytest.approx(pi_schedule(4, 8, 0.6)) and pis[7] == 0.6
+    assert pis[0] == 0.0  # no update before the first K steps
+
+
+def test_search_is_deterministic_under_a_seed():
+    from upop.adapters import get_adapter
+
+    adapter = get_adapter("blip")
+    results = []
+    for _ in range(2):
+        model = build_tiny("blip", "BlipForImageTextRetrieval")
+        results.append(_run(adapter, model, 0.5, seed=3))
+    assert results[0].kept == results[1].kept
+    assert results[0].importance == results[1].importance
+
+
+def test_sparsity_term_does_not_change_the_ranking():
+    """λ·Σ|ζ| adds the same constant to every unit's gradient; after the z-score it is inert (SPEC §1.3)."""
+    from upop.adapters import get_adapter
+
+    adapter = get_adapter("vit")
+    with_l = _run(adapter, build_tiny("vit", "ViTForImageClassification"), 0.5, lambda_attn=0.5, lambda_mlp=0.1)
+    without = _run(adapter, build_tiny("vit", "ViTForImageClassification"), 0.5, lambda_attn=0.0, lambda_mlp=0.0)
+    assert with_l.kept == without.kept
+    # The raw importances do differ: the term is there, it just cannot reorder units.
+    name = next(iter(with_l.importance))
+    assert with_l.importance[name] != without.importance[name]
+
+
+def _toy_table():
+    m = torch.nn.Module()
+    m.q, m.k, m.v, m.o = (torch.nn.Linear(4, 4, bias=False) for _ in range(4))
+    m.fc1, m.fc2 = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 4, bias=False)
+    attn = AttentionSpec(name="a", tower="vision", role="self",
+                         in_projs=(InProj("q"), InProj("k"), InProj("v")), out_proj="o", num_heads=2, head_dim=2)
+    mlp = MLPSpec(name="f", tower="text", fc1="fc1", fc2="fc2", width=3)
+    return m, [attn, mlp]
+
+
+def test_unified_ranking_zscores_each_type_separately():
+    m, specs = _toy_table()
+    table = UnitTable.build(m, specs, "dim")
+    imp = torch.tensor([100.0, 300.0, 1.0, 2.0, 3.0])  # attention grads are on a much larger scale
+    scores = unified_scores(imp, table)
+    r = 2 ** -0.5
+    assert scores.tolist() == pytest.approx([-r, r, -1.0, 0.0, 1.0])
+    # The largest MLP gradient outranks the largest attention one, though it is 100x smaller.
+    assert int(torch.argmax(scores)) == 4
+
+
+def test_threshold_walks_costs_and_keeps_one_unit_per_module():
+    m, specs = _toy_table()
+    table = UnitTable.build(m, specs, "dim")
+    # attention unit cost: 2 heads × (3·4 + 4) = 32; MLP unit: 4 + 4 = 8; total 2·32 + 3·8 = 88
+    assert table.cost.tolist() == [32, 32, 8, 8, 8]
+    scores = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    # 30% of 88 = 26.4 -> the first attention unit (32) already reaches it.
+    assert select_units(scores, table, 0.3).tolist() == [True, False, False, False, False]
+    # 90% = 79.2: the second attention unit would empty module "a" and is skipped; all but one MLP unit too.
+    marked = select_units(scores, table, 0.9)
+    assert marked.tolist() == [True, False, True, True, False]
+
+
+def test_custom_unit_costs_change_the_budget():
+    m, specs = _toy_table()
+    table = UnitTable.build(m, specs, "dim", unit_costs={"a": 1.0, "f": [10.0, 10.0, 10.0]})
+    assert table.cost.tolist() == [1, 1, 10, 10, 10]
+
+
+def test_search_trains_the_model_but_never_steps_the_masks(tiny):
+    adapter, model = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _run(adapter, model, 0.3)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the search trains the model's weights"

@@ -1,0 +1,194 @@
+"""What every family adapter provides, and the registry that picks one by ``model_type``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
+
+_REGISTRY: dict[str, "Adapter"] = {}
+
+
+def register(cls: type["Adapter"]) -> type["Adapter"]:
+    inst = cls()
+    for mt in cls.model_types:
+        _REGISTRY[mt] = inst
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def all_adapters() -> list["Adapter"]:
+    seen: dict[str, Adapter] = {}
+    for a in _REGISTRY.values():
+        seen[a.family] = a
+    return [seen[k] for k in sorted(seen)]
+
+
+def get_adapter(model_or_config: Any) -> "Adapter":
+    """The adapter for a model, a config, or a ``model_type`` string."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
+    adapter = _REGISTRY.get(model_type or "")
+    if adapter is None:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
+        )
+    if isinstance(model_or_config, nn.Module):
+        adapter.check_class(model_or_config)
+    return adapter
+
+
+class Adapter:
+    """One model family: how to find its compressible modules and how to patch them after slimming.
+
+    Subclasses name the model classes they handle (with the task each defaults to) and map
+    top-level submodules to towers. The core calls only the methods defined here.
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    #: class name -> default task
+    classes: ClassVar[dict[str, str]]
+    #: first attribute of a module path -> tower name
+    towers: ClassVar[dict[str, str]]
+
+    # ---- model classes -------------------------------------------------------------------
+    def model_class(self, name: str) -> type[nn.Module]:
+        if name not in self.classes:
+            raise UnsupportedModelError(
+                f"{self.family}: class {name!r} is not supported; supported: {', '.join(sorted(self.classes))}"
+            )
+        return self._resolve_class(name)
+
+    def _resolve_class(self, name: str) -> type[nn.Module]:
+        import transformers
+
+        return getattr(transformers, name)
+
+    def check_class(self, model: nn.Module) -> None:
+        name = type(model).__name__
+        if name not in self.classes:
+            raise UnsupportedModelError(
+                f"{self.family}: {name} is not supported; supported classes: {', '.join(sorted(self.classes))}"
+            )
+
+    def class_for_task(self, task: str) -> str:
+        for name, t in self.classes.items():
+            if t == task:
+                return name
+        tasks = sorted(set(self.classes.values()))
+        raise UnsupportedModelError(f"{self.family} models cannot do task {task!r}; they do: {', '.join(tasks)}")
+
+    def task_of(self, model: nn.Module) -> str:
+        return self.classes[type(model).__name__]
+
+    def build(self, class_name: str, config: Any) -> nn.Module:
+        cls = self.model_class(class_name)
+        return cls(config)  # type: ignore[call-arg]
+
+    def config_from_dict(self, data: dict[str, Any]) -> Any:
+        import transformers
+
+        data = dict(data)
+        return transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+
+    # ---- towers and modules ----------------------------------------------------------------
+    def tower_of(self, path: str) -> str:
+        head = path.split(".", 1)[0]
+        return self.towers.get(head, head)
+
+    def modules(self, model: nn.Module) -> list[ModuleSpec]:
+        raise NotImplementedError
+
+    def patch_attention(self, model: nn.Module, spec: AttentionSpec, num_heads: int, head_dim: int) -> None:
+        raise NotImplementedError
+
+    def patch_mlp(self, model: nn.Module, spec: MLPSpec, width: int) -> None:
+        """MLPs read their width from the Linear shapes; nothing to patch by default."""
+
+    # ---- synthetic inputs (tests, benchmarks, FLOP counting) --------------------------------
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        raise NotImplementedError
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A training loss computed with the model's own heads on a batch from ``example_inputs``."""
+        raise NotImplementedError
+
+    def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors that define the model's function on ``batch`` (for parity checks)."""
+        raise NotImplementedError
+
+
+def image_size_of(vision_config: Any) -> int:
+    size = vision_config.image_size
+    return size if isinstance(size, int) else int(size[0])
+
+
+def rand_pixels(batch: int, size: int, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=gen).to(device)
+
+
+def rand_ids(batch: int, seq: int, vocab: int, gen: torch.Generator | None, device: torch.device,
+             low: int = 1) -> torch.Tensor:
+    return torch.randint(low, vocab, (batch, seq), generator=gen).to(device)
+
+
+class QKVOAdapter(Adapter):
+    """Families whose attention has separate q/k/v/out Linears and reads ``head_dim`` from an attribute.
+
+    CLIP, SigLIP, ViT and DeiT pass ``scaling=self.scale`` to the attention function; the scale
+    is left at its original value so slimming does not change it.
+    """
+
+    attention_classes: ClassVar[Callable[[], tuple[type, ...]]]
+    mlp_classes: ClassVar[Callable[[], tuple[type, ...]]]
+    q_name = "q_proj"
+    k_name = "k_proj"
+    v_name = "v_proj"
+    o_name = "out_proj"
+    heads_attr = "num_heads"
+
+    def modules(self, model: nn.Module) -> list[ModuleSpec]:
+        attn_types = type(self).attention_classes()
+        mlp_types = type(self).mlp_classes()
+        specs: list[ModuleSpec] = []
+        for path, mod in model.named_modules():
+            if isinstance(mod, attn_types):
+                specs.append(
+                    AttentionSpec(
+                        name=path,
+                        tower=self.tower_of(path),
+                        role="self",
+                        in_projs=tuple(InProj(f"{path}.{n}") for n in (self.q_name, self.k_name, self.v_name)),
+                        out_proj=f"{path}.{self.o_name}",
+                        num_heads=int(getattr(mod, self.heads_attr)),
+                        head_dim=int(mod.head_dim),
+                    )
+                )
+            elif isinstance(mod, mlp_types):
+                specs.append(
+                    MLPSpec(name=path, tower=self.tower_of(path), fc1=f"{path}.fc1", fc2=f"{path}.fc2",
+                            width=int(mod.fc1.out_features))
+                )
+        return specs
+
+    def patch_attention(self, model: nn.Module, spec: AttentionSpec, num_heads: int, head_dim: int) -> None:
+        mod = model.get_submodule(spec.name)
+        setattr(mod, self.heads_attr, num_heads)
+        mod.head_dim = head_dim

@@ -1,0 +1,150 @@
+"""BLIP: vision encoder, text encoder (with cross-attention to the image) and text decoder.
+
+Two BLIP specifics (ARCHITECTURE.md pitfalls):
+- The vision attention reshapes with ``embed_dim // num_heads`` taken from its input width,
+  so no attribute makes it smaller: slimmed modules become ``SlimBlipAttention``, a subclass
+  whose forward reads ``num_heads``/``head_dim`` (isinstance checks keep working).
+- The text attention divides by ``sqrt(attention_head_size)`` with no scale attribute. When
+  slimming changes that size, the factor sqrt(new/old) is folded into the query rows, so the
+  scores keep the original 1/sqrt(head_dim) scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BlipConfig
+from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
+from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextLayer
+
+from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
+from .base import Adapter, image_size_of, rand_ids, rand_pixels, register
+
+
+class SlimBlipAttention(BlipAttention):
+    """BlipAttention whose heads may be narrower than ``hidden_size // num_heads``."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, tgt_len, _ = hidden_states.size()
+        mixed_qkv = (
+            self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )
+        query, key, value = mixed_qkv[0], mixed_qkv[1], mixed_qkv[2]
+        scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
+        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        context = torch.matmul(probs, value).permute(0, 2, 1, 3)
+        context = context.reshape(bsz, tgt_len, self.num_heads * self.head_dim)
+        return self.projection(context), probs
+
+
+@register
+class BlipAdapter(Adapter):
+    family = "blip"
+    model_types = ("blip",)
+    classes = {
+        "BlipForImageTextRetrieval": "retrieval",
+        "BlipForConditionalGeneration": "caption",
+        "BlipForQuestionAnswering": "vqa",
+    }
+    towers = {"vision_model": "vision", "text_encoder": "text", "text_decoder": "decoder",
+              "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
+
+    def modules(self, model: nn.Module) -> list[ModuleSpec]:
+        specs: list[ModuleSpec] = []
+        for path, mod in model.named_modules():
+            if isinstance(mod, BlipAttention):
+                specs.append(AttentionSpec(
+                    name=path, tower=self.tower_of(path), role="self", in_projs=(InProj(f"{path}.qkv", 3),),
+                    out_proj=f"{path}.projection", num_heads=int(mod.num_heads), head_dim=int(mod.head_dim)))
+            elif isinstance(mod, BlipMLP):
+                specs.append(MLPSpec(name=path, tower=self.tower_of(path), fc1=f"{path}.fc1", fc2=f"{path}.fc2",
+                                     width=int(mod.fc1.out_features)))
+            elif isinstance(mod, BlipTextAttention):
+                inner = mod.self
+                specs.append(AttentionSpec(
+                    name=f"{path}.self", tower=self.tower_of(path),
+                    role="cross" if path.endswith("crossattention") else "self",
+                    in_projs=tuple(InProj(f"{path}.self.{n}") for n in ("query", "key", "value")),
+                    out_proj=f"{path}.output.dense", num_heads=int(inner.num_attention_heads),
+                    head_dim=int(inner.attention_head_size)))
+            elif isinstance(mod, BlipTextLayer):
+                specs.append(MLPSpec(name=f"{path}.ffn", tower=self.tower_of(path), fc1=f"{path}.intermediate.dense",
+                                     fc2=f"{path}.output.dense", width=int(mod.intermediate.dense.out_features)))
+        return specs
+
+    def patch_attention(self, model: nn.Module, spec: AttentionSpec, num_heads: int, head_dim: int) -> None:
+        mod = model.get_submodule(spec.name)
+        if isinstance(mod, BlipAttention):
+            mod.num_heads = num_heads
+            mod.head_dim = head_dim
+            mod.__class__ = SlimBlipAttention
+            return
+        old = mod.attention_head_size
+        if head_dim != old:
+            factor = math.sqrt(head_dim / old)
+            with torch.no_grad():
+                mod.query.weight.mul_(factor)
+                if mod.query.bias is not None:
+                    mod.query.bias.mul_(factor)
+        mod.num_attention_heads = num_heads
+        mod.attention_head_size = head_dim
+        mod.all_head_size = num_heads * head_dim
+
+    # ---- synthetic inputs -----------------------------------------------------------------
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        # Retrieval and captioning get a wider vision tower so cross-attention k/v have a
+        # different input width than q; VQA's decoder attends to the text encoder, so both match.
+        vision_hidden = hidden if class_name == "BlipForQuestionAnswering" else hidden + hidden // 2
+        return BlipConfig(
+            text_config=dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=64,
+                             bos_token_id=vocab - 2, sep_token_id=vocab - 1, pad_token_id=0),
+            vision_config=dict(hidden_size=vision_hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=2 * vision_hidden, image_size=image_size, patch_size=patch_size),
+            image_text_hidden_size=hidden,
+        )
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dev = next(model.parameters()).device
+        cfg = model.config
+        vocab = cfg.text_config.vocab_size
+        ids = rand_ids(batch_size, seq_len, vocab - 2, generator, dev)
+        batch = {
+            "pixel_values": rand_pixels(batch_size, image_size_of(cfg.vision_config), generator, dev),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+        }
+        if type(model).__name__ == "BlipForQuestionAnswering":
+            batch["labels"] = rand_ids(batch_size, max(2, seq_len // 2), vocab - 2, generator, dev)
+        return batch
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        name = type(model).__name__
+        if name == "BlipForImageTextRetrieval":
+            # ITM on matched pairs and on pairs with the images rolled by one (negatives).
+            b = batch["pixel_values"].shape[0]
+            pos = model(**batch).itm_score
+            neg = model(pixel_values=batch["pixel_values"].roll(1, 0), input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"]).itm_score
+            logits = torch.cat([pos, neg])
+            labels = torch.cat([torch.ones(b), torch.zeros(b)]).long().to(logits.device)
+            itc = model(**batch, use_itm_head=False).itm_score
+            return nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(
+                itc / 0.07, torch.arange(b, device=itc.device))
+        if name == "BlipForConditionalGeneration":
+            return model(**batch, labels=batch["input_ids"]).loss
+        return model(**batch).loss
+
+    def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        name = type(model).__name__
+        if name == "BlipForImageTextRetrieval":
+            return {"itm_score": model(**batch).itm_score, "itc_score": model(**batch, use_itm_head=False).itm_score}
+        if name == "BlipForConditionalGeneration":
+            return {"logits": model(**batch).logits}
+        out = model(**batch)
+        return {"loss": out.loss.reshape(1), "image_embeds": out.image_embeds}

@@ -1,0 +1,59 @@
+"""CLIP: a vision tower and a text tower, each a stack of CLIPAttention + CLIPMLP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPConfig
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
+
+from .base import QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
+
+
+@register
+class CLIPAdapter(QKVOAdapter):
+    family = "clip"
+    model_types = ("clip",)
+    classes = {"CLIPModel": "retrieval"}
+    towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
+              "text_projection": "text"}
+    config_cls: Any = CLIPConfig
+
+    @staticmethod
+    def attention_classes() -> tuple[type, ...]:
+        return (CLIPAttention,)
+
+    @staticmethod
+    def mlp_classes() -> tuple[type, ...]:
+        return (CLIPMLP,)
+
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=2 * hidden)
+        return self.config_cls(
+            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0,
+                             bos_token_id=vocab - 2, eos_token_id=vocab - 1),
+            vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+            projection_dim=hidden,
+        )
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dev = next(model.parameters()).device
+        cfg = model.config
+        return {
+            "input_ids": rand_ids(batch_size, seq_len, cfg.text_config.vocab_size, generator, dev),
+            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=dev),
+            "pixel_values": rand_pixels(batch_size, image_size_of(cfg.vision_config), generator, dev),
+        }
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch, return_loss=True).loss
+
+    def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = model(**batch)
+        return {"logits_per_image": out.logits_per_image, "image_embeds": out.image_embeds,
+                "text_embeds": out.text_embeds}

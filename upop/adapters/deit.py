@@ -1,0 +1,29 @@
+"""DeiT image classification: ViT's layout with its own classes (and a distillation token)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import DeiTConfig
+from transformers.models.deit.modeling_deit import DeiTAttention, DeiTMLP
+
+from .base import register
+from .vit import ViTAdapter
+
+
+@register
+class DeiTAdapter(ViTAdapter):
+    family = "deit"
+    model_types = ("deit",)
+    # The distilled "WithTeacher" class is inference-only (no loss), so it cannot be retrained here.
+    classes = {"DeiTForImageClassification": "classification"}
+    towers = {"deit": "vision", "classifier": "head", "distillation_classifier": "head"}
+    config_cls: Any = DeiTConfig
+
+    @staticmethod
+    def attention_classes() -> tuple[type, ...]:
+        return (DeiTAttention,)
+
+    @staticmethod
+    def mlp_classes() -> tuple[type, ...]:
+        return (DeiTMLP,)

@@ -1,0 +1,43 @@
+"""SigLIP: CLIP's towers with a sigmoid loss. Only the config, classes and loss differ.
+
+The vision pooling head's ``nn.MultiheadAttention`` is left out of the units (its fused
+in-projection has no per-head size attribute to patch); the head's MLP is a SiglipMLP and
+is compressible like the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import SiglipConfig
+from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
+
+from .base import register
+from .clip import CLIPAdapter
+
+
+@register
+class SiglipAdapter(CLIPAdapter):
+    family = "siglip"
+    model_types = ("siglip",)
+    classes = {"SiglipModel": "retrieval"}
+    towers = {"vision_model": "vision", "text_model": "text"}
+    config_cls: Any = SiglipConfig
+
+    @staticmethod
+    def attention_classes() -> tuple[type, ...]:
+        return (SiglipAttention,)
+
+    @staticmethod
+    def mlp_classes() -> tuple[type, ...]:
+        return (SiglipMLP,)
+
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=2 * hidden)
+        return self.config_cls(
+            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0,
+                             bos_token_id=vocab - 2, eos_token_id=vocab - 1),
+            vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+        )

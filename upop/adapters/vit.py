@@ -1,0 +1,51 @@
+"""ViT image classification (transformers 5.x layout: q_proj/k_proj/v_proj/o_proj, mlp.fc1/fc2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import ViTConfig
+from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
+
+from .base import QKVOAdapter, image_size_of, rand_pixels, register
+
+
+@register
+class ViTAdapter(QKVOAdapter):
+    family = "vit"
+    model_types = ("vit",)
+    classes = {"ViTForImageClassification": "classification"}
+    towers = {"vit": "vision", "classifier": "head"}
+    o_name = "o_proj"
+    heads_attr = "num_attention_heads"
+    config_cls: Any = ViTConfig
+    num_labels = 5
+
+    @staticmethod
+    def attention_classes() -> tuple[type, ...]:
+        return (ViTAttention,)
+
+    @staticmethod
+    def mlp_classes() -> tuple[type, ...]:
+        return (ViTMLP,)
+
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        return self.config_cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=2 * hidden, image_size=image_size, patch_size=patch_size,
+                               num_labels=self.num_labels)
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dev = next(model.parameters()).device
+        return {"pixel_values": rand_pixels(batch_size, image_size_of(model.config), generator, dev)}
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Labels from the batch position: deterministic, and enough to give every unit a gradient.
+        labels = torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)
+        return model(**batch, labels=labels % model.config.num_labels).loss
+
+    def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": model(**batch).logits}

@@ -1,0 +1,156 @@
+"""The public verbs: ``compress`` (search → slim → retrain, with a report) and ``load``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .adapters import Adapter, get_adapter
+from .checkpoint import SlimInfo, Stage, is_slim_checkpoint, load_slim, save_slim, info_from_manifest
+from .config import CompressConfig
+from .errors import ConfigError
+from .flops import flops_per_tower, params_per_tower
+from .hub import load_pretrained
+from .retrain import EvalFn, retrain
+from .search import LossFn, ProgressFn, SearchResult, search
+from .slim import slim_model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(device)
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    report: dict[str, Any]
+    search: SearchResult
+    info: SlimInfo
+    processor: Any | None = None
+    config: CompressConfig = field(default_factory=CompressConfig)
+
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the slim checkpoint (weights, processor, manifest with the config and report)."""
+        return save_slim(self.model, out_dir, self.info, processor=self.processor, overwrite=overwrite,
+                         extra={"config": self.config.to_dict(), "report": self.report})
+
+
+@dataclass
+class _Source:
+    model: nn.Module
+    adapter: Adapter
+    info: SlimInfo
+    processor: Any | None
+
+
+def _open(model: nn.Module | str | Path, task: str | None) -> _Source:
+    if isinstance(model, nn.Module):
+        adapter = get_adapter(model)
+        info = getattr(model, "_upop_info", None) or SlimInfo(
+            family=adapter.family, class_name=type(model).__name__, base_config=model.config.to_dict())
+        return _Source(model, adapter, info, None)
+    if is_slim_checkpoint(model):
+        slim, manifest = load_slim(model)
+        info = info_from_manifest(manifest)
+        from .hub import load_processor
+
+        return _Source(slim, get_adapter(slim), info, load_processor(str(model)))
+    loaded = load_pretrained(str(model), task=task)
+    info = SlimInfo(family=loaded.adapter.family, class_name=type(loaded.model).__name__,
+                    base_config=loaded.model.config.to_dict(), source=loaded.source)
+    return _Source(loaded.model, loaded.adapter, info, loaded.processor)
+
+
+def compress(
+    model: nn.Module | str | Path,
+    config: CompressConfig | None = None,
+    *,
+    batches: Iterable[Any],
+    loss_fn: LossFn | None = None,
+    retrain_batches: Iterable[Any] | None = None,
+    eval_fn: EvalFn | None = None,
+    task: str | None = None,
+    progress: Callable[[str, dict[str, float]], None] | None = None,
+) -> CompressResult:
+    """Compress ``model`` (a module, alias, hub id, local folder or slim checkpoint) with UPop.
+
+    ``loss_fn(model, batch)`` defaults to the family's own training loss; ``eval_fn(model)``
+    (higher is better) is called before the search and during retraining.
+    """
+    config = config or CompressConfig()
+    config.validate()
+    device = resolve_device(config.device)
+    src = _open(model, task)
+    net, adapter = src.model.to(device), src.adapter
+    loss = loss_fn or adapter.native_loss
+    t0 = time.perf_counter()
+    example = adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
+    params_before, flops_before = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
+    metric_before = float(eval_fn(net)) if eval_fn is not None else None
+
+    def stage(name: str) -> ProgressFn | None:
+        return (lambda rec: progress(name, rec)) if progress is not None else None
+
+    specs = adapter.modules(net)
+    result = search(net, specs, loss, batches, config.search, progress=stage("search"))
+    slim_model(net, specs, result.kept, config.granularity, adapter, zeta=result.zeta)
+    src.info.stages.append(Stage(granularity=config.granularity, ratio=config.ratio, kept=result.kept,
+                                 units={s.name: s.num_units(config.granularity) for s in specs}))
+    src.info.profile = config.profile
+    metric_slim = float(eval_fn(net)) if eval_fn is not None else None
+    rt = retrain(net, loss, retrain_batches if retrain_batches is not None else batches, config.retrain,
+                 eval_fn=eval_fn, progress=stage("retrain"))
+    metric_after = rt.best_metric if rt.best_metric is not None else metric_slim
+    params_after, flops_after = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
+    net._upop_info = src.info  # type: ignore[assignment]
+    report = {
+        "upop_version": __version__,
+        "model": src.info.source or src.info.class_name,
+        "family": adapter.family,
+        "model_class": src.info.class_name,
+        "task": adapter.task_of(net),
+        "ratio": config.ratio,
+        "granularity": config.granularity,
+        "profile": config.profile,
+        "removed_cost_share": result.removed_share,
+        "metrics": {"before": metric_before, "after_search": metric_slim, "after": metric_after,
+                    "best_epoch": rt.best_epoch},
+        "params": {"before": params_before, "after": params_after},
+        "flops": {"before": flops_before, "after": flops_after, "inputs": "one example, batch 1"},
+        "modules": module_report(specs, result, config.granularity),
+        "search": {"steps": result.steps, "history": result.history},
+        "retrain": {"history": rt.history, "evals": rt.evals},
+        "seconds": time.perf_counter() - t0,
+    }
+    return CompressResult(model=net, report=report, search=result, info=src.info, processor=src.processor,
+                          config=config)
+
+
+def module_report(specs, result: SearchResult, granularity: str) -> list[dict[str, Any]]:
+    rows = []
+    for s in specs:
+        kept = len(result.kept[s.name])
+        row: dict[str, Any] = {"module": s.name, "tower": s.tower, "kind": s.kind, "role": s.role,
+                               "units": s.num_units(granularity), "kept": kept}
+        if s.kind == "attn":
+            row["num_heads"], row["head_dim"] = s.kept_shape(kept, granularity)
+        rows.append(row)
+    return rows
+
+
+def load(path: str | Path, device: str = "cpu") -> nn.Module:
+    """Load a slim checkpoint folder; the model is identical to the one saved."""
+    model, manifest = load_slim(path, device=str(resolve_device(device)))
+    model._upop_info = info_from_manifest(manifest)  # type: ignore[assignment]
+    return model

@@ -1,0 +1,134 @@
+"""Validated, serialisable settings for a compression run.
+
+Every config carries ``config_version`` so that a file written by a newer upop is refused
+rather than half-understood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+GRANULARITIES = ("dim", "head")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class SearchConfig:
+    """UPop search (SPEC §1.3-1.4). ``steps`` None means one pass over the batches given."""
+
+    ratio: float = 0.5
+    granularity: str = "dim"
+    steps: int | None = None
+    update_every: int = 10
+    lambda_attn: float = 6.4e-3
+    lambda_mlp: float = 2e-4
+    lr: float = 1e-5
+    weight_decay: float = 0.05
+    amp: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise ConfigError(f"ratio must be strictly between 0 and 1, got {self.ratio!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"search steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ConfigError(f"update_every must be a positive integer, got {self.update_every!r}")
+        _check_positive("lambda_attn", self.lambda_attn, allow_zero=True)
+        _check_positive("lambda_mlp", self.lambda_mlp, allow_zero=True)
+        _check_positive("search lr", self.lr, allow_zero=True)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class RetrainConfig:
+    """Retrain of the slim model: AdamW, linear warm-up then cosine to 0, gradient clipping."""
+
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    amp: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ConfigError(f"retrain epochs must be an integer >= 0, got {self.epochs!r}")
+        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
+            raise ConfigError(f"steps_per_epoch must be a positive integer, got {self.steps_per_epoch!r}")
+        _check_positive("retrain lr", self.lr, allow_zero=True)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        _check_positive("max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class CompressConfig:
+    """One run of ``upop.compress``: search, slim, retrain."""
+
+    ratio: float = 0.5
+    granularity: str = "dim"
+    profile: str | None = None
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    device: str = "auto"
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # The top-level ratio/granularity are the ones users set; the search reads them from here.
+        self.search.ratio = self.ratio
+        self.search.granularity = self.granularity
+        self.validate()
+
+    def validate(self) -> None:
+        if self.config_version > CONFIG_VERSION:
+            raise ConfigError(
+                f"config_version {self.config_version} is newer than this upop understands ({CONFIG_VERSION}); upgrade upop"
+            )
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.search.validate()
+        self.retrain.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("a compress config must be a mapping")
+        data = dict(data)
+        try:
+            search = SearchConfig(**data.pop("search", {}))
+            retrain = RetrainConfig(**data.pop("retrain", {}))
+            return cls(search=search, retrain=retrain, **data)
+        except TypeError as exc:  # unknown or missing keys
+            raise ConfigError(f"invalid compress config: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"compress config is not valid JSON: {exc}") from None

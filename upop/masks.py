@@ -1,0 +1,92 @@
+"""UPop's mask vectors ζ, multiplied into the model through forward hooks.
+
+The masks live outside the model's parameters, so an optimizer built on
+``model.parameters()`` never steps them; the search reads their gradients instead.
+Attention masks scale q, k and v right after the projections (broadcast over heads for
+``dim`` units, over head_dim for ``head`` units); MLP masks scale fc1's output, before
+the activation (SPEC §1.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .units import AttentionSpec, MLPSpec, ModuleSpec
+
+
+def _key(name: str) -> str:
+    # ParameterDict keys cannot contain dots.
+    return name.replace(".", "__")
+
+
+class MaskSet(nn.Module):
+    """One ζ vector per compressible module, attached to ``model`` while active."""
+
+    def __init__(self, model: nn.Module, specs: Sequence[ModuleSpec], granularity: str):
+        super().__init__()
+        self.specs = list(specs)
+        self.granularity = granularity
+        ref = next(model.parameters())
+        self.zeta = nn.ParameterDict(
+            {
+                _key(s.name): nn.Parameter(torch.ones(s.num_units(granularity), device=ref.device, dtype=torch.float32))
+                for s in self.specs
+            }
+        )
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attach(model)
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self.zeta[_key(name)]
+
+    def items(self) -> Iterator[tuple[ModuleSpec, nn.Parameter]]:
+        for s in self.specs:
+            yield s, self.zeta[_key(s.name)]
+
+    def _attach(self, model: nn.Module) -> None:
+        for spec in self.specs:
+            zeta = self.zeta[_key(spec.name)]
+            if isinstance(spec, AttentionSpec):
+                for proj in spec.in_projs:
+                    hook = _attention_hook(spec, zeta, proj.segments, self.granularity)
+                    self._handles.append(model.get_submodule(proj.name).register_forward_hook(hook))
+            elif isinstance(spec, MLPSpec):
+                self._handles.append(model.get_submodule(spec.fc1).register_forward_hook(_mlp_hook(zeta)))
+
+    def remove(self) -> None:
+        """Detach every hook: the model computes its unmasked function again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def parameters_by_kind(self, kind: str) -> list[nn.Parameter]:
+        return [z for s, z in self.items() if s.kind == kind]
+
+    def sparsity(self, kind: str) -> torch.Tensor:
+        return sum((z.abs().sum() for z in self.parameters_by_kind(kind)), torch.zeros((), device=self._device()))
+
+    def _device(self) -> torch.device:
+        return next(iter(self.zeta.values())).device
+
+    def values(self) -> dict[str, list[float]]:
+        return {s.name: z.detach().cpu().tolist() for s, z in self.items()}
+
+
+def _attention_hook(spec: AttentionSpec, zeta: nn.Parameter, segments: int, granularity: str):
+    def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        m = spec.expand_mask(zeta, granularity)
+        if segments > 1:
+            m = m.repeat(segments)
+        return output * m.to(output.dtype)
+
+    return hook
+
+
+def _mlp_hook(zeta: nn.Parameter):
+    def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        return output * zeta.to(output.dtype)
+
+    return hook

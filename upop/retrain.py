@@ -1,0 +1,114 @@
+"""Retrain of the slim model: AdamW, linear warm-up then cosine to 0, clipping, AMP on CUDA.
+
+The optimizer is always built here, after slimming: an optimizer from before slimming would
+hold states shaped like the unslimmed weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RetrainConfig
+from ._train import amp_dtype, autocast, cycle
+from .search import LossFn, ProgressFn
+
+EvalFn = Callable[[nn.Module], float]
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class RetrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+
+
+def retrain(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    config: RetrainConfig,
+    *,
+    eval_fn: EvalFn | None = None,
+    progress: ProgressFn | None = None,
+) -> RetrainResult:
+    """Train ``model`` in place; with ``eval_fn`` (higher is better) the best state is kept.
+
+    Epoch 0 is the slim model before any retraining, so retraining can never make the
+    returned model worse on the evaluation than what the search left.
+    """
+    config.validate()
+    torch.manual_seed(config.seed)
+    result = RetrainResult()
+    steps = config.steps_per_epoch if config.steps_per_epoch is not None else len(batches)  # type: ignore[arg-type]
+    total = config.epochs * steps
+    best_state: dict[str, torch.Tensor] | None = None
+
+    def evaluate(epoch: int) -> None:
+        nonlocal best_state
+        if eval_fn is None:
+            return
+        metric = float(eval_fn(model))
+        result.evals.append({"epoch": float(epoch), "metric": metric})
+        if result.best_metric is None or metric > result.best_metric:
+            result.best_metric, result.best_epoch = metric, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    evaluate(0)
+    if total == 0:
+        return result
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(config.warmup_ratio * total), total))
+    dtype = amp_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    it = cycle(batches)
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        for _ in range(steps):
+            batch = next(it)
+            with autocast(device, dtype):
+                loss = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                opt.step()
+            sched.step()
+            step += 1
+            rec = {"step": float(step), "epoch": float(epoch), "loss": float(loss.detach()),
+                   "lr": float(sched.get_last_lr()[0])}
+            result.history.append(rec)
+            if progress is not None:
+                progress(rec | {"total": float(total)})
+        evaluate(epoch)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result

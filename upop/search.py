@@ -1,0 +1,272 @@
+"""Unified progressive search (SPEC §1.3-1.4), family-agnostic.
+
+The search sees ``ModuleSpec`` lists, a loss closure and batches. It trains the model
+while accumulating the gradient of the loss with respect to every mask ζ, ranks all
+units of the whole model in one list (z-scored per structure type), and every K steps
+pushes the units above the cumulative-cost threshold toward zero along the cosine
+schedule π_t. At the last step π_T = p and the marked units sit at exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._train import amp_dtype, autocast, cycle
+from .config import SearchConfig
+from .masks import MaskSet
+from .units import ModuleSpec
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+ProgressFn = Callable[[dict[str, float]], None]
+
+
+def pi_schedule(step: int, total_steps: int, ratio: float) -> float:
+    """π_t = p · sqrt((1 − cos(π·t/T)) / 2); exactly p at t = T."""
+    if step >= total_steps:
+        return float(ratio)
+    return float(ratio * math.sqrt((1.0 - math.cos(math.pi * step / total_steps)) / 2.0))
+
+
+@dataclass
+class UnitTable:
+    """Every unit of the model, flattened in module order."""
+
+    specs: list[ModuleSpec]
+    granularity: str
+    module_of_unit: torch.Tensor  # long [N]
+    cost: torch.Tensor  # float64 [N]
+    is_attn: torch.Tensor  # bool [N]
+    offsets: list[int]  # start of each module's units
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        specs: Sequence[ModuleSpec],
+        granularity: str,
+        unit_costs: Mapping[str, Sequence[float] | float] | None = None,
+    ) -> "UnitTable":
+        mod, cost, attn, offsets = [], [], [], []
+        start = 0
+        for i, spec in enumerate(specs):
+            n = spec.num_units(granularity)
+            offsets.append(start)
+            start += n
+            mod.extend([i] * n)
+            attn.extend([spec.kind == "attn"] * n)
+            if unit_costs is not None and spec.name in unit_costs:
+                c = unit_costs[spec.name]
+                cost.extend([float(c)] * n if isinstance(c, (int, float)) else [float(x) for x in c])
+            else:
+                cost.extend([spec.unit_cost(model, granularity)] * n)
+        if len(cost) != start:
+            raise ValueError("unit_costs gave a cost list whose length differs from the module's unit count")
+        return cls(
+            specs=list(specs),
+            granularity=granularity,
+            module_of_unit=torch.tensor(mod, dtype=torch.long),
+            cost=torch.tensor(cost, dtype=torch.float64),
+            is_attn=torch.tensor(attn, dtype=torch.bool),
+            offsets=offsets,
+        )
+
+    @property
+    def total_cost(self) -> float:
+        return float(self.cost.sum())
+
+    def max_share(self) -> float:
+        """The largest share that can be removed while every module keeps its cheapest unit."""
+        keep = 0.0
+        for i, spec in enumerate(self.specs):
+            s = self.offsets[i]
+            keep += float(self.cost[s : s + spec.num_units(self.granularity)].min())
+        return 1.0 - keep / self.total_cost
+
+    def units_per_module(self) -> torch.Tensor:
+        return torch.bincount(self.module_of_unit, minlength=len(self.specs))
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    if not torch.isfinite(std) or std <= 0:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def unified_scores(importance: torch.Tensor, table: UnitTable) -> torch.Tensor:
+    """Z-score attention units together and MLP units together, over all towers."""
+    imp = importance.to(torch.float64)
+    scores = torch.empty_like(imp)
+    for sel in (table.is_attn, ~table.is_attn):
+        if sel.any():
+            scores[sel] = _zscore(imp[sel])
+    return scores
+
+
+def select_units(scores: torch.Tensor, table: UnitTable, share: float) -> torch.Tensor:
+    """Mark units from the top of the ranking until their cost reaches ``share`` of the total.
+
+    A unit whose removal would leave its module empty is skipped: every module keeps at
+    least one unit (an empty attention breaks every ``view(..., -1, head_dim)`` reshape).
+    Returns a bool mask over units.
+    """
+    n = scores.numel()
+    marked = torch.zeros(n, dtype=torch.bool)
+    target = share * table.total_cost
+    if target <= 0 or n == 0:
+        return marked
+    # Stable sort: ties keep module order, so the result is deterministic.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    csum = torch.cumsum(table.cost[order], 0)
+    reach = int(torch.searchsorted(csum, torch.tensor([target], dtype=torch.float64)).item())
+    cand = order[: min(reach + 1, n)]
+    marked[cand] = True
+    per_module = torch.bincount(table.module_of_unit[marked], minlength=len(table.specs))
+    if not bool((per_module >= table.units_per_module()).any()):
+        return marked
+    # Some module would be emptied: walk the ranking one unit at a time.
+    marked.zero_()
+    left = table.units_per_module().tolist()
+    acc = 0.0
+    cost = table.cost.tolist()
+    mods = table.module_of_unit.tolist()
+    for u in order.tolist():
+        if acc >= target:
+            break
+        if left[mods[u]] <= 1:
+            continue
+        marked[u] = True
+        left[mods[u]] -= 1
+        acc += cost[u]
+    return marked
+
+
+@dataclass
+class SearchResult:
+    granularity: str
+    ratio: float
+    kept: dict[str, list[int]]
+    zeta: dict[str, list[float]]
+    importance: dict[str, list[float]]
+    removed_share: float
+    max_share: float  # below the ratio when keeping one unit per module binds (tiny models, head granularity)
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _split(values: torch.Tensor, table: UnitTable) -> dict[str, list[float]]:
+    out = {}
+    for i, spec in enumerate(table.specs):
+        s = table.offsets[i]
+        out[spec.name] = values[s : s + spec.num_units(table.granularity)].tolist()
+    return out
+
+
+def search(
+    model: nn.Module,
+    specs: Sequence[ModuleSpec],
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    config: SearchConfig,
+    *,
+    unit_costs: Mapping[str, Sequence[float] | float] | None = None,
+    progress: ProgressFn | None = None,
+) -> SearchResult:
+    """Run UPop's search on ``model`` (trained in place) and return the units to keep."""
+    config.validate()
+    if not specs:
+        raise ValueError("the model has no compressible modules")
+    torch.manual_seed(config.seed)
+    total = config.steps if config.steps is not None else len(batches)  # type: ignore[arg-type]
+    if total < 1:
+        raise ValueError("the search needs at least one step")
+    device = next(model.parameters()).device
+    table = UnitTable.build(model, specs, config.granularity, unit_costs)
+    masks = MaskSet(model, specs, config.granularity)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        if opt
+        else None
+    )
+    dtype = amp_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    importance = torch.zeros(table.cost.numel(), dtype=torch.float64)
+    marked = torch.zeros_like(importance, dtype=torch.bool)
+    history: list[dict[str, float]] = []
+    pi = 0.0
+    model.train()
+    it = cycle(batches)
+    try:
+        for step in range(1, total + 1):
+            batch = next(it)
+            with autocast(device, dtype):
+                task_loss = loss_fn(model, batch)
+            loss = (
+                task_loss.float()
+                + config.lambda_attn * masks.sparsity("attn")
+                + config.lambda_mlp * masks.sparsity("mlp")
+            )
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            grads = []
+            for _spec, z in masks.items():
+                g = z.grad if z.grad is not None else torch.zeros_like(z)
+                grads.append(g.detach().to("cpu", torch.float64))
+                z.grad = None
+            g_all = torch.cat(grads)
+            if scaler is not None:
+                g_all /= scaler.get_scale()
+            if torch.isfinite(g_all).all():
+                importance += g_all
+            if opt is not None:
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()  # type: ignore[union-attr]
+            if step % config.update_every == 0 or step == total:
+                pi = pi_schedule(step, total, config.ratio)
+                marked = select_units(unified_scores(importance, table), table, pi)
+                value = 1.0 - pi / config.ratio
+                with torch.no_grad():
+                    for i, (_spec, z) in enumerate(masks.items()):
+                        s = table.offsets[i]
+                        sel = marked[s : s + z.numel()].to(z.device)
+                        z.fill_(1.0)
+                        z[sel] = value
+            rec = {"step": float(step), "pi": pi, "loss": float(loss.detach()), "task_loss": float(task_loss.detach())}
+            history.append(rec)
+            if progress is not None:
+                progress(rec | {"total": float(total)})
+        zeta = masks.values()
+    finally:
+        masks.remove()
+    kept = {}
+    for i, spec in enumerate(specs):
+        s = table.offsets[i]
+        n = spec.num_units(config.granularity)
+        kept[spec.name] = [j for j in range(n) if not bool(marked[s + j])]
+    removed = float(table.cost[marked].sum()) / table.total_cost
+    return SearchResult(
+        granularity=config.granularity,
+        ratio=config.ratio,
+        kept=kept,
+        zeta=zeta,
+        importance=_split(importance, table),
+        removed_share=removed,
+        max_share=table.max_share(),
+        steps=total,
+        history=history,
+    )
