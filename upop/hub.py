@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
 from .adapters import Adapter, get_adapter
@@ -91,7 +92,7 @@ def load_pretrained(name: str, task: str | None = None, trust_remote_code: bool 
     path = Path(source).expanduser()
     try:
         model = cls.from_pretrained(str(path) if path.exists() else source)  # type: ignore[attr-defined]
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the weights of {name}: {first}") from None
     return Loaded(model=model, adapter=adapter, processor=load_processor(str(path) if path.exists() else source),

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+
+def run(slim_dir: str, json_out: bool) -> None:
+    import upop
+    from upop.adapters import get_adapter
+    from upop.checkpoint import read_manifest
+    from upop.flops import flops_per_tower, params_per_tower
+
+    manifest = read_manifest(slim_dir)
+    model = upop.load(slim_dir)
+    adapter = get_adapter(model)
+    rows = []
+    for s in adapter.modules(model):
+        row = {"module": s.name, "tower": s.tower, "kind": s.kind, "role": s.role}
+        if s.kind == "attn":
+            row.update(num_heads=s.num_heads, head_dim=s.head_dim)  # type: ignore[union-attr]
+        else:
+            row.update(width=s.width)  # type: ignore[union-attr]
+        rows.append(row)
+    import torch
+
+    example = adapter.example_inputs(model, batch_size=1, generator=torch.Generator().manual_seed(0))
+    params, flops = params_per_tower(model, adapter), flops_per_tower(model, adapter, example)
+    if json_out:
+        print(json.dumps({"family": manifest["family"], "model_class": manifest["model_class"],
+                          "modules": rows, "params": params, "flops": flops}, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"{slim_dir}: {manifest['model_class']} ({len(manifest['stages'])} slimming pass(es))")
+    for col in ("tower", "module", "kind", "heads × head_dim / width"):
+        table.add_column(col)
+    for r in rows:
+        size = f"{r['num_heads']} × {r['head_dim']}" if r["kind"] == "attn" else str(r["width"])
+        table.add_row(r["tower"], r["module"], f"{r['kind']} ({r['role']})", size)
+    console.print(table)
+    totals = Table(title="per tower")
+    totals.add_column("tower")
+    totals.add_column("params", justify="right")
+    totals.add_column("FLOPs (batch 1)", justify="right")
+    for tower in sorted(set(params) | set(flops)):
+        totals.add_row(tower, f"{params.get(tower, 0):,}", f"{flops.get(tower, 0):,}")
+    console.print(totals)
