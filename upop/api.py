@@ -52,6 +52,7 @@ class _Source:
     adapter: Adapter
     info: SlimInfo
     processor: Any | None
+    folder: str | None = None  # where the tokenizer / image processor live
 
 
 def _open(model: nn.Module | str | Path, task: str | None) -> _Source:
@@ -65,38 +66,83 @@ def _open(model: nn.Module | str | Path, task: str | None) -> _Source:
         info = info_from_manifest(manifest)
         from .hub import load_processor
 
-        return _Source(slim, get_adapter(slim), info, load_processor(str(model)))
+        return _Source(slim, get_adapter(slim), info, load_processor(str(model)), folder=str(model))
     loaded = load_pretrained(str(model), task=task)
     info = SlimInfo(family=loaded.adapter.family, class_name=type(loaded.model).__name__,
-                    base_config=loaded.model.config.to_dict(), source=loaded.source)
-    return _Source(loaded.model, loaded.adapter, info, loaded.processor)
+                    base_config=loaded.model.config.to_dict(), source=str(model))
+    return _Source(loaded.model, loaded.adapter, info, loaded.processor, folder=loaded.source)
+
+
+@dataclass
+class TaskSetup:
+    task: Any
+    batches: Any
+    loss_fn: LossFn
+    eval_fn: EvalFn
+    report_fn: Callable[[nn.Module], dict[str, float]]
+
+
+def setup_task(src: _Source, task: str | None, data: str | Path | None, preprocessor: Any | None,
+               batch_size: int, seed: int, eval_limit: int | None = None) -> TaskSetup:
+    """The task's batches, loss, model-selection metric (val) and report metrics (test)."""
+    from .demo import is_demo, shapes_dir
+    from .tasks import Preprocessor, default_task, make_task
+
+    name = task or default_task(src.adapter, src.model)
+    if data is None:
+        if src.info.source is not None and is_demo(src.info.source):
+            data = shapes_dir()
+        else:
+            raise ConfigError("no data given: pass a data folder (--data DIR); only the demo-* models have built-in data")
+    if preprocessor is None:
+        if src.folder is None:
+            raise ConfigError("a model given as a module needs a preprocessor (tokenizer + image processor)")
+        preprocessor = Preprocessor.from_pretrained(src.folder, **src.adapter.preprocessor_options(src.model))
+    t = make_task(src.adapter, name, preprocessor, data, model=src.model, batch_size=batch_size, seed=seed)
+    return TaskSetup(task=t, batches=t.train_batches(), loss_fn=t.loss, eval_fn=t.metric_fn("val", eval_limit),
+                     report_fn=lambda m: t.evaluate(m, "test", eval_limit))
 
 
 def compress(
     model: nn.Module | str | Path,
     config: CompressConfig | None = None,
     *,
-    batches: Iterable[Any],
+    data: str | Path | None = None,
+    task: str | None = None,
+    preprocessor: Any | None = None,
+    batch_size: int = 32,
+    eval_limit: int | None = None,
+    batches: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     retrain_batches: Iterable[Any] | None = None,
     eval_fn: EvalFn | None = None,
-    task: str | None = None,
     progress: Callable[[str, dict[str, float]], None] | None = None,
 ) -> CompressResult:
-    """Compress ``model`` (a module, alias, hub id, local folder or slim checkpoint) with UPop.
+    """Compress ``model`` (a module, alias, demo name, hub id, local folder or slim checkpoint).
 
-    ``loss_fn(model, batch)`` defaults to the family's own training loss; ``eval_fn(model)``
-    (higher is better) is called before the search and during retraining.
+    With ``data`` (or a demo model), the task named by ``task`` (default: the model class's)
+    supplies batches, loss and metrics: the report then holds the test metrics before and after,
+    and retraining keeps the state that is best on the validation split. Without it, pass
+    ``batches`` (and optionally ``loss_fn``, default the family's own loss, and ``eval_fn``,
+    higher is better).
     """
     config = config or CompressConfig()
     config.validate()
     device = resolve_device(config.device)
     src = _open(model, task)
     net, adapter = src.model.to(device), src.adapter
+    report_fn = None
+    primary = None
+    task_name = task or adapter.task_of(net)
+    if batches is None:
+        ts = setup_task(src, task, data, preprocessor, batch_size, config.search.seed, eval_limit)
+        batches, report_fn, primary, task_name = ts.batches, ts.report_fn, ts.task.primary, ts.task.name
+        loss_fn, eval_fn = loss_fn or ts.loss_fn, eval_fn or ts.eval_fn
     loss = loss_fn or adapter.native_loss
     t0 = time.perf_counter()
     example = adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     params_before, flops_before = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
+    test_before = report_fn(net) if report_fn is not None else None
     metric_before = float(eval_fn(net)) if eval_fn is not None else None
 
     def stage(name: str) -> ProgressFn | None:
@@ -113,19 +159,24 @@ def compress(
                  eval_fn=eval_fn, progress=stage("retrain"))
     metric_after = rt.best_metric if rt.best_metric is not None else metric_slim
     params_after, flops_after = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
+    test_after = report_fn(net) if report_fn is not None else None
     net._upop_info = src.info  # type: ignore[assignment]
+    metrics: dict[str, Any] = {"primary": primary, "before": test_before, "after": test_after,
+                               "val_before": metric_before, "val_after_search": metric_slim,
+                               "val_after": metric_after, "best_epoch": rt.best_epoch}
+    if report_fn is None:
+        metrics.update(before=metric_before, after=metric_after)
     report = {
         "upop_version": __version__,
         "model": src.info.source or src.info.class_name,
         "family": adapter.family,
         "model_class": src.info.class_name,
-        "task": adapter.task_of(net),
+        "task": task_name,
         "ratio": config.ratio,
         "granularity": config.granularity,
         "profile": config.profile,
         "removed_cost_share": result.removed_share,
-        "metrics": {"before": metric_before, "after_search": metric_slim, "after": metric_after,
-                    "best_epoch": rt.best_epoch},
+        "metrics": metrics,
         "params": {"before": params_before, "after": params_after},
         "flops": {"before": flops_before, "after": flops_after, "inputs": "one example, batch 1"},
         "modules": module_report(specs, result, config.granularity),

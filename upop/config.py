@@ -31,6 +31,7 @@ class SearchConfig:
 
     ratio: float = 0.5
     granularity: str = "dim"
+    epochs: int = 1  # passes over the batches, when ``steps`` is not given
     steps: int | None = None
     update_every: int = 10
     lambda_attn: float = 6.4e-3
@@ -45,6 +46,8 @@ class SearchConfig:
             raise ConfigError(f"ratio must be strictly between 0 and 1, got {self.ratio!r}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"search epochs must be a positive integer, got {self.epochs!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(f"search steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.update_every, int) or self.update_every < 1:

@@ -37,6 +37,11 @@ class Loaded:
 
 
 def resolve(name: str) -> str:
+    """Alias -> hub id; demo name -> its installed folder; anything else unchanged."""
+    from .demo import demo_path, is_demo
+
+    if is_demo(name):
+        return str(demo_path(name))
     return ALIASES.get(name, name)
 
 

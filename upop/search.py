@@ -185,7 +185,7 @@ def search(
     if not specs:
         raise ValueError("the model has no compressible modules")
     torch.manual_seed(config.seed)
-    total = config.steps if config.steps is not None else len(batches)  # type: ignore[arg-type]
+    total = config.steps if config.steps is not None else config.epochs * len(batches)  # type: ignore[arg-type]
     if total < 1:
         raise ValueError("the search needs at least one step")
     device = next(model.parameters()).device

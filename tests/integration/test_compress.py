@@ -20,7 +20,7 @@ def test_every_family_compresses_and_still_runs(tiny, ratio):
     assert r["family"] == adapter.family and r["ratio"] == ratio and r["granularity"] == gran
     assert r["params"]["after"]["total"] < r["params"]["before"]["total"]
     assert r["flops"]["after"]["total"] < r["flops"]["before"]["total"]
-    assert {"before", "after_search", "after"} <= set(r["metrics"])
+    assert {"before", "val_after_search", "after"} <= set(r["metrics"])
     assert len(r["modules"]) == len(adapter.modules(res.model))
     assert "search" in calls and "retrain" in calls
     batch = batches_for(adapter, res.model, n=1, seed=4)[0]

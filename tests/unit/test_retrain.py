@@ -24,7 +24,8 @@ def test_retrain_lowers_the_loss_of_a_slim_model():
     specs = adapter.modules(model)
     slim_model(model, specs, {s.name: list(range(s.num_units("dim") // 2)) for s in specs}, "dim", adapter)
     batches = batches_for(adapter, model, n=1, batch_size=4)
-    before = float(adapter.native_loss(model, batches[0]))
+    with torch.no_grad():
+        before = float(adapter.native_loss(model, batches[0]))
     retrain(model, adapter.native_loss, batches, RetrainConfig(epochs=1, steps_per_epoch=30, lr=3e-3, warmup_ratio=0.1))
     with torch.no_grad():
         after = float(adapter.native_loss(model.eval(), batches[0]))

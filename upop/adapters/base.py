@@ -62,6 +62,8 @@ class Adapter:
     classes: ClassVar[dict[str, str]]
     #: first attribute of a module path -> tower name
     towers: ClassVar[dict[str, str]]
+    #: task name -> task implementation key (``upop.tasks``); a task not tied to a class is evaluation-only
+    tasks: ClassVar[dict[str, str]]
 
     # ---- model classes -------------------------------------------------------------------
     def model_class(self, name: str) -> type[nn.Module]:
@@ -116,6 +118,17 @@ class Adapter:
 
     def patch_mlp(self, model: nn.Module, spec: MLPSpec, width: int) -> None:
         """MLPs read their width from the Linear shapes; nothing to patch by default."""
+
+    # ---- what tasks need from a family --------------------------------------------------------
+    def preprocessor_options(self, model: nn.Module) -> dict[str, Any]:
+        return {}
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(token sequence or None, L2-normalised image embedding) for retrieval."""
+        raise NotImplementedError(f"{self.family} has no image-text embedding")
+
+    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.family} has no image-text embedding")
 
     # ---- synthetic inputs (tests, benchmarks, FLOP counting) --------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,

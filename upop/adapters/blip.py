@@ -49,6 +49,7 @@ class BlipAdapter(Adapter):
         "BlipForConditionalGeneration": "caption",
         "BlipForQuestionAnswering": "vqa",
     }
+    tasks = {"retrieval": "blip-retrieval", "caption": "blip-caption", "vqa": "blip-vqa"}
     towers = {"vision_model": "vision", "text_encoder": "text", "text_decoder": "decoder",
               "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
 
@@ -92,6 +93,23 @@ class BlipAdapter(Adapter):
         mod.num_attention_heads = num_heads
         mod.attention_head_size = head_dim
         mod.all_head_size = num_heads * head_dim
+
+    # ---- task hooks --------------------------------------------------------------------------
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        seq = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        return seq, nn.functional.normalize(model.vision_proj(seq[:, 0]), dim=-1)
+
+    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Without encoder_hidden_states the BLIP text layers skip cross-attention: the unimodal encoder.
+        h = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return nn.functional.normalize(model.text_proj(h[:, 0]), dim=-1)
+
+    def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        att = torch.ones(image_seq.shape[:-1], dtype=torch.long, device=image_seq.device)
+        h = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_seq,
+                               encoder_attention_mask=att).last_hidden_state
+        return model.itm_head(h[:, 0])
 
     # ---- synthetic inputs -----------------------------------------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,

@@ -17,6 +17,7 @@ class CLIPAdapter(QKVOAdapter):
     family = "clip"
     model_types = ("clip",)
     classes = {"CLIPModel": "retrieval"}
+    tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}
     towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
               "text_projection": "text"}
     config_cls: Any = CLIPConfig
@@ -28,6 +29,14 @@ class CLIPAdapter(QKVOAdapter):
     @staticmethod
     def mlp_classes() -> tuple[type, ...]:
         return (CLIPMLP,)
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        pooled = model.vision_model(pixel_values=pixel_values).pooler_output
+        return None, nn.functional.normalize(model.visual_projection(pooled), dim=-1)
+
+    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return nn.functional.normalize(model.text_projection(pooled), dim=-1)
 
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
                       image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import SiglipConfig
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
@@ -31,6 +33,17 @@ class SiglipAdapter(CLIPAdapter):
     @staticmethod
     def mlp_classes() -> tuple[type, ...]:
         return (SiglipMLP,)
+
+    def preprocessor_options(self, model: nn.Module) -> dict[str, Any]:
+        # SigLIP pools the last token, so it was trained on text padded to its full length.
+        return {"pad_to_max_length": True, "max_length": int(model.config.text_config.max_position_embeddings)}
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return None, nn.functional.normalize(model.vision_model(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return nn.functional.normalize(pooled, dim=-1)
 
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
                       image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:

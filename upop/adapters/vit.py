@@ -17,6 +17,7 @@ class ViTAdapter(QKVOAdapter):
     family = "vit"
     model_types = ("vit",)
     classes = {"ViTForImageClassification": "classification"}
+    tasks = {"classification": "classification"}
     towers = {"vit": "vision", "classifier": "head"}
     o_name = "o_proj"
     heads_attr = "num_attention_heads"

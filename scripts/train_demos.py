@@ -1,0 +1,17 @@
+"""Train the built-in demo models on the shapes set and write them into upop/demo_models/.
+
+    python scripts/train_demos.py [demo-blip demo-clip demo-vit] [--epochs N] [--out DIR]
+"""
+
+import argparse
+
+from upop.demo import DEMOS, train_demo
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("names", nargs="*", default=list(DEMOS))
+ap.add_argument("--epochs", type=int, default=None)
+ap.add_argument("--out", default=None, help="folder to write into (default: the package's demo_models/)")
+args = ap.parse_args()
+for name in args.names:
+    out = f"{args.out}/{name}" if args.out else None
+    train_demo(name, out_dir=out, epochs=args.epochs)

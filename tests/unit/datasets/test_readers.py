@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from upop.datasets import read_classification, read_retrieval, read_vqa, shapes
+from upop.datasets.readers import DataError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("d") / "shapes", train=6, val=3, test=3, classification_per_class=(2, 1, 1))
+
+
+def test_readers_round_trip_the_shapes_set(data):
+    train = read_retrieval(data / "retrieval_train.json")
+    assert len(train) == 6 and all(len(r.captions) == 3 and r.image.is_file() for r in train)
+    val = read_retrieval(data / "retrieval_val.json")
+    assert len(val) == 3 and all(len(r.captions) == 3 for r in val)
+    vqa = read_vqa(data / "vqa_test.json")
+    assert len(vqa) == 12 and all(r.answers and r.image.is_file() for r in vqa)
+    items, classes = read_classification(data / "classification" / "train")
+    assert len(classes) == 12 and len(items) == 24
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_malformed_inputs_name_the_file_and_record(data, tmp_path):
+    img = str((data / "images" / "train" / "00000.png").resolve())
+    cases = [
+        ('[{"image": "%s", "caption": "x"}, {"image": ' % img, "broken JSON at line 1"),
+        ('{"image": "%s", "caption": "x"}\n{"image": "%s", caption}\n' % (img, img), "broken JSON on line 2"),
+        ('[{"image": "nope.png", "caption": "x"}]', "record 0: image .*nope.png does not exist"),
+        ('[{"caption": "x"}]', 'record 0 has no "image"'),
+        ('[{"image": "%s"}]' % img, "record 0 has no caption"),
+        ('[{"image": "%s", "caption": []}]' % img, "record 0 has no caption"),
+        ("[]", "the split is empty"),
+        ('["just a string"]', "record 0 is not an object"),
+    ]
+    for i, (text, match) in enumerate(cases):
+        path = _write(tmp_path / f"bad{i}.json", text)
+        with pytest.raises(DataError, match=match) as exc:
+            read_retrieval(path, image_root=tmp_path)
+        assert str(path) in str(exc.value)
+    with pytest.raises(DataError, match="does not exist"):
+        read_retrieval(tmp_path / "missing.json")
+    path = _write(tmp_path / "q.json", json.dumps([{"image": img, "answer": ["a"]}]))
+    with pytest.raises(DataError, match="record 0 has no question"):
+        read_vqa(path)
+
+
+def test_classification_errors(tmp_path, data):
+    with pytest.raises(DataError, match="does not exist"):
+        read_classification(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        read_classification(tmp_path / "empty")
+    (tmp_path / "empty" / "cats").mkdir()
+    with pytest.raises(DataError, match="the split is empty"):
+        read_classification(tmp_path / "empty")
+    with pytest.raises(DataError, match="not among the model's classes"):
+        read_classification(data / "classification" / "train", classes=["red_circle"])

@@ -1,0 +1,97 @@
+"""Every task runs a search step and a retrain step, and evaluates, on a tiny model of each family."""
+
+import pytest
+import torch
+import transformers
+
+import upop
+from upop.adapters import get_adapter
+from upop.datasets import shapes
+from upop.datasets.readers import DataError
+from upop.demo import build_tokenizer
+from upop.errors import UnsupportedModelError
+from upop.tasks import Preprocessor, make_task
+
+from ...conftest import build_tiny
+
+CASES = [
+    ("blip", "BlipForImageTextRetrieval", "retrieval", "r_mean"),
+    ("blip", "BlipForConditionalGeneration", "caption", "cider"),
+    ("blip", "BlipForQuestionAnswering", "vqa", "vqa_acc"),
+    ("clip", "CLIPModel", "retrieval", "r_mean"),
+    ("siglip", "SiglipModel", "retrieval", "r_mean"),
+    ("vit", "ViTForImageClassification", "classification", "top1"),
+    ("deit", "DeiTForImageClassification", "classification", "top1"),
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("t") / "shapes", train=8, val=4, test=4, classification_per_class=(1, 1, 1))
+
+
+def prep_for(family, model):
+    size = {"height": 32, "width": 32}
+    img = {"blip": transformers.BlipImageProcessorPil(size=size),
+           "clip": transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=size),
+           "siglip": transformers.SiglipImageProcessorPil(size=size)}.get(
+        family, transformers.ViTImageProcessorPil(size=size))
+    opts = get_adapter(family).preprocessor_options(model)
+    return Preprocessor(build_tokenizer(), img, **opts)
+
+
+@pytest.mark.parametrize("family,class_name,task,primary", CASES, ids=[c[1] for c in CASES])
+def test_each_task_searches_retrains_and_evaluates(family, class_name, task, primary, data):
+    sizes = {"vocab": 99}
+    model = build_tiny(family, class_name, **sizes)
+    if task == "classification":
+        model.config.num_labels = 5  # fewer than the 12 data classes: refused with a message
+        with pytest.raises(DataError, match="the model has 5 classes, the data has 12"):
+            make_task(get_adapter(family), task, prep_for(family, model), data, model=model).train_batches()
+        model = build_tiny(family, class_name, **sizes)
+        model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
+        model.config.id2label = {i: f"LABEL_{i}" for i in range(12)}
+    cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=1, update_every=1, lr=1e-4),
+                              retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=1, lr=1e-4))
+    res = upop.compress(model, cfg, data=data, task=task, preprocessor=prep_for(family, model), batch_size=4)
+    m = res.report["metrics"]
+    assert m["primary"] == primary and res.report["task"] == task
+    for when in ("before", "after"):
+        assert m[when]["primary"] == m[when][primary] and 0.0 <= m[when][primary] <= 1000.0
+    assert res.report["params"]["after"]["total"] < res.report["params"]["before"]["total"]
+
+
+def test_zero_shot_classification_with_a_dual_encoder(data):
+    model = build_tiny("clip", "CLIPModel")
+    t = make_task(get_adapter("clip"), "classification", prep_for("clip", model), data, model=model)
+    r = t.evaluate(model, "test")
+    assert set(r) == {"top1", "top5", "primary"}
+    with pytest.raises(DataError, match="zero-shot classification is an evaluation"):
+        t.train_batches()
+
+
+def test_a_task_the_model_cannot_do(data):
+    model = build_tiny("blip", "BlipForConditionalGeneration")
+    with pytest.raises(UnsupportedModelError, match="cannot do task 'retrieval'"):
+        make_task(get_adapter("blip"), "retrieval", prep_for("blip", model), data, model=model)
+    with pytest.raises(UnsupportedModelError, match="vit models cannot do task 'caption'"):
+        make_task(get_adapter("vit"), "caption", prep_for("vit", model), data)
+
+
+def test_missing_data_folder_and_split(tmp_path):
+    model = build_tiny("vit", "ViTForImageClassification")
+    t = make_task(get_adapter("vit"), "classification", prep_for("vit", model), tmp_path / "nope", model=model)
+    with pytest.raises(DataError, match="data folder .*nope does not exist"):
+        t.train_batches()
+    (tmp_path / "cls").mkdir()
+    t = make_task(get_adapter("vit"), "classification", prep_for("vit", model), tmp_path / "cls", model=model)
+    with pytest.raises(DataError, match="no train split for classification"):
+        t.train_batches()
+    model = build_tiny("clip", "CLIPModel")
+    t = make_task(get_adapter("clip"), "retrieval", prep_for("clip", model), tmp_path / "nope", model=model)
+    with pytest.raises(DataError, match="does not exist"):
+        t.train_batches()
+    (tmp_path / "d").mkdir()
+    t = make_task(get_adapter("clip"), "retrieval", prep_for("clip", model), tmp_path / "d", model=model)
+    with pytest.raises(DataError, match="no train split for retrieval"):
+        t.train_batches()

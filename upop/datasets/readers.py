@@ -1,0 +1,150 @@
+"""Readers for the annotation formats users have; every malformed input names its file and record.
+
+- Retrieval / captioning: the BLIP/UPop Karpathy JSON (COCO, Flickr30K). Train: one record per
+  caption ``{"image", "caption"}``; val/test: ``{"image", "caption": [...]}``.
+- VQA: the BLIP VQA JSON ``{"image", "question", "answer": [...]}``.
+- Classification: an ImageFolder tree ``<split>/<class>/<image>``.
+A file may be one JSON array, or JSON Lines (one object per line).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UpopError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+class DataError(UpopError):
+    """Missing or malformed data."""
+
+
+@dataclass
+class ImageTextRecord:
+    image: Path
+    captions: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VQARecord:
+    image: Path
+    question: str
+    answers: list[str]
+    question_id: str | None = None
+
+
+def _load_records(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise DataError(f"annotation file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: broken JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        return data
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: broken JSON on line {lineno}: {exc.msg}") from None
+    return records
+
+
+def _image(root: Path, rec: dict[str, Any], path: Path, i: int) -> Path:
+    name = rec.get("image")
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{path}: record {i} has no \"image\"")
+    img = root / name
+    if not img.is_file():
+        raise DataError(f"{path}: record {i}: image {img} does not exist")
+    return img
+
+
+def _check_record(rec: Any, path: Path, i: int) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}: record {i} is not an object")
+    return rec
+
+
+def read_retrieval(path: str | Path, image_root: str | Path | None = None) -> list[ImageTextRecord]:
+    """Image-text pairs, grouped by image (train files have one record per caption)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    by_image: dict[Path, ImageTextRecord] = {}
+    for i, rec in enumerate(_load_records(path)):
+        rec = _check_record(rec, path, i)
+        img = _image(root, rec, path, i)
+        cap = rec.get("caption")
+        caps = [cap] if isinstance(cap, str) else cap
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise DataError(f"{path}: record {i} has no caption (a string or a non-empty list of strings)")
+        entry = by_image.setdefault(img, ImageTextRecord(image=img, captions=[],
+                                                         extra={k: v for k, v in rec.items()
+                                                                if k not in ("image", "caption")}))
+        entry.captions.extend(caps)
+    if not by_image:
+        raise DataError(f"{path}: the split is empty")
+    return list(by_image.values())
+
+
+def read_vqa(path: str | Path, image_root: str | Path | None = None) -> list[VQARecord]:
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    out = []
+    for i, rec in enumerate(_load_records(path)):
+        rec = _check_record(rec, path, i)
+        img = _image(root, rec, path, i)
+        q = rec.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{path}: record {i} has no question")
+        ans = rec.get("answer", [])
+        ans = [ans] if isinstance(ans, str) else ans
+        if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
+            raise DataError(f"{path}: record {i}: answer must be a string or a list of strings")
+        out.append(VQARecord(image=img, question=q, answers=ans, question_id=str(rec.get("question_id", i))))
+    if not out:
+        raise DataError(f"{path}: the split is empty")
+    return out
+
+
+def read_classification(split_dir: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """An ImageFolder split: (image, label) pairs and the class names (sorted folder names)."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataError(f"classification split {split_dir} does not exist")
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    classes = classes or found
+    if not classes:
+        raise DataError(f"{split_dir}: no class folders")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{split_dir}: class folders {unknown} are not among the model's classes")
+    items = []
+    for label, name in enumerate(classes):
+        d = split_dir / name
+        if not d.is_dir():
+            continue
+        items += [(p, label) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise DataError(f"{split_dir}: the split is empty")
+    return items, classes
+
+
+def open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"image {path} cannot be read: {exc}") from None

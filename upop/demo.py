@@ -1,0 +1,190 @@
+"""The built-in offline demo: small BLIP, CLIP and ViT models trained on the shapes set.
+
+The trained folders ship inside the package (``upop/demo_models/<name>``), so a fresh install
+runs ``upop compress --model demo-blip --ratio 0.5`` with no download. ``train_demo`` rebuilds
+any of them from nothing (tokenizer from the shapes grammar with the ``tokenizers`` library,
+image processor, model from a config, training on the shapes set); ``scripts/train_demos.py``
+is how the shipped ones were made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import get_adapter
+from .datasets import shapes as make_shapes
+from .datasets.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES
+from .errors import ModelLoadError
+
+SHAPES_VERSION = "shapes-v1"
+DEMO_ROOT = Path(__file__).resolve().parent / "demo_models"
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    name: str
+    family: str
+    class_name: str
+    task: str
+    epochs: int
+    lr: float
+    batch_size: int
+
+
+DEMOS = {
+    "demo-blip": DemoSpec("demo-blip", "blip", "BlipForImageTextRetrieval", "retrieval", 40, 5e-4, 64),
+    "demo-clip": DemoSpec("demo-clip", "clip", "CLIPModel", "retrieval", 60, 1e-3, 128),
+    "demo-vit": DemoSpec("demo-vit", "vit", "ViTForImageClassification", "classification", 30, 1e-3, 64),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UPOP_CACHE", Path.home() / ".cache" / "upop"))
+
+
+def shapes_dir() -> Path:
+    """The default demo data: the shapes set with the default seed, written on first use."""
+    out = cache_dir() / SHAPES_VERSION
+    if not (out / ".complete").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{SHAPES_VERSION}.tmp-", dir=out.parent))
+        try:
+            make_shapes(tmp)
+            (tmp / ".complete").write_text("")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def is_demo(name: str) -> bool:
+    return name in DEMOS
+
+
+def demo_path(name: str) -> Path:
+    path = DEMO_ROOT / name
+    if not (path / "config.json").is_file():
+        cached = cache_dir() / "demos" / name
+        if (cached / "config.json").is_file():
+            return cached
+        raise ModelLoadError(f"demo model {name} is not installed; build it with: python scripts/train_demos.py {name}")
+    return path
+
+
+def vocabulary() -> list[str]:
+    words = ["a", "on", "the", "in", "and", "of", "only", "left", "right", "middle", "shape", "shapes", "is",
+             "are", "there", "what", "color", "how", "many", "yes", "no", ",", "?", "photo"]
+    words += list(COLOURS) + list(SHAPES) + list(SIZES) + list(POSITIONS) + list(COUNT_WORDS.values())
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer(model_max_length: int = 40):
+    """A word-level tokenizer over the shapes grammar, built offline with ``tokenizers``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {w: i for i, w in enumerate(specials + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]",
+                                   model_max_length=model_max_length)
+
+
+def build_image_processor(family: str):
+    import transformers
+
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if family == "blip":
+        return transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
+    if family == "clip":
+        return transformers.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
+    return transformers.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
+
+
+def build_config(spec: DemoSpec, tokenizer, num_labels: int = 12) -> Any:
+    import transformers
+
+    vocab = len(tokenizer)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.sep_token_id)
+    tower = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
+    if spec.family == "blip":
+        return transformers.BlipConfig(
+            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, sep_token_id=tokenizer.sep_token_id,
+                             **ids),
+            vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8),
+            image_text_hidden_size=64)
+    if spec.family == "clip":
+        return transformers.CLIPConfig(
+            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **ids),
+            vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8), projection_dim=64)
+    return transformers.ViTConfig(**tower, image_size=IMAGE_SIZE, patch_size=8, num_labels=num_labels)
+
+
+def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
+               epochs: int | None = None, seed: int = 0,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train demo model ``name`` from scratch on the shapes set and save it as a normal HF folder."""
+    from .retrain import retrain
+    from .config import RetrainConfig
+    from .tasks import Preprocessor, make_task
+
+    spec = DEMOS[name]
+    data = Path(data_dir) if data_dir is not None else shapes_dir()
+    out = Path(out_dir) if out_dir is not None else DEMO_ROOT / name
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    prep = Preprocessor(tokenizer, build_image_processor(spec.family))
+    adapter = get_adapter(spec.family)
+    labels = sorted(p.name for p in (data / "classification" / "train").iterdir()) if spec.task == "classification" else []
+    config = build_config(spec, tokenizer, num_labels=len(labels) or 12)
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    model = adapter.build(spec.class_name, config)
+    model.config.architectures = [spec.class_name]
+    task = make_task(adapter, spec.task, prep, data, model=model, batch_size=spec.batch_size, seed=seed)
+    t0 = time.perf_counter()
+    batches = task.train_batches()
+    log(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(batches)} steps per epoch")
+    res = retrain(model, task.loss, batches,
+                  RetrainConfig(epochs=epochs or spec.epochs, lr=spec.lr, weight_decay=0.05, warmup_ratio=0.05,
+                                seed=seed),
+                  eval_fn=task.metric_fn("val", limit=100),
+                  progress=lambda r: log(f"  step {int(r['step'])}/{int(r['total'])} loss {r['loss']:.3f}")
+                  if int(r["step"]) % 100 == 0 else None)
+    test = task.evaluate(model, "test")
+    seconds = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    model.save_pretrained(tmp)
+    prep.save_pretrained(tmp)
+    summary = {"name": name, "task": spec.task, "test": test, "best_val": res.best_metric,
+               "best_epoch": res.best_epoch, "train_seconds": round(seconds, 1), "seed": seed,
+               "data": SHAPES_VERSION}
+    (tmp / "upop_demo.json").write_text(json.dumps(summary, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(tmp), out)
+    log(f"{name}: test {json.dumps({k: round(v, 2) for k, v in test.items()})} in {seconds:.0f}s")
+    return summary

@@ -1,0 +1,34 @@
+"""Tasks (loss + metric + batching), chosen per family by the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import UnsupportedModelError
+from . import classification, generation, retrieval  # noqa: F401  (registration)
+from .base import Preprocessor, Task, task_class
+
+TASK_NAMES = ("retrieval", "caption", "vqa", "classification")
+
+
+def make_task(adapter: Any, task: str, prep: Preprocessor, data_dir: str | Path, model: Any = None,
+              **kw: Any) -> Task:
+    """The implementation of ``task`` for the adapter's family (and the model's class, when given)."""
+    key = adapter.tasks.get(task)
+    if key is None:
+        raise UnsupportedModelError(
+            f"{adapter.family} models cannot do task {task!r}; they do: {', '.join(sorted(adapter.tasks))}")
+    cls = task_class(key)
+    if model is not None and cls.trainable:
+        own = adapter.classes.get(type(model).__name__)
+        if own != task:
+            raise UnsupportedModelError(f"{type(model).__name__} cannot do task {task!r}; it does {own!r}")
+    return cls(adapter, prep, data_dir, model=model, **kw)
+
+
+def default_task(adapter: Any, model: Any) -> str:
+    return adapter.classes[type(model).__name__]
+
+
+__all__ = ["default_task", "make_task", "Preprocessor", "Task", "TASK_NAMES"]

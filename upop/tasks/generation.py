@@ -1,0 +1,114 @@
+"""BLIP captioning (LM loss; BLEU-4 and CIDEr-D on greedy captions) and VQA (generative answers;
+VQA accuracy)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..datasets.readers import read_retrieval, read_vqa
+from .base import Batches, Task, device_of, find_annotation, register_task, to_device
+from .metrics import bleu4, cider_d, vqa_accuracy
+
+
+def _decoder_ids(task: Task, model: nn.Module, texts: list[str], max_length: int | None = None):
+    tok = task.prep.text(texts, max_length=max_length)
+    ids = tok["input_ids"].clone()
+    ids[:, 0] = model.config.text_config.bos_token_id  # BLIP decodes from [DEC], not [CLS]
+    labels = ids.masked_fill(tok["attention_mask"] == 0, -100)
+    return ids, tok["attention_mask"], labels
+
+
+@register_task("blip-caption")
+class BlipCaption(Task):
+    name = "caption"
+    primary = "cider"
+
+    def _records(self, split: str, limit: int | None = None):
+        recs = read_retrieval(find_annotation(self.data_dir, "caption", split), self.options.get("image_root"))
+        return recs[:limit] if limit else recs
+
+    def train_batches(self) -> Batches:
+        recs = self._records("train")
+
+        def make(idx, rng: random.Random):
+            return {"pixel_values": self.images.get([recs[i].image for i in idx]),
+                    "captions": [rng.choice(recs[i].captions) for i in idx]}
+
+        return Batches(len(recs), self.batch_size, make, seed=self.seed)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        ids, mask, labels = _decoder_ids(self, model, batch["captions"])
+        dev = device_of(model)
+        return model(pixel_values=batch["pixel_values"].to(dev), input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                     labels=labels.to(dev)).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
+        recs = self._records(split, limit)
+        was = model.training
+        model.eval()
+        preds = []
+        dev = device_of(model)
+        for s in range(0, len(recs), self.eval_batch_size):
+            px = self.images.get([r.image for r in recs[s : s + self.eval_batch_size]]).to(dev)
+            out = model.generate(pixel_values=px, max_new_tokens=int(self.options.get("max_new_tokens", 30)),
+                                 num_beams=1, do_sample=False)
+            preds += self.prep.decode(out)
+        model.train(was)
+        refs = [r.captions for r in recs]
+        res = {"bleu4": bleu4(preds, refs), "cider": cider_d(preds, refs)}
+        res["primary"] = res[self.primary]
+        return res
+
+
+@register_task("blip-vqa")
+class BlipVQA(Task):
+    name = "vqa"
+    primary = "vqa_acc"
+
+    def _records(self, split: str, limit: int | None = None):
+        recs = read_vqa(find_annotation(self.data_dir, "vqa", split), self.options.get("image_root"))
+        return recs[:limit] if limit else recs
+
+    def train_batches(self) -> Batches:
+        recs = [r for r in self._records("train") if r.answers]
+
+        def make(idx, rng: random.Random):
+            return {"pixel_values": self.images.get([recs[i].image for i in idx]),
+                    "questions": [recs[i].question for i in idx],
+                    # The most frequent annotator answer is the training target.
+                    "answers": [Counter(recs[i].answers).most_common(1)[0][0] for i in idx]}
+
+        return Batches(len(recs), self.batch_size, make, seed=self.seed)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        dev = device_of(model)
+        q = to_device(self.prep.text(batch["questions"]), dev)
+        ids, mask, labels = _decoder_ids(self, model, batch["answers"], max_length=10)
+        return model(pixel_values=batch["pixel_values"].to(dev), input_ids=q["input_ids"],
+                     attention_mask=q["attention_mask"], decoder_input_ids=ids.to(dev),
+                     decoder_attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
+        recs = self._records(split, limit)
+        was = model.training
+        model.eval()
+        preds = []
+        dev = device_of(model)
+        for s in range(0, len(recs), self.eval_batch_size):
+            chunk = recs[s : s + self.eval_batch_size]
+            q = to_device(self.prep.text([r.question for r in chunk]), dev)
+            px = self.images.get([r.image for r in chunk]).to(dev)
+            out = model.generate(pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+                                 max_new_tokens=int(self.options.get("max_new_tokens", 5)), num_beams=1,
+                                 do_sample=False)
+            preds += self.prep.decode(out)
+        model.train(was)
+        res = {"vqa_acc": vqa_accuracy(preds, [r.answers for r in recs])}
+        res["primary"] = res[self.primary]
+        return res
