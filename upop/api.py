@@ -23,6 +23,18 @@ from .search import LossFn, ProgressFn, SearchResult, search
 from .slim import slim_model
 
 
+def check_profile(profile: str | None) -> None:
+    """A profile must be a shipped target name or a profile file."""
+    if profile is None:
+        return
+    from .profiles import available
+
+    names = available()
+    if profile not in names and not Path(profile).is_file():
+        raise ConfigError(f"unknown profile {profile!r}; shipped profiles: {', '.join(names) or 'none yet'}, "
+                          "or pass a profile file")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,10 +52,18 @@ class CompressResult:
     processor: Any | None = None
     config: CompressConfig = field(default_factory=CompressConfig)
 
-    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write the slim checkpoint (weights, processor, manifest with the config and report)."""
+    def save(self, out_dir: str | Path, overwrite: bool = False, with_report: bool = True) -> Path:
+        """Write the slim checkpoint (weights, processor, manifest with the config) and the report
+        files, all into a temporary folder renamed into place at the end."""
+        from .report import write_report
+
+        def extra(tmp: Path) -> None:
+            (tmp / "upop_config.json").write_text(self.config.to_json())
+            if with_report:
+                write_report(self.report, tmp)
+
         return save_slim(self.model, out_dir, self.info, processor=self.processor, overwrite=overwrite,
-                         extra={"config": self.config.to_dict(), "report": self.report})
+                         extra={"config": self.config.to_dict()}, extra_writer=extra)
 
 
 @dataclass
@@ -128,6 +148,7 @@ def compress(
     """
     config = config or CompressConfig()
     config.validate()
+    check_profile(config.profile)
     device = resolve_device(config.device)
     src = _open(model, task)
     net, adapter = src.model.to(device), src.adapter

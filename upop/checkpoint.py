@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def save_slim(
     *,
     processor: Any | None = None,
     extra: dict[str, Any] | None = None,
+    extra_writer: Callable[[Path], None] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a slim checkpoint folder atomically (a temp folder renamed into place)."""
@@ -150,6 +152,8 @@ def save_slim(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if extra_writer is not None:
+            extra_writer(tmp)
         _commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,7 +33,8 @@ class SearchConfig:
     granularity: str = "dim"
     epochs: int = 1  # passes over the batches, when ``steps`` is not given
     steps: int | None = None
-    update_every: int = 10
+    update_every: int | None = None  # K; None: about 50 mask updates over the search
+
     lambda_attn: float = 6.4e-3
     lambda_mlp: float = 2e-4
     lr: float = 1e-5
@@ -50,7 +51,7 @@ class SearchConfig:
             raise ConfigError(f"search epochs must be a positive integer, got {self.epochs!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(f"search steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.update_every, int) or self.update_every < 1:
+        if self.update_every is not None and (not isinstance(self.update_every, int) or self.update_every < 1):
             raise ConfigError(f"update_every must be a positive integer, got {self.update_every!r}")
         _check_positive("lambda_attn", self.lambda_attn, allow_zero=True)
         _check_positive("lambda_mlp", self.lambda_mlp, allow_zero=True)

@@ -40,6 +40,10 @@ class DemoSpec:
     epochs: int
     lr: float
     batch_size: int
+    # what `upop compress --model <demo>` uses unless told otherwise
+    compress_search_epochs: int = 2
+    compress_retrain_epochs: int = 4
+    compress_lr: float = 2e-4
 
 
 DEMOS = {

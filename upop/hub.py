@@ -49,6 +49,22 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep in name and name.count(os.sep) > 1
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub answers at all. Without it, huggingface_hub retries for ~20 s before failing;
+    we go straight to the local cache instead (and an uncached id fails at once)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_config(source: str, trust_remote_code: bool = False) -> Any:
     import transformers
 
@@ -61,8 +77,10 @@ def load_config(source: str, trust_remote_code: bool = False) -> Any:
     elif _looks_like_path(source):
         raise ModelLoadError(f"model path {source} does not exist")
     try:
+        local_only = not path.exists() and not hub_reachable()
         return transformers.AutoConfig.from_pretrained(str(path) if path.exists() else source,
-                                                      trust_remote_code=trust_remote_code)
+                                                      trust_remote_code=trust_remote_code,
+                                                      local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if path.exists():
             raise ModelLoadError(f"could not read the config of {source}: {exc}") from None

@@ -188,6 +188,7 @@ def search(
     total = config.steps if config.steps is not None else config.epochs * len(batches)  # type: ignore[arg-type]
     if total < 1:
         raise ValueError("the search needs at least one step")
+    every = config.update_every or max(1, total // 50)
     device = next(model.parameters()).device
     table = UnitTable.build(model, specs, config.granularity, unit_costs)
     masks = MaskSet(model, specs, config.granularity)
@@ -236,7 +237,7 @@ def search(
                 else:
                     opt.step()
                 sched.step()  # type: ignore[union-attr]
-            if step % config.update_every == 0 or step == total:
+            if step % every == 0 or step == total:
                 pi = pi_schedule(step, total, config.ratio)
                 marked = select_units(unified_scores(importance, table), table, pi)
                 value = 1.0 - pi / config.ratio

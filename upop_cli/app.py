@@ -1,12 +1,14 @@
-"""``upop``: compress, inspect and ship vision-language Transformers."""
+"""``upop``: compress, evaluate, inspect and ship vision-language Transformers."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from .errors import run_guarded
+from .errors import guarded, run_guarded
 
 app = typer.Typer(
     name="upop",
@@ -15,6 +17,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+datasets_app = typer.Typer(help="Build datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Alias (blip, clip, vit, ...), demo-blip/demo-clip/demo-vit, "
+                                                     "hub id, local folder or slim checkpoint.")
+TaskOpt = typer.Option(None, "--task", help="retrieval | caption | vqa | classification (default: the model's).")
+DataOpt = typer.Option(None, "--data", help="Data folder (default for demo models: the built-in shapes set).")
+DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
+
+
+@app.callback()
+def _setup() -> None:
+    """Quiet the libraries underneath: upop draws its own progress and reports errors itself."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 @app.command()
@@ -26,21 +51,94 @@ def version() -> None:
 
 
 @app.command()
+def compress(
+    model: Optional[str] = ModelOpt,
+    ratio: Optional[float] = typer.Option(None, "--ratio", "-p", help="Share of compressible cost to remove, in (0,1)."),
+    task: Optional[str] = TaskOpt,
+    data: Optional[str] = DataOpt,
+    granularity: Optional[str] = typer.Option(None, "--granularity", help="dim (UPop) | head (whole heads)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile name or file."),
+    search_epochs: Optional[int] = typer.Option(None, "--search-epochs"),
+    retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    update_every: Optional[int] = typer.Option(None, "--update-every", help="K: search steps between mask updates."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on at most N records."),
+    device: Optional[str] = DeviceOpt,
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-out/<model>-p<ratio>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Search, slim and retrain a model with UPop; write the slim checkpoint and a report.
+
+    Example: upop compress --model demo-blip --ratio 0.5
+    """
+    from .compress_cmd import run
+
+    flags = dict(model=model, ratio=ratio, task=task, data=data, granularity=granularity, profile=profile,
+                 search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
+                 update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out)
+    guarded(lambda: run(flags, config, overwrite, quiet))
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Model (alias, demo, hub id, folder) or slim checkpoint."),
+    task: Optional[str] = TaskOpt,
+    data: Optional[str] = DataOpt,
+    split: str = typer.Option("test", "--split"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on at most N records."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Evaluate a model or slim checkpoint on a task.
+
+    Example: upop eval demo-blip --split test
+    """
+    from .eval_cmd import run
+
+    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json))
+
+
+@app.command()
 def inspect(
     slim_dir: str = typer.Argument(..., help="A slim checkpoint folder written by upop."),
     json_out: bool = typer.Option(False, "--json", help="Print the per-module sizes as JSON."),
 ) -> None:
-    """Per-module kept sizes per tower, and parameters per tower, of a slim checkpoint.
+    """Per-module kept sizes per tower, and parameters and FLOPs per tower, of a slim checkpoint.
 
-    Example: upop inspect out/blip-0.5
+    Example: upop inspect upop-out/demo-blip-p0.5
     """
     from .inspect_cmd import run
 
-    run(slim_dir, json_out)
+    guarded(lambda: run(slim_dir, json_out))
+
+
+@datasets_app.command("shapes")
+def datasets_shapes(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    train: int = typer.Option(2000, "--train"),
+    val: int = typer.Option(200, "--val"),
+    test: int = typer.Option(200, "--test"),
+    seed: int = typer.Option(0, "--seed"),
+    image_size: int = typer.Option(64, "--image-size"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write the synthetic shapes set (retrieval, captioning, VQA and classification annotations).
+
+    Example: upop datasets shapes --out data/shapes --train 500
+    """
+    from .eval_cmd import run_datasets_shapes
+
+    guarded(lambda: run_datasets_shapes(out, train, val, test, seed, image_size, quiet))
 
 
 def main() -> None:
-    sys.exit(run_guarded(lambda: app(standalone_mode=False)))
+    # Standalone mode: Click prints usage errors itself; upop errors reach run_guarded.
+    sys.exit(run_guarded(app))
 
 
 if __name__ == "__main__":

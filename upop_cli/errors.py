@@ -11,26 +11,40 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import typer
+
 from upop.errors import UpopError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def debug() -> bool:
     return os.environ.get("UPOP_DEBUG", "") not in ("", "0", "false", "no")
 
 
-def run_guarded(fn: Callable[[], Any]) -> int:
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run a command body; known errors become one line and an exit code."""
     try:
-        fn()
-    except SystemExit as exc:
-        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return fn()
     except UpopError as exc:
         if debug():
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         if debug():
             raise
-        print("interrupted", file=sys.stderr)
-        return 130
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def run_guarded(fn: Callable[[], Any]) -> int:
+    """Process entry point: the exit status of ``fn`` (a Typer app or a command body)."""
+    try:
+        guarded(fn)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0

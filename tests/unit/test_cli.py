@@ -50,12 +50,12 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_guard_maps_errors_to_exit_codes(capsys):
+def test_guard_maps_errors_to_exit_codes(capfd):
     def boom():
         raise upop.ConfigError("ratio must be strictly between 0 and 1, got 2")
 
     assert run_guarded(boom) == 2
-    assert capsys.readouterr().err == "error: ratio must be strictly between 0 and 1, got 2\n"
+    assert capfd.readouterr().err == "error: ratio must be strictly between 0 and 1, got 2\n"
 
     def interrupted():
         raise KeyboardInterrupt

@@ -64,21 +64,28 @@ class Preprocessor:
     def from_pretrained(cls, source: str | Path, **kw: Any) -> "Preprocessor":
         import transformers
 
+        errors = (OSError, ValueError, KeyError, TypeError)
+        try:
+            img = transformers.AutoImageProcessor.from_pretrained(str(source))
+        except errors as exc:
+            raise DataError(f"{source} has no usable image processor: {str(exc).splitlines()[0]}") from None
         try:
             tok = transformers.AutoTokenizer.from_pretrained(str(source))
-            img = transformers.AutoImageProcessor.from_pretrained(str(source))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{source} has no usable tokenizer/image processor: {str(exc).splitlines()[0]}") from None
+        except errors:
+            tok = None  # vision-only models (ViT, DeiT) have none; text tasks say so when they need it
         return cls(tok, img, **kw)
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        self.tokenizer.save_pretrained(str(out_dir))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out_dir))
         self.image_processor.save_pretrained(str(out_dir))
 
     def pixels(self, images: Sequence[Any]) -> torch.Tensor:
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def text(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise DataError("the model folder has no tokenizer, which this task needs")
         enc = self.tokenizer(
             list(texts),
             padding="max_length" if self.pad_to_max_length else "longest",

@@ -1,0 +1,144 @@
+"""The CLI's compress / eval / datasets commands and their errors, on tiny model folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import transformers
+from typer.testing import CliRunner
+
+from upop.datasets import shapes
+from upop_cli.app import app
+
+from ..conftest import build_tiny
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("cd") / "shapes", train=8, val=4, test=4, classification_per_class=(2, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny-vit"
+    model = build_tiny("vit", "ViTForImageClassification")
+    model.classifier = __import__("torch").nn.Linear(model.classifier.in_features, 12)
+    model.config.num_labels = 12
+    model.config.architectures = ["ViTForImageClassification"]
+    model.save_pretrained(path)
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_compress_writes_checkpoint_report_and_picture(vit_dir, data, tmp_path):
+    out = tmp_path / "out"
+    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", out, "--batch-size", 8,
+                "--search-epochs", 1, "--retrain-epochs", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert r.output == ""  # --quiet: nothing but errors
+    for f in ("model.safetensors", "upop_manifest.json", "report.json", "report.md", "compression.png",
+              "preprocessor_config.json", "upop_config.json"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["metrics"]["primary"] == "top1" and rep["task"] == "classification"
+    assert {"before", "after"} <= set(rep["metrics"]) and rep["params"]["after"]["total"] < rep["params"]["before"]["total"]
+    assert (out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = _invoke("inspect", out, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["family"] == "vit"
+    r = _invoke("eval", out, "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    assert "top1" in json.loads(r.output)["metrics"]
+
+
+def test_config_file_and_flags(vit_dir, data, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{vit_dir}"\nratio = 0.3\ndata = "{data}"\nbatch_size = 8\nretrain_epochs = 0\n'
+                   f'out = "{tmp_path / "from-file"}"\n')
+    r = _invoke("compress", "--config", cfg, "--ratio", 0.6, "--quiet")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "from-file" / "report.json").read_text())
+    assert rep["ratio"] == 0.6  # the flag wins over the file
+    bad = tmp_path / "bad.toml"
+    bad.write_text("speed = 3\n")
+    r = _invoke("compress", "--config", bad)
+    assert r.exit_code == 2 and "unknown option(s) speed" in r.output
+
+
+ERRORS = [
+    (["--model", "{vit}", "--ratio", "1.5"], "ratio must be strictly between 0 and 1"),
+    (["--model", "{vit}", "--ratio", "0"], "ratio must be strictly between 0 and 1"),
+    (["--model", "nobody-xyz/none", "--ratio", "0.5"], "demo-\\* model"),
+    (["--model", "{tmp}/missing/model", "--ratio", "0.5"], "does not exist"),
+    (["--model", "{bert}", "--ratio", "0.5"], "'bert' is not supported; supported model types: blip, clip, deit"),
+    (["--model", "{vit}", "--ratio", "0.5", "--task", "caption", "--data", "{data}"], "cannot do task 'caption'"),
+    (["--model", "{vit}", "--ratio", "0.5", "--data", "{tmp}/nodata"], "data folder .* does not exist"),
+    (["--model", "{vit}", "--ratio", "0.5", "--data", "{tmp}"], "no train split for classification"),
+    (["--model", "{vit}", "--ratio", "0.5"], "no data given"),
+    (["--model", "{corrupt}", "--ratio", "0.5", "--data", "{data}"], "could not load the weights"),
+    (["--model", "{vit}", "--ratio", "0.5", "--profile", "nosuch"], "unknown profile 'nosuch'"),
+    (["--model", "{vit}", "--ratio", "0.5", "--granularity", "neuron"], "granularity must be one of dim, head"),
+    (["--ratio", "0.5"], "--model is required"),
+]
+
+
+@pytest.mark.parametrize("args,match", ERRORS, ids=[m[:30] for _a, m in ERRORS])
+def test_bad_input_is_one_clear_line(args, match, vit_dir, data, tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64).save_pretrained(tmp_path / "bert")
+    shutil.copytree(vit_dir, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage" * 8)
+    args = [a.format(vit=vit_dir, data=data, tmp=tmp_path, bert=tmp_path / "bert", corrupt=tmp_path / "corrupt")
+            for a in args]
+    r = runner.invoke(app, ["compress", *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1
+    assert re.search(match, r.output), r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_folder_is_left_untouched(vit_dir, data, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", out)
+    assert r.exit_code == 2 and "already exists; pass --overwrite" in r.output
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_cuda_without_a_gpu(vit_dir, data, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--device", "cuda", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "no CUDA GPU is available" in r.output
+
+
+def test_datasets_shapes_command(tmp_path):
+    r = _invoke("datasets", "shapes", "--out", tmp_path / "s", "--train", 4, "--val", 2, "--test", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "retrieval_train.json").is_file()
+    r = _invoke("datasets", "shapes", "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "not empty" in r.output
+
+
+def test_the_installed_console_script_turns_errors_into_one_line(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "upop")
+    r = subprocess.run([exe, "compress", "--model", str(tmp_path / "nothing-here" / "m"), "--ratio", "0.5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: model path") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .options import merge, read_toml
+from .progress import Reporter, interactive
+
+
+def default_out(model: str, ratio: float) -> Path:
+    name = Path(model.rstrip("/")).name or "model"
+    return Path("upop-out") / f"{name}-p{ratio:g}"
+
+
+def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool) -> None:
+    import upop
+    from upop.api import check_profile
+    from upop.demo import DEMOS
+    from upop.errors import CheckpointError, ConfigError
+
+    opts = read_toml(config_file)
+    model = flags.get("model") or opts.get("model")
+    if not model:
+        raise ConfigError("--model is required (an alias, hub id, local folder, or demo-blip / demo-clip / demo-vit)")
+    demo = DEMOS.get(model)
+    defaults = {"search_epochs": demo.compress_search_epochs if demo else 1,
+                "retrain_epochs": demo.compress_retrain_epochs if demo else 1,
+                "lr": demo.compress_lr if demo else 1e-5, "batch_size": demo.batch_size if demo else 32,
+                "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4}
+    o = merge(flags, opts, defaults)
+    if o.get("ratio") is None:
+        raise ConfigError("--ratio is required (the share of compressible cost to remove, between 0 and 1)")
+    cfg = upop.CompressConfig(
+        ratio=o["ratio"], granularity=o["granularity"], profile=o.get("profile"), device=o["device"],
+        search=upop.SearchConfig(epochs=o["search_epochs"], update_every=o.get("update_every"), lr=o["lr"],
+                                 seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"]),
+        retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"]))
+    check_profile(cfg.profile)
+    out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
+    with Reporter(interactive(quiet)) as rep:
+        result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
+                               eval_limit=o.get("eval_limit"), progress=rep)
+        result.save(out, overwrite=overwrite)
+    if not quiet:
+        print_summary(result.report, out)
+
+
+def print_summary(report: dict[str, Any], out: Path) -> None:
+    from upop.report import summary_rows
+
+    console = Console()
+    table = Table(title=f"{report['model']} → {out}  (ratio {report['ratio']}, {report['granularity']}, "
+                        f"{report['seconds']:.0f} s)")
+    for col in ("", "before", "after", "after/before"):
+        table.add_column(col, justify="right" if col else "left")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}   picture: {out / 'compression.png'}")

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
+        device: str, as_json: bool) -> None:
+    from upop.api import _open, resolve_device, setup_task
+
+    dev = resolve_device(device)
+    src = _open(model, task)
+    src.model.to(dev)
+    ts = setup_task(src, task, data, None, batch_size, 0, limit)
+    metrics = ts.task.evaluate(src.model, split, limit)
+    if as_json:
+        print(json.dumps({"model": model, "task": ts.task.name, "split": split, "metrics": metrics}, indent=2))
+        return
+    table = Table(title=f"{model}: {ts.task.name} on {split} (primary: {ts.task.primary})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if k != "primary":
+            table.add_row(k, f"{v:.2f}")
+    Console().print(table)
+
+
+def run_datasets_shapes(out: Path, train: int, val: int, test: int, seed: int, image_size: int, quiet: bool) -> None:
+    from upop.datasets import shapes
+    from upop.errors import CheckpointError
+
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose another --out")
+    shapes(out, train=train, val=val, test=test, seed=seed, image_size=image_size)
+    if not quiet:
+        Console().print(f"wrote the shapes set to {out} (train {train}, val {val}, test {test}, seed {seed})")
