@@ -28,11 +28,18 @@ def register(fmt: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 def formats() -> list[str]:
+    _load_backends()
     return sorted(_BACKENDS)
 
 
+def _load_backends() -> None:
+    # Imported late: the backends pull in onnx / onnxruntime / tensorrt, which most commands never need.
+    from . import onnx, tensorrt  # noqa: F401  (tensorrt itself is imported only when building)
+
+
 def get(fmt: str) -> Callable[..., Any]:
+    _load_backends()
     if fmt not in _BACKENDS:
-        known = ", ".join(formats()) or "none yet"
+        known = ", ".join(formats())
         raise UnknownFormatError(f"export format {fmt!r} is not supported; supported formats: {known}")
     return _BACKENDS[fmt]

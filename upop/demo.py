@@ -136,7 +136,9 @@ def build_config(spec: DemoSpec, tokenizer, num_labels: int = 12) -> Any:
         return transformers.BlipConfig(
             text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, sep_token_id=tokenizer.sep_token_id,
                              **ids),
-            vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8),
+            # BLIP's vision init std defaults to 1e-10 (it expects pretrained weights): from scratch
+            # that leaves the image tower silent for hundreds of steps.
+            vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8, initializer_range=0.02),
             image_text_hidden_size=64)
     if spec.family == "clip":
         return transformers.CLIPConfig(

@@ -117,6 +117,42 @@ def inspect(
     guarded(lambda: run(slim_dir, json_out))
 
 
+@app.command("export")
+def export(
+    source: str = typer.Argument(..., help="Slim checkpoint folder, or a model (folder, hub id, alias) to export as is."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-export/<name>-<format>)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT)."),
+    batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX."),
+    opset: int = typer.Option(17, "--opset"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Export the graphs a deployment needs, each checked against PyTorch.
+
+    Example: upop export upop-out/demo-blip-p0.5 --format onnx --fp16
+    """
+    from .export_cmd import run
+
+    guarded(lambda: run(source, fmt, out, fp16, batch, opset, overwrite, quiet))
+
+
+@app.command()
+def predict(
+    export_dir: str = typer.Argument(..., help="A folder written by upop export --format onnx."),
+    image: str = typer.Option(..., "--image", "-i", help="Image file."),
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Caption(s) to score, or the question."),
+    fp16: bool = typer.Option(False, "--fp16", help="Use the FP16 graphs."),
+) -> None:
+    """Run the exported graphs with ONNX Runtime: class, caption, answer or image-text scores.
+
+    Example: upop predict upop-export/demo-blip-p0.5-onnx -i cat.png -t "a red circle on the left"
+    """
+    from .export_cmd import run_predict
+
+    guarded(lambda: run_predict(export_dir, image, text or [], fp16))
+
+
 @datasets_app.command("shapes")
 def datasets_shapes(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),

@@ -130,6 +130,10 @@ class Adapter:
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.family} has no image-text embedding")
 
+    def export_graphs(self, model: nn.Module) -> list["ExportGraph"]:
+        """The graphs a deployment of this model needs (ONNX / TensorRT)."""
+        raise NotImplementedError(f"{self.family}: no export graphs")
+
     # ---- synthetic inputs (tests, benchmarks, FLOP counting) --------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
                       image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
@@ -205,3 +209,27 @@ class QKVOAdapter(Adapter):
         mod = model.get_submodule(spec.name)
         setattr(mod, self.heads_attr, num_heads)
         mod.head_dim = head_dim
+
+
+class ExportGraph:
+    """One graph of a deployment: a module wrapper, how to make its inputs, and its dynamic axes.
+
+    ``make_inputs(batch, seq)`` returns the named inputs (in the wrapper's argument order); axes
+    named "batch" and "sequence" are dynamic in the exported graph.
+    """
+
+    def __init__(self, name: str, module: nn.Module, make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
+                 outputs: list[str], dynamic: dict[str, dict[int, str]]):
+        self.name, self.module, self.make_inputs = name, module, make_inputs
+        self.outputs, self.dynamic = outputs, dynamic
+
+
+class Fn(nn.Module):
+    """Wraps a function of (model, *inputs) as a module, so a graph exports only what it needs."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.fn(self.model, *args)

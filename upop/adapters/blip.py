@@ -21,7 +21,7 @@ from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
 from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextLayer
 
 from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
-from .base import Adapter, image_size_of, rand_ids, rand_pixels, register
+from .base import Adapter, ExportGraph, Fn, image_size_of, rand_ids, rand_pixels, register
 
 
 class SlimBlipAttention(BlipAttention):
@@ -110,6 +110,77 @@ class BlipAdapter(Adapter):
         h = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_seq,
                                encoder_attention_mask=att).last_hidden_state
         return model.itm_head(h[:, 0])
+
+    # ---- export --------------------------------------------------------------------------------
+    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
+        cfg = model.config
+        size = image_size_of(cfg.vision_config)
+        vocab = cfg.text_config.vocab_size
+        tokens = (size // cfg.vision_config.patch_size) ** 2 + 1
+        width = cfg.vision_config.hidden_size
+        name = type(model).__name__
+
+        def pixels(b: int, s: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": torch.randn(b, 3, size, size)}
+
+        def text(b: int, s: int, prefix: str = "") -> dict[str, torch.Tensor]:
+            return {f"{prefix}input_ids": torch.randint(1, vocab - 2, (b, s)),
+                    f"{prefix}attention_mask": torch.ones(b, s, dtype=torch.long)}
+
+        def seq_dyn(prefix: str = "") -> dict[str, dict[int, str]]:
+            return {f"{prefix}input_ids": {0: "batch", 1: "sequence"}, f"{prefix}attention_mask": {0: "batch", 1: "sequence"}}
+
+        def image_seq(m: nn.Module, px: torch.Tensor) -> torch.Tensor:
+            return m.vision_model(pixel_values=px).last_hidden_state
+
+        vision = ExportGraph("vision_encoder", Fn(model, image_seq), pixels, ["image_embeds"],
+                             {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+        embeds = lambda b, s: {"image_embeds": 0.5 * torch.randn(b, tokens, width)}  # noqa: E731
+        if name == "BlipForImageTextRetrieval":
+            return [
+                ExportGraph("image_encoder", Fn(model, lambda m, px: self.encode_image(m, px)), pixels,
+                            ["image_embeds", "image_feat"],
+                            {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}, "image_feat": {0: "batch"}}),
+                ExportGraph("text_encoder", Fn(model, lambda m, ids, am: self.encode_text(m, ids, am)), text,
+                            ["text_feat"], {**seq_dyn(), "text_feat": {0: "batch"}}),
+                ExportGraph("itm", Fn(model, lambda m, emb, ids, am: self.itm_logits(m, emb, ids, am)),
+                            lambda b, s: {**embeds(b, s), **text(b, s)}, ["itm_logits"],
+                            {"image_embeds": {0: "batch"}, **seq_dyn(), "itm_logits": {0: "batch"}}),
+            ]
+        if name == "BlipForConditionalGeneration":
+            def decode(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+                return m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
+                                      use_cache=False).logits
+
+            return [vision, ExportGraph("text_decoder", Fn(model, decode), lambda b, s: {**embeds(b, s), **text(b, s)},
+                                        ["logits"], {"image_embeds": {0: "batch"}, **seq_dyn(),
+                                                     "logits": {0: "batch", 1: "sequence"}})]
+
+        def question(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+            att = torch.ones(emb.shape[:-1], dtype=torch.long, device=emb.device)
+            return m.text_encoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
+                                  encoder_attention_mask=att).last_hidden_state
+
+        def answer(m: nn.Module, q: torch.Tensor, qm: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+            return m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=q,
+                                  encoder_attention_mask=qm, use_cache=False).logits
+
+        qwidth = cfg.text_config.hidden_size
+        return [
+            vision,
+            ExportGraph("question_encoder", Fn(model, question), lambda b, s: {**embeds(b, s), **text(b, s)},
+                        ["question_embeds"], {"image_embeds": {0: "batch"}, **seq_dyn(),
+                                              "question_embeds": {0: "batch", 1: "sequence"}}),
+            ExportGraph("answer_decoder", Fn(model, answer),
+                        lambda b, s: {"question_embeds": 0.5 * torch.randn(b, s, qwidth),
+                                      "question_mask": torch.ones(b, s, dtype=torch.long),
+                                      **text(b, max(1, s // 2), "decoder_")},
+                        ["logits"], {"question_embeds": {0: "batch", 1: "sequence"},
+                                     "question_mask": {0: "batch", 1: "sequence"},
+                                     "decoder_input_ids": {0: "batch", 1: "answer"},
+                                     "decoder_attention_mask": {0: "batch", 1: "answer"},
+                                     "logits": {0: "batch", 1: "answer"}}),
+        ]
 
     # ---- synthetic inputs -----------------------------------------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,

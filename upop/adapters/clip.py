@@ -9,7 +9,7 @@ from torch import nn
 from transformers import CLIPConfig
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from .base import QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
+from .base import ExportGraph, Fn, QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
 
 
 @register
@@ -37,6 +37,30 @@ class CLIPAdapter(QKVOAdapter):
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(model.text_projection(pooled), dim=-1)
+
+    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
+        size = image_size_of(model.config.vision_config)
+        vocab = model.config.text_config.vocab_size
+
+        def pixels(b: int, s: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": torch.randn(b, 3, size, size)}
+
+        def text(b: int, s: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": torch.randint(1, vocab, (b, s)), "attention_mask": torch.ones(b, s, dtype=torch.long)}
+
+        tdyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        return [
+            ExportGraph("image_encoder", Fn(model, lambda m, px: self.encode_image(m, px)[1]), pixels,
+                        ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
+            ExportGraph("text_encoder", Fn(model, lambda m, ids, am: self.encode_text(m, ids, am)), text,
+                        ["text_embeds"], {**tdyn, "text_embeds": {0: "batch"}}),
+            ExportGraph("joint", Fn(model, lambda m, px, ids, am: m(pixel_values=px, input_ids=ids,
+                                                                     attention_mask=am).logits_per_image),
+                        lambda b, s: {**pixels(b, s), **text(b, s)}, ["logits_per_image"],
+                        {"pixel_values": {0: "images"}, "input_ids": {0: "texts", 1: "sequence"},
+                         "attention_mask": {0: "texts", 1: "sequence"},
+                         "logits_per_image": {0: "images", 1: "texts"}}),
+        ]
 
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
                       image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:

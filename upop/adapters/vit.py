@@ -9,7 +9,7 @@ from torch import nn
 from transformers import ViTConfig
 from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
 
-from .base import QKVOAdapter, image_size_of, rand_pixels, register
+from .base import ExportGraph, Fn, QKVOAdapter, image_size_of, rand_pixels, register
 
 
 @register
@@ -47,6 +47,13 @@ class ViTAdapter(QKVOAdapter):
         # Labels from the batch position: deterministic, and enough to give every unit a gradient.
         labels = torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)
         return model(**batch, labels=labels % model.config.num_labels).loss
+
+    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
+        size = image_size_of(model.config)
+        return [ExportGraph(
+            "classifier", Fn(model, lambda m, px: m(pixel_values=px).logits),
+            lambda b, s: {"pixel_values": torch.randn(b, 3, size, size)},
+            ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})]
 
     def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"logits": model(**batch).logits}

@@ -1,0 +1,80 @@
+"""Using the exported graphs: ONNX Runtime sessions for an export folder, and the task loops on top.
+
+This is the code a deployment copies: classification, image/text embeddings, BLIP's ITM score,
+greedy captioning over the decoder graph, and VQA answers. The ORT provider actually used is
+reported, because the GPU build of onnxruntime falls back to the CPU silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from upop.errors import UpopError
+
+
+class ExportFolderError(UpopError):
+    pass
+
+
+class OrtModel:
+    def __init__(self, export_dir: str | Path, fp16: bool = False, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        mpath = self.dir / "export.json"
+        if not mpath.is_file():
+            raise ExportFolderError(f"{export_dir} is not a upop export folder (no export.json)")
+        self.manifest = json.loads(mpath.read_text())
+        avail = ort.get_available_providers()
+        self.providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail]
+        self.sessions: dict[str, Any] = {}
+        for g in self.manifest["graphs"]:
+            f = g["fp16"]["file"] if fp16 and "fp16" in g else g["file"]
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self.sessions[g["name"]] = ort.InferenceSession(str(self.dir / f), opts, providers=self.providers)
+
+    def providers_used(self) -> dict[str, list[str]]:
+        return {k: s.get_providers() for k, s in self.sessions.items()}
+
+    def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        if graph not in self.sessions:
+            raise ExportFolderError(f"this export has no graph {graph!r} (it has {', '.join(self.sessions)})")
+        sess = self.sessions[graph]
+        feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
+        return sess.run(None, feed)
+
+    # ---- task loops --------------------------------------------------------------------------
+    def greedy_caption(self, pixel_values: np.ndarray, bos: int, eos: int, max_new_tokens: int = 30) -> np.ndarray:
+        """Greedy decoding over the decoder graph; the same tokens as ``generate()`` without sampling."""
+        (emb,) = self.run("vision_encoder", pixel_values=pixel_values)
+        return self._greedy("text_decoder", bos, eos, max_new_tokens, image_embeds=emb)
+
+    def greedy_answer(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, bos: int,
+                      eos: int, max_new_tokens: int = 10) -> np.ndarray:
+        (emb,) = self.run("vision_encoder", pixel_values=pixel_values)
+        (q,) = self.run("question_encoder", image_embeds=emb, input_ids=input_ids, attention_mask=attention_mask)
+        qmask = np.ones(q.shape[:2], dtype=np.int64)
+        return self._greedy("answer_decoder", bos, eos, max_new_tokens, prefix="decoder_", question_embeds=q,
+                            question_mask=qmask)
+
+    def _greedy(self, graph: str, bos: int, eos: int, max_new_tokens: int, prefix: str = "",
+                **context: np.ndarray) -> np.ndarray:
+        batch = next(iter(context.values())).shape[0]
+        ids = np.full((batch, 1), bos, dtype=np.int64)
+        done = np.zeros(batch, dtype=bool)
+        for _ in range(max_new_tokens):
+            (logits,) = self.run(graph, **context, **{f"{prefix}input_ids": ids,
+                                                       f"{prefix}attention_mask": np.ones_like(ids)})
+            nxt = logits[:, -1].argmax(-1)
+            # Finished rows keep emitting the pad token 0, as generate() pads them.
+            nxt = np.where(done, 0, nxt)
+            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            done |= nxt == eos
+            if done.all():
+                break
+        return ids

@@ -1,0 +1,162 @@
+"""TensorRT engines from the exported ONNX graphs (TensorRT 10 and 11).
+
+TensorRT 10: precision comes from builder flags (``BuilderFlag.FP16``). TensorRT 11 removed
+those flags: networks are strongly typed, so FP16 engines are built from the FP16 ONNX graphs.
+Dynamic axes get one optimization profile each (batch from ``--batch MIN:OPT:MAX``, sequence
+from ``seq``). A timing cache is kept next to the engines; parser errors name the failing node.
+
+Not run on any machine of this project (TensorRT is not installed anywhere here): the module
+is type-checked against ``tensorrt-stubs`` and its tests skip without TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from upop.errors import UpopError
+
+from . import register
+
+
+class TensorRTUnavailable(UpopError):
+    pass
+
+
+class TensorRTBuildError(UpopError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def parse(cls, text: str) -> "ShapeRange":
+        try:
+            parts = [int(x) for x in text.split(":")]
+        except ValueError:
+            parts = []
+        if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+            raise UpopError(f"--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+        return cls(*parts)
+
+
+def require_tensorrt() -> Any:
+    """The ``tensorrt`` module, or one clear error saying what is missing and how to get it."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise TensorRTUnavailable('TensorRT is not installed: pip install "upop[trt]" (needs an NVIDIA GPU and driver)') from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("TensorRT engines are built on an NVIDIA GPU, and none is available here")
+    return trt
+
+
+def trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shapes per input: named batch-like axes take ``batch``, sequence-like ``seq``."""
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for inp in io:
+        lo: list[int] = []
+        mid: list[int] = []
+        hi: list[int] = []
+        for d in inp["shape"]:
+            if isinstance(d, int) and d > 0:
+                r = ShapeRange(d, d, d)
+            else:
+                r = seq if str(d) in ("sequence", "answer") else batch
+            lo.append(r.min)
+            mid.append(r.opt)
+            hi.append(r.max)
+        shapes[inp["name"]] = (tuple(lo), tuple(mid), tuple(hi))
+    return shapes
+
+
+def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *, fp16: bool,
+                 timing_cache: Path, workspace_gib: float = 4.0) -> bytes:
+    import tensorrt as trt  # typed by tensorrt-stubs; call require_tensorrt() first
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = trt_major(trt)
+    flags = 0
+    if major >= 11:
+        # TensorRT 11 networks are strongly typed: the ONNX file's types decide the precision.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            errors.append(f"node {err.node()} ({err.node_name()}, {err.node_operator()}): {err.desc()}")
+        raise TensorRTBuildError(f"TensorRT cannot parse {onnx_path.name}: " + "; ".join(errors))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if fp16 and major < 11:
+        config.set_flag(trt.BuilderFlag.FP16)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in shapes.items():
+        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(mid)), trt.Dims(list(hi)))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise TensorRTBuildError(f"TensorRT could not build an engine for {onnx_path.name} (see the log above)")
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(engine)
+
+
+@register("trt")
+def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, batch: str = "1:8:32",
+               seq: str = "1:32:64", opset: int = 17, overwrite: bool = False, progress=None) -> dict[str, Any]:
+    """ONNX first (with its parity checks), then one engine per graph, with ``engines.json``."""
+    trt = require_tensorrt()
+    from .onnx import export_onnx
+
+    brange, srange = ShapeRange.parse(batch), ShapeRange.parse(seq)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UpopError(f"output folder {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = export_onnx(source, tmp / "onnx", fp16=fp16, opset=opset, progress=progress)
+        engines = []
+        cache = tmp / "timing.cache"
+        for g in manifest["graphs"]:
+            use_fp16_onnx = fp16 and trt_major(trt) >= 11
+            onnx_file = tmp / "onnx" / (g["fp16"]["file"] if use_fp16_onnx else g["file"])
+            shapes = profile_shapes(g["inputs"], brange, srange)
+            if progress:
+                progress(f"building engine {g['name']}")
+            engine = build_engine(onnx_file, shapes, fp16=fp16, timing_cache=cache)
+            (tmp / f"{g['name']}.engine").write_bytes(engine)
+            engines.append({"name": g["name"], "file": f"{g['name']}.engine", "onnx": f"onnx/{onnx_file.name}",
+                            "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+                            "inputs": g["inputs"], "outputs": g["outputs"]})
+        meta = {"format": "tensorrt", "tensorrt": str(trt.__version__), "fp16": fp16,
+                "strongly_typed": trt_major(trt) >= 11, "batch": batch, "seq": seq, "engines": engines,
+                "source": str(source)}
+        (tmp / "engines.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

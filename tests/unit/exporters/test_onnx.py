@@ -1,0 +1,150 @@
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import upop
+from upop.adapters import get_adapter
+from upop.exporters import get
+from upop.exporters.onnx import ExportError, ParityError, check_parity
+from upop.exporters.runtime import OrtModel
+from upop_cli.app import app
+
+from ...conftest import FAMILY_CLASSES, IDS, batches_for, build_tiny
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _slim(family, class_name, tmp_path, ratio=0.5):
+    adapter = get_adapter(family)
+    model = build_tiny(family, class_name)
+    cfg = upop.CompressConfig(ratio=ratio, search=upop.SearchConfig(steps=3, update_every=1, lr=1e-4),
+                              retrain=upop.RetrainConfig(epochs=0))
+    res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=2))
+    sizes = {len(k) for k in res.search.kept.values()}
+    assert len(sizes) > 1  # modules kept different sizes
+    return res, res.save(tmp_path / "slim")
+
+
+@pytest.mark.parametrize("family,class_name", FAMILY_CLASSES, ids=IDS)
+def test_every_family_exports_with_parity_at_batch_1_and_3(family, class_name, tmp_path):
+    _res, slim = _slim(family, class_name, tmp_path)
+    man = get("onnx")(slim, tmp_path / "onnx", fp16=True)
+    on_disk = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert on_disk["graphs"] and on_disk["slim"] is True
+    for g in man["graphs"]:
+        assert {p["batch"] for p in g["parity"]} == {1, 3}
+        assert all(p["max_abs"] <= 1e-4 for p in g["parity"])
+        assert all(p["max_abs"] <= p["tolerance"] for p in g["fp16"]["parity"])
+        assert (tmp_path / "onnx" / g["file"]).is_file() and (tmp_path / "onnx" / g["fp16"]["file"]).is_file()
+        assert g["inputs"] and g["outputs"]
+
+
+@pytest.mark.parametrize("class_name", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
+def test_greedy_loop_over_ort_graphs_matches_generate(class_name, tmp_path):
+    res, slim = _slim("blip", class_name, tmp_path)
+    get("onnx")(slim, tmp_path / "onnx")
+    ort_model = OrtModel(tmp_path / "onnx")
+    model = upop.load(slim)
+    cfg = model.config.text_config
+    torch.manual_seed(3)
+    px = torch.randn(3, 3, 32, 32)
+    if class_name == "BlipForConditionalGeneration":
+        ref = model.generate(pixel_values=px, max_new_tokens=8, do_sample=False, num_beams=1)
+        got = ort_model.greedy_caption(px.numpy(), cfg.bos_token_id, cfg.sep_token_id, max_new_tokens=8)
+    else:
+        ids = torch.randint(1, cfg.vocab_size - 2, (3, 6))
+        mask = torch.ones_like(ids)
+        ref = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             num_beams=1)
+        got = ort_model.greedy_answer(px.numpy(), ids.numpy(), mask.numpy(), cfg.bos_token_id, cfg.sep_token_id,
+                                      max_new_tokens=8)
+    assert ref.shape[1] > 2
+    assert np.array_equal(ref.numpy(), got[:, : ref.shape[1]])
+
+
+def test_parity_failure_is_a_typed_error_naming_graph_output_and_tolerance(tmp_path):
+    _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
+    get("onnx")(slim, tmp_path / "onnx")
+    graph = get_adapter("vit").export_graphs(upop.load(slim))[0]
+    with torch.no_grad():
+        graph.module.model.classifier.bias.add_(1.0)  # PyTorch now differs from the exported graph
+    with pytest.raises(ParityError, match=r"graph classifier: output logits differs .* \(tolerance 0.0001\)"):
+        check_parity(graph, tmp_path / "onnx" / "classifier.onnx", (1,), 8, 1e-4, relative_to_scale=False)
+
+
+def test_cli_export_and_predict(tmp_path):
+    import transformers
+
+    _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(slim)
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e"), "--fp16"])
+    assert r.exit_code == 0, r.output
+    assert "classifier" in r.output and (tmp_path / "e" / "preprocessor_config.json").is_file()
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "x.png")
+    r = runner.invoke(app, ["predict", str(tmp_path / "e"), "--image", str(tmp_path / "x.png")])
+    assert r.exit_code == 0, r.output
+    assert "LABEL_" in r.output and "CPUExecutionProvider" in r.output
+    r = runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_export_of_a_folder_that_is_not_a_checkpoint(tmp_path):
+    r = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "neither a upop slim checkpoint nor a model folder" in r.output
+    with pytest.raises(ExportError):
+        get("onnx")(tmp_path, tmp_path / "o2")
+
+
+def test_unknown_format(tmp_path):
+    r = CliRunner().invoke(app, ["export", str(tmp_path), "--format", "tflite"])
+    assert r.exit_code == 2 and "supported formats: onnx, trt" in r.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
+                    reason="TensorRT and a GPU are present: the engine test below runs instead")
+def test_tensorrt_missing_is_one_clean_line(tmp_path):
+    _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
+    r = CliRunner().invoke(app, ["export", str(slim), "--format", "trt", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 2
+    assert ('pip install "upop[trt]"' in r.output) or ("NVIDIA GPU" in r.output)
+    assert not (tmp_path / "t").exists()
+
+
+def test_tensorrt_profile_shapes_and_batch_parsing():
+    from upop.errors import UpopError
+    from upop.exporters.tensorrt import ShapeRange, profile_shapes
+
+    io = [{"name": "input_ids", "shape": ["batch", "sequence"]}, {"name": "pixel_values", "shape": ["batch", 3, 32, 32]}]
+    shapes = profile_shapes(io, ShapeRange.parse("1:4:16"), ShapeRange.parse("1:12:64"))
+    assert shapes["input_ids"] == ((1, 1), (4, 12), (16, 64))
+    assert shapes["pixel_values"] == ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))
+    for bad in ("8:4:16", "1:2", "a:b:c", "0:1:2"):
+        with pytest.raises(UpopError, match="MIN:OPT:MAX"):
+            ShapeRange.parse(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_stubs") is None,
+                    reason="tensorrt-stubs not installed (pip install --no-deps tensorrt-stubs)")
+def test_tensorrt_module_type_checks_against_the_stubs():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "typecheck_tensorrt.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs TensorRT and an NVIDIA GPU")
+def test_tensorrt_engines_build(tmp_path):
+    _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
+    meta = get("trt")(slim, tmp_path / "trt", fp16=True, batch="1:2:4")
+    assert all((tmp_path / "trt" / e["file"]).stat().st_size > 0 for e in meta["engines"])

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def run(source: str, fmt: str, out: str | None, fp16: bool, batch: str, opset: int, overwrite: bool,
+        quiet: bool) -> None:
+    from upop.exporters import get
+
+    exporter = get(fmt)
+    out_dir = Path(out) if out else Path("upop-export") / f"{Path(source.rstrip('/')).name}-{fmt}"
+    console = Console(stderr=True, quiet=quiet)
+    kwargs = {"fp16": fp16, "opset": opset, "overwrite": overwrite, "progress": lambda m: console.log(m)}
+    if fmt == "trt":
+        kwargs["batch"] = batch
+    manifest = exporter(source, out_dir, **kwargs)
+    if quiet:
+        return
+    if fmt == "onnx":
+        table = Table(title=f"{source} → {out_dir} (ONNX opset {opset}, parity vs PyTorch)")
+        for col in ("graph", "output", "batch", "max abs", "max rel", "tolerance", "fp16 max abs"):
+            table.add_column(col, justify="left" if col in ("graph", "output") else "right")
+        for g in manifest["graphs"]:
+            half = {(p["batch"], p["output"]): p for p in g.get("fp16", {}).get("parity", [])}
+            for p in g["parity"]:
+                h = half.get((p["batch"], p["output"]))
+                table.add_row(g["name"], p["output"], str(p["batch"]), f"{p['max_abs']:.2e}", f"{p['max_rel']:.2e}",
+                              f"{p['tolerance']:.0e}", f"{h['max_abs']:.2e}" if h else "–")
+        Console().print(table)
+    else:
+        Console().print(f"wrote {len(manifest['engines'])} TensorRT engine(s) to {out_dir}")
+
+
+def run_predict(export_dir: str, image: str, texts: list[str], fp16: bool) -> None:
+    import numpy as np
+
+    from upop.datasets.readers import open_image
+    from upop.exporters.runtime import OrtModel
+    from upop.tasks import Preprocessor
+
+    m = OrtModel(export_dir, fp16=fp16)
+    prep = Preprocessor.from_pretrained(export_dir)
+    px = prep.pixels([open_image(Path(image))]).numpy()
+    task, graphs, console = m.manifest["task"], {g["name"] for g in m.manifest["graphs"]}, Console()
+    tokens = m.manifest.get("tokens", {})
+
+    def enc(t: list[str]) -> dict[str, np.ndarray]:
+        e = prep.text(t)
+        return {k: v.numpy() for k, v in e.items()}
+
+    if task == "classification":
+        (logits,) = m.run("classifier", pixel_values=px)
+        probs = np.exp(logits[0] - logits[0].max())
+        probs /= probs.sum()
+        labels = m.manifest.get("labels", {})
+        for i in np.argsort(-probs)[:5]:
+            console.print(f"{labels.get(str(i), str(i))}: {probs[i]:.3f}")
+    elif task == "caption":
+        ids = m.greedy_caption(px, tokens["bos_token_id"], tokens["sep_token_id"])
+        console.print(prep.decode(__import__("torch").from_numpy(ids))[0])
+    elif task == "vqa":
+        if not texts:
+            from upop.errors import ConfigError
+
+            raise ConfigError("a VQA model needs a question: --text 'what color is the circle?'")
+        q = enc(texts[:1])
+        ids = m.greedy_answer(px, q["input_ids"], q["attention_mask"], tokens["bos_token_id"], tokens["sep_token_id"])
+        console.print(prep.decode(__import__("torch").from_numpy(ids))[0])
+    else:
+        if not texts:
+            from upop.errors import ConfigError
+
+            raise ConfigError("image-text scoring needs at least one --text")
+        t = enc(texts)
+        if "itm" in graphs:
+            emb, feat = m.run("image_encoder", pixel_values=px)
+            (tf,) = m.run("text_encoder", **t)
+            itc = (feat @ tf.T)[0]
+            (itm,) = m.run("itm", image_embeds=np.repeat(emb, len(texts), 0), **t)
+            p = np.exp(itm - itm.max(1, keepdims=True))
+            p = (p / p.sum(1, keepdims=True))[:, 1]
+            rows = [(txt, f"ITC {itc[i]:.3f}  ITM {p[i]:.3f}") for i, txt in enumerate(texts)]
+        else:
+            (img,) = m.run("image_encoder", pixel_values=px)
+            (tf,) = m.run("text_encoder", **t)
+            sim = (img @ tf.T)[0]
+            rows = [(txt, f"cosine {sim[i]:.3f}") for i, txt in enumerate(texts)]
+        for txt, score in rows:
+            console.print(f"{score}  {txt}")
+    console.print(f"[dim]providers: {sorted({p for v in m.providers_used().values() for p in v[:1]})}[/dim]")
