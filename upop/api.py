@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -15,12 +18,41 @@ from ._version import __version__
 from .adapters import Adapter, get_adapter
 from .checkpoint import SlimInfo, Stage, is_slim_checkpoint, load_slim, save_slim, info_from_manifest
 from .config import CompressConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .flops import flops_per_tower, params_per_tower
 from .hub import load_pretrained
 from .retrain import EvalFn, retrain
 from .search import LossFn, ProgressFn, SearchResult, search
 from .slim import slim_model
+
+
+class RunState:
+    """An interrupted run's state: one torch file, written atomically, read with weights_only."""
+
+    def __init__(self, folder: str | Path, config: CompressConfig):
+        self.folder, self.config = Path(folder), config.to_dict()
+        self.path = self.folder / "state.pt"
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".state.pt.tmp")
+        torch.save({"config": self.config, **state}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise CheckpointError(f"{self.path} cannot be read: {str(exc).splitlines()[0]}") from None
+        if state.get("config") != self.config:
+            raise ConfigError(f"the interrupted run in {self.folder} used other settings; "
+                              "resume with the same options, or delete that folder")
+        return state
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def check_profile(profile: str | None) -> None:
@@ -137,6 +169,8 @@ def compress(
     retrain_batches: Iterable[Any] | None = None,
     eval_fn: EvalFn | None = None,
     progress: Callable[[str, dict[str, float]], None] | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> CompressResult:
     """Compress ``model`` (a module, alias, demo name, hub id, local folder or slim checkpoint).
 
@@ -145,6 +179,9 @@ def compress(
     and retraining keeps the state that is best on the validation split. Without it, pass
     ``batches`` (and optionally ``loss_fn``, default the family's own loss, and ``eval_fn``,
     higher is better).
+
+    With ``state_dir``, Ctrl-C during the search or the retrain writes the run's state there;
+    ``resume=True`` continues from it (same settings required) and removes it when done.
     """
     config = config or CompressConfig()
     config.validate()
@@ -169,15 +206,33 @@ def compress(
     def stage(name: str) -> ProgressFn | None:
         return (lambda rec: progress(name, rec)) if progress is not None else None
 
+    store = RunState(state_dir, config) if state_dir is not None else None
+    saved = store.load() if (store is not None and resume) else None
+    if resume and saved is None:
+        raise ConfigError(f"nothing to resume: no interrupted run in {state_dir}")
     specs = adapter.modules(net)
-    result = search(net, specs, loss, batches, config.search, progress=stage("search"))
+    if saved is not None and saved["phase"] == "retrain":
+        result = SearchResult(**saved["search_result"])
+    else:
+        result = search(net, specs, loss, batches, config.search, progress=stage("search"),
+                        resume=saved["search"] if saved else None,
+                        on_interrupt=(lambda st: store.save({"phase": "search", "search": st})) if store else None)
     slim_model(net, specs, result.kept, config.granularity, adapter, zeta=result.zeta)
     src.info.stages.append(Stage(granularity=config.granularity, ratio=config.ratio, kept=result.kept,
                                  units={s.name: s.num_units(config.granularity) for s in specs}))
     src.info.profile = config.profile
     metric_slim = float(eval_fn(net)) if eval_fn is not None else None
+    on_retrain_interrupt = None
+    if store is not None:
+        search_dict = dataclasses.asdict(result)
+        on_retrain_interrupt = lambda st: store.save(  # noqa: E731
+            {"phase": "retrain", "search_result": search_dict, "retrain": st})
     rt = retrain(net, loss, retrain_batches if retrain_batches is not None else batches, config.retrain,
-                 eval_fn=eval_fn, progress=stage("retrain"))
+                 eval_fn=eval_fn, progress=stage("retrain"),
+                 resume=saved["retrain"] if saved is not None and saved["phase"] == "retrain" else None,
+                 on_interrupt=on_retrain_interrupt)
+    if store is not None:
+        store.clear()
     metric_after = rt.best_metric if rt.best_metric is not None else metric_slim
     params_after, flops_after = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
     test_after = report_fn(net) if report_fn is not None else None

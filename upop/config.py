@@ -16,6 +16,9 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 GRANULARITIES = ("dim", "head")
+#: upop: unified + progressive (the method). The other two are the ablation baselines:
+#: unified ranking applied once at the end, and uniform per-module pruning by weight magnitude.
+SEARCH_METHODS = ("upop", "unified-once", "uniform-magnitude")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -41,8 +44,11 @@ class SearchConfig:
     weight_decay: float = 0.05
     amp: bool = True
     seed: int = 0
+    method: str = "upop"
 
     def validate(self) -> None:
+        if self.method not in SEARCH_METHODS:
+            raise ConfigError(f"search method must be one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
             raise ConfigError(f"ratio must be strictly between 0 and 1, got {self.ratio!r}")
         if self.granularity not in GRANULARITIES:

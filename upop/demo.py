@@ -47,7 +47,7 @@ class DemoSpec:
 
 
 DEMOS = {
-    "demo-blip": DemoSpec("demo-blip", "blip", "BlipForImageTextRetrieval", "retrieval", 40, 5e-4, 64),
+    "demo-blip": DemoSpec("demo-blip", "blip", "BlipForImageTextRetrieval", "retrieval", 60, 1e-3, 128),
     "demo-clip": DemoSpec("demo-clip", "clip", "CLIPModel", "retrieval", 60, 1e-3, 128),
     "demo-vit": DemoSpec("demo-vit", "vit", "ViTForImageClassification", "classification", 30, 1e-3, 64),
 }

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RetrainConfig
 from ._train import amp_dtype, autocast, cycle
+from .config import RetrainConfig
 from .search import LossFn, ProgressFn
 
 EvalFn = Callable[[nn.Module], float]
@@ -49,11 +49,14 @@ def retrain(
     *,
     eval_fn: EvalFn | None = None,
     progress: ProgressFn | None = None,
+    resume: dict[str, Any] | None = None,
+    on_interrupt: Callable[[dict[str, Any]], None] | None = None,
 ) -> RetrainResult:
     """Train ``model`` in place; with ``eval_fn`` (higher is better) the best state is kept.
 
     Epoch 0 is the slim model before any retraining, so retraining can never make the
-    returned model worse on the evaluation than what the search left.
+    returned model worse on the evaluation than what the search left. On Ctrl-C,
+    ``on_interrupt`` receives the state after the last finished step; ``resume`` takes it back.
     """
     config.validate()
     torch.manual_seed(config.seed)
@@ -72,7 +75,12 @@ def retrain(
             result.best_metric, result.best_epoch = metric, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
-    evaluate(0)
+    if resume is None:
+        evaluate(0)
+    else:
+        result.evals, result.history = list(resume["evals"]), list(resume["history"])
+        result.best_metric, result.best_epoch = resume["best_metric"], resume["best_epoch"]
+        best_state = resume["best_state"]
     if total == 0:
         return result
     device = next(model.parameters()).device
@@ -83,9 +91,27 @@ def retrain(
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     it = cycle(batches)
     step = 0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        for _ in range(steps):
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        step = int(resume["step"])
+        for _ in range(step):  # the same batches in the same order as the interrupted run
+            next(it)
+        torch.set_rng_state(resume["rng"])
+        if step % steps == 0 and step and (not result.evals or result.evals[-1]["epoch"] < step // steps):
+            evaluate(step // steps)  # the interrupted run stopped inside this evaluation
+
+    def state() -> dict[str, Any]:
+        return {"step": step, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "evals": list(result.evals),
+                "history": list(result.history), "best_metric": result.best_metric, "best_epoch": result.best_epoch,
+                "best_state": best_state, "rng": torch.get_rng_state()}
+
+    try:
+        while step < total:
+            epoch = step // steps + 1
+            model.train()
             batch = next(it)
             with autocast(device, dtype):
                 loss = loss_fn(model, batch)
@@ -107,7 +133,12 @@ def retrain(
             result.history.append(rec)
             if progress is not None:
                 progress(rec | {"total": float(total)})
-        evaluate(epoch)
+            if step % steps == 0:
+                evaluate(epoch)
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt(state())
+        raise
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -149,6 +149,33 @@ def select_units(scores: torch.Tensor, table: UnitTable, share: float) -> torch.
     return marked
 
 
+def magnitude_marks(model: nn.Module, table: UnitTable, ratio: float) -> torch.Tensor:
+    """Uniform baseline: every module loses ``ratio`` of its units, those with the smallest L1 weight
+    (their q/k/v rows and out-projection columns, or fc1 row and fc2 column)."""
+    marked = torch.zeros(table.cost.numel(), dtype=torch.bool)
+    for i, spec in enumerate(table.specs):
+        n = spec.num_units(table.granularity)
+        if spec.kind == "attn":
+            score = torch.zeros(n, dtype=torch.float64)
+            width = spec.num_heads * spec.head_dim  # type: ignore[union-attr]
+            per_feat = torch.zeros(width, dtype=torch.float64)
+            for proj in spec.in_projs:  # type: ignore[union-attr]
+                w = model.get_submodule(proj.name).weight.detach().abs().sum(1).double().cpu()
+                per_feat += w.view(proj.segments, width).sum(0)
+            per_feat += model.get_submodule(spec.out_proj).weight.detach().abs().sum(0).double().cpu()  # type: ignore[union-attr]
+            grid = per_feat.view(spec.num_heads, spec.head_dim)  # type: ignore[union-attr]
+            score = grid.sum(0) if table.granularity == "dim" else grid.sum(1)
+        else:
+            fc1 = model.get_submodule(spec.fc1).weight.detach().abs().sum(1)  # type: ignore[union-attr]
+            fc2 = model.get_submodule(spec.fc2).weight.detach().abs().sum(0)  # type: ignore[union-attr]
+            score = (fc1 + fc2).double().cpu()
+        k = min(n - 1, int(round(ratio * n)))
+        if k > 0:
+            drop = torch.argsort(score, stable=True)[:k]
+            marked[table.offsets[i] + drop] = True
+    return marked
+
+
 @dataclass
 class SearchResult:
     granularity: str
@@ -179,8 +206,15 @@ def search(
     *,
     unit_costs: Mapping[str, Sequence[float] | float] | None = None,
     progress: ProgressFn | None = None,
+    resume: dict[str, Any] | None = None,
+    on_interrupt: Callable[[dict[str, Any]], None] | None = None,
 ) -> SearchResult:
-    """Run UPop's search on ``model`` (trained in place) and return the units to keep."""
+    """Run UPop's search on ``model`` (trained in place) and return the units to keep.
+
+    On Ctrl-C, ``on_interrupt`` receives the state after the last finished step (weights,
+    optimizer, accumulated importance, marks, π, history, RNG); passing that state back as
+    ``resume`` continues the run, π schedule included, where it stopped.
+    """
     config.validate()
     if not specs:
         raise ValueError("the model has no compressible modules")
@@ -205,10 +239,35 @@ def search(
     marked = torch.zeros_like(importance, dtype=torch.bool)
     history: list[dict[str, float]] = []
     pi = 0.0
+    start = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if opt is not None:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])  # type: ignore[union-attr]
+        importance, marked, pi = resume["importance"].clone(), resume["marked"].clone(), float(resume["pi"])
+        history = list(resume["history"])
+        with torch.no_grad():
+            for _spec, z in masks.items():
+                z.copy_(resume["zeta"][_spec.name])
+        start = int(resume["step"]) + 1
     model.train()
     it = cycle(batches)
+    for _ in range(start - 1):  # the same batches in the same order as the interrupted run
+        next(it)
+    if resume is not None:
+        torch.set_rng_state(resume["rng"])
+    done = start - 1
+
+    def state() -> dict[str, Any]:
+        return {"step": done, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
+                "importance": importance.clone(), "marked": marked.clone(), "pi": pi, "history": list(history),
+                "zeta": {s.name: z.detach().cpu().clone() for s, z in masks.items()}, "rng": torch.get_rng_state(),
+                "total": total}
+
     try:
-        for step in range(1, total + 1):
+        for step in range(start, total + 1):
             batch = next(it)
             with autocast(device, dtype):
                 task_loss = loss_fn(model, batch)
@@ -237,9 +296,13 @@ def search(
                 else:
                     opt.step()
                 sched.step()  # type: ignore[union-attr]
-            if step % every == 0 or step == total:
+            progressive = config.method == "upop"
+            if (progressive and step % every == 0) or step == total:
                 pi = pi_schedule(step, total, config.ratio)
-                marked = select_units(unified_scores(importance, table), table, pi)
+                if config.method == "uniform-magnitude":
+                    marked = magnitude_marks(model, table, config.ratio)
+                else:
+                    marked = select_units(unified_scores(importance, table), table, pi)
                 value = 1.0 - pi / config.ratio
                 with torch.no_grad():
                     for i, (_spec, z) in enumerate(masks.items()):
@@ -249,9 +312,14 @@ def search(
                         z[sel] = value
             rec = {"step": float(step), "pi": pi, "loss": float(loss.detach()), "task_loss": float(task_loss.detach())}
             history.append(rec)
+            done = step
             if progress is not None:
                 progress(rec | {"total": float(total)})
         zeta = masks.values()
+    except KeyboardInterrupt:
+        if on_interrupt is not None:
+            on_interrupt(state())
+        raise
     finally:
         masks.remove()
     kept = {}

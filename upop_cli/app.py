@@ -68,6 +68,7 @@ def compress(
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-out/<model>-p<ratio>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run stopped with Ctrl-C (state in <out>.partial)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -80,7 +81,7 @@ def compress(
     flags = dict(model=model, ratio=ratio, task=task, data=data, granularity=granularity, profile=profile,
                  search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
                  update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out)
-    guarded(lambda: run(flags, config, overwrite, quiet))
+    guarded(lambda: run(flags, config, overwrite, quiet, resume))
 
 
 @app.command("eval")

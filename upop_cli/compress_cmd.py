@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .options import merge, read_toml
+from .errors import Interrupted
 from .progress import Reporter, interactive
 
 
@@ -15,7 +16,7 @@ def default_out(model: str, ratio: float) -> Path:
     return Path("upop-out") / f"{name}-p{ratio:g}"
 
 
-def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool) -> None:
+def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool, resume: bool = False) -> None:
     import upop
     from upop.api import check_profile
     from upop.demo import DEMOS
@@ -42,10 +43,17 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
-    with Reporter(interactive(quiet)) as rep:
-        result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
-                               eval_limit=o.get("eval_limit"), progress=rep)
-        result.save(out, overwrite=overwrite)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with Reporter(interactive(quiet)) as rep:
+            result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
+                                   eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume)
+            result.save(out, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if (partial / "state.pt").is_file():
+            raise Interrupted(f"interrupted; the run's state is in {partial}: run the same command with --resume "
+                              "to continue") from None
+        raise
     if not quiet:
         print_summary(result.report, out)
 

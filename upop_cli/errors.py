@@ -19,6 +19,10 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class Interrupted(Exception):
+    """Ctrl-C with something to say (where the resumable state went)."""
+
+
 def debug() -> bool:
     return os.environ.get("UPOP_DEBUG", "") not in ("", "0", "false", "no")
 
@@ -32,10 +36,10 @@ def guarded(fn: Callable[[], Any]) -> Any:
             raise
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as exc:
         if debug():
             raise
-        typer.echo("interrupted", err=True)
+        typer.echo(str(exc) if isinstance(exc, Interrupted) else "interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 

@@ -128,3 +128,30 @@ def test_search_trains_the_model_but_never_steps_the_masks(tiny):
     _run(adapter, model, 0.3)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the search trains the model's weights"
+
+
+def test_unified_once_applies_the_mask_only_at_the_end():
+    from upop.adapters import get_adapter
+
+    adapter = get_adapter("vit")
+    res = _run(adapter, build_tiny("vit", "ViTForImageClassification"), 0.5, steps=6, every=2, method="unified-once")
+    assert [h["pi"] for h in res.history[:-1]] == [0.0] * 5 and res.history[-1]["pi"] == 0.5
+    assert 0.5 <= res.removed_share
+
+
+def test_uniform_magnitude_removes_the_same_share_of_every_module():
+    from upop.adapters import get_adapter
+
+    adapter = get_adapter("clip")
+    model = build_tiny("clip", "CLIPModel")
+    with torch.no_grad():  # make unit 0 of every MLP the smallest: it must be the first to go
+        for s in adapter.modules(model):
+            if s.kind == "mlp":
+                model.get_submodule(s.fc1).weight[0].mul_(1e-3)
+                model.get_submodule(s.fc2).weight[:, 0].mul_(1e-3)
+    res = _run(adapter, model, 0.5, method="uniform-magnitude")
+    for s in adapter.modules(model):
+        n = s.num_units("dim")
+        assert len(res.kept[s.name]) == n - round(0.5 * n)
+        if s.kind == "mlp":
+            assert 0 not in res.kept[s.name]

@@ -1,0 +1,100 @@
+"""Ctrl-C leaves a resumable state; resuming finishes with the same result as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import upop
+from upop.adapters import get_adapter
+
+from ..conftest import batches_for, build_tiny
+
+
+def _config():
+    return upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=8, update_every=2, lr=1e-3),
+                               retrain=upop.RetrainConfig(epochs=2, steps_per_epoch=3, lr=1e-3))
+
+
+class InterruptAt:
+    """A loss that raises KeyboardInterrupt on its n-th call (as Ctrl-C would between steps)."""
+
+    def __init__(self, adapter, n):
+        self.adapter, self.n, self.calls = adapter, n, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.adapter.native_loss(model, batch)
+
+
+@pytest.mark.parametrize("interrupt_at", [5, 11], ids=["mid-search", "mid-retrain"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, interrupt_at):
+    adapter = get_adapter("vit")
+    evals = lambda m: -float(adapter.native_loss(m.eval(), batches_for(adapter, m, n=1, seed=5)[0]))  # noqa: E731
+    ref = upop.compress(build_tiny("vit", "ViTForImageClassification"), _config(),
+                        batches=batches_for(adapter, build_tiny("vit", "ViTForImageClassification"), n=3),
+                        eval_fn=lambda m: float(torch.no_grad()(evals)(m)))
+    model = build_tiny("vit", "ViTForImageClassification")
+    batches = batches_for(adapter, model, n=3)
+    state = tmp_path / "run.partial"
+    with pytest.raises(KeyboardInterrupt):
+        upop.compress(model, _config(), batches=batches, loss_fn=InterruptAt(adapter, interrupt_at),
+                      eval_fn=lambda m: float(torch.no_grad()(evals)(m)), state_dir=state)
+    assert (state / "state.pt").is_file()
+    saved = torch.load(state / "state.pt", weights_only=True)
+    assert saved["phase"] == ("search" if interrupt_at <= 8 else "retrain")
+    res = upop.compress(build_tiny("vit", "ViTForImageClassification"), _config(), batches=batches,
+                        eval_fn=lambda m: float(torch.no_grad()(evals)(m)), state_dir=state, resume=True)
+    assert res.search.kept == ref.search.kept
+    assert [h["pi"] for h in res.search.history] == [h["pi"] for h in ref.search.history]
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k
+    assert not state.exists()  # cleared once the run finished
+
+
+def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    batches = batches_for(adapter, model, n=3)
+    with pytest.raises(upop.ConfigError, match="nothing to resume"):
+        upop.compress(model, _config(), batches=batches, state_dir=tmp_path / "none", resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        upop.compress(model, _config(), batches=batches, loss_fn=InterruptAt(adapter, 3), state_dir=tmp_path / "s")
+    other = _config()
+    other.search.lr = 5e-4
+    with pytest.raises(upop.ConfigError, match="used other settings"):
+        upop.compress(build_tiny("vit", "ViTForImageClassification"), other, batches=batches,
+                      state_dir=tmp_path / "s", resume=True)
+
+
+def test_sigint_to_a_running_compress_then_resume(tmp_path):
+    import transformers
+
+    from upop.datasets import shapes
+
+    data = shapes(tmp_path / "d", train=8, val=4, test=4, classification_per_class=(2, 1, 1))
+    model = build_tiny("vit", "ViTForImageClassification")
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
+    model.config.num_labels = 12
+    model.save_pretrained(tmp_path / "m")
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "m")
+    exe = os.path.join(os.path.dirname(sys.executable), "upop")
+    cmd = [exe, "compress", "--model", str(tmp_path / "m"), "--ratio", "0.5", "--data", str(data), "--batch-size", "4",
+           "--search-epochs", "1000", "--retrain-epochs", "1", "--out", str(tmp_path / "out"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "out.partial"
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and (partial / "state.pt").is_file()
+    assert not (tmp_path / "out").exists()  # nothing that looks finished
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "upop_manifest.json").is_file() and not partial.exists()
