@@ -23,7 +23,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import upop
 from upop.adapters import all_adapters
 from upop.exporters import get
-from upop.exporters.onnx import _ort_session
 
 SEQ = 32
 

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from upop.checkpoint import make_temp_dir
 from upop.errors import UpopError
 
 from . import register
@@ -164,7 +164,7 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
         model.set_attn_implementation("eager")
     graphs = loaded.adapter.export_graphs(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)
     manifest: dict[str, Any] = {
         "format": "onnx", "source": loaded.source, "slim": loaded.slim, "family": loaded.adapter.family,
         "model_class": type(model).__name__, "opset": opset, "upop_version": upop.__version__,

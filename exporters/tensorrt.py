@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from upop.checkpoint import make_temp_dir
 from upop.errors import UpopError
 
 from . import register
@@ -133,7 +133,7 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
     if out.exists() and not overwrite:
         raise UpopError(f"output folder {out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)
     try:
         manifest = export_onnx(source, tmp / "onnx", fp16=fp16, opset=opset, progress=progress)
         engines = []

@@ -11,7 +11,9 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("names", nargs="*", default=list(DEMOS))
 ap.add_argument("--epochs", type=int, default=None)
 ap.add_argument("--out", default=None, help="folder to write into (default: the package's demo_models/)")
+ap.add_argument("--init-from", default=None, help="continue training from this demo folder (one name only)")
+ap.add_argument("--lr", type=float, default=None)
 args = ap.parse_args()
 for name in args.names:
     out = f"{args.out}/{name}" if args.out else None
-    train_demo(name, out_dir=out, epochs=args.epochs)
+    train_demo(name, out_dir=out, epochs=args.epochs, init_from=args.init_from, lr=args.lr)

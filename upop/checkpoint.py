@@ -98,7 +98,16 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    return make_temp_dir(out_dir)
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A temporary sibling of ``final`` with the permissions a normal mkdir would give it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def _commit_dir(tmp: Path, out_dir: Path) -> None:

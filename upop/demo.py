@@ -24,6 +24,7 @@ import torch
 from .adapters import get_adapter
 from .datasets import shapes as make_shapes
 from .datasets.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES
+from .checkpoint import make_temp_dir
 from .errors import ModelLoadError
 
 SHAPES_VERSION = "shapes-v1"
@@ -47,9 +48,9 @@ class DemoSpec:
 
 
 DEMOS = {
-    "demo-blip": DemoSpec("demo-blip", "blip", "BlipForImageTextRetrieval", "retrieval", 60, 1e-3, 128),
+    "demo-blip": DemoSpec("demo-blip", "blip", "BlipForImageTextRetrieval", "retrieval", 40, 5e-4, 64),
     "demo-clip": DemoSpec("demo-clip", "clip", "CLIPModel", "retrieval", 60, 1e-3, 128),
-    "demo-vit": DemoSpec("demo-vit", "vit", "ViTForImageClassification", "classification", 30, 1e-3, 64),
+    "demo-vit": DemoSpec("demo-vit", "vit", "ViTForImageClassification", "classification", 60, 1e-3, 64),
 }
 
 
@@ -148,9 +149,12 @@ def build_config(spec: DemoSpec, tokenizer, num_labels: int = 12) -> Any:
 
 
 def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
-               epochs: int | None = None, seed: int = 0,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train demo model ``name`` from scratch on the shapes set and save it as a normal HF folder."""
+               epochs: int | None = None, seed: int = 0, init_from: str | Path | None = None,
+               lr: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train demo model ``name`` on the shapes set and save it as a normal HF folder.
+
+    From scratch by default; ``init_from`` continues from an earlier demo folder (a second
+    stage, recorded in the summary)."""
     from .retrain import retrain
     from .config import RetrainConfig
     from .tasks import Preprocessor, make_task
@@ -167,30 +171,38 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
     if labels:
         config.id2label = dict(enumerate(labels))
         config.label2id = {v: k for k, v in config.id2label.items()}
-    model = adapter.build(spec.class_name, config)
+    if init_from is not None:
+        model = adapter.model_class(spec.class_name).from_pretrained(str(init_from))  # type: ignore[attr-defined]
+        previous = json.loads((Path(init_from) / "upop_demo.json").read_text())
+    else:
+        model = adapter.build(spec.class_name, config)
+        previous = None
     model.config.architectures = [spec.class_name]
     task = make_task(adapter, spec.task, prep, data, model=model, batch_size=spec.batch_size, seed=seed)
     t0 = time.perf_counter()
     batches = task.train_batches()
     log(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(batches)} steps per epoch")
     res = retrain(model, task.loss, batches,
-                  RetrainConfig(epochs=epochs or spec.epochs, lr=spec.lr, weight_decay=0.05, warmup_ratio=0.05,
+                  RetrainConfig(epochs=epochs or spec.epochs, lr=lr or spec.lr, weight_decay=0.05, warmup_ratio=0.05,
                                 seed=seed),
                   eval_fn=task.metric_fn("val", limit=100),
                   progress=lambda r: log(f"  step {int(r['step'])}/{int(r['total'])} loss {r['loss']:.3f}")
                   if int(r["step"]) % 100 == 0 else None)
     test = task.evaluate(model, "test")
     seconds = time.perf_counter() - t0
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out)
     model.save_pretrained(tmp)
     prep.save_pretrained(tmp)
     summary = {"name": name, "task": spec.task, "test": test, "best_val": res.best_metric,
                "best_epoch": res.best_epoch, "train_seconds": round(seconds, 1), "seed": seed,
-               "data": SHAPES_VERSION}
+               "data": SHAPES_VERSION, "epochs": epochs or spec.epochs, "lr": lr or spec.lr,
+               "continued_from": previous}
     (tmp / "upop_demo.json").write_text(json.dumps(summary, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out.exists():
         shutil.rmtree(out)
-    shutil.move(str(tmp), out)
+    os.replace(tmp, out)
     log(f"{name}: test {json.dumps({k: round(v, 2) for k, v in test.items()})} in {seconds:.0f}s")
     return summary

@@ -7,7 +7,6 @@ Known errors (``UpopError``) print one line on stderr and exit 2; Ctrl-C exits 1
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
