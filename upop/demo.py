@@ -114,38 +114,13 @@ def build_tokenizer(model_max_length: int = 40):
                                    model_max_length=model_max_length)
 
 
-def build_image_processor(family: str):
-    import transformers
-
-    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    if family == "blip":
-        return transformers.BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
-    if family == "clip":
-        return transformers.CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
-    return transformers.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
-
-
 def build_config(spec: DemoSpec, tokenizer, num_labels: int = 12) -> Any:
-    import transformers
-
-    vocab = len(tokenizer)
-    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.sep_token_id)
-    tower = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
-    if spec.family == "blip":
-        return transformers.BlipConfig(
-            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, sep_token_id=tokenizer.sep_token_id,
-                             **ids),
-            # BLIP's vision init std defaults to 1e-10 (it expects pretrained weights): from scratch
-            # that leaves the image tower silent for hundreds of steps.
-            vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8, initializer_range=0.02),
-            image_text_hidden_size=64)
-    if spec.family == "clip":
-        return transformers.CLIPConfig(
-            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **ids),
-            vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8), projection_dim=64)
-    return transformers.ViTConfig(**tower, image_size=IMAGE_SIZE, patch_size=8, num_labels=num_labels)
+    """The demo's architecture: 4 layers of width 64 per tower, 64 px images in 8 px patches."""
+    return get_adapter(spec.family).small_config(
+        spec.class_name, hidden=64, layers=4, heads=4, image_size=IMAGE_SIZE, patch_size=8, vocab=len(tokenizer),
+        token_ids=dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id),
+        num_labels=num_labels)
 
 
 def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
@@ -164,7 +139,7 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
     out = Path(out_dir) if out_dir is not None else DEMO_ROOT / name
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    prep = Preprocessor(tokenizer, build_image_processor(spec.family))
+    prep = Preprocessor(tokenizer, get_adapter(spec.family).image_processor(IMAGE_SIZE))
     adapter = get_adapter(spec.family)
     labels = sorted(p.name for p in (data / "classification" / "train").iterdir()) if spec.task == "classification" else []
     config = build_config(spec, tokenizer, num_labels=len(labels) or 12)

@@ -134,6 +134,15 @@ class Adapter:
         """The graphs a deployment of this model needs (ONNX / TensorRT)."""
         raise NotImplementedError(f"{self.family}: no export graphs")
 
+    def image_processor(self, size: int) -> Any:
+        """The family's (PIL) image processor at ``size`` px, normalised to [-1, 1]; for models built here."""
+        raise NotImplementedError
+
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        """A small trainable config (the demo models), with the tokenizer's special ids."""
+        raise NotImplementedError
+
     # ---- synthetic inputs (tests, benchmarks, FLOP counting) --------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
                       image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
@@ -164,6 +173,9 @@ def rand_pixels(batch: int, size: int, gen: torch.Generator | None, device: torc
 def rand_ids(batch: int, seq: int, vocab: int, gen: torch.Generator | None, device: torch.device,
              low: int = 1) -> torch.Tensor:
     return torch.randint(low, vocab, (batch, seq), generator=gen).to(device)
+
+
+NORM_HALF = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
 class QKVOAdapter(Adapter):

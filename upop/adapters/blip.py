@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import BlipConfig
+from transformers import BlipConfig, BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
 from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextLayer
 
 from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
-from .base import Adapter, ExportGraph, Fn, image_size_of, rand_ids, rand_pixels, register
+from .base import NORM_HALF, Adapter, ExportGraph, Fn, image_size_of, rand_ids, rand_pixels, register
 
 
 class SlimBlipAttention(BlipAttention):
@@ -181,6 +181,20 @@ class BlipAdapter(Adapter):
                                      "decoder_attention_mask": {0: "batch", 1: "answer"},
                                      "logits": {0: "batch", 1: "answer"}}),
         ]
+
+    def image_processor(self, size: int) -> Any:
+        return BlipImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
+
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden)
+        return BlipConfig(
+            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **token_ids),
+            # BLIP's vision init std defaults to 1e-10 (it expects pretrained weights): from scratch
+            # that leaves the position embeddings silent for hundreds of steps.
+            vision_config=dict(tower, image_size=image_size, patch_size=patch_size, initializer_range=0.02),
+            image_text_hidden_size=hidden)
 
     # ---- synthetic inputs -----------------------------------------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPConfig
+from transformers import CLIPConfig, CLIPImageProcessorPil
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from .base import ExportGraph, Fn, QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
+from .base import NORM_HALF, ExportGraph, Fn, QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
 
 
 @register
@@ -37,6 +37,19 @@ class CLIPAdapter(QKVOAdapter):
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(model.text_projection(pooled), dim=-1)
+
+    def image_processor(self, size: int) -> Any:
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                     **NORM_HALF)
+
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden)
+        ids = {k: v for k, v in token_ids.items() if k != "sep_token_id"}
+        return self.config_cls(text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **ids),
+                               vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+                               projection_dim=hidden)
 
     def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
         size = image_size_of(model.config.vision_config)

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import SiglipConfig
+from transformers import SiglipConfig, SiglipImageProcessorPil
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
-from .base import register
+from .base import NORM_HALF, register
 from .clip import CLIPAdapter
 
 
@@ -33,6 +33,9 @@ class SiglipAdapter(CLIPAdapter):
     @staticmethod
     def mlp_classes() -> tuple[type, ...]:
         return (SiglipMLP,)
+
+    def image_processor(self, size: int) -> Any:
+        return SiglipImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
 
     def preprocessor_options(self, model: nn.Module) -> dict[str, Any]:
         # SigLIP pools the last token, so it was trained on text padded to its full length.

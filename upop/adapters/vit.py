@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import ViTConfig
+from transformers import ViTConfig, ViTImageProcessorPil
 from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
 
-from .base import ExportGraph, Fn, QKVOAdapter, image_size_of, rand_pixels, register
+from .base import NORM_HALF, ExportGraph, Fn, QKVOAdapter, image_size_of, rand_pixels, register
 
 
 @register
@@ -47,6 +47,15 @@ class ViTAdapter(QKVOAdapter):
         # Labels from the batch position: deterministic, and enough to give every unit a gradient.
         labels = torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)
         return model(**batch, labels=labels % model.config.num_labels).loss
+
+    def image_processor(self, size: int) -> Any:
+        return ViTImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
+
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        return self.config_cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=4 * hidden, image_size=image_size, patch_size=patch_size,
+                               num_labels=num_labels)
 
     def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
         size = image_size_of(model.config)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 
 import upop
 from upop.adapters import get_adapter
@@ -31,13 +30,8 @@ def data(tmp_path_factory):
 
 
 def prep_for(family, model):
-    size = {"height": 32, "width": 32}
-    img = {"blip": transformers.BlipImageProcessorPil(size=size),
-           "clip": transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=size),
-           "siglip": transformers.SiglipImageProcessorPil(size=size)}.get(
-        family, transformers.ViTImageProcessorPil(size=size))
-    opts = get_adapter(family).preprocessor_options(model)
-    return Preprocessor(build_tokenizer(), img, **opts)
+    adapter = get_adapter(family)
+    return Preprocessor(build_tokenizer(), adapter.image_processor(32), **adapter.preprocessor_options(model))
 
 
 @pytest.mark.parametrize("family,class_name,task,primary", CASES, ids=[c[1] for c in CASES])
