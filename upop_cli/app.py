@@ -154,6 +154,28 @@ def predict(
     guarded(lambda: run_predict(export_dir, image, text or [], fp16))
 
 
+@app.command()
+def profile(
+    target: str = typer.Argument(..., help="Model, slim checkpoint, or ONNX export folder."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | ort | trt"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch size (repeat for several)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Another target; prints the speedup over it."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {runs: [...], speedup: x} here."),
+    warmup: int = typer.Option(5, "--warmup"),
+    runs: int = typer.Option(30, "--runs"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Measure latency (p50/p90/p99, throughput) of every deployment graph on this machine.
+
+    Example: upop profile upop-out/demo-blip-p0.5 --compare demo-blip --batch 1 --batch 8
+    """
+    from .profile_cmd import run
+
+    guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet))
+
+
 @datasets_app.command("shapes")
 def datasets_shapes(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),

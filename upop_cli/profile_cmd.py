@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _profile(target: str, runtime: str, device: str, batches: list[int], precision: str, warmup: int, runs: int):
+    from upop.api import _open, resolve_device
+    from upop.latency import profile_ort, profile_torch
+
+    if runtime == "trt":
+        from upop.exporters.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        from upop.errors import ConfigError
+
+        raise ConfigError("TensorRT latency is measured with trtexec on the engines of `upop export --format trt`")
+    is_export = (Path(target) / "export.json").is_file()
+    if runtime == "ort":
+        if is_export:
+            return profile_ort(target, target, batches, device, precision, warmup, runs)
+        from upop.exporters import get
+
+        with tempfile.TemporaryDirectory() as tmp:
+            get("onnx")(target, Path(tmp) / "onnx", fp16=precision == "fp16")
+            return profile_ort(Path(tmp) / "onnx", target, batches, device, precision, warmup, runs)
+    if is_export:
+        from upop.errors import ConfigError
+
+        raise ConfigError(f"{target} is an ONNX export: profile it with --runtime ort")
+    src = _open(target, None)
+    return profile_torch(src.model, src.adapter, target, batches, resolve_device(device), precision, warmup, runs)
+
+
+def run(target: str, runtime: str, device: str, batches: list[int], precision: str, compare: str | None,
+        json_out: Path | None, warmup: int, runs: int, quiet: bool) -> None:
+    from upop.latency import speedup
+
+    results = _profile(target, runtime, device, batches, precision, warmup, runs)
+    other = _profile(compare, runtime, device, batches, precision, warmup, runs) if compare else []
+    ratio = speedup(other, results) if compare else None
+    if json_out is not None:
+        json_out.write_text(json.dumps({"runs": [r.to_dict() for r in results + other], "speedup": ratio}, indent=2))
+    if quiet:
+        return
+    table = Table(title=f"latency, {runtime} on {device} ({precision})")
+    for col in ("target", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "provider"):
+        table.add_column(col, justify="left" if col in ("target", "graph", "provider") else "right")
+    for r in results + other:
+        table.add_row(r.target, r.graph, str(r.batch), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+                      f"{r.throughput:.1f}", r.provider or "-")
+    console = Console()
+    console.print(table)
+    if ratio is not None:
+        console.print(f"speedup of {target} over {compare}: {ratio:.2f}×")
