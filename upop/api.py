@@ -59,12 +59,9 @@ def check_profile(profile: str | None) -> None:
     """A profile must be a shipped target name or a profile file."""
     if profile is None:
         return
-    from .profiles import available
+    from .profiles import load
 
-    names = available()
-    if profile not in names and not Path(profile).is_file():
-        raise ConfigError(f"unknown profile {profile!r}; shipped profiles: {', '.join(names) or 'none yet'}, "
-                          "or pass a profile file")
+    load(profile)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -211,10 +208,12 @@ def compress(
     if resume and saved is None:
         raise ConfigError(f"nothing to resume: no interrupted run in {state_dir}")
     specs = adapter.modules(net)
+    hw = hardware_plan(net, adapter, specs, config)
     if saved is not None and saved["phase"] == "retrain":
         result = SearchResult(**saved["search_result"])
     else:
         result = search(net, specs, loss, batches, config.search, progress=stage("search"),
+                        unit_costs=hw.get("unit_costs"), allowed_sizes=hw.get("allowed"),
                         resume=saved["search"] if saved else None,
                         on_interrupt=(lambda st: store.save({"phase": "search", "search": st})) if store else None)
     slim_model(net, specs, result.kept, config.granularity, adapter, zeta=result.zeta)
@@ -236,6 +235,10 @@ def compress(
     metric_after = rt.best_metric if rt.best_metric is not None else metric_slim
     params_after, flops_after = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
     test_after = report_fn(net) if report_fn is not None else None
+    if hw:
+        from .hardware import predicted_latency_ms
+
+        hw["report"]["predicted_ms_after"] = predicted_latency_ms(net, adapter, hw["profile"], config.granularity)
     net._upop_info = src.info  # type: ignore[assignment]
     metrics: dict[str, Any] = {"primary": primary, "before": test_before, "after": test_after,
                                "val_before": metric_before, "val_after_search": metric_slim,
@@ -256,12 +259,39 @@ def compress(
         "params": {"before": params_before, "after": params_after},
         "flops": {"before": flops_before, "after": flops_after, "inputs": "one example, batch 1"},
         "modules": module_report(specs, result, config.granularity),
+        "hardware": hw.get("report"),
         "search": {"steps": result.steps, "history": result.history},
         "retrain": {"history": rt.history, "evals": rt.evals},
         "seconds": time.perf_counter() - t0,
     }
     return CompressResult(model=net, report=report, search=result, info=src.info, processor=src.processor,
                           config=config)
+
+
+def hardware_plan(model: nn.Module, adapter: Adapter, specs: list, config: CompressConfig) -> dict[str, Any]:
+    """Aligned sizes and latency costs from the profile; with a latency target, the ratio that meets it."""
+    if config.profile is None:
+        return {}
+    from .hardware import allowed_sizes, predicted_latency_ms, unit_latency_costs
+    from .profiles import load
+
+    profile = load(config.profile)
+    if profile.alignment.whole_heads and config.granularity != "head":
+        raise ConfigError(f"profile {profile.name} keeps whole heads only: use --granularity head")
+    costs = unit_latency_costs(model, adapter, specs, config.granularity, profile)
+    before = predicted_latency_ms(model, adapter, profile, config.granularity)
+    if config.target_latency_ms is not None:
+        ratio = 1.0 - config.target_latency_ms / before
+        if ratio <= 0:
+            raise ConfigError(f"the model already meets {config.target_latency_ms} ms on {profile.name} "
+                              f"(predicted {before:.3f} ms)")
+        if ratio >= 0.95:
+            raise ConfigError(f"{config.target_latency_ms} ms on {profile.name} would remove {ratio:.0%} of the "
+                              f"compressible latency (predicted {before:.3f} ms); choose a looser target")
+        config.ratio = config.search.ratio = ratio
+    return {"profile": profile, "unit_costs": costs, "allowed": allowed_sizes(specs, config.granularity, profile),
+            "report": {"profile": profile.name, "latency_model": profile.latency_model,
+                       "predicted_ms_before": before, "target_ms": config.target_latency_ms}}
 
 
 def module_report(specs, result: SearchResult, granularity: str) -> list[dict[str, Any]]:

@@ -97,6 +97,7 @@ class CompressConfig:
     ratio: float = 0.5
     granularity: str = "dim"
     profile: str | None = None
+    target_latency_ms: float | None = None  # with a profile: the ratio is chosen to meet it
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     device: str = "auto"
@@ -113,6 +114,10 @@ class CompressConfig:
             raise ConfigError(
                 f"config_version {self.config_version} is newer than this upop understands ({CONFIG_VERSION}); upgrade upop"
             )
+        if self.target_latency_ms is not None:
+            _check_positive("target latency", self.target_latency_ms)
+            if self.profile is None:
+                raise ConfigError("--target-latency needs a hardware profile (--profile) to predict latency")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         self.search.validate()

@@ -73,6 +73,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 sel = [r for r in rows if r["kind"] == kind and r["role"] == role]
                 ax.plot(range(len(sel)), [100 * r["kept"] / r["units"] for r in sel], marker=marker,
                         label=f"{kind}" if role in ("self", "mlp") else f"{kind} ({role})")
+        ax.set_xticks(range(max(len([r for r in rows if r["kind"] == "mlp"]), 1)))
         ax.set_title(f"{tower}: kept share per layer")
         ax.set_xlabel("layer")
         ax.set_ylabel("% of units kept")

@@ -176,6 +176,53 @@ def magnitude_marks(model: nn.Module, table: UnitTable, ratio: float) -> torch.T
     return marked
 
 
+def select_units_aligned(scores: torch.Tensor, table: UnitTable, share: float,
+                         allowed: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Like ``select_units``, but every module keeps one of its ``allowed`` sizes.
+
+    The ranking is walked in aligned steps: a module shrinks from one allowed size to the next
+    smaller one by dropping its highest-ranked remaining units, and the step whose units rank
+    highest on average goes first, until the removed cost reaches the share. The budget is thus
+    met after rounding, within one aligned step.
+    """
+    import heapq
+
+    marked = torch.zeros(scores.numel(), dtype=torch.bool)
+    target = share * table.total_cost
+    if target <= 0:
+        return marked
+    orders, sizes, kept = [], [], []
+    heap: list[tuple[float, int, int]] = []
+    for i, spec in enumerate(table.specs):
+        n = spec.num_units(table.granularity)
+        s = table.offsets[i]
+        local = scores[s : s + n]
+        orders.append((torch.sort(local, descending=True, stable=True).indices + s).tolist())
+        sz = sorted({k for k in allowed[i] if 1 <= k <= n} | {n}, reverse=True)
+        sizes.append(sz)
+        kept.append(0)  # index into sz
+
+    def push(i: int) -> None:
+        j = kept[i]
+        if j + 1 < len(sizes[i]):
+            n = len(orders[i])
+            units = orders[i][n - sizes[i][j] : n - sizes[i][j + 1]]
+            heapq.heappush(heap, (-float(scores[units].mean()), i, j))
+
+    for i in range(len(table.specs)):
+        push(i)
+    removed = 0.0
+    while heap and removed < target:
+        _neg, i, j = heapq.heappop(heap)
+        n = len(orders[i])
+        units = orders[i][n - sizes[i][j] : n - sizes[i][j + 1]]
+        marked[units] = True
+        removed += float(table.cost[units].sum())
+        kept[i] = j + 1
+        push(i)
+    return marked
+
+
 @dataclass
 class SearchResult:
     granularity: str
@@ -208,12 +255,14 @@ def search(
     progress: ProgressFn | None = None,
     resume: dict[str, Any] | None = None,
     on_interrupt: Callable[[dict[str, Any]], None] | None = None,
+    allowed_sizes: Mapping[str, Sequence[int]] | None = None,
 ) -> SearchResult:
     """Run UPop's search on ``model`` (trained in place) and return the units to keep.
 
     On Ctrl-C, ``on_interrupt`` receives the state after the last finished step (weights,
     optimizer, accumulated importance, marks, π, history, RNG); passing that state back as
-    ``resume`` continues the run, π schedule included, where it stopped.
+    ``resume`` continues the run, π schedule included, where it stopped. ``allowed_sizes`` (kept
+    unit counts per module, from a hardware profile) makes every selection an aligned one.
     """
     config.validate()
     if not specs:
@@ -226,6 +275,7 @@ def search(
     device = next(model.parameters()).device
     table = UnitTable.build(model, specs, config.granularity, unit_costs)
     masks = MaskSet(model, specs, config.granularity)
+    allowed = [list(allowed_sizes[s.name]) for s in specs] if allowed_sizes is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
     sched = (
@@ -301,6 +351,8 @@ def search(
                 pi = pi_schedule(step, total, config.ratio)
                 if config.method == "uniform-magnitude":
                     marked = magnitude_marks(model, table, config.ratio)
+                elif allowed is not None:
+                    marked = select_units_aligned(unified_scores(importance, table), table, pi, allowed)
                 else:
                     marked = select_units(unified_scores(importance, table), table, pi)
                 value = 1.0 - pi / config.ratio

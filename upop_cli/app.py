@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Build datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+profiles_app = typer.Typer(help="Hardware profiles: list, show, validate.", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Alias (blip, clip, vit, ...), demo-blip/demo-clip/demo-vit, "
                                                      "hub id, local folder or slim checkpoint.")
@@ -58,6 +60,7 @@ def compress(
     data: Optional[str] = DataOpt,
     granularity: Optional[str] = typer.Option(None, "--granularity", help="dim (UPop) | head (whole heads)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile name or file."),
+    target_latency: Optional[float] = typer.Option(None, "--target-latency", help="ms under --profile; sets the ratio."),
     search_epochs: Optional[int] = typer.Option(None, "--search-epochs"),
     retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -79,6 +82,7 @@ def compress(
     from .compress_cmd import run
 
     flags = dict(model=model, ratio=ratio, task=task, data=data, granularity=granularity, profile=profile,
+                 target_latency=target_latency,
                  search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
                  update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out)
     guarded(lambda: run(flags, config, overwrite, quiet, resume))
@@ -174,6 +178,30 @@ def profile(
     from .profile_cmd import run
 
     guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet))
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """The shipped hardware profiles."""
+    from .profile_cmd import profiles_list as run
+
+    guarded(run)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name or file.")) -> None:
+    """Every field of one profile."""
+    from .profile_cmd import profiles_show as run
+
+    guarded(lambda: run(name))
+
+
+@profiles_app.command("validate")
+def profiles_validate(path: Path = typer.Argument(..., help="A profile TOML file.")) -> None:
+    """Check a profile file; every problem is listed."""
+    from .profile_cmd import profiles_validate as run
+
+    guarded(lambda: run(path))
 
 
 @datasets_app.command("shapes")

@@ -11,9 +11,9 @@ from .errors import Interrupted
 from .progress import Reporter, interactive
 
 
-def default_out(model: str, ratio: float) -> Path:
+def default_out(model: str, value: float, kind: str = "p") -> Path:
     name = Path(model.rstrip("/")).name or "model"
-    return Path("upop-out") / f"{name}-p{ratio:g}"
+    return Path("upop-out") / (f"{name}-p{value:g}" if kind == "p" else f"{name}-{value:g}ms")
 
 
 def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool, resume: bool = False) -> None:
@@ -32,15 +32,18 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
                 "lr": demo.compress_lr if demo else 1e-5, "batch_size": demo.batch_size if demo else 32,
                 "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4}
     o = merge(flags, opts, defaults)
-    if o.get("ratio") is None:
-        raise ConfigError("--ratio is required (the share of compressible cost to remove, between 0 and 1)")
+    if o.get("ratio") is None and o.get("target_latency") is None:
+        raise ConfigError("--ratio is required (the share of compressible cost to remove, between 0 and 1), "
+                          "or --target-latency with --profile")
     cfg = upop.CompressConfig(
-        ratio=o["ratio"], granularity=o["granularity"], profile=o.get("profile"), device=o["device"],
+        ratio=o["ratio"] if o.get("ratio") is not None else 0.5, granularity=o["granularity"],
+        profile=o.get("profile"), device=o["device"], target_latency_ms=o.get("target_latency"),
         search=upop.SearchConfig(epochs=o["search_epochs"], update_every=o.get("update_every"), lr=o["lr"],
                                  seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"]),
         retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"]))
     check_profile(cfg.profile)
-    out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio)
+    out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
+                                                              else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
     partial = out.with_name(out.name + ".partial")

@@ -57,3 +57,33 @@ def run(target: str, runtime: str, device: str, batches: list[int], precision: s
     console.print(table)
     if ratio is not None:
         console.print(f"speedup of {target} over {compare}: {ratio:.2f}×")
+
+
+def profiles_list() -> None:
+    from upop.profiles import available, load
+
+    table = Table(title="hardware profiles")
+    for col in ("name", "runtime", "device", "precision", "MLP ×", "head_dim ×", "latency model", "description"):
+        table.add_column(col)
+    for name in available():
+        p = load(name)
+        table.add_row(name, p.runtime, p.device, p.precision, str(p.alignment.mlp_multiple),
+                      "whole heads" if p.alignment.whole_heads else
+                      f"{p.alignment.head_dim_multiple} in {p.alignment.head_dim_min}..{p.alignment.head_dim_max}",
+                      p.latency_model, p.description)
+    Console().print(table)
+
+
+def profiles_show(name: str) -> None:
+    import dataclasses
+
+    from upop.profiles import load
+
+    Console().print_json(json.dumps(dataclasses.asdict(load(name))))
+
+
+def profiles_validate(path: Path) -> None:
+    from upop.profiles import read_file
+
+    p = read_file(path)
+    Console().print(f"{path}: valid profile {p.name!r} ({p.runtime}, {p.device}, {p.precision})")

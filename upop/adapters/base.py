@@ -130,6 +130,19 @@ class Adapter:
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.family} has no image-text embedding")
 
+    def image_tokens(self, model: nn.Module) -> int:
+        cfg = getattr(model.config, "vision_config", model.config)
+        return (image_size_of(cfg) // int(cfg.patch_size)) ** 2 + 1
+
+    def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
+        """(query tokens, key/value tokens) a module sees at the reference shapes."""
+        if spec.tower == "vision":
+            t = self.image_tokens(model)
+            return t, t
+        if spec.role == "cross":
+            return text_tokens, self.image_tokens(model)
+        return text_tokens, text_tokens
+
     def export_graphs(self, model: nn.Module) -> list["ExportGraph"]:
         """The graphs a deployment of this model needs (ONNX / TensorRT)."""
         raise NotImplementedError(f"{self.family}: no export graphs")

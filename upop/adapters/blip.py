@@ -94,6 +94,11 @@ class BlipAdapter(Adapter):
         mod.attention_head_size = head_dim
         mod.all_head_size = num_heads * head_dim
 
+    def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
+        if spec.role == "cross" and spec.tower == "decoder" and type(model).__name__ == "BlipForQuestionAnswering":
+            return text_tokens, text_tokens  # VQA's answer decoder attends to the question, not the image
+        return super().module_tokens(model, spec, text_tokens)
+
     # ---- task hooks --------------------------------------------------------------------------
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         seq = model.vision_model(pixel_values=pixel_values).last_hidden_state

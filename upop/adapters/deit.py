@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers import DeiTConfig
 from transformers.models.deit.modeling_deit import DeiTAttention, DeiTMLP
 
@@ -19,6 +20,9 @@ class DeiTAdapter(ViTAdapter):
     classes = {"DeiTForImageClassification": "classification"}
     towers = {"deit": "vision", "classifier": "head", "distillation_classifier": "head"}
     config_cls: Any = DeiTConfig
+
+    def image_tokens(self, model: nn.Module) -> int:
+        return super().image_tokens(model) + 1  # the distillation token
 
     @staticmethod
     def attention_classes() -> tuple[type, ...]:

@@ -1,0 +1,79 @@
+"""What a hardware profile changes in the search: aligned sizes and latency costs (SPEC §3).
+
+Family-agnostic: works from ``ModuleSpec`` shapes and the token counts the adapter reports.
+The latency model is a roofline at the profile's reference shapes: a unit's cost is the time
+its FLOPs or its bytes (weights and activations) take at the profile's (derated) peaks,
+whichever is longer. Predicted latencies come from the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .units import AttentionSpec, ModuleSpec
+
+
+def allowed_sizes(specs: Sequence[ModuleSpec], granularity: str, profile: Any) -> dict[str, list[int]]:
+    """Kept unit counts each module may end with under the profile's alignment."""
+    al = profile.alignment
+    out: dict[str, list[int]] = {}
+    for s in specs:
+        n = s.num_units(granularity)
+        if isinstance(s, AttentionSpec) and granularity == "dim":
+            sizes = [k for k in range(1, n + 1)
+                     if k % al.head_dim_multiple == 0 and al.head_dim_min <= k <= al.head_dim_max]
+        elif isinstance(s, AttentionSpec):
+            sizes = list(range(1, n + 1))  # whole heads keep head_dim as it was
+        else:
+            sizes = [k for k in range(al.mlp_multiple, n + 1, al.mlp_multiple)]
+        out[s.name] = sorted(set(sizes) | {n})
+    return out
+
+
+def is_aligned(spec: ModuleSpec, kept: int, granularity: str, profile: Any) -> bool:
+    return kept == spec.num_units(granularity) or kept in allowed_sizes([spec], granularity, profile)[spec.name]
+
+
+def _unit_flops_bytes(model: nn.Module, spec: ModuleSpec, granularity: str, tokens: tuple[int, int], batch: int,
+                      bytes_per_param: int) -> tuple[float, float]:
+    tq, tkv = tokens
+    if isinstance(spec, AttentionSpec):
+        width = spec.num_heads if granularity == "dim" else spec.head_dim
+        flops = 0.0
+        for i, proj in enumerate(spec.in_projs):
+            lin = model.get_submodule(proj.name)
+            if proj.segments == 3:  # fused qkv on the query tokens
+                flops += 3 * 2 * batch * tq * lin.in_features
+            else:
+                flops += 2 * batch * (tq if i == 0 else tkv) * lin.in_features
+        flops += 2 * batch * tq * model.get_submodule(spec.out_proj).out_features
+        flops += 2 * 2 * batch * tq * tkv  # q·kᵀ and p·v, per head dimension
+        acts = batch * (2 * tq + 2 * tkv)
+        flops, acts = flops * width, acts * width
+    else:
+        fc1, fc2 = model.get_submodule(spec.fc1), model.get_submodule(spec.fc2)
+        flops = 2 * batch * tq * (fc1.in_features + fc2.out_features)
+        acts = 2 * batch * tq
+    params = spec.unit_cost(model, granularity)
+    return flops, (params + acts) * bytes_per_param
+
+
+def unit_latency_costs(model: nn.Module, adapter: Any, specs: Sequence[ModuleSpec], granularity: str,
+                       profile: Any) -> dict[str, float]:
+    """Seconds one unit of each module takes under the profile's roofline."""
+    out = {}
+    for s in specs:
+        tokens = adapter.module_tokens(model, s, profile.shapes.text_tokens)
+        flops, nbytes = _unit_flops_bytes(model, s, granularity, tokens, profile.shapes.batch, profile.bytes_per_param)
+        out[s.name] = max(flops / profile.peak_flops, nbytes / profile.bandwidth)
+    return out
+
+
+def predicted_latency_ms(model: nn.Module, adapter: Any, profile: Any, granularity: str = "dim") -> float:
+    """Roofline latency of the compressible modules as they are now (the rest of the model is not counted)."""
+    specs = adapter.modules(model)
+    costs = unit_latency_costs(model, adapter, specs, granularity, profile)
+    return 1000.0 * sum(costs[s.name] * s.num_units(granularity) for s in specs)
