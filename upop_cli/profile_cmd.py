@@ -64,7 +64,7 @@ def profiles_list() -> None:
 
     table = Table(title="hardware profiles")
     for col in ("name", "runtime", "device", "precision", "MLP ×", "head_dim ×", "latency model", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for name in available():
         p = load(name)
         table.add_row(name, p.runtime, p.device, p.precision, str(p.alignment.mlp_multiple),
