@@ -61,6 +61,8 @@ def main() -> None:
                     raw.append({"demo": demo, "ratio": ratio, "method": method, "seed": seed, "metric": v,
                                 "baseline": base, "seconds": time.perf_counter() - t0})
                     console.log(f"{demo} p={ratio} {method} seed {seed}: {v:.2f} ({time.perf_counter() - t0:.0f}s)")
+                    if args.json:
+                        args.json.write_text(json.dumps(raw, indent=2))
                 cells[method] = vals
             rows.append((demo, ts.task.primary, base, ratio, cells))
     table = Table(title="ablation on the demo tasks (test split, after retraining; mean ± half-range over seeds)")

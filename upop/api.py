@@ -194,15 +194,30 @@ def compress(
         batches, report_fn, primary, task_name = ts.batches, ts.report_fn, ts.task.primary, ts.task.name
         loss_fn, eval_fn = loss_fn or ts.loss_fn, eval_fn or ts.eval_fn
     loss = loss_fn or adapter.native_loss
+    def stage(name: str) -> ProgressFn | None:
+        return (lambda rec: progress(name, rec)) if progress is not None else None
+
+    def evaluated(fn: Callable[[nn.Module], Any], label: str) -> Callable[[nn.Module], Any]:
+        """``fn`` with an "evaluate" progress line before and after (the metric once known)."""
+        if fn is None or progress is None:
+            return fn
+
+        def run(m: nn.Module) -> Any:
+            progress("evaluate", {"step": 0.0, "total": 1.0, "label": label})
+            value = fn(m)
+            shown = value.get("primary", 0.0) if isinstance(value, dict) else float(value)
+            progress("evaluate", {"step": 1.0, "total": 1.0, "label": label, "metric": float(shown)})
+            return value
+
+        return run
+
+    report_fn, eval_fn = evaluated(report_fn, "test"), evaluated(eval_fn, "val")
+
     t0 = time.perf_counter()
     example = adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     params_before, flops_before = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
     test_before = report_fn(net) if report_fn is not None else None
     metric_before = float(eval_fn(net)) if eval_fn is not None else None
-
-    def stage(name: str) -> ProgressFn | None:
-        return (lambda rec: progress(name, rec)) if progress is not None else None
-
     store = RunState(state_dir, config) if state_dir is not None else None
     saved = store.load() if (store is not None and resume) else None
     if resume and saved is None:

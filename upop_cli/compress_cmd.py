@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
             raise Interrupted(f"interrupted; the run's state is in {partial}: run the same command with --resume "
                               "to continue") from None
         raise
-    if not quiet:
+    if not quiet and sys.stdout.isatty():
         print_summary(result.report, out)
 
 

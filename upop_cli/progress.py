@@ -45,6 +45,8 @@ class Reporter:
             info = f"loss {rec['task_loss']:.3f}  π {rec['pi']:.3f}"
         elif stage == "retrain":
             info = f"loss {rec['loss']:.3f}  lr {rec['lr']:.2e}"
+        elif stage == "evaluate":
+            info = f"{rec.get('label', '')} split" + (f"  metric {rec['metric']:.2f}" if "metric" in rec else "")
         else:
             info = " ".join(f"{k} {v:.2f}" for k, v in rec.items() if k not in ("step", "total"))
         self.progress.update(self.tasks[stage], completed=int(rec.get("step", 0)), info=info)

@@ -153,13 +153,7 @@ class BlipAdapter(Adapter):
                             {"image_embeds": {0: "batch"}, **seq_dyn(), "itm_logits": {0: "batch"}}),
             ]
         if name == "BlipForConditionalGeneration":
-            def decode(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-                return m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
-                                      use_cache=False).logits
-
-            return [vision, ExportGraph("text_decoder", Fn(model, decode), lambda b, s: {**embeds(b, s), **text(b, s)},
-                                        ["logits"], {"image_embeds": {0: "batch"}, **seq_dyn(),
-                                                     "logits": {0: "batch", 1: "sequence"}})]
+            return [vision, *self._decoder_graphs(model, embeds, text)]
 
         def question(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
             att = torch.ones(emb.shape[:-1], dtype=torch.long, device=emb.device)
@@ -200,6 +194,56 @@ class BlipAdapter(Adapter):
             # that leaves the position embeddings silent for hundreds of steps.
             vision_config=dict(tower, image_size=image_size, patch_size=patch_size, initializer_range=0.02),
             image_text_hidden_size=hidden)
+
+    def _decoder_graphs(self, model: nn.Module, embeds: Any, text: Any) -> list[ExportGraph]:
+        """Captioning decoder as two graphs with a per-layer KV cache (its shapes differ per layer
+        after slimming): ``decoder_prefill`` over the prompt, then ``decoder_step`` for one token."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        n_layers = model.config.text_config.num_hidden_layers
+        past_self = [f"past_self_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
+        present_self = [f"present_self_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
+        cross = [f"cross_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
+
+        def flat(cache: Any, which: str) -> list[torch.Tensor]:
+            c = cache.self_attention_cache if which == "self" else cache.cross_attention_cache
+            return [t for i in range(n_layers) for t in (c.layers[i].keys, c.layers[i].values)]
+
+        def prefill(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            out = m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb, cache=cache,
+                                 use_cache=True)
+            return (out.logits, *flat(out.cache, "self"), *flat(out.cache, "cross"))
+
+        def step(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor,
+                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            data = [(past[2 * i], past[2 * i + 1], past[2 * n_layers + 2 * i], past[2 * n_layers + 2 * i + 1])
+                    for i in range(n_layers)]
+            out = m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
+                                 cache=EncoderDecoderCache(data), use_cache=True)
+            return (out.logits, *flat(out.cache, "self"))
+
+        def step_inputs(b: int, s: int) -> dict[str, torch.Tensor]:
+            prompt = {**embeds(b, s), **text(b, s)}
+            with torch.no_grad():
+                outs = prefill(model, prompt["image_embeds"], prompt["input_ids"], prompt["attention_mask"])
+            kv = dict(zip(past_self + [f"past_{n}" for n in cross], outs[1:]))
+            return {"image_embeds": prompt["image_embeds"], "input_ids": torch.randint(1, 90, (b, 1)),
+                    "attention_mask": torch.ones(b, s + 1, dtype=torch.long), **kv}
+
+        kv_axes = {n: {0: "batch", 2: "past"} for n in past_self}
+        return [
+            ExportGraph("decoder_prefill", Fn(model, prefill), lambda b, s: {**embeds(b, s), **text(b, s)},
+                        ["logits", *present_self, *cross],
+                        {"image_embeds": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"},
+                         "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+                         **{n: {0: "batch", 2: "sequence"} for n in present_self}, **{n: {0: "batch"} for n in cross}}),
+            ExportGraph("decoder_step", Fn(model, step), step_inputs, ["logits", *present_self],
+                        {"image_embeds": {0: "batch"}, "input_ids": {0: "batch"},
+                         "attention_mask": {0: "batch", 1: "total"}, **kv_axes,
+                         **{f"past_{n}": {0: "batch"} for n in cross}, "logits": {0: "batch"},
+                         **{n: {0: "batch", 2: "total"} for n in present_self}}),
+        ]
 
     # ---- synthetic inputs -----------------------------------------------------------------
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
