@@ -23,8 +23,6 @@ from upop.adapters import get_adapter
 from upop.config import SearchConfig
 from upop.latency import percentile, time_fn
 from upop.masks import MaskSet
-from upop.search import search
-from upop.slim import slim_model
 
 
 def search_step_times(device: torch.device) -> dict[str, float]:

@@ -11,7 +11,6 @@ Attention is exported eager: in ORT it runs faster than an SDPA export.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import warnings
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from upop.checkpoint import make_temp_dir
+from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
 
 from . import register
@@ -163,8 +162,6 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
     if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", "eager") != "eager":
         model.set_attn_implementation("eager")
     graphs = loaded.adapter.export_graphs(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out)
     manifest: dict[str, Any] = {
         "format": "onnx", "source": loaded.source, "slim": loaded.slim, "family": loaded.adapter.family,
         "model_class": type(model).__name__, "opset": opset, "upop_version": upop.__version__,
@@ -173,7 +170,7 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
         "labels": {str(k): v for k, v in (getattr(model.config, "id2label", None) or {}).items()},
         "tokens": _special_tokens(model.config),
     }
-    try:
+    with atomic_dir(out) as tmp:
         for graph in graphs:
             if progress:
                 progress(f"exporting {graph.name}")
@@ -201,10 +198,4 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
             manifest["graphs"].append(entry)
         _copy_preprocessing(loaded.source, tmp)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

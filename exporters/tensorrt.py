@@ -12,13 +12,11 @@ is type-checked against ``tensorrt-stubs`` and its tests skip without TensorRT.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upop.checkpoint import make_temp_dir
+from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
 
 from . import register
@@ -132,9 +130,7 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UpopError(f"output folder {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         manifest = export_onnx(source, tmp / "onnx", fp16=fp16, opset=opset, progress=progress)
         engines = []
         cache = tmp / "timing.cache"
@@ -153,10 +149,4 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
                 "strongly_typed": trt_major(trt) >= 11, "batch": batch, "seq": seq, "engines": engines,
                 "source": str(source)}
         (tmp / "engines.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

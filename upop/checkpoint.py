@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,14 +94,6 @@ def build_structure(info: SlimInfo) -> tuple[nn.Module, Adapter]:
     return model, adapter
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return make_temp_dir(out_dir)
-
-
 def make_temp_dir(final: Path) -> Path:
     """A temporary sibling of ``final`` with the permissions a normal mkdir would give it."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -108,6 +101,20 @@ def make_temp_dir(final: Path) -> Path:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; renamed onto ``final`` (replacing it) only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(final)
+    try:
+        yield tmp
+        _commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _commit_dir(tmp: Path, out_dir: Path) -> None:
@@ -132,8 +139,9 @@ def save_slim(
 ) -> Path:
     """Write a slim checkpoint folder atomically (a temp folder renamed into place)."""
     out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir, overwrite)
-    try:
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    with atomic_dir(out_dir) as tmp:
         save_model(model, str(tmp / WEIGHTS))
         if processor is not None:
             processor.save_pretrained(str(tmp))
@@ -163,10 +171,6 @@ def save_slim(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if extra_writer is not None:
             extra_writer(tmp)
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

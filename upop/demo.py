@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ import torch
 from .adapters import get_adapter
 from .datasets import shapes as make_shapes
 from .datasets.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES
-from .checkpoint import make_temp_dir
+from .checkpoint import atomic_dir
 from .errors import ModelLoadError
 
 SHAPES_VERSION = "shapes-v1"
@@ -62,17 +60,9 @@ def shapes_dir() -> Path:
     """The default demo data: the shapes set with the default seed, written on first use."""
     out = cache_dir() / SHAPES_VERSION
     if not (out / ".complete").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{SHAPES_VERSION}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             make_shapes(tmp)
             (tmp / ".complete").write_text("")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 
@@ -165,19 +155,19 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
                   if int(r["step"]) % 100 == 0 else None)
     test = task.evaluate(model, "test")
     seconds = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out)
-    model.save_pretrained(tmp)
-    prep.save_pretrained(tmp)
     summary = {"name": name, "task": spec.task, "test": test, "best_val": res.best_metric,
                "best_epoch": res.best_epoch, "train_seconds": round(seconds, 1), "seed": seed,
                "data": SHAPES_VERSION, "epochs": epochs or spec.epochs, "lr": lr or spec.lr,
                "continued_from": previous}
+    with atomic_dir(out) as tmp:
+        _write_demo(tmp, model, prep, summary)
+    log(f"{name}: test {json.dumps({k: round(v, 2) for k, v in test.items()})} in {seconds:.0f}s")
+    return summary
+
+
+def _write_demo(tmp: Path, model: Any, prep: Any, summary: dict[str, Any]) -> None:
+    model.save_pretrained(tmp)
+    prep.save_pretrained(tmp)
     (tmp / "upop_demo.json").write_text(json.dumps(summary, indent=2))
     for f in tmp.iterdir():
         f.chmod(0o644)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log(f"{name}: test {json.dumps({k: round(v, 2) for k, v in test.items()})} in {seconds:.0f}s")
-    return summary

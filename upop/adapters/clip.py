@@ -49,7 +49,7 @@ class CLIPAdapter(QKVOAdapter):
         ids = {k: v for k, v in token_ids.items() if k != "sep_token_id"}
         return self.config_cls(text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **ids),
                                vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
-                               projection_dim=hidden)
+                               **self._joint_kwargs(hidden))
 
     def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
         size = image_size_of(model.config.vision_config)
@@ -83,8 +83,12 @@ class CLIPAdapter(QKVOAdapter):
             text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0,
                              bos_token_id=vocab - 2, eos_token_id=vocab - 1),
             vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
-            projection_dim=hidden,
+            **self._joint_kwargs(hidden),
         )
+
+    def _joint_kwargs(self, hidden: int) -> dict[str, Any]:
+        """Config keys outside the two towers (CLIP projects both to a shared width)."""
+        return {"projection_dim": hidden}
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -48,12 +48,5 @@ class SiglipAdapter(CLIPAdapter):
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(pooled, dim=-1)
 
-    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
-                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
-        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden)
-        return self.config_cls(
-            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0,
-                             bos_token_id=vocab - 2, eos_token_id=vocab - 1),
-            vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
-        )
+    def _joint_kwargs(self, hidden: int) -> dict[str, Any]:
+        return {}  # no projections: the towers' pooled outputs are compared directly
