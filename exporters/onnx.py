@@ -120,6 +120,16 @@ def check_parity(graph, path: Path, batches: tuple[int, ...], seq: int, tol: flo
     return results
 
 
+def _source_hash(source: str) -> str | None:
+    """sha256 of the source's weights: the slim manifest's, or the model folder's safetensors file."""
+    from upop.checkpoint import is_slim_checkpoint, read_manifest, sha256_file
+
+    if is_slim_checkpoint(source):
+        return read_manifest(source)["weights"]["sha256"]
+    weights = Path(source) / "model.safetensors"
+    return sha256_file(weights) if weights.is_file() else None
+
+
 def _special_tokens(config: Any) -> dict[str, int]:
     text = getattr(config, "text_config", None)
     if text is None:
@@ -163,7 +173,8 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
         model.set_attn_implementation("eager")
     graphs = loaded.adapter.export_graphs(model)
     manifest: dict[str, Any] = {
-        "format": "onnx", "source": loaded.source, "slim": loaded.slim, "family": loaded.adapter.family,
+        "format": "onnx", "source": loaded.source, "source_sha256": _source_hash(loaded.source),
+        "slim": loaded.slim, "family": loaded.adapter.family,
         "model_class": type(model).__name__, "opset": opset, "upop_version": upop.__version__,
         "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
         "machine": platform.machine(), "graphs": [], "task": loaded.adapter.task_of(model),

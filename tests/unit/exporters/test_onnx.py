@@ -38,6 +38,7 @@ def test_every_family_exports_with_parity_at_batch_1_and_3(family, class_name, t
     man = get("onnx")(slim, tmp_path / "onnx", fp16=True)
     on_disk = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert on_disk["graphs"] and on_disk["slim"] is True
+    assert on_disk["source_sha256"] == json.loads((slim / "upop_manifest.json").read_text())["weights"]["sha256"]
     for g in man["graphs"]:
         assert {p["batch"] for p in g["parity"]} == {1, 3}
         assert all(p["max_abs"] <= 1e-4 for p in g["parity"])
