@@ -63,3 +63,17 @@ def test_exporter_registry_names_the_known_formats():
     exp = importlib.import_module("upop.exporters")
     with pytest.raises(UpopError, match="export format 'tflite' is not supported"):
         exp.get("tflite")
+
+
+def test_every_package_folder_is_listed_for_installation():
+    """A folder missing from pyproject's packages imports in a checkout but not from a wheel."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {"upop." + ".".join(p.parent.relative_to(ROOT / "upop").parts) if p.parent != ROOT / "upop" else "upop"
+             for p in (ROOT / "upop").rglob("__init__.py")}
+    found |= {"upop_cli", "upop.exporters", "upop.profiles"}
+    assert found <= listed, sorted(found - listed)
