@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import UpopError
 from .units import AttentionSpec, ModuleSpec
 
 
@@ -61,10 +62,40 @@ def _unit_flops_bytes(model: nn.Module, spec: ModuleSpec, granularity: str, toke
     return flops, (params + acts) * bytes_per_param
 
 
+def _table_block(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str, profile: Any) -> dict[str, Any]:
+    from .calibrate import signature
+
+    sig = signature(model, adapter, spec, granularity, profile.shapes.text_tokens)
+    # The dimension being pruned changes with slimming; the block is found by everything else.
+    sig.pop("head_dim" if granularity == "dim" else "heads", None)
+    for b in profile.table.get("blocks", []):
+        if all(b.get(k) == v for k, v in sig.items()):
+            return b
+    raise ProfileMismatch(f"profile {profile.name} has no measured block for {spec.name} ({sig}); "
+                          "calibrate it for this model")
+
+
+class ProfileMismatch(UpopError):
+    """A calibrated profile measured other blocks than this model has."""
+
+
+def _block_ms(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str, profile: Any, width: int) -> float:
+    from .calibrate import interpolate
+
+    b = _table_block(model, adapter, spec, granularity, profile)
+    return interpolate(b["widths"], b["ms"], width)
+
+
 def unit_latency_costs(model: nn.Module, adapter: Any, specs: Sequence[ModuleSpec], granularity: str,
                        profile: Any) -> dict[str, float]:
-    """Seconds one unit of each module takes under the profile's roofline."""
+    """Seconds one unit of each module takes: the measured slope of its block under a calibrated
+    profile, else the roofline."""
     out = {}
+    if profile.latency_model == "table":
+        for s in specs:
+            b = _table_block(model, adapter, s, granularity, profile)
+            out[s.name] = max(1e-12, (b["ms"][-1] - b["ms"][0]) / max(1, b["widths"][-1] - b["widths"][0])) / 1000
+        return out
     for s in specs:
         tokens = adapter.module_tokens(model, s, profile.shapes.text_tokens)
         flops, nbytes = _unit_flops_bytes(model, s, granularity, tokens, profile.shapes.batch, profile.bytes_per_param)
@@ -73,7 +104,11 @@ def unit_latency_costs(model: nn.Module, adapter: Any, specs: Sequence[ModuleSpe
 
 
 def predicted_latency_ms(model: nn.Module, adapter: Any, profile: Any, granularity: str = "dim") -> float:
-    """Roofline latency of the compressible modules as they are now (the rest of the model is not counted)."""
+    """Predicted latency of the model as it is now. Calibrated profile: measured blocks at their kept
+    widths plus the measured rest of the model. Roofline: the compressible modules only."""
     specs = adapter.modules(model)
+    if profile.latency_model == "table":
+        return float(profile.table.get("rest_ms", 0.0)) + sum(
+            _block_ms(model, adapter, s, granularity, profile, s.num_units(granularity)) for s in specs)
     costs = unit_latency_costs(model, adapter, specs, granularity, profile)
     return 1000.0 * sum(costs[s.name] * s.num_units(granularity) for s in specs)

@@ -196,6 +196,25 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name or file."))
     guarded(lambda: run(name))
 
 
+@profiles_app.command("calibrate")
+def profiles_calibrate(
+    model: str = typer.Option(..., "--model", "-m", help="The model whose blocks to time (alias, demo, folder, slim)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Profile file to write."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch (ort and trt: not yet)"),
+    device: str = typer.Option("cpu", "--device"),
+    base: str = typer.Option("cpu-x86", "--base", help="Profile whose alignment and shapes the result keeps."),
+    granularity: str = typer.Option("dim", "--granularity"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Time the model's attention and MLP blocks over a sweep of widths here; write a measured profile.
+
+    Example: upop profiles calibrate --model demo-blip --out my-cpu.toml
+    """
+    from .profile_cmd import profiles_calibrate as run
+
+    guarded(lambda: run(model, out, runtime, device, base, granularity, quiet))
+
+
 @profiles_app.command("validate")
 def profiles_validate(path: Path = typer.Argument(..., help="A profile TOML file.")) -> None:
     """Check a profile file; every problem is listed."""

@@ -87,3 +87,24 @@ def profiles_validate(path: Path) -> None:
 
     p = read_file(path)
     Console().print(f"{path}: valid profile {p.name!r} ({p.runtime}, {p.device}, {p.precision})")
+
+
+def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: str, granularity: str,
+                       quiet: bool) -> None:
+    from upop.api import _open, resolve_device
+    from upop.calibrate import calibrate, to_toml
+    from upop.errors import ConfigError
+    from upop.profiles import load, read_file
+
+    if runtime != "torch":
+        raise ConfigError(f"calibration with --runtime {runtime} is not built yet; use --runtime torch")
+    src = _open(model, None)
+    console = Console(stderr=True, quiet=quiet)
+    prof = calibrate(src.model, src.adapter, load(base), device=resolve_device(device), granularity=granularity,
+                     log=lambda m: console.log(m))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(to_toml(prof))
+    read_file(tmp)  # what was written loads back as a valid profile
+    tmp.replace(out)
+    console.print(f"wrote {out}: {len(prof.table['blocks'])} measured block(s), rest of the model "
+                  f"{prof.table['rest_ms']:.3f} ms")

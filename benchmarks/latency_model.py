@@ -1,0 +1,63 @@
+"""Calibrated latency model vs measurement, and what a calibrated profile changes in the search.
+
+For each demo model: calibrate a profile on this machine (PyTorch, CPU), then compress at p = 0.5
+with and without it, and print the predicted and measured (``measure_forward_ms``, the same
+forward ``upop profile`` times) latency of each slim model, the error, and the test metric.
+The goal (issue 6): predicted within 15 % of measured.
+
+    python benchmarks/latency_model.py [--demos demo-vit demo-clip demo-blip]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import upop
+from upop.calibrate import calibrate, measure_forward_ms, to_toml
+from upop.demo import DEMOS
+from upop.hardware import predicted_latency_ms
+from upop.hub import load_pretrained
+from upop.profiles import load, read_file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demos", nargs="*", default=list(DEMOS))
+    args = ap.parse_args()
+    dev = torch.device("cpu")
+    table = Table(title=f"calibrated latency model, PyTorch CPU ({torch.get_num_threads()} threads), batch 1")
+    for col in ("demo", "search cost", "metric", "measured ms", "predicted ms", "error", "params kept"):
+        table.add_column(col, justify="left" if col in ("demo", "search cost") else "right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for demo in args.demos:
+            src = load_pretrained(demo)
+            prof_path = Path(tmp) / f"{demo}.toml"
+            prof_path.write_text(to_toml(calibrate(src.model.eval(), src.adapter, load("cpu-x86"), device=dev)))
+            prof = read_file(prof_path)
+            full = measure_forward_ms(src.model, src.adapter, 1, 32, dev)
+            table.add_row(demo, "(unpruned)", "", f"{full:.3f}", f"{predicted_latency_ms(src.model, src.adapter, prof):.3f}",
+                          "", "100%")
+            for label, profile in (("parameters", None), ("calibrated latency", str(prof_path))):
+                spec = DEMOS[demo]
+                cfg = upop.CompressConfig(ratio=0.5, profile=profile,
+                                          search=upop.SearchConfig(epochs=spec.compress_search_epochs, lr=spec.compress_lr),
+                                          retrain=upop.RetrainConfig(epochs=spec.compress_retrain_epochs,
+                                                                     lr=spec.compress_lr))
+                res = upop.compress(demo, cfg, batch_size=spec.batch_size)
+                meas = measure_forward_ms(res.model, src.adapter, 1, 32, dev)
+                pred = predicted_latency_ms(res.model, src.adapter, prof)
+                r = res.report
+                table.add_row(demo, label, f"{r['metrics']['after']['primary']:.2f}", f"{meas:.3f}", f"{pred:.3f}",
+                              f"{100 * (pred - meas) / meas:+.1f}%",
+                              f"{r['params']['after']['total'] / r['params']['before']['total']:.0%}")
+    Console(width=150).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+import dataclasses
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import upop
+from upop.adapters import get_adapter
+from upop.calibrate import calibrate, interpolate, to_toml
+from upop.hardware import ProfileMismatch, predicted_latency_ms, unit_latency_costs
+from upop.profiles import load, read_file
+from upop_cli.app import app
+
+from ..conftest import batches_for, build_tiny
+
+
+def test_interpolation():
+    assert interpolate([2, 4], [1.0, 2.0], 3) == 1.5
+    assert interpolate([2, 4], [1.0, 2.0], 1) == 0.5  # extended below the sweep
+    assert interpolate([2, 4], [1.0, 2.0], 9) == 2.0
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    model = build_tiny("vit", "ViTForImageClassification")
+    base = load("cpu-x86")
+    base = dataclasses.replace(base, alignment=dataclasses.replace(base.alignment, mlp_multiple=1,
+                                                                     head_dim_multiple=1, head_dim_min=1))
+    prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cpu"), points=3, warmup=1, runs=3)
+    path = tmp_path_factory.mktemp("cal") / "vit.toml"
+    path.write_text(to_toml(prof))
+    return path
+
+
+def test_a_calibrated_profile_round_trips_and_drives_the_search(calibrated, tmp_path):
+    prof = read_file(calibrated)
+    assert prof.latency_model == "table" and prof.table["blocks"] and prof.table["rest_ms"] >= 0
+    for b in prof.table["blocks"]:
+        assert len(b["widths"]) == len(b["ms"]) >= 2 and b["widths"] == sorted(b["widths"])
+    # Timings on a shared CI machine are noisy: the search is checked on the same blocks with
+    # monotone times (1 ms per 8 units plus 1 ms), so the assertions do not depend on the clock.
+    for b in prof.table["blocks"]:
+        b["ms"] = [1.0 + w / 8 for w in b["widths"]]
+    prof = dataclasses.replace(prof, table={**prof.table, "rest_ms": 2.0})
+    path = tmp_path / "monotone.toml"
+    path.write_text(to_toml(prof))
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    costs = unit_latency_costs(model, adapter, adapter.modules(model), "dim", read_file(path))
+    assert all(c == pytest.approx(1 / 8 / 1000) for c in costs.values())
+    cfg = upop.CompressConfig(ratio=0.5, profile=str(path), search=upop.SearchConfig(steps=2, update_every=1),
+                              retrain=upop.RetrainConfig(epochs=0))
+    res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=1))
+    hw = res.report["hardware"]
+    assert hw["latency_model"] == "table" and hw["predicted_ms_after"] < hw["predicted_ms_before"]
+    assert predicted_latency_ms(res.model, adapter, read_file(path)) == pytest.approx(hw["predicted_ms_after"])
+    # half the units' latency removed: blocks' variable part halves, the 1 ms intercepts and the rest stay
+    variable = hw["predicted_ms_before"] - 2.0 - 1.0 * len(adapter.modules(model))
+    assert hw["predicted_ms_after"] == pytest.approx(hw["predicted_ms_before"] - 0.5 * variable, rel=0.05)
+
+
+def test_a_profile_calibrated_for_another_model_is_refused(calibrated):
+    adapter = get_adapter("clip")
+    model = build_tiny("clip", "CLIPModel")
+    with pytest.raises(ProfileMismatch, match="calibrate it for this model"):
+        upop.compress(model, upop.CompressConfig(profile=str(calibrated)), batches=batches_for(adapter, model, n=1))
+
+
+def test_cli_calibrate(tmp_path):
+    model = build_tiny("vit", "ViTForImageClassification")
+    model.save_pretrained(tmp_path / "m")
+    r = CliRunner().invoke(app, ["profiles", "calibrate", "--model", str(tmp_path / "m"), "--out",
+                                 str(tmp_path / "p.toml"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert read_file(tmp_path / "p.toml").latency_model == "table"
+    r = CliRunner().invoke(app, ["profiles", "calibrate", "--model", str(tmp_path / "m"), "--out",
+                                 str(tmp_path / "q.toml"), "--runtime", "ort"])
+    assert r.exit_code == 2 and "not built yet" in r.output
