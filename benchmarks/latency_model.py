@@ -30,9 +30,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demos", nargs="*", default=list(DEMOS))
     ap.add_argument("--mid", action="store_true", help="instead: mid-size random models (hidden 384, 6 layers, 224 px)")
+    ap.add_argument("--runtime", default="torch", help="torch | ort (with --mid)")
     args = ap.parse_args()
     if args.mid:
-        return mid_size()
+        return mid_size(args.runtime)
     dev = torch.device("cpu")
     table = Table(title=f"calibrated latency model, PyTorch CPU ({torch.get_num_threads()} threads), batch 1")
     for col in ("demo", "search cost", "metric", "measured ms", "predicted ms", "error", "params kept"):
@@ -62,12 +63,12 @@ def main() -> None:
     Console(width=150).print(table)
 
 
-def mid_size() -> None:
+def mid_size(runtime: str = "torch") -> None:
     """Latency prediction where width, not overhead, sets the time: random weights, slimmed at 0.5."""
     from upop.adapters import all_adapters
 
     dev = torch.device("cpu")
-    table = Table(title=f"calibrated latency model on mid-size models, PyTorch CPU ({torch.get_num_threads()} threads)")
+    table = Table(title=f"calibrated latency model on mid-size models, {runtime} on CPU ({torch.get_num_threads()} threads)")
     for col in ("model", "ratio", "measured ms", "predicted ms", "error"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for adapter in all_adapters():
@@ -77,16 +78,16 @@ def mid_size() -> None:
         torch.manual_seed(0)
         model = adapter.build(cls, adapter.random_config(cls, hidden=384, layers=6, heads=6, image_size=224,
                                                         patch_size=16, vocab=1000)).eval()
-        prof = read_file(_write(calibrate(model, adapter, load("cpu-x86"), device=dev, points=5)))
+        prof = read_file(_write(calibrate(model, adapter, load("cpu-x86"), device=dev, points=5, runtime=runtime)))
         batch = adapter.example_inputs(model, batch_size=1, seq_len=32, generator=torch.Generator().manual_seed(0))
-        table.add_row(cls, "0", f"{measure_forward_ms(model, adapter, 1, 32, dev):.2f}",
+        table.add_row(cls, "0", f"{measure_forward_ms(model, adapter, 1, 32, dev, runtime=runtime):.2f}",
                       f"{predicted_latency_ms(model, adapter, prof):.2f}", "")
         for ratio in (0.3, 0.6):
             m = adapter.build(cls, model.config)
             m.load_state_dict(model.state_dict())
             res = upop.compress(m.eval(), upop.CompressConfig(ratio=ratio, search=upop.SearchConfig(steps=2, lr=0.0),
                                                               retrain=upop.RetrainConfig(epochs=0)), batches=[batch])
-            meas = measure_forward_ms(res.model, adapter, 1, 32, dev)
+            meas = measure_forward_ms(res.model, adapter, 1, 32, dev, runtime=runtime)
             pred = predicted_latency_ms(res.model, adapter, prof)
             table.add_row(cls, f"{ratio}", f"{meas:.2f}", f"{pred:.2f}", f"{100 * (pred - meas) / meas:+.1f}%")
     Console(width=150).print(table)

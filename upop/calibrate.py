@@ -72,16 +72,57 @@ def _sweep(full: int, points: int) -> list[int]:
     return ws
 
 
-def time_block(sig: dict[str, Any], width: int, batch: int, device: torch.device, warmup: int, runs: int) -> float:
+def time_block(sig: dict[str, Any], width: int, batch: int, device: torch.device, warmup: int, runs: int,
+               runtime: str = "torch") -> float:
     block = _block(sig, width).to(device).eval()
     x = torch.randn(batch, sig["tq"], sig["d_q"] if sig["kind"] == "attn" else sig["d_in"], device=device)
     kv = torch.randn(batch, sig["tkv"], sig["d_kv"], device=device) if sig["kind"] == "attn" else x
+    if runtime == "ort":
+        return ort_time(block, {"x": x, "kv": kv}, device, warmup, runs)
     with torch.inference_mode():
         return percentile(time_fn(lambda: block(x, kv), warmup, runs, device.type == "cuda"), 0.5)
 
 
+class _Positional(nn.Module):
+    """Calls a module with keyword inputs given positionally (what the ONNX exporter passes)."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str], pick: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.module, self.names, self.pick = module, list(names), pick
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.module, (_Attention, _MLP)):
+            return self.module(*args)
+        return self.pick(self.module(**dict(zip(self.names, args))))
+
+
+def ort_time(module: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device, warmup: int, runs: int,
+             pick: Callable[[Any], torch.Tensor] | None = None) -> float:
+    """p50 ms of ``module`` exported to ONNX (static shapes) and run in ONNX Runtime."""
+    import os
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    wrapper = _Positional(module.cpu(), list(inputs), pick or (lambda out: out))
+    cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "block.onnx")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, tuple(cpu_inputs.values()), path, input_names=list(cpu_inputs),
+                              opset_version=17, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(path, opts, providers=providers)
+        feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
+        return percentile(time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False), 0.5)
+
+
 def calibrate(model: nn.Module, adapter: Any, base: Any, *, device: torch.device, granularity: str = "dim",
-              points: int = 6, warmup: int = 3, runs: int = 15,
+              points: int = 6, warmup: int = 3, runs: int = 15, runtime: str = "torch",
               log: Callable[[str], None] | None = None) -> Any:
     """A copy of profile ``base`` whose latency model is measured here for ``model``'s blocks."""
     batch, text = base.shapes.batch, base.shapes.text_tokens
@@ -95,31 +136,37 @@ def calibrate(model: nn.Module, adapter: Any, base: Any, *, device: torch.device
             continue
         full = s.num_units(granularity)
         widths = _sweep(full, points)
-        ms = [time_block(sig, w, batch, device, warmup, runs) for w in widths]
+        ms = [time_block(sig, w, batch, device, warmup, runs, runtime) for w in widths]
         entry = {**sig, "widths": widths, "ms": ms}
         seen[key] = entry
         blocks.append(entry)
         if log:
             log(f"{sig['kind']} {sig.get('d_q', sig.get('d_in'))}→{sig['d_out']} tokens {sig['tq']}: "
                 + ", ".join(f"{w}:{m:.3f}" for w, m in zip(widths, ms)))
-    table = {"blocks": blocks, "rest_ms": 0.0, "granularity": granularity, "device": str(device)}
+    table = {"blocks": blocks, "rest_ms": 0.0, "granularity": granularity, "device": str(device),
+             "runtime": runtime}
     profile = dataclasses.replace(base, latency_model="table", table=table, name=f"{base.name}-calibrated",
                                   description=f"{base.description}; latency measured on this machine ({device})")
     from .hardware import predicted_latency_ms
 
-    full_ms = measure_forward_ms(model, adapter, batch, text, device, warmup, runs)
+    full_ms = measure_forward_ms(model, adapter, batch, text, device, warmup, runs, runtime)
     blocks_ms = predicted_latency_ms(model, adapter, profile, granularity)
     table["rest_ms"] = max(0.0, full_ms - blocks_ms)
     return profile
 
 
 def measure_forward_ms(model: nn.Module, adapter: Any, batch: int, text_tokens: int, device: torch.device,
-                       warmup: int = 3, runs: int = 15) -> float:
+                       warmup: int = 3, runs: int = 15, runtime: str = "torch") -> float:
     """p50 of one forward of the whole model at the reference shapes (what the prediction is checked against)."""
     model = model.to(device).eval()
     inputs = adapter.example_inputs(model, batch_size=batch, seq_len=text_tokens,
                                     generator=torch.Generator().manual_seed(0))
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    if runtime == "ort":
+        def first_tensor(out: Any) -> torch.Tensor:
+            return next(v for v in out.values() if isinstance(v, torch.Tensor))
+
+        return ort_time(model, inputs, device, warmup, runs, pick=first_tensor)
     with torch.inference_mode():
         return percentile(time_fn(lambda: model(**inputs), warmup, runs, device.type == "cuda"), 0.5)
 
@@ -159,7 +206,7 @@ def to_toml(profile: Any) -> str:
                 lines.append(f"{k} = {val(v)}")
     t = profile.table
     lines += ["", "[table]", f"rest_ms = {val(float(t['rest_ms']))}", f"granularity = {val(t['granularity'])}",
-              f"device = {val(t['device'])}"]
+              f"device = {val(t['device'])}", f"runtime = {val(t.get('runtime', 'torch'))}"]
     for b in t["blocks"]:
         lines += ["", "[[table.blocks]]"] + [f"{k} = {val(v)}" for k, v in b.items()]
     return "\n".join(lines) + "\n"

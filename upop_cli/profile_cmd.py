@@ -96,12 +96,17 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
     from upop.errors import ConfigError
     from upop.profiles import load, read_file
 
-    if runtime != "torch":
-        raise ConfigError(f"calibration with --runtime {runtime} is not built yet; use --runtime torch")
+    if runtime == "trt":
+        from upop.exporters.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        raise ConfigError("calibration with --runtime trt is not built yet; use --runtime torch or ort")
+    if runtime not in ("torch", "ort"):
+        raise ConfigError(f"--runtime must be torch, ort or trt, got {runtime!r}")
     src = _open(model, None)
     console = Console(stderr=True, quiet=quiet)
     prof = calibrate(src.model, src.adapter, load(base), device=resolve_device(device), granularity=granularity,
-                     log=lambda m: console.log(m))
+                     runtime=runtime, log=lambda m: console.log(m))
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(to_toml(prof))
     read_file(tmp)  # what was written loads back as a valid profile
