@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import upop
 from upop.adapters import all_adapters
 from upop.exporters import get
+from upop.latency import ort_session
 
 SEQ = 32
 
@@ -36,12 +37,7 @@ def graph_flops(graph, batch: int) -> int:
 
 
 def latency(path: Path, graph, batch: int, runs: int, threads: int) -> float:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads=threads)
     names = {i.name for i in sess.get_inputs()}
     feed = {k: v.numpy() for k, v in graph.make_inputs(batch, SEQ).items() if k in names}
     for _ in range(3):

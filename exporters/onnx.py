@@ -24,6 +24,7 @@ from torch import nn
 
 from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
+from upop.latency import ort_session
 
 from . import register
 
@@ -67,14 +68,6 @@ def load_for_export(source: str | Path) -> Loaded:
     return Loaded(loaded.model, loaded.adapter, str(source), False)
 
 
-def _ort_session(path: Path, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-
-
 def _io_spec(model_proto) -> dict[str, list[dict[str, Any]]]:
     import onnx
 
@@ -94,7 +87,7 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 def check_parity(graph, path: Path, batches: tuple[int, ...], seq: int, tol: float, relative_to_scale: bool,
                  seed: int = 0) -> list[dict[str, Any]]:
     """Run the ONNX graph and the PyTorch wrapper on the same random inputs; raise on a mismatch."""
-    sess = _ort_session(path)
+    sess = ort_session(path)
     wanted = [i.name for i in sess.get_inputs()]  # the exporter drops inputs the graph never reads
     results = []
     for b in batches:

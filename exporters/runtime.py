@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from upop.errors import UpopError
+from upop.latency import ort_session
 
 
 class ExportFolderError(UpopError):
@@ -34,9 +35,7 @@ class OrtModel:
         self.sessions: dict[str, Any] = {}
         for g in self.manifest["graphs"]:
             f = g["fp16"]["file"] if fp16 and "fp16" in g else g["file"]
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            self.sessions[g["name"]] = ort.InferenceSession(str(self.dir / f), opts, providers=self.providers)
+            self.sessions[g["name"]] = ort_session(self.dir / f, self.providers)
 
     def providers_used(self) -> dict[str, list[str]]:
         return {k: s.get_providers() for k, s in self.sessions.items()}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .latency import percentile, time_fn
+from .latency import ort_session, percentile, time_fn
 from .units import AttentionSpec, ModuleSpec
 
 
@@ -43,7 +43,7 @@ class _MLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_in, width), nn.Linear(width, d_out)
 
-    def forward(self, x: torch.Tensor, _kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # kv unused: same signature as _Attention
         return self.fc2(F.gelu(self.fc1(x)))
 
 
@@ -91,8 +91,6 @@ class _Positional(nn.Module):
         self.module, self.names, self.pick = module, list(names), pick
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.module, (_Attention, _MLP)):
-            return self.module(*args)
         return self.pick(self.module(**dict(zip(self.names, args))))
 
 
@@ -103,8 +101,6 @@ def ort_time(module: nn.Module, inputs: dict[str, torch.Tensor], device: torch.d
     import tempfile
     import warnings
 
-    import onnxruntime as ort
-
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     wrapper = _Positional(module.cpu(), list(inputs), pick or (lambda out: out))
     cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
@@ -114,9 +110,7 @@ def ort_time(module: nn.Module, inputs: dict[str, torch.Tensor], device: torch.d
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, tuple(cpu_inputs.values()), path, input_names=list(cpu_inputs),
                               opset_version=17, dynamo=False)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=providers)
+        sess = ort_session(path, providers)
         feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
         return percentile(time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False), 0.5)
 

@@ -34,10 +34,6 @@ def allowed_sizes(specs: Sequence[ModuleSpec], granularity: str, profile: Any) -
     return out
 
 
-def is_aligned(spec: ModuleSpec, kept: int, granularity: str, profile: Any) -> bool:
-    return kept == spec.num_units(granularity) or kept in allowed_sizes([spec], granularity, profile)[spec.name]
-
-
 def _unit_flops_bytes(model: nn.Module, spec: ModuleSpec, granularity: str, tokens: tuple[int, int], batch: int,
                       bytes_per_param: int) -> tuple[float, float]:
     tq, tkv = tokens

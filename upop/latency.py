@@ -95,6 +95,17 @@ def profile_torch(model: torch.nn.Module, adapter: Any, target: str, batches: Se
     return out
 
 
+def ort_session(path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Any:
+    """An ONNX Runtime session with upop's settings (quiet log; CPU unless providers say otherwise)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+
+
 def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], device: str = "cpu",
                 precision: str = "fp32", warmup: int = 5, runs: int = 30, threads: int | None = None) -> list[Run]:
     import json
@@ -111,11 +122,7 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
         if precision == "fp16" and "fp16" not in g:
             raise ConfigError(f"{export_dir} has no FP16 graphs: export with --fp16")
         path = Path(export_dir) / (g["fp16"]["file"] if precision == "fp16" else g["file"])
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(path), opts, providers=wanted)
+        sess = ort_session(path, wanted, threads)
         provider = sess.get_providers()[0]
         for b in batches:
             feed = {}

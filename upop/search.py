@@ -156,7 +156,6 @@ def magnitude_marks(model: nn.Module, table: UnitTable, ratio: float) -> torch.T
     for i, spec in enumerate(table.specs):
         n = spec.num_units(table.granularity)
         if spec.kind == "attn":
-            score = torch.zeros(n, dtype=torch.float64)
             width = spec.num_heads * spec.head_dim  # type: ignore[union-attr]
             per_feat = torch.zeros(width, dtype=torch.float64)
             for proj in spec.in_projs:  # type: ignore[union-attr]

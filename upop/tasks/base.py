@@ -7,7 +7,7 @@ different implementations (BLIP retrieval uses ITC + ITM; CLIP a contrastive los
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -154,6 +154,9 @@ class Task:
     name: ClassVar[str]
     primary: ClassVar[str]
     trainable: ClassVar[bool] = True
+    #: which ANNOTATION_NAMES entry the split files follow, and the reader for them (JSON-based tasks)
+    annotation: ClassVar[str]
+    reader: ClassVar[Callable[..., list[Any]]]
 
     def __init__(self, adapter: Any, prep: Preprocessor, data_dir: str | Path, batch_size: int = 32,
                  eval_batch_size: int = 64, seed: int = 0, model: nn.Module | None = None, **options: Any):
@@ -163,6 +166,11 @@ class Task:
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.options = options
         self.images = ImageStore(prep)
+
+    def _records(self, split: str, limit: int | None = None) -> list[Any]:
+        """The split's records (the first ``limit`` of them), read from the data folder."""
+        recs = type(self).reader(find_annotation(self.data_dir, self.annotation, split), self.options.get("image_root"))
+        return recs[:limit] if limit else recs
 
     def train_batches(self) -> Batches:
         raise NotImplementedError

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_retrieval, read_vqa
-from .base import Batches, Task, device_of, find_annotation, register_task, to_device
+from .base import Batches, Task, device_of, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
 
@@ -26,10 +26,8 @@ def _decoder_ids(task: Task, model: nn.Module, texts: list[str], max_length: int
 class BlipCaption(Task):
     name = "caption"
     primary = "cider"
-
-    def _records(self, split: str, limit: int | None = None):
-        recs = read_retrieval(find_annotation(self.data_dir, "caption", split), self.options.get("image_root"))
-        return recs[:limit] if limit else recs
+    annotation = "caption"
+    reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
         recs = self._records("train")
@@ -69,10 +67,8 @@ class BlipCaption(Task):
 class BlipVQA(Task):
     name = "vqa"
     primary = "vqa_acc"
-
-    def _records(self, split: str, limit: int | None = None):
-        recs = read_vqa(find_annotation(self.data_dir, "vqa", split), self.options.get("image_root"))
-        return recs[:limit] if limit else recs
+    annotation = "vqa"
+    reader = staticmethod(read_vqa)
 
     def train_batches(self) -> Batches:
         recs = [r for r in self._records("train") if r.answers]

@@ -10,17 +10,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..datasets.readers import read_retrieval
-from .base import Batches, Task, device_of, find_annotation, register_task, to_device
+from .base import Batches, Task, device_of, register_task, to_device
 from .metrics import recall_at_k
 
 
 class _RetrievalData(Task):
     name = "retrieval"
     primary = "r_mean"
-
-    def _records(self, split: str, limit: int | None = None):
-        recs = read_retrieval(find_annotation(self.data_dir, "retrieval", split), self.options.get("image_root"))
-        return recs[:limit] if limit else recs
+    annotation = "retrieval"
+    reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
         recs = self._records("train")
