@@ -29,3 +29,32 @@ def cycle(batches: Iterable[Any]) -> Iterator[Any]:
             yield b
         if empty:
             raise ValueError("no batches to train on")
+
+
+class Stream:
+    """Endless batches with a position that a checkpoint can hold and a resumed run start from.
+
+    A ``Batches`` resumes at once from its own position; any other iterable is re-iterated and
+    the batches already trained on are skipped.
+    """
+
+    def __init__(self, batches: Iterable[Any], position: dict[str, Any] | None = None):
+        self.taken = int(position["taken"]) if position else 0
+        self._source = batches if hasattr(batches, "endless") else None
+        if self._source is not None:
+            self._it = self._source.endless(position.get("sampler") if position else None)
+        else:
+            self._it = cycle(batches)
+            for _ in range(self.taken):
+                next(self._it)
+
+    def __next__(self) -> Any:
+        batch = next(self._it)
+        self.taken += 1
+        return batch
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def position(self) -> dict[str, Any]:
+        return {"taken": self.taken, "sampler": dict(self._source.position) if self._source is not None else None}

@@ -18,6 +18,8 @@ from ._version import __version__
 from .adapters import Adapter, get_adapter
 from .checkpoint import SlimInfo, Stage, is_slim_checkpoint, load_slim, save_slim, info_from_manifest
 from .config import CompressConfig
+from .distributed import device_for, restart_count, rng_state
+from .distributed import init as init_distributed
 from .errors import CheckpointError, ConfigError
 from .flops import flops_per_tower, params_per_tower
 from .hub import load_pretrained
@@ -29,15 +31,16 @@ from .slim import slim_model
 class RunState:
     """An interrupted run's state: one torch file, written atomically, read with weights_only."""
 
-    def __init__(self, folder: str | Path, config: CompressConfig):
+    def __init__(self, folder: str | Path, config: CompressConfig, run: dict[str, Any] | None = None):
         self.folder, self.config = Path(folder), config.to_dict()
+        self.run = run or {}
         self.path = self.folder / "state.pt"
 
     def save(self, state: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(".state.pt.tmp")
-        torch.save({"config": self.config, **state}, tmp)
-        os.replace(tmp, self.path)
+        torch.save({"config": self.config, "run": self.run, **state}, tmp)
+        os.replace(tmp, self.path)  # a kill -9 mid-write leaves the previous state intact
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -49,6 +52,11 @@ class RunState:
         if state.get("config") != self.config:
             raise ConfigError(f"the interrupted run in {self.folder} used other settings; "
                               "resume with the same options, or delete that folder")
+        was = state.get("run") or {}
+        for key, what in (("world_size", "processes"), ("per_rank_batch", "as batch size per process")):
+            if key in was and key in self.run and was[key] != self.run[key]:
+                raise ConfigError(f"the interrupted run in {self.folder} ran with {was[key]} {what}, this one with "
+                                  f"{self.run[key]}; resume with the same --nproc and --batch-size")
         return state
 
     def clear(self) -> None:
@@ -168,6 +176,7 @@ def compress(
     progress: Callable[[str, dict[str, float]], None] | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> CompressResult:
     """Compress ``model`` (a module, alias, demo name, hub id, local folder or slim checkpoint).
 
@@ -178,12 +187,22 @@ def compress(
     higher is better).
 
     With ``state_dir``, Ctrl-C during the search or the retrain writes the run's state there;
-    ``resume=True`` continues from it (same settings required) and removes it when done.
+    ``resume=True`` continues from it (same settings required) and removes it when done. With
+    ``checkpoint_every`` > 0 the state is also written every that many steps and at the end of each
+    phase, so a killed run (kill -9, a lost node) resumes from its last checkpoint.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: ``batch_size`` is per rank, the task's
+    batches are sharded, evaluations gather across ranks, and only rank 0 reports progress and
+    writes the state; after an elastic restart the run resumes by itself.
     """
     config = config or CompressConfig()
     config.validate()
     check_profile(config.profile)
-    device = resolve_device(config.device)
+    dist = init_distributed(config.device)
+    device = device_for(dist, resolve_device(config.device))
+    if not dist.is_main:
+        progress = None
+    restarted = restart_count() > 0
     src = _open(model, task)
     net, adapter = src.model.to(device), src.adapter
     report_fn = None
@@ -193,6 +212,10 @@ def compress(
         ts = setup_task(src, task, data, preprocessor, batch_size, config.search.seed, eval_limit)
         batches, report_fn, primary, task_name = ts.batches, ts.report_fn, ts.task.primary, ts.task.name
         loss_fn, eval_fn = loss_fn or ts.loss_fn, eval_fn or ts.eval_fn
+    if dist.enabled:
+        batches = batches.shard(dist.rank, dist.world) if hasattr(batches, "shard") else batches
+        if retrain_batches is not None and hasattr(retrain_batches, "shard"):
+            retrain_batches = retrain_batches.shard(dist.rank, dist.world)
     loss = loss_fn or adapter.native_loss
     def stage(name: str) -> ProgressFn | None:
         return (lambda rec: progress(name, rec)) if progress is not None else None
@@ -216,12 +239,40 @@ def compress(
     t0 = time.perf_counter()
     example = adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     params_before, flops_before = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
-    test_before = report_fn(net) if report_fn is not None else None
-    metric_before = float(eval_fn(net)) if eval_fn is not None else None
-    store = RunState(state_dir, config) if state_dir is not None else None
-    saved = store.load() if (store is not None and resume) else None
-    if resume and saved is None:
+    per_rank = getattr(batches, "bs", batch_size)
+    run_info = {"world_size": dist.world, "per_rank_batch": per_rank, "effective_batch": per_rank * dist.world,
+                "backend": torch.distributed.get_backend() if dist.enabled else None}
+    store = RunState(state_dir, config, run_info) if state_dir is not None else None
+    saved = store.load() if (store is not None and (resume or restarted)) else None
+    if resume and saved is None and not restarted:
         raise ConfigError(f"nothing to resume: no interrupted run in {state_dir}")
+    if saved is not None:
+        test_before, metric_before = saved["pre"]["test_before"], saved["pre"]["metric_before"]
+    else:
+        test_before = report_fn(net) if report_fn is not None else None
+        metric_before = float(eval_fn(net)) if eval_fn is not None else None
+    pre = {"test_before": test_before, "metric_before": metric_before}
+
+    def saver(phase: str, extra: dict[str, Any]) -> Callable[[Callable[[], dict[str, Any]]], None] | None:
+        """A checkpoint writer: every rank's RNG gathered, the state built and written by rank 0."""
+        if store is None:
+            return None
+
+        def write(state_fn: Callable[[], dict[str, Any]]) -> None:
+            rngs = dist.gather(rng_state())
+            if dist.is_main:
+                state = state_fn()
+                state["rng"] = rngs
+                store.save({"phase": phase, phase: state, "pre": pre, **extra})
+            dist.barrier()
+
+        return write
+
+    def on_interrupt(phase: str, extra: dict[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+        if store is None:
+            return None
+        return lambda st: store.save({"phase": phase, phase: st, "pre": pre, **extra})
+
     specs = adapter.modules(net)
     hw = hardware_plan(net, adapter, specs, config)
     if saved is not None and saved["phase"] == "retrain":
@@ -229,23 +280,31 @@ def compress(
     else:
         result = search(net, specs, loss, batches, config.search, progress=stage("search"),
                         unit_costs=hw.get("unit_costs"), allowed_sizes=hw.get("allowed"),
-                        resume=saved["search"] if saved else None,
-                        on_interrupt=(lambda st: store.save({"phase": "search", "search": st})) if store else None)
+                        resume=_own_rng(saved["search"], dist.rank) if saved else None,
+                        on_interrupt=on_interrupt("search", {}),
+                        checkpoint=saver("search", {}), checkpoint_every=checkpoint_every)
     slim_model(net, specs, result.kept, config.granularity, adapter, zeta=result.zeta)
+    search_dict = dataclasses.asdict(result)
+    if saved is not None and saved["phase"] == "retrain" and saved.get("retrain") is None:
+        net.load_state_dict(saved["slim_model"])
+    elif store is not None and checkpoint_every > 0 and (saved is None or saved["phase"] == "search"):
+        # The end of the search is a checkpoint: a crash in retraining does not redo the search.
+        if dist.is_main:
+            store.save({"phase": "retrain", "retrain": None, "search_result": search_dict, "pre": pre,
+                        "slim_model": {k: v.detach().cpu() for k, v in net.state_dict().items()}})
+        dist.barrier()
     src.info.stages.append(Stage(granularity=config.granularity, ratio=config.ratio, kept=result.kept,
                                  units={s.name: s.num_units(config.granularity) for s in specs}))
     src.info.profile = config.profile
     metric_slim = float(eval_fn(net)) if eval_fn is not None else None
-    on_retrain_interrupt = None
-    if store is not None:
-        search_dict = dataclasses.asdict(result)
-        on_retrain_interrupt = lambda st: store.save(  # noqa: E731
-            {"phase": "retrain", "search_result": search_dict, "retrain": st})
     rt = retrain(net, loss, retrain_batches if retrain_batches is not None else batches, config.retrain,
                  eval_fn=eval_fn, progress=stage("retrain"),
-                 resume=saved["retrain"] if saved is not None and saved["phase"] == "retrain" else None,
-                 on_interrupt=on_retrain_interrupt)
-    if store is not None:
+                 resume=_own_rng(saved["retrain"], dist.rank) if saved is not None and saved["phase"] == "retrain"
+                 and saved.get("retrain") is not None else None,
+                 on_interrupt=on_interrupt("retrain", {"search_result": search_dict}),
+                 checkpoint=saver("retrain", {"search_result": search_dict}), checkpoint_every=checkpoint_every)
+    dist.barrier()
+    if store is not None and dist.is_main:
         store.clear()
     metric_after = rt.best_metric if rt.best_metric is not None else metric_slim
     params_after, flops_after = params_per_tower(net, adapter), flops_per_tower(net, adapter, example)
@@ -275,12 +334,27 @@ def compress(
         "flops": {"before": flops_before, "after": flops_after, "inputs": "one example, batch 1"},
         "modules": module_report(specs, result, config.granularity),
         "hardware": hw.get("report"),
+        "distributed": run_info,
+        "resumed_from": _resume_point(saved),
         "search": {"steps": result.steps, "history": result.history},
         "retrain": {"history": rt.history, "evals": rt.evals},
         "seconds": time.perf_counter() - t0,
     }
     return CompressResult(model=net, report=report, search=result, info=src.info, processor=src.processor,
                           config=config)
+
+
+def _own_rng(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A checkpoint holds every rank's RNG state (a list); each rank continues with its own."""
+    rng = state["rng"]
+    return {**state, "rng": rng[rank] if isinstance(rng, list) else rng}
+
+
+def _resume_point(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    if saved is None:
+        return None
+    inner = saved.get(saved["phase"])
+    return {"phase": saved["phase"], "step": int(inner["step"]) if inner else 0}
 
 
 def hardware_plan(model: nn.Module, adapter: Adapter, specs: list, config: CompressConfig) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import amp_dtype, autocast, cycle
+from ._train import Stream, amp_dtype, autocast
+from .distributed import current, loss_runner, rng_state, set_rng_state
 from .config import RetrainConfig
 from .search import LossFn, ProgressFn
 
@@ -51,15 +52,21 @@ def retrain(
     progress: ProgressFn | None = None,
     resume: dict[str, Any] | None = None,
     on_interrupt: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: Callable[[Callable[[], dict[str, Any]]], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> RetrainResult:
     """Train ``model`` in place; with ``eval_fn`` (higher is better) the best state is kept.
 
     Epoch 0 is the slim model before any retraining, so retraining can never make the
     returned model worse on the evaluation than what the search left. On Ctrl-C,
     ``on_interrupt`` receives the state after the last finished step; ``resume`` takes it back.
+    ``checkpoint`` is called every ``checkpoint_every`` steps and after each epoch's evaluation with
+    a function returning that state. Under torchrun the model trains through DDP; ``eval_fn`` must
+    give every rank the same number (the tasks' evaluations gather across ranks).
     """
     config.validate()
-    torch.manual_seed(config.seed)
+    dist = current()
+    torch.manual_seed(config.seed + dist.rank)
     result = RetrainResult()
     steps = config.steps_per_epoch if config.steps_per_epoch is not None else len(batches)  # type: ignore[arg-type]
     total = config.epochs * steps
@@ -89,16 +96,17 @@ def retrain(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(config.warmup_ratio * total), total))
     dtype = amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    it = cycle(batches)
     step = 0
+    it = Stream(batches, resume.get("data") if resume is not None else None)
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         step = int(resume["step"])
-        for _ in range(step):  # the same batches in the same order as the interrupted run
-            next(it)
-        torch.set_rng_state(resume["rng"])
+        if resume.get("data") is None:  # skip the batches the interrupted run trained on
+            for _ in range(step):
+                next(it)
+        set_rng_state(resume["rng"])
         if step % steps == 0 and step and (not result.evals or result.evals[-1]["epoch"] < step // steps):
             evaluate(step // steps)  # the interrupted run stopped inside this evaluation
 
@@ -106,7 +114,10 @@ def retrain(
         return {"step": step, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "evals": list(result.evals),
                 "history": list(result.history), "best_metric": result.best_metric, "best_epoch": result.best_epoch,
-                "best_state": best_state, "rng": torch.get_rng_state()}
+                "best_state": best_state, "rng": rng_pos, "data": data_pos}
+
+    run_loss = loss_runner(model, loss_fn)
+    data_pos, rng_pos = it.position(), rng_state()  # after the last finished step
 
     try:
         while step < total:
@@ -114,7 +125,7 @@ def retrain(
             model.train()
             batch = next(it)
             with autocast(device, dtype):
-                loss = loss_fn(model, batch)
+                loss = run_loss(batch)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -128,6 +139,7 @@ def retrain(
                 opt.step()
             sched.step()
             step += 1
+            data_pos, rng_pos = it.position(), rng_state()
             rec = {"step": float(step), "epoch": float(epoch), "loss": float(loss.detach()),
                    "lr": float(sched.get_last_lr()[0])}
             result.history.append(rec)
@@ -135,8 +147,11 @@ def retrain(
                 progress(rec | {"total": float(total)})
             if step % steps == 0:
                 evaluate(epoch)
+            if checkpoint is not None and step < total and (
+                    step % steps == 0 or (checkpoint_every > 0 and step % checkpoint_every == 0)):
+                checkpoint(state)
     except KeyboardInterrupt:
-        if on_interrupt is not None:
+        if on_interrupt is not None and not dist.enabled:
             on_interrupt(state())
         raise
     if best_state is not None:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import amp_dtype, autocast, cycle
+from ._train import Stream, amp_dtype, autocast
+from .distributed import current, loss_runner, mask_digest, rng_state, set_rng_state
 from .config import SearchConfig
 from .masks import MaskSet
 from .units import ModuleSpec
@@ -255,6 +256,8 @@ def search(
     resume: dict[str, Any] | None = None,
     on_interrupt: Callable[[dict[str, Any]], None] | None = None,
     allowed_sizes: Mapping[str, Sequence[int]] | None = None,
+    checkpoint: Callable[[Callable[[], dict[str, Any]]], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> SearchResult:
     """Run UPop's search on ``model`` (trained in place) and return the units to keep.
 
@@ -262,11 +265,18 @@ def search(
     optimizer, accumulated importance, marks, π, history, RNG); passing that state back as
     ``resume`` continues the run, π schedule included, where it stopped. ``allowed_sizes`` (kept
     unit counts per module, from a hardware profile) makes every selection an aligned one.
+    ``checkpoint`` is called every ``checkpoint_every`` steps with a function returning that state
+    (called on every rank; it decides who builds and writes the state).
+
+    Under torchrun the model runs through DDP, the mask gradients are averaged over the ranks (so
+    every rank accumulates the same importance), and a hash of the masks is compared across ranks
+    at every mask update.
     """
     config.validate()
     if not specs:
         raise ValueError("the model has no compressible modules")
-    torch.manual_seed(config.seed)
+    dist = current()
+    torch.manual_seed(config.seed + dist.rank)
     total = config.steps if config.steps is not None else config.epochs * len(batches)  # type: ignore[arg-type]
     if total < 1:
         raise ValueError("the search needs at least one step")
@@ -301,25 +311,29 @@ def search(
                 z.copy_(resume["zeta"][_spec.name])
         start = int(resume["step"]) + 1
     model.train()
-    it = cycle(batches)
-    for _ in range(start - 1):  # the same batches in the same order as the interrupted run
-        next(it)
+    it = Stream(batches, resume.get("data") if resume is not None else None)
+    if resume is not None and resume.get("data") is None:  # skip the batches the interrupted run trained on
+        for _ in range(start - 1):
+            next(it)
     if resume is not None:
-        torch.set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"])
+    run_loss = loss_runner(model, loss_fn)
     done = start - 1
+    # Position and RNG after the last finished step: an interrupt can land inside a step.
+    data_pos, rng_pos = it.position(), rng_state()
 
     def state() -> dict[str, Any]:
         return {"step": done, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
                 "importance": importance.clone(), "marked": marked.clone(), "pi": pi, "history": list(history),
-                "zeta": {s.name: z.detach().cpu().clone() for s, z in masks.items()}, "rng": torch.get_rng_state(),
-                "total": total}
+                "zeta": {s.name: z.detach().cpu().clone() for s, z in masks.items()}, "rng": rng_pos,
+                "total": total, "data": data_pos}
 
     try:
         for step in range(start, total + 1):
             batch = next(it)
             with autocast(device, dtype):
-                task_loss = loss_fn(model, batch)
+                task_loss = run_loss(batch)
             loss = (
                 task_loss.float()
                 + config.lambda_attn * masks.sparsity("attn")
@@ -333,7 +347,7 @@ def search(
                 g = z.grad if z.grad is not None else torch.zeros_like(z)
                 grads.append(g.detach().to("cpu", torch.float64))
                 z.grad = None
-            g_all = torch.cat(grads)
+            g_all = dist.all_reduce_mean(torch.cat(grads))
             if scaler is not None:
                 g_all /= scaler.get_scale()
             if torch.isfinite(g_all).all():
@@ -361,14 +375,17 @@ def search(
                         sel = marked[s : s + z.numel()].to(z.device)
                         z.fill_(1.0)
                         z[sel] = value
+                dist.check_same(mask_digest(marked, value), f"search step {step}")
             rec = {"step": float(step), "pi": pi, "loss": float(loss.detach()), "task_loss": float(task_loss.detach())}
             history.append(rec)
-            done = step
+            done, data_pos, rng_pos = step, it.position(), rng_state()
             if progress is not None:
                 progress(rec | {"total": float(total)})
+            if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < total:
+                checkpoint(state)
         zeta = masks.values()
     except KeyboardInterrupt:
-        if on_interrupt is not None:
+        if on_interrupt is not None and not dist.enabled:
             on_interrupt(state())
         raise
     finally:

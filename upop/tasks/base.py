@@ -120,24 +120,72 @@ class ImageStore:
 
 
 class Batches:
-    """A re-iterable list of training batches; each pass reshuffles with its own seed."""
+    """A re-iterable list of training batches; each pass reshuffles with its own seed.
+
+    Under torchrun each rank holds a ``shard``: the pass's order is padded to a multiple of the
+    world size (as torch's DistributedSampler does) and rank r takes every world-th item from r,
+    so the ranks' batches at one step together are exactly the batch one process would draw with
+    ``world × batch_size`` items. ``position`` after each batch (epoch, index, the pass's RNG)
+    lets a resumed run continue without re-reading the batches it already trained on.
+    """
 
     def __init__(self, n_items: int, batch_size: int, make, seed: int = 0, drop_last: bool = False):
         self.n, self.bs, self.make, self.seed, self.drop_last = n_items, batch_size, make, seed, drop_last
         self.epoch = 0
+        self.rank, self.world = 0, 1
+        self.position: dict[str, Any] = {"epoch": 0, "index": 0, "rng": None}
+
+    def shard(self, rank: int, world: int) -> "Batches":
+        out = Batches(self.n, self.bs, self.make, self.seed, self.drop_last)
+        out.rank, out.world = rank, world
+        return out
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.bs * self.world
 
     def __len__(self) -> int:
-        return self.n // self.bs if self.drop_last else -(-self.n // self.bs)
+        g = self.bs * self.world
+        return self.n // g if self.drop_last else -(-self.n // g)
+
+    def _batches(self, rng: random.Random) -> list[list[int]]:
+        order = list(range(self.n))
+        rng.shuffle(order)
+        if self.world > 1:
+            used = len(self) * self.bs * self.world if self.drop_last else -(-self.n // self.world) * self.world
+            order = (order * (1 + used // max(1, self.n)))[:used]
+            order = order[self.rank :: self.world]
+        return [order[s : s + self.bs] for s in range(0, len(self) * self.bs, self.bs) if order[s : s + self.bs]]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
         self.epoch += 1
-        order = list(range(self.n))
-        rng.shuffle(order)
-        for s in range(0, len(self) * self.bs, self.bs):
-            idx = order[s : s + self.bs]
-            if idx:
-                yield self.make(idx, rng)
+        for idx in self._batches(rng):
+            yield self.make(idx, rng)
+
+    def endless(self, position: dict[str, Any] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Pass after pass from ``position`` (a ``self.position`` of an earlier run) or the start."""
+        epoch, index, state = (int(position["epoch"]), int(position["index"]), position["rng"]) if position \
+            else (self.epoch, 0, None)
+        while True:
+            rng = random.Random(self.seed * 100003 + epoch)
+            batches = self._batches(rng)
+            if not batches:
+                raise ValueError("no batches to train on")
+            if state is not None:
+                rng.setstate(_as_rng_state(state))
+                state = None
+            for k in range(index, len(batches)):
+                batch = self.make(batches[k], rng)
+                self.position = {"epoch": epoch, "index": k + 1, "rng": rng.getstate()}
+                yield batch
+            epoch, index = epoch + 1, 0
+
+
+def _as_rng_state(state: Any) -> tuple:
+    """random.Random state back from a checkpoint (lists where tuples were)."""
+    version, internal, gauss = state
+    return (int(version), tuple(int(x) for x in internal), gauss)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

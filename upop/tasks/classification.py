@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..datasets.readers import DataError, read_classification
+from ..distributed import current
 from .base import Batches, Task, device_of, register_task, to_device
 from .metrics import topk_accuracy
 
@@ -81,12 +82,15 @@ class Classification(_ClassData):
         model.eval()
         logits, labels = [], []
         dev = device_of(model)
-        for s in range(0, len(items), self.eval_batch_size):
-            chunk = items[s : s + self.eval_batch_size]
+        dist = current()
+        mine = [items[i] for i in dist.shard(len(items))]  # under torchrun each rank scores its share
+        for s in range(0, len(mine), self.eval_batch_size):
+            chunk = mine[s : s + self.eval_batch_size]
             logits.append(model(pixel_values=self.images.get([p for p, _ in chunk]).to(dev)).logits.float().cpu())
             labels += [y for _, y in chunk]
         model.train(was)
-        res = topk_accuracy(torch.cat(logits), torch.tensor(labels))
+        local = torch.cat(logits) if logits else torch.empty(0)
+        res = topk_accuracy(dist.cat(local), torch.tensor(dist.concat(labels)))
         res["primary"] = res[self.primary]
         return res
 
@@ -110,11 +114,14 @@ class ZeroShotClassification(_ClassData):
         tok = to_device(self.prep.text([prompt.format(n.replace("_", " ")) for n in names]), dev)
         txt = self.adapter.encode_text(model, **tok).float()
         logits = []
-        for s in range(0, len(items), self.eval_batch_size):
-            px = self.images.get([p for p, _ in items[s : s + self.eval_batch_size]]).to(dev)
+        dist = current()
+        mine = [items[i] for i in dist.shard(len(items))]
+        for s in range(0, len(mine), self.eval_batch_size):
+            px = self.images.get([p for p, _ in mine[s : s + self.eval_batch_size]]).to(dev)
             _seq, img = self.adapter.encode_image(model, px)
             logits.append((img.float() @ txt.t()).cpu())
         model.train(was)
-        res = topk_accuracy(torch.cat(logits), torch.tensor([y for _, y in items]))
+        local = torch.cat(logits) if logits else torch.empty(0)
+        res = topk_accuracy(dist.cat(local), torch.tensor([y for _, y in items]))
         res["primary"] = res[self.primary]
         return res

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_retrieval, read_vqa
+from ..distributed import current
 from .base import Batches, Task, device_of, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
@@ -51,12 +52,15 @@ class BlipCaption(Task):
         model.eval()
         preds = []
         dev = device_of(model)
-        for s in range(0, len(recs), self.eval_batch_size):
-            px = self.images.get([r.image for r in recs[s : s + self.eval_batch_size]]).to(dev)
+        dist = current()  # under torchrun each rank captions its share; the captions are gathered
+        mine = [recs[i] for i in dist.shard(len(recs))]
+        for s in range(0, len(mine), self.eval_batch_size):
+            px = self.images.get([r.image for r in mine[s : s + self.eval_batch_size]]).to(dev)
             out = model.generate(pixel_values=px, max_new_tokens=int(self.options.get("max_new_tokens", 30)),
                                  num_beams=1, do_sample=False)
             preds += self.prep.decode(out)
         model.train(was)
+        preds = dist.concat(preds)
         refs = [r.captions for r in recs]
         res = {"bleu4": bleu4(preds, refs), "cider": cider_d(preds, refs)}
         res["primary"] = res[self.primary]
@@ -96,8 +100,10 @@ class BlipVQA(Task):
         model.eval()
         preds = []
         dev = device_of(model)
-        for s in range(0, len(recs), self.eval_batch_size):
-            chunk = recs[s : s + self.eval_batch_size]
+        dist = current()
+        mine = [recs[i] for i in dist.shard(len(recs))]
+        for s in range(0, len(mine), self.eval_batch_size):
+            chunk = mine[s : s + self.eval_batch_size]
             q = to_device(self.prep.text([r.question for r in chunk]), dev)
             px = self.images.get([r.image for r in chunk]).to(dev)
             out = model.generate(pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"],
@@ -105,6 +111,7 @@ class BlipVQA(Task):
                                  do_sample=False)
             preds += self.prep.decode(out)
         model.train(was)
+        preds = dist.concat(preds)
         res = {"vqa_acc": vqa_accuracy(preds, [r.answers for r in recs])}
         res["primary"] = res[self.primary]
         return res

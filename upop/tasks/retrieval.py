@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..datasets.readers import read_retrieval
+from ..distributed import current
 from .base import Batches, Task, device_of, register_task, to_device
 from .metrics import recall_at_k
 
@@ -40,18 +41,26 @@ class _RetrievalData(Task):
         for i, r in enumerate(recs):
             texts += r.captions
             text_img += [i] * len(r.captions)
-        img_feats, img_seqs, txt_feats, txt_tok = [], [], [], []
-        for s in range(0, len(recs), self.eval_batch_size):
-            px = self.images.get([r.image for r in recs[s : s + self.eval_batch_size]]).to(dev)
+        img_feats, img_seqs, txt_feats = [], [], []
+        # Under torchrun each rank embeds its share; the embeddings are gathered before ranking.
+        dist = current()
+        mine, my_texts = dist.shard(len(recs)), dist.shard(len(texts))
+        for s in range(mine.start, mine.stop, self.eval_batch_size):
+            px = self.images.get([r.image for r in recs[s : min(s + self.eval_batch_size, mine.stop)]]).to(dev)
             seq, feat = self.adapter.encode_image(model, px)
             img_feats.append(feat.float())
             if seq is not None:
                 img_seqs.append(seq)
-        for s in range(0, len(texts), self.eval_batch_size):
-            tok = to_device(self.prep.text(texts[s : s + self.eval_batch_size]), dev)
+        for s in range(my_texts.start, my_texts.stop, self.eval_batch_size):
+            tok = to_device(self.prep.text(texts[s : min(s + self.eval_batch_size, my_texts.stop)]), dev)
             txt_feats.append(self.adapter.encode_text(model, **tok).float())
-            txt_tok.append(tok)
-        return recs, texts, text_img, torch.cat(img_feats), img_seqs, torch.cat(txt_feats)
+        img, txt = _cat_or_none(img_feats), _cat_or_none(txt_feats)
+        seqs = [dist.cat(torch.cat(img_seqs))] if img_seqs else []
+        return recs, texts, text_img, dist.cat(img), seqs, dist.cat(txt)
+
+
+def _cat_or_none(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 @register_task("dual-retrieval")
@@ -116,14 +125,16 @@ class BlipRetrieval(_RetrievalData):
         tok = self.prep.text(texts)
         ids, mask = tok["input_ids"].to(dev), tok["attention_mask"].to(dev)
         kt, ki = min(k, sim.shape[1]), min(k, sim.shape[0])
-        for i in range(sim.shape[0]):
+        dist = current()  # each rank re-ranks its share of rows; the rest stay at -1e4 until the max-reduce
+        for i in dist.shard(sim.shape[0]):
             top = sim[i].topk(kt).indices
             score = self._itm(model, seq[i].expand(kt, -1, -1), ids[top], mask[top])
             i2t[i, top] = score + sim[i, top]
-        for j in range(sim.shape[1]):
+        for j in dist.shard(sim.shape[1]):
             top = sim[:, j].topk(ki).indices
             score = self._itm(model, seq[top], ids[j].expand(ki, -1), mask[j].expand(ki, -1))
             t2i[j, top] = score + sim[top, j]
+        i2t, t2i = dist.all_reduce_max(i2t), dist.all_reduce_max(t2i)
         model.train(was)
         out = recall_at_k(i2t.cpu(), text_img, sim_t2i=t2i.cpu())
         itc = recall_at_k(sim.cpu(), text_img)

@@ -1,0 +1,200 @@
+"""Running under torchrun: the process group, DDP, and the few collectives upop needs.
+
+upop does not launch or coordinate processes itself: ``torchrun`` (torch.distributed.run) starts
+them and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; this module joins that group (NCCL on
+GPUs, gloo on CPUs) and gives the library one object, ``current()``, to ask who it is. Outside
+torchrun every call here is a no-op on a world of one, so single-process code paths are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UpopError
+
+
+class MaskDivergenceError(UpopError):
+    """Ranks hold different masks: they would slim the model differently."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _dev(self) -> torch.device:
+        # NCCL moves only CUDA tensors; gloo only CPU ones.
+        if self.enabled and torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        buf = t.to(self._dev())
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+        return (buf / self.world).to(t.device, t.dtype)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        buf = t.to(self._dev())
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
+        return buf.to(t.device)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate each rank's rows (any count per rank) in rank order, on every rank."""
+        if not self.enabled:
+            return t
+        parts = [p for p in self.gather(t.detach().cpu()) if p.numel()]  # a rank may have had nothing
+        return torch.cat(parts).to(t.device) if parts else t
+
+    def concat(self, items: list[Any]) -> list[Any]:
+        if not self.enabled:
+            return items
+        return [x for part in self.gather(items) for x in part]
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of ``n`` items (so gathering in rank order keeps the order)."""
+        per, extra = divmod(n, self.world)
+        start = self.rank * per + min(self.rank, extra)
+        return range(start, start + per + (1 if self.rank < extra else 0))
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def check_same(self, digest: str, what: str) -> None:
+        """Raise on every rank if the ranks' digests differ."""
+        if not self.enabled:
+            return
+        seen = self.gather(digest)
+        if len(set(seen)) > 1:
+            groups: dict[str, list[int]] = {}
+            for r, d in enumerate(seen):
+                groups.setdefault(d, []).append(r)
+            parts = "; ".join(f"ranks {', '.join(map(str, rs))}: {d[:12]}" for d, rs in groups.items())
+            raise MaskDivergenceError(f"{what}: the masks differ across ranks ({parts}); every rank must rank the same "
+                                      "reduced importance — run the same upop, torch and data on every node")
+
+
+def mask_digest(marked: torch.Tensor, value: float) -> str:
+    """A hash of the mask state: which units are pushed down, and the value they hold."""
+    h = hashlib.sha256(marked.to(torch.uint8).cpu().numpy().tobytes())
+    h.update(repr(float(value)).encode())
+    return h.hexdigest()
+
+
+def current() -> Dist:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return Dist()
+    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def restart_count() -> int:
+    """How many times torchrun's elastic agent restarted this worker group (0 on the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def init(device: str) -> Dist:
+    """Join torchrun's process group when launched by it; a world of one otherwise.
+
+    The backend follows the device: NCCL for CUDA, gloo for CPU. Each rank takes the GPU numbered
+    by its LOCAL_RANK.
+    """
+    if not launched_by_torchrun():
+        return Dist()
+    if torch.distributed.is_initialized():
+        return current()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                              "lower --nproc-per-node")
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return current()
+
+
+def device_for(dist: Dist, device: torch.device) -> torch.device:
+    """Under torchrun, rank r uses GPU LOCAL_RANK rather than whichever one was named."""
+    if dist.enabled and device.type == "cuda":
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+class _LossModule(nn.Module):
+    """Makes ``loss_fn(model, batch)`` a module forward, so DDP sees (and syncs) every call."""
+
+    def __init__(self, model: nn.Module, loss_fn: Any):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def loss_runner(model: nn.Module, loss_fn: Any) -> Any:
+    """``batch -> loss``; under torchrun through DistributedDataParallel, which averages gradients.
+
+    ``find_unused_parameters``: a task's loss uses only part of the model (BLIP retrieval never
+    runs the decoder), which DDP must be told.
+    """
+    dist = current()
+    if not dist.enabled:
+        return lambda batch: loss_fn(model, batch)
+    dev = next(model.parameters()).device
+    ddp = nn.parallel.DistributedDataParallel(
+        _LossModule(model, loss_fn), device_ids=[dev.index] if dev.type == "cuda" else None,
+        find_unused_parameters=True)
+    return ddp
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
