@@ -197,6 +197,8 @@ def compress(
     """
     config = config or CompressConfig()
     config.validate()
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be 0 (phase ends only) or a positive step count, not {checkpoint_every}")
     check_profile(config.profile)
     dist = init_distributed(config.device)
     device = device_for(dist, resolve_device(config.device))

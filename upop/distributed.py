@@ -166,20 +166,53 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def loss_runner(model: nn.Module, loss_fn: Any) -> Any:
-    """``batch -> loss``; under torchrun through DistributedDataParallel, which averages gradients.
+def _graph_params(loss: torch.Tensor) -> set[int]:
+    """Ids of the leaf tensors the loss's autograd graph reaches."""
+    seen, ids, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            ids.add(id(var))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return ids
 
-    ``find_unused_parameters``: a task's loss uses only part of the model (BLIP retrieval never
-    runs the decoder), which DDP must be told.
+
+class _DDPRunner:
+    """``batch -> loss`` through DistributedDataParallel, which averages the gradients.
+
+    DDP must be told whether the loss leaves some parameters unused (BLIP retrieval never runs
+    the text pooler; a classifier uses everything), and guessing wrong costs an error or a graph
+    walk each step. So the first batch is run once outside DDP to find out, then again through it.
     """
+
+    def __init__(self, model: nn.Module, loss_fn: Any, dist: Dist):
+        self.model, self.loss_fn, self.dist = model, loss_fn, dist
+        self.ddp: nn.Module | None = None
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        if self.ddp is None:
+            probe = self.loss_fn(self.model, batch)
+            used = _graph_params(probe)
+            del probe
+            unused = any(id(p) not in used for p in self.model.parameters() if p.requires_grad)
+            unused = bool(self.dist.all_reduce_max(torch.tensor([float(unused)])).item())
+            dev = next(self.model.parameters()).device
+            self.ddp = nn.parallel.DistributedDataParallel(
+                _LossModule(self.model, self.loss_fn), device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=unused)
+        return self.ddp(batch)
+
+
+def loss_runner(model: nn.Module, loss_fn: Any) -> Any:
+    """``batch -> loss``; under torchrun through DDP (see ``_DDPRunner``)."""
     dist = current()
     if not dist.enabled:
         return lambda batch: loss_fn(model, batch)
-    dev = next(model.parameters()).device
-    ddp = nn.parallel.DistributedDataParallel(
-        _LossModule(model, loss_fn), device_ids=[dev.index] if dev.type == "cuda" else None,
-        find_unused_parameters=True)
-    return ddp
+    return _DDPRunner(model, loss_fn, dist)
 
 
 def rng_state() -> dict[str, Any]:

@@ -42,12 +42,25 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def run_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    d = report.get("distributed")
+    if d:
+        lines.append(f"- processes: {d['world_size']} × batch {d['per_rank_batch']} = effective batch "
+                     f"{d['effective_batch']}" + (f" ({d['backend']})" if d.get("backend") else ""))
+    r = report.get("resumed_from")
+    if r:
+        lines.append(f"- resumed from the {r['phase']} checkpoint at step {r['step']}")
+    return lines
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# upop report: {report['model']}", "",
              f"- task: {report['task']} ({report['model_class']}, family {report['family']})",
              f"- ratio: {report['ratio']} ({report['granularity']} granularity), removed share of compressible cost: "
              f"{report['removed_cost_share']:.3f}", f"- profile: {report.get('profile') or 'none (parameter cost)'}",
-             f"- time: {report['seconds']:.0f} s", "", "| | before | after | after/before |", "|---|---|---|---|"]
+             f"- time: {report['seconds']:.0f} s", *run_lines(report),
+             "", "| | before | after | after/before |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     lines += ["", "## Kept units per module", "", "| tower | module | kind | kept / units | shape |", "|---|---|---|---|---|"]
     for r in report["modules"]:

@@ -140,7 +140,8 @@ def retrain(
             sched.step()
             step += 1
             data_pos, rng_pos = it.position(), rng_state()
-            rec = {"step": float(step), "epoch": float(epoch), "loss": float(loss.detach()),
+            rec = {"step": float(step), "epoch": float(epoch),
+                   "loss": float(dist.all_reduce_mean(loss.detach().float().reshape(1).cpu())),
                    "lr": float(sched.get_last_lr()[0])}
             result.history.append(rec)
             if progress is not None:

@@ -376,7 +376,9 @@ def search(
                         z.fill_(1.0)
                         z[sel] = value
                 dist.check_same(mask_digest(marked, value), f"search step {step}")
-            rec = {"step": float(step), "pi": pi, "loss": float(loss.detach()), "task_loss": float(task_loss.detach())}
+            # The logged losses are the means over the ranks: the loss of the whole (effective) batch.
+            logged = dist.all_reduce_mean(torch.stack([loss.detach().float(), task_loss.detach().float()]).cpu())
+            rec = {"step": float(step), "pi": pi, "loss": float(logged[0]), "task_loss": float(logged[1])}
             history.append(rec)
             done, data_pos, rng_pos = step, it.position(), rng_state()
             if progress is not None:

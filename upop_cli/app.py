@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from upop.errors import ConfigError
+
 from .errors import guarded, run_guarded
 
 app = typer.Typer(
@@ -71,20 +73,48 @@ def compress(
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-out/<model>-p<ratio>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a run stopped with Ctrl-C (state in <out>.partial)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped, crashed or killed run from its last "
+                                                         "checkpoint (state in <out>.partial)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
+                                                   help="Write the run's state every N steps (default 200; 0: only "
+                                                        "at phase ends and Ctrl-C)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node: launches torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes, with --rdzv-endpoint (run the same command on each)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous."),
+    rdzv_id: str = typer.Option("upop", "--rdzv-id", help="Job id shared by the nodes."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="Elastic restarts after a worker fails; the "
+                                                                "restarted group resumes from the last checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Search, slim and retrain a model with UPop; write the slim checkpoint and a report.
 
     Example: upop compress --model demo-blip --ratio 0.5
+
+    Several GPUs: upop compress --nproc 8 ... (or torchrun --nproc-per-node 8 $(which upop) compress ...);
+    --batch-size is per process.
     """
     from .compress_cmd import run
 
     flags = dict(model=model, ratio=ratio, task=task, data=data, granularity=granularity, profile=profile,
                  target_latency=target_latency,
                  search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
-                 update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out)
+                 update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out,
+                 checkpoint_every=checkpoint_every)
+    if nproc > 1 or nnodes > 1 or max_restarts > 0:
+        from upop.distributed import launched_by_torchrun
+
+        from .launch import launch, torchrun_args, worker_args
+
+        def start() -> None:
+            if launched_by_torchrun():
+                raise ConfigError("this process was already started by torchrun: drop --nproc/--nnodes/--max-restarts")
+            worker = worker_args("compress", {**flags, "config": config},
+                                 {"overwrite": overwrite, "resume": resume, "quiet": quiet})
+            raise typer.Exit(launch(torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts, worker)))
+
+        guarded(start)
+        return
     guarded(lambda: run(flags, config, overwrite, quiet, resume))
 
 

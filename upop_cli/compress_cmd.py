@@ -31,7 +31,8 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     defaults = {"search_epochs": demo.compress_search_epochs if demo else 1,
                 "retrain_epochs": demo.compress_retrain_epochs if demo else 1,
                 "lr": demo.compress_lr if demo else 1e-5, "batch_size": demo.batch_size if demo else 32,
-                "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4}
+                "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4,
+                "checkpoint_every": 200}
     o = merge(flags, opts, defaults)
     if o.get("ratio") is None and o.get("target_latency") is None:
         raise ConfigError("--ratio is required (the share of compressible cost to remove, between 0 and 1), "
@@ -48,22 +49,31 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
     partial = out.with_name(out.name + ".partial")
+    main = current_rank() == 0  # under torchrun only rank 0 draws, writes and prints
     try:
-        with Reporter(interactive(quiet)) as rep:
+        with Reporter(interactive(quiet) and main) as rep:
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
-                                   eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume)
-            result.save(out, overwrite=overwrite)
+                                   eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
+                                   checkpoint_every=o["checkpoint_every"])
+            if main:
+                result.save(out, overwrite=overwrite)
     except KeyboardInterrupt:
         if (partial / "state.pt").is_file():
             raise Interrupted(f"interrupted; the run's state is in {partial}: run the same command with --resume "
                               "to continue") from None
         raise
-    if not quiet and sys.stdout.isatty():
+    if main and not quiet and sys.stdout.isatty():
         print_summary(result.report, out)
 
 
+def current_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def print_summary(report: dict[str, Any], out: Path) -> None:
-    from upop.report import summary_rows
+    from upop.report import run_lines, summary_rows
 
     console = Console()
     table = Table(title=f"{report['model']} → {out}  (ratio {report['ratio']}, {report['granularity']}, "
@@ -72,5 +82,6 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
         table.add_column(col, justify="right" if col else "left")
     for row in summary_rows(report):
         table.add_row(*row)
+    table.caption = "; ".join(line[2:] for line in run_lines(report)) or None
     console.print(table)
     console.print(f"report: {out / 'report.md'}   picture: {out / 'compression.png'}")

@@ -15,6 +15,7 @@ except ModuleNotFoundError:  # Python 3.10
 COMPRESS_KEYS = {
     "model", "ratio", "task", "data", "granularity", "profile", "search_epochs", "retrain_epochs", "batch_size",
     "lr", "device", "seed", "out", "update_every", "eval_limit", "lambda_attn", "lambda_mlp", "target_latency",
+    "checkpoint_every",
 }
 
 

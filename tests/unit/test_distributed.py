@@ -1,0 +1,188 @@
+"""torch.distributed pieces on CPU with gloo: two processes with half the batch select what one
+process with the whole batch selects; diverged masks are caught; evaluations gather in order."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import upop
+from upop.adapters import get_adapter
+from upop.distributed import Dist, MaskDivergenceError, current, mask_digest
+from upop.retrain import retrain
+from upop.search import search
+from upop.slim import slim_model
+from upop.tasks.base import Batches
+
+from ..conftest import build_tiny
+
+N_ITEMS, BATCH = 16, 8
+
+
+def _bank():
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    bank = adapter.example_inputs(model, batch_size=N_ITEMS, generator=torch.Generator().manual_seed(3))
+    return {**bank, "labels": torch.arange(N_ITEMS) % model.config.num_labels}
+
+
+def _loss(model, batch):
+    """Cross-entropy with each item's own label: a per-item mean, so half batches average to the whole."""
+    return torch.nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
+
+
+def _batches(rank: int, world: int) -> Batches:
+    bank = _bank()
+    b = Batches(N_ITEMS, BATCH // world, lambda idx, rng: {k: v[idx] for k, v in bank.items()}, seed=0,
+                drop_last=True)
+    return b.shard(rank, world)
+
+
+def _run(rank: int, world: int) -> dict:
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    specs = adapter.modules(model)
+    cfg = upop.SearchConfig(ratio=0.5, steps=6, update_every=2, lr=1e-3)
+    res = search(model, specs, _loss, _batches(rank, world), cfg)
+    slim_model(model, specs, res.kept, "dim", adapter, zeta=res.zeta)
+    retrain(model, _loss, _batches(rank, world), upop.RetrainConfig(epochs=1, lr=1e-3))
+    return {"kept": res.kept, "importance": res.importance, "pi": [h["pi"] for h in res.history],
+            "loss": [h["task_loss"] for h in res.history],
+            "logits": model.eval()(pixel_values=_bank()["pixel_values"]).logits.detach()}
+
+
+def _worker(rank: int, world: int, folder: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=world)
+    try:
+        if mode == "diverge" and rank == 1:
+            import upop.search as s
+
+            real = s.select_units
+
+            def skewed(scores, table, share):  # this rank alone marks one more unit
+                marked = real(scores, table, share)
+                marked[int((~marked).nonzero()[0])] = True
+                return marked
+
+            s.select_units = skewed
+        if mode == "gather":
+            d = current()
+            mine = list(d.shard(5))
+            out = {"shard": mine, "cat": d.cat(torch.tensor(mine, dtype=torch.float32).reshape(-1, 1)).flatten().tolist(),
+                   "concat": d.concat([f"r{rank}-{i}" for i in mine]),
+                   "max": d.all_reduce_max(torch.tensor([float(rank)])).item(),
+                   "mean": d.all_reduce_mean(torch.tensor([float(rank)], dtype=torch.float64)).item()}
+        else:
+            out = _run(rank, world)
+    except MaskDivergenceError as exc:
+        out = {"error": str(exc)}
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(out, f"{folder}/rank{rank}.pt")
+
+
+def _spawn(tmp_path, mode: str, world: int = 2) -> list[dict]:
+    mp.spawn(_worker, args=(world, str(tmp_path), mode), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_two_processes_with_half_the_batch_select_what_one_process_selects(tmp_path):
+    one = _run(0, 1)
+    two = _spawn(tmp_path, "search")
+    for r in two:
+        assert r["kept"] == one["kept"]  # every rank, the same units as the single process
+        assert r["pi"] == one["pi"]
+        for name, imp in one["importance"].items():
+            ref = torch.tensor(imp)  # float32 sums in another order: equal to ~1e-6 of the largest
+            assert torch.allclose(torch.tensor(r["importance"][name]), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        # the logged loss is the mean over the ranks: the whole batch's loss
+        assert r["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        # DDP averages the gradients: retraining ends at the same function (weights differ only where
+        # Adam scales float noise on zero gradients, as in key biases, which outputs do not see)
+        assert torch.allclose(r["logits"], one["logits"], atol=1e-4)
+
+
+def test_a_rank_whose_masks_diverge_is_detected(tmp_path):
+    res = _spawn(tmp_path, "diverge")
+    for r in res:  # every rank stops, and says which ranks disagree
+        assert "error" in r, r.keys()
+        assert "masks differ across ranks" in r["error"] and "ranks 0" in r["error"] and "ranks 1" in r["error"]
+        assert "search step 2" in r["error"]
+
+
+def test_collectives_keep_rank_order(tmp_path):
+    res = _spawn(tmp_path, "gather")
+    assert [r["shard"] for r in res] == [[0, 1, 2], [3, 4]]
+    for r in res:
+        assert r["cat"] == [0, 1, 2, 3, 4]
+        assert r["concat"] == ["r0-0", "r0-1", "r0-2", "r1-3", "r1-4"]
+        assert r["max"] == 1.0 and r["mean"] == 0.5
+
+
+def test_world_of_one_is_a_no_op():
+    d = Dist()
+    t = torch.arange(3.0)
+    assert not d.enabled and d.is_main
+    assert d.cat(t) is t and d.concat([1]) == [1] and list(d.shard(4)) == [0, 1, 2, 3]
+    d.check_same("x", "anything")  # nothing to compare against
+
+
+def test_mask_digest_tells_masks_apart():
+    m = torch.zeros(10, dtype=torch.bool)
+    m2 = m.clone()
+    m2[3] = True
+    assert mask_digest(m, 0.5) == mask_digest(m.clone(), 0.5)
+    assert mask_digest(m, 0.5) != mask_digest(m2, 0.5)
+    assert mask_digest(m, 0.5) != mask_digest(m, 0.25)
+
+
+@pytest.mark.parametrize("world,drop_last", [(2, True), (2, False), (3, False)])
+def test_sharded_batches_together_are_the_single_process_batch(world, drop_last):
+    n, per_rank = 23, 3
+    single = Batches(n, per_rank * world, lambda idx, rng: sorted(idx), seed=4, drop_last=drop_last)
+    shards = [Batches(n, per_rank, lambda idx, rng: sorted(idx), seed=4, drop_last=drop_last).shard(r, world)
+              for r in range(world)]
+    assert all(len(s) == len(single) for s in shards)
+    for whole, *parts in zip(single, *shards):
+        got = sorted(i for p in parts for i in p)
+        if drop_last or len(got) == len(whole):
+            assert got == whole
+        else:  # the last, padded batch: every item of it is there, padding repeats the epoch's first items
+            assert set(whole) <= set(got)
+
+
+def test_batches_resume_from_a_position():
+    draws = []
+
+    def make(idx, rng):
+        draws.append(tuple(idx))
+        return (tuple(idx), rng.random())
+
+    b = Batches(10, 3, make, seed=1)
+    it = b.endless()
+    first = [next(it) for _ in range(5)]  # crosses an epoch boundary (4 batches per pass)
+    pos = dict(b.position)
+    rest = [next(it) for _ in range(6)]
+    draws.clear()
+    b2 = Batches(10, 3, make, seed=1)
+    it2 = b2.endless(pos)
+    again = [next(it2) for _ in range(6)]
+    assert again == rest  # same items and the same per-batch random draws
+    assert len(draws) == 6  # the batches before the position were not made again
+    assert first[0] != rest[0]
+
+
+def test_checkpoint_state_survives_torch_load_weights_only(tmp_path):
+    b = Batches(10, 3, lambda idx, rng: rng.random(), seed=1)
+    it = b.endless()
+    next(it)
+    torch.save({"pos": b.position}, tmp_path / "s.pt")
+    pos = torch.load(tmp_path / "s.pt", weights_only=True)["pos"]
+    x = next(it)
+    assert next(Batches(10, 3, lambda idx, rng: rng.random(), seed=1).endless(pos)) == x
+    assert isinstance(random.Random().getstate(), tuple)
