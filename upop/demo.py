@@ -84,6 +84,10 @@ def vocabulary() -> list[str]:
     words = ["a", "on", "the", "in", "and", "of", "only", "left", "right", "middle", "shape", "shapes", "is",
              "are", "there", "what", "color", "how", "many", "yes", "no", ",", "?", "photo"]
     words += list(COLOURS) + list(SHAPES) + list(SIZES) + list(POSITIONS) + list(COUNT_WORDS.values())
+    # Appended, never inserted: a tokenizer built later keeps the ids of one built earlier, so a
+    # model trained with it (demo-blip) can initialise one that needs the new words (demo-blip-nlvr).
+    words += ["both", "images", "image", "contain", "contains", "exactly", "more", "than", "has", "have", "same",
+              "number", "total", "each", "two"]
     return list(dict.fromkeys(words))
 
 

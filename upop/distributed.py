@@ -24,6 +24,10 @@ class MaskDivergenceError(UpopError):
     """Ranks hold different masks: they would slim the model differently."""
 
 
+class PeerLostError(UpopError):
+    """A collective failed: another rank died or hung (torchrun restarts the group if allowed)."""
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -144,7 +148,18 @@ def init(device: str) -> Dist:
             raise ConfigError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "
                               "lower --nproc-per-node")
         torch.cuda.set_device(local)
-    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    backend, timeout = ("nccl" if cuda else "gloo"), timedelta(minutes=30)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The agent's store outlives a restart and still holds the failed attempt's addresses: a
+        # restarted rank could read a dead peer's port before the new one is written. Each attempt
+        # gets keys of its own.
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+        torch.distributed.init_process_group(
+            backend=backend, store=torch.distributed.PrefixStore(f"upop/attempt_{restart_count()}", store),
+            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    else:
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
     return current()
 
 

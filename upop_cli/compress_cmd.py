@@ -57,6 +57,15 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
                                    checkpoint_every=o["checkpoint_every"])
             if main:
                 result.save(out, overwrite=overwrite)
+    except RuntimeError as exc:
+        from upop.distributed import PeerLostError, launched_by_torchrun
+
+        if not launched_by_torchrun():
+            raise
+        # Under torchrun a failed collective means another rank is gone; torchrun restarts the
+        # group (--max-restarts) and the restarted ranks resume from the last checkpoint.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLostError(f"rank {current_rank()}: {first[:200]}") from None
     except KeyboardInterrupt:
         if (partial / "state.pt").is_file():
             raise Interrupted(f"interrupted; the run's state is in {partial}: run the same command with --resume "

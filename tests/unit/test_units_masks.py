@@ -18,11 +18,14 @@ def test_every_family_lists_attention_and_mlp_in_every_tower(tiny):
     expected = {"BlipForImageTextRetrieval": {"vision", "text"}, "BlipForConditionalGeneration": {"vision", "decoder"},
                 "BlipForQuestionAnswering": {"vision", "text", "decoder"}, "CLIPModel": {"vision", "text"},
                 "SiglipModel": {"vision", "text"}, "ViTForImageClassification": {"vision"},
-                "DeiTForImageClassification": {"vision"}}[name]
+                "DeiTForImageClassification": {"vision"}, "BlipNlvrForVisualReasoning": {"vision", "text"}}[name]
     assert towers == expected
     if name.startswith("Blip"):
         # BLIP text layers cross-attend (to the image, or to the question for VQA's decoder).
         assert any(s.role == "cross" for s in specs)
+    if name == "BlipNlvrForVisualReasoning":  # both branches of every twin cross-attention are in the ranking
+        cross = [s.name for s in specs if s.role == "cross"]
+        assert len(cross) == 2 * layers and {n[-5:] for n in cross} == {"self0", "self1"}
 
 
 def test_masks_all_ones_is_the_same_function(tiny):

@@ -54,27 +54,34 @@ class BlipAdapter(Adapter):
               "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
 
     def modules(self, model: nn.Module) -> list[ModuleSpec]:
-        specs: list[ModuleSpec] = []
-        for path, mod in model.named_modules():
-            if isinstance(mod, BlipAttention):
-                specs.append(AttentionSpec(
-                    name=path, tower=self.tower_of(path), role="self", in_projs=(InProj(f"{path}.qkv", 3),),
-                    out_proj=f"{path}.projection", num_heads=int(mod.num_heads), head_dim=int(mod.head_dim)))
-            elif isinstance(mod, BlipMLP):
-                specs.append(MLPSpec(name=path, tower=self.tower_of(path), fc1=f"{path}.fc1", fc2=f"{path}.fc2",
-                                     width=int(mod.fc1.out_features)))
-            elif isinstance(mod, BlipTextAttention):
-                inner = mod.self
-                specs.append(AttentionSpec(
-                    name=f"{path}.self", tower=self.tower_of(path),
-                    role="cross" if path.endswith("crossattention") else "self",
-                    in_projs=tuple(InProj(f"{path}.self.{n}") for n in ("query", "key", "value")),
-                    out_proj=f"{path}.output.dense", num_heads=int(inner.num_attention_heads),
-                    head_dim=int(inner.attention_head_size)))
-            elif isinstance(mod, BlipTextLayer):
-                specs.append(MLPSpec(name=f"{path}.ffn", tower=self.tower_of(path), fc1=f"{path}.intermediate.dense",
-                                     fc2=f"{path}.output.dense", width=int(mod.intermediate.dense.out_features)))
-        return specs
+        return [spec for path, mod in model.named_modules() for spec in self.specs_of(path, mod)]
+
+    def specs_of(self, path: str, mod: nn.Module) -> list[ModuleSpec]:
+        """The compressible modules that ``mod`` (at ``path``) is, if any."""
+        if isinstance(mod, BlipAttention):
+            return [AttentionSpec(
+                name=path, tower=self.tower_of(path), role="self", in_projs=(InProj(f"{path}.qkv", 3),),
+                out_proj=f"{path}.projection", num_heads=int(mod.num_heads), head_dim=int(mod.head_dim))]
+        if isinstance(mod, BlipMLP):
+            return [MLPSpec(name=path, tower=self.tower_of(path), fc1=f"{path}.fc1", fc2=f"{path}.fc2",
+                            width=int(mod.fc1.out_features))]
+        if isinstance(mod, BlipTextAttention):
+            return [self.text_attention_spec(f"{path}.self", mod.self, f"{path}.output.dense",
+                                             "cross" if path.endswith("crossattention") else "self")]
+        if isinstance(mod, BlipTextLayer):
+            return [self.text_ffn_spec(path, mod)]
+        return []
+
+    def text_attention_spec(self, name: str, inner: nn.Module, out_proj: str, role: str) -> AttentionSpec:
+        """A BLIP text attention (``BlipTextSelfAttention`` at ``name``) and its output projection."""
+        return AttentionSpec(
+            name=name, tower=self.tower_of(name), role=role,
+            in_projs=tuple(InProj(f"{name}.{n}") for n in ("query", "key", "value")),
+            out_proj=out_proj, num_heads=int(inner.num_attention_heads), head_dim=int(inner.attention_head_size))
+
+    def text_ffn_spec(self, path: str, layer: nn.Module) -> MLPSpec:
+        return MLPSpec(name=f"{path}.ffn", tower=self.tower_of(path), fc1=f"{path}.intermediate.dense",
+                       fc2=f"{path}.output.dense", width=int(layer.intermediate.dense.out_features))
 
     def patch_attention(self, model: nn.Module, spec: AttentionSpec, num_heads: int, head_dim: int) -> None:
         mod = model.get_submodule(spec.name)

@@ -148,3 +148,37 @@ def open_image(path: Path):
             return im.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"image {path} cannot be read: {exc}") from None
+
+
+@dataclass
+class PairRecord:
+    images: tuple[Path, Path]
+    sentence: str
+    label: int  # 1: the sentence is true of the pair
+
+
+_TRUTH = {"true": 1, "false": 0, "1": 1, "0": 0}
+
+
+def read_nlvr(path: str | Path, image_root: str | Path | None = None) -> list[PairRecord]:
+    """The BLIP NLVR2 JSON: ``{"images": [a, b], "sentence": ..., "label": "True" | "False"}``
+    (booleans and 0/1 are taken too)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    out = []
+    for i, raw in enumerate(_load_records(path)):
+        rec = _check_record(raw, path, i)
+        images = rec.get("images")
+        if not isinstance(images, list) or len(images) != 2 or not all(isinstance(x, str) and x for x in images):
+            raise DataError(f"{path}: record {i}: \"images\" must be a list of two image paths")
+        pair = tuple(_image(root, {"image": name}, path, i) for name in images)
+        sentence = rec.get("sentence")
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise DataError(f"{path}: record {i} has no \"sentence\"")
+        label = _TRUTH.get(str(rec.get("label")).strip().lower())
+        if label is None:
+            raise DataError(f"{path}: record {i}: \"label\" must be True or False, not {rec.get('label')!r}")
+        out.append(PairRecord(images=pair, sentence=sentence, label=label))  # type: ignore[arg-type]
+    if not out:
+        raise DataError(f"{path} holds no records")
+    return out

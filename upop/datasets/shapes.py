@@ -12,6 +12,8 @@ Layout written by ``shapes(out_dir)``::
                                val/test: {"image", "caption": [...]})
     vqa_<split>.json           BLIP VQA format {"image", "question", "answer": [...]}
     classification/<split>/<colour>_<shape>/<n>.png    ImageFolder, one shape per image
+    nlvr_<split>.json          BLIP NLVR2 format {"images": [a, b], "sentence", "label": "True"|"False"}:
+                               a statement about two of the split's scenes, true for half of the pairs
     scenes_<split>.json        the ground truth scenes
 """
 
@@ -29,7 +31,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 POSITIONS = ("left", "middle", "right")
 POSITION_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,48 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return qa
 
 
+def _has(scene: Scene, colour: str, shape: str | None) -> bool:
+    return any(o.colour == colour and (shape is None or o.shape == shape) for o in scene)
+
+
+def pair_statement(left: Scene, right: Scene, rng: random.Random, want: bool) -> str | None:
+    """A statement about both scenes whose truth is ``want``; None if this template cannot give it."""
+    kind = rng.randrange(6)
+    if kind == 3:
+        truth = len(left) > len(right)
+        return "the left image has more shapes than the right image" if truth == want else None
+    if kind == 4:
+        truth = len(left) == len(right)
+        return "the two images have the same number of shapes" if truth == want else None
+    for _ in range(20):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if kind == 0:
+            truth, text = _has(left, colour, shape) and _has(right, colour, shape), f"both images contain a {colour} {shape}"
+        elif kind == 1:
+            truth = _has(left, colour, shape) != _has(right, colour, shape)
+            text = f"exactly one image contains a {colour} {shape}"
+        elif kind == 2:
+            n = rng.randint(2, 6)
+            truth, text = len(left) + len(right) == n, f"there are {COUNT_WORDS[n]} shapes in total"
+        else:
+            truth, text = _has(left, colour, None) and _has(right, colour, None), f"each image contains a {colour} shape"
+        if truth == want:
+            return text
+    return None
+
+
+def pairs(scenes: list[Scene], images: list[str], rng: random.Random, n: int) -> list[dict[str, object]]:
+    """``n`` NLVR records over the scenes; the labels alternate at random, half true."""
+    out: list[dict[str, object]] = []
+    while len(out) < n:
+        a, b = rng.sample(range(len(scenes)), 2)
+        want = rng.random() < 0.5
+        text = pair_statement(scenes[a], scenes[b], rng, want)
+        if text is not None:
+            out.append({"images": [images[a], images[b]], "sentence": text, "label": str(want)})
+    return out
+
+
 def draw(scene: Scene, size: int, rng: random.Random):
     from PIL import Image, ImageDraw
 
@@ -202,6 +246,10 @@ def shapes(out_dir: str | os.PathLike, train: int = 2000, val: int = 200, test: 
             for k, (q, a) in enumerate(questions(scene, rng)):
                 vqa.append({"image": rel, "question": q, "answer": [a, a, a], "question_id": f"{split}_{i}_{k}"})
             scenes.append({"image": rel, "objects": [asdict(o) for o in scene]})
+        # Its own random stream: the other annotations stay byte-identical to sets written before.
+        nlvr_rng = random.Random(seed * 7919 + len(split) * 31 + n)
+        split_scenes = [scene_from_json(s["objects"]) for s in scenes]
+        _write_json(out / f"nlvr_{split}.json", pairs(split_scenes, [s["image"] for s in scenes], nlvr_rng, n))
         _write_json(out / f"retrieval_{split}.json", retrieval)
         _write_json(out / f"vqa_{split}.json", vqa)
         _write_json(out / f"scenes_{split}.json", scenes)

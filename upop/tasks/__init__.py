@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedModelError
-from . import classification, generation, retrieval  # noqa: F401  (registration)
+from . import classification, generation, reasoning, retrieval  # noqa: F401  (registration)
 from .base import Preprocessor, Task, task_class
 
-TASK_NAMES = ("retrieval", "caption", "vqa", "classification")
+TASK_NAMES = ("retrieval", "caption", "vqa", "classification", "nlvr")
 
 
 def make_task(adapter: Any, task: str, prep: Preprocessor, data_dir: str | Path, model: Any = None,

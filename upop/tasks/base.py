@@ -26,6 +26,7 @@ ANNOTATION_NAMES = {
     "caption": ("caption_{split}.json", "retrieval_{split}.json", "coco_karpathy_{split}.json",
                 "flickr30k_{split}.json", "{split}.json"),
     "vqa": ("vqa_{split}.json", "vqa_{split}.jsonl"),
+    "nlvr": ("nlvr_{split}.json", "nlvr2_{split}.json", "nlvr_{split}.jsonl"),
 }
 
 
@@ -45,6 +46,8 @@ def find_annotation(data_dir: Path, task: str, split: str) -> Path:
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist")
     names = [n.format(split=split) for n in ANNOTATION_NAMES[task]]
+    if split == "val":  # NLVR2 and others call it dev
+        names += [n.format(split="dev") for n in ANNOTATION_NAMES[task]]
     for n in names:
         if (data_dir / n).is_file():
             return data_dir / n

@@ -1,0 +1,108 @@
+"""BLIP visual reasoning (NLVR2): ``upop.models.BlipNlvrForVisualReasoning``.
+
+Every attention — vision, text self-attention, and each of the two cross-attention branches —
+and every MLP is a compressible module in the one unified ranking; slimming reuses the BLIP
+adapter's patching (the branches are ``transformers`` BLIP text attentions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.blip_nlvr import (
+    BlipNlvrConfig,
+    BlipNlvrForVisualReasoning,
+    BlipNlvrTextLayer,
+    BlipNlvrTwinCrossAttention,
+)
+from ..units import ModuleSpec
+from .base import ExportGraph, Fn, image_size_of, rand_ids, rand_pixels, register
+from .blip import BlipAdapter
+
+
+@register
+class BlipNlvrAdapter(BlipAdapter):
+    family = "blip_nlvr"
+    model_types = ("blip_nlvr",)
+    classes = {"BlipNlvrForVisualReasoning": "nlvr"}
+    tasks = {"nlvr": "blip-nlvr"}
+    towers = {"vision_model": "vision", "text_encoder": "text", "cls_head": "text"}
+
+    def _resolve_class(self, name: str) -> type[nn.Module]:
+        return BlipNlvrForVisualReasoning
+
+    def specs_of(self, path: str, mod: nn.Module) -> list[ModuleSpec]:
+        if isinstance(mod, BlipNlvrTwinCrossAttention):
+            return [self.text_attention_spec(f"{path}.self{b}", getattr(mod, f"self{b}"),
+                                             f"{path}.output.dense{b}", "cross") for b in (0, 1)]
+        if isinstance(mod, BlipNlvrTextLayer):
+            return [self.text_ffn_spec(path, mod)]
+        return super().specs_of(path, mod)
+
+    def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
+        q, kv = super().module_tokens(model, spec, text_tokens)
+        # Both images go through the vision tower: twice its tokens per example.
+        return (2 * q, 2 * kv) if spec.tower == "vision" else (q, kv)
+
+    def init_from(self, source: nn.Module) -> nn.Module:
+        """A reasoning model initialised from an HF BLIP retrieval model."""
+        return BlipNlvrForVisualReasoning.from_retrieval(source)
+
+    # ---- export ----------------------------------------------------------------------------------
+    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
+        size = image_size_of(model.config.vision_config)
+        vocab = model.config.text_config.vocab_size
+
+        def inputs(b: int, s: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": torch.randn(b, 2, 3, size, size), "input_ids": torch.randint(1, vocab - 2, (b, s)),
+                    "attention_mask": torch.ones(b, s, dtype=torch.long)}
+
+        def run(m: nn.Module, px: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+            return m(pixel_values=px, input_ids=ids, attention_mask=am).logits
+
+        return [ExportGraph("reasoning", Fn(model, run), inputs, ["logits"],
+                            {"pixel_values": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"},
+                             "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}})]
+
+    # ---- configs and synthetic inputs ----------------------------------------------------------------
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        base = super().small_config("BlipForImageTextRetrieval", hidden=hidden, layers=layers, heads=heads,
+                                    image_size=image_size, patch_size=patch_size, vocab=vocab, token_ids=token_ids)
+        return self._as_nlvr(base)
+
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        # A wider vision tower (k/v input width differs from q's), and two layers: one that averages
+        # the branches and one that merges them.
+        base = super().random_config("BlipForImageTextRetrieval", hidden=hidden, layers=layers, heads=heads,
+                                     image_size=image_size, patch_size=patch_size, vocab=vocab)
+        return self._as_nlvr(base)
+
+    @staticmethod
+    def _as_nlvr(base: Any) -> BlipNlvrConfig:
+        data = base.to_dict()
+        for k in ("model_type", "architectures", "transformers_version"):
+            data.pop(k, None)
+        data["text_config"]["encoder_hidden_size"] = base.vision_config.hidden_size
+        return BlipNlvrConfig(**data)
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dev = next(model.parameters()).device
+        cfg = model.config
+        size = image_size_of(cfg.vision_config)
+        ids = rand_ids(batch_size, seq_len, cfg.text_config.vocab_size - 2, generator, dev)
+        px = rand_pixels(2 * batch_size, size, generator, dev).view(batch_size, 2, 3, size, size)
+        return {"pixel_values": px, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = batch["input_ids"].shape[0]
+        labels = torch.arange(b, device=batch["input_ids"].device) % 2
+        return model(**batch, labels=labels).loss
+
+    def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": model(**batch).logits}
