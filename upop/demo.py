@@ -25,7 +25,7 @@ from .datasets.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES
 from .checkpoint import atomic_dir
 from .errors import ModelLoadError
 
-SHAPES_VERSION = "shapes-v1"
+SHAPES_VERSION = "shapes-v2"  # v2 adds nlvr_<split>.json; every other file is as in v1
 DEMO_ROOT = Path(__file__).resolve().parent / "demo_models"
 IMAGE_SIZE = 64
 
@@ -43,12 +43,16 @@ class DemoSpec:
     compress_search_epochs: int = 2
     compress_retrain_epochs: int = 4
     compress_lr: float = 2e-4
+    # a demo this one starts from (another class: the family adapter's ``init_from`` converts it)
+    base: str | None = None
 
 
 DEMOS = {
     "demo-blip": DemoSpec("demo-blip", "blip", "BlipForImageTextRetrieval", "retrieval", 40, 5e-4, 64),
     "demo-clip": DemoSpec("demo-clip", "clip", "CLIPModel", "retrieval", 60, 1e-3, 128),
     "demo-vit": DemoSpec("demo-vit", "vit", "ViTForImageClassification", "classification", 60, 1e-3, 64),
+    "demo-blip-nlvr": DemoSpec("demo-blip-nlvr", "blip_nlvr", "BlipNlvrForVisualReasoning", "nlvr", 40, 3e-4, 32,
+                               base="demo-blip"),
 }
 
 
@@ -143,6 +147,14 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
     if init_from is not None:
         model = adapter.model_class(spec.class_name).from_pretrained(str(init_from))  # type: ignore[attr-defined]
         previous = json.loads((Path(init_from) / "upop_demo.json").read_text())
+    elif spec.base is not None:
+        from .hub import load_pretrained
+
+        model = adapter.init_from(load_pretrained(spec.base).model)  # type: ignore[attr-defined]
+        # The tokenizer only ever gains words at its end: old ids keep their embeddings.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.text_config.vocab_size = len(tokenizer)
+        previous = {"initialised_from": spec.base}
     else:
         model = adapter.build(spec.class_name, config)
         previous = None

@@ -23,10 +23,12 @@ datasets_app = typer.Typer(help="Build datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 profiles_app = typer.Typer(help="Hardware profiles: list, show, validate.", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
+convert_app = typer.Typer(help="Convert checkpoints that transformers cannot read.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Alias (blip, clip, vit, ...), demo-blip/demo-clip/demo-vit, "
+ModelOpt = typer.Option(None, "--model", "-m", help="Alias (blip, clip, vit, ...), demo-blip/demo-clip/demo-vit/demo-blip-nlvr, "
                                                      "hub id, local folder or slim checkpoint.")
-TaskOpt = typer.Option(None, "--task", help="retrieval | caption | vqa | classification (default: the model's).")
+TaskOpt = typer.Option(None, "--task", help="retrieval | caption | vqa | classification | nlvr (default: the model's).")
 DataOpt = typer.Option(None, "--data", help="Data folder (default for demo models: the built-in shapes set).")
 DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
@@ -175,7 +177,7 @@ def export(
 @app.command()
 def predict(
     export_dir: str = typer.Argument(..., help="A folder written by upop export --format onnx."),
-    image: str = typer.Option(..., "--image", "-i", help="Image file."),
+    image: list[str] = typer.Option(..., "--image", "-i", help="Image file (twice for nlvr: left, then right)."),
     text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Caption(s) to score, or the question."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the FP16 graphs."),
 ) -> None:
@@ -186,6 +188,26 @@ def predict(
     from .export_cmd import run_predict
 
     guarded(lambda: run_predict(export_dir, image, text or [], fp16))
+
+
+@convert_app.command("nlvr")
+def convert_nlvr(
+    checkpoint: str = typer.Argument(..., help="BLIP's NLVR2 checkpoint file (model_base_nlvr.pth)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write (an HF-style model folder)."),
+    processor: Optional[str] = typer.Option(None, "--processor", help="Copy the tokenizer and image processor "
+                                                                       "from this BLIP folder or hub id."),
+    head_dim: int = typer.Option(64, "--head-dim", help="Attention head width (BLIP: 64)."),
+    enc_token_id: Optional[int] = typer.Option(30523, "--enc-token-id",
+                                               help="Id of BLIP's [ENC] token, put first in every statement."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Convert the original BLIP NLVR2 checkpoint (read with weights_only) into a model upop compresses.
+
+    Example: upop convert nlvr model_base_nlvr.pth --out blip-nlvr --processor Salesforce/blip-itm-base-coco
+    """
+    from .convert_cmd import run_convert_nlvr
+
+    guarded(lambda: run_convert_nlvr(checkpoint, out, processor, head_dim, enc_token_id, overwrite))
 
 
 @app.command()

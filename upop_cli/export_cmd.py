@@ -34,17 +34,22 @@ def run(source: str, fmt: str, out: str | None, fp16: bool, batch: str, opset: i
         Console().print(f"wrote {len(manifest['engines'])} TensorRT engine(s) to {out_dir}")
 
 
-def run_predict(export_dir: str, image: str, texts: list[str], fp16: bool) -> None:
+def run_predict(export_dir: str, images: list[str], texts: list[str], fp16: bool) -> None:
     import numpy as np
 
     from upop.datasets.readers import open_image
     from upop.exporters.runtime import OrtModel
     from upop.tasks import Preprocessor
 
+    from upop.errors import ConfigError
+
     m = OrtModel(export_dir, fp16=fp16)
     prep = Preprocessor.from_pretrained(export_dir)
-    px = prep.pixels([open_image(Path(image))]).numpy()
     task, graphs, console = m.manifest["task"], {g["name"] for g in m.manifest["graphs"]}, Console()
+    wanted = 2 if task == "nlvr" else 1
+    if len(images) != wanted:
+        raise ConfigError(f"a {task} model takes {wanted} --image, not {len(images)}")
+    px = prep.pixels([open_image(Path(i)) for i in images]).numpy()
     tokens = m.manifest.get("tokens", {})
 
     def enc(t: list[str]) -> dict[str, np.ndarray]:
@@ -61,18 +66,21 @@ def run_predict(export_dir: str, image: str, texts: list[str], fp16: bool) -> No
     elif task == "caption":
         ids = m.greedy_caption(px, tokens["bos_token_id"], tokens["sep_token_id"])
         console.print(prep.decode(__import__("torch").from_numpy(ids))[0])
+    elif task == "nlvr":
+        if len(texts) != 1:
+            raise ConfigError("a reasoning model judges one statement: --text 'both images contain a red circle'")
+        (logits,) = m.run("reasoning", pixel_values=px[None], **enc(texts))
+        p = np.exp(logits[0] - logits[0].max())
+        p /= p.sum()
+        console.print(f"{'true' if p[1] > p[0] else 'false'} (p(true) = {p[1]:.3f})  {texts[0]}")
     elif task == "vqa":
         if not texts:
-            from upop.errors import ConfigError
-
             raise ConfigError("a VQA model needs a question: --text 'what color is the circle?'")
         q = enc(texts[:1])
         ids = m.greedy_answer(px, q["input_ids"], q["attention_mask"], tokens["bos_token_id"], tokens["sep_token_id"])
         console.print(prep.decode(__import__("torch").from_numpy(ids))[0])
     else:
         if not texts:
-            from upop.errors import ConfigError
-
             raise ConfigError("image-text scoring needs at least one --text")
         t = enc(texts)
         if "itm" in graphs:

@@ -189,11 +189,12 @@ def pairs(scenes: list[Scene], images: list[str], rng: random.Random, n: int) ->
     """``n`` NLVR records over the scenes; the labels alternate at random, half true."""
     out: list[dict[str, object]] = []
     while len(out) < n:
-        a, b = rng.sample(range(len(scenes)), 2)
-        want = rng.random() < 0.5
-        text = pair_statement(scenes[a], scenes[b], rng, want)
-        if text is not None:
-            out.append({"images": [images[a], images[b]], "sentence": text, "label": str(want)})
+        want = rng.random() < 0.5  # fixed first, then pairs and templates drawn until one states it
+        text = None
+        while text is None:
+            a, b = rng.sample(range(len(scenes)), 2)
+            text = pair_statement(scenes[a], scenes[b], rng, want)
+        out.append({"images": [images[a], images[b]], "sentence": text, "label": str(want)})
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, BlipConfig
+from transformers import AutoConfig, AutoModel, AutoProcessor, BlipConfig, BlipProcessor
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.blip.modeling_blip import BlipPreTrainedModel, BlipVisionModel
 from transformers.models.blip.modeling_blip_text import (
@@ -137,6 +137,12 @@ class BlipNlvrForVisualReasoning(BlipPreTrainedModel):
         self.cls_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, config.num_labels))
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_encoder.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_encoder.embeddings.word_embeddings = value
+
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both images through the one vision encoder, in a single batch."""
         b = pixel_values.shape[0]
@@ -213,3 +219,5 @@ class BlipNlvrForVisualReasoning(BlipPreTrainedModel):
 
 AutoConfig.register(BlipNlvrConfig.model_type, BlipNlvrConfig, exist_ok=True)
 AutoModel.register(BlipNlvrConfig, BlipNlvrForVisualReasoning, exist_ok=True)
+# BLIP's processor (its tokenizer + image processor) serves the reasoning model as it is.
+AutoProcessor.register(BlipNlvrConfig, BlipProcessor, exist_ok=True)

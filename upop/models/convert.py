@@ -101,6 +101,9 @@ def convert_nlvr_checkpoint(path: str | Path, head_dim: int = 64,
                             enc_token_id: int | None = ORIGINAL_ENC_TOKEN_ID) -> BlipNlvrForVisualReasoning:
     state = read_checkpoint(path)
     config = config_from_state(state, head_dim, enc_token_id)
+    if enc_token_id is not None and not 0 <= enc_token_id < config.text_config.vocab_size:
+        raise CheckpointError(f"the [ENC] token id {enc_token_id} is outside the checkpoint's vocabulary of "
+                              f"{config.text_config.vocab_size}; pass the id its tokenizer gives [ENC]")
     model = BlipNlvrForVisualReasoning(config)
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}

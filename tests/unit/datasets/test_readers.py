@@ -62,3 +62,32 @@ def test_classification_errors(tmp_path, data):
         read_classification(tmp_path / "empty")
     with pytest.raises(DataError, match="not among the model's classes"):
         read_classification(data / "classification" / "train", classes=["red_circle"])
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"images": ["a.png"], "sentence": "x", "label": "True"}, "list of two image paths"),
+    ({"images": ["images/train/00000.png", "images/train/00001.png"], "label": "True"}, "no \"sentence\""),
+    ({"images": ["images/train/00000.png", "images/train/00001.png"], "sentence": "x", "label": "maybe"},
+     "must be True or False"),
+    ({"images": ["images/train/00000.png", "nowhere.png"], "sentence": "x", "label": "False"}, "does not exist"),
+])
+def test_nlvr_reader_names_file_and_record(data, tmp_path, record, message):
+    import json
+
+    from upop.datasets.readers import read_nlvr
+
+    good = {"images": ["images/train/00000.png", "images/train/00001.png"], "sentence": "s", "label": True}
+    path = data / "nlvr_bad.json"
+    path.write_text(json.dumps([good, record]))
+    try:
+        with pytest.raises(DataError) as info:
+            read_nlvr(path)
+        assert "nlvr_bad.json: record 1" in str(info.value) and message in str(info.value)
+    finally:
+        path.unlink()
+    ok = data / "nlvr_ok.json"
+    ok.write_text(json.dumps([good, dict(good, label="False"), dict(good, label=1), dict(good, label="false")]))
+    try:
+        assert [r.label for r in read_nlvr(ok)] == [1, 0, 1, 0]
+    finally:
+        ok.unlink()

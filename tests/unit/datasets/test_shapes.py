@@ -58,3 +58,36 @@ def test_vqa_answers_are_true_of_the_scene(tmp_path):
             assert q["answer"][0] == ("yes" if present else "no")
     classes = sorted(p.name for p in (out / "classification" / "train").iterdir())
     assert len(classes) == 12 and "red_circle" in classes
+
+
+def test_nlvr_statements_are_labelled_by_the_two_scenes(tmp_path):
+    """Each statement is re-read here with its own grammar and checked against the scenes."""
+    import json
+    import re
+
+    out = shapes(tmp_path / "s", train=60, val=10, test=10, classification_per_class=(1, 1, 1))
+    scenes = {s["image"]: s["objects"] for s in json.loads((out / "scenes_train.json").read_text())}
+    recs = json.loads((out / "nlvr_train.json").read_text())
+    assert len(recs) == 60 and 0.35 <= sum(r["label"] == "True" for r in recs) / 60 <= 0.65
+    words = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+
+    def has(objs, colour, shape=None):
+        return any(o["colour"] == colour and (shape is None or o["shape"] == shape) for o in objs)
+
+    for r in recs:
+        left, right = (scenes[i] for i in r["images"])
+        s = r["sentence"]
+        if m := re.fullmatch(r"both images contain a (\w+) (\w+)", s):
+            truth = has(left, *m.groups()) and has(right, *m.groups())
+        elif m := re.fullmatch(r"exactly one image contains a (\w+) (\w+)", s):
+            truth = has(left, *m.groups()) != has(right, *m.groups())
+        elif m := re.fullmatch(r"there are (\w+) shapes in total", s):
+            truth = len(left) + len(right) == words[m.group(1)]
+        elif m := re.fullmatch(r"each image contains a (\w+) shape", s):
+            truth = has(left, m.group(1)) and has(right, m.group(1))
+        elif s == "the left image has more shapes than the right image":
+            truth = len(left) > len(right)
+        else:
+            assert s == "the two images have the same number of shapes", s
+            truth = len(left) == len(right)
+        assert str(truth) == r["label"], r

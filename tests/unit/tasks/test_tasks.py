@@ -21,6 +21,7 @@ CASES = [
     ("siglip", "SiglipModel", "retrieval", "r_mean"),
     ("vit", "ViTForImageClassification", "classification", "top1"),
     ("deit", "DeiTForImageClassification", "classification", "top1"),
+    ("blip_nlvr", "BlipNlvrForVisualReasoning", "nlvr", "acc"),
 ]
 
 
@@ -89,3 +90,19 @@ def test_missing_data_folder_and_split(tmp_path):
     t = make_task(get_adapter("clip"), "retrieval", prep_for("clip", model), tmp_path / "d", model=model)
     with pytest.raises(DataError, match="no train split for retrieval"):
         t.train_batches()
+
+
+def test_nlvr_batches_hold_image_pairs_and_val_reads_a_dev_file(data, tmp_path):
+    import shutil
+
+    model = build_tiny("blip_nlvr", "BlipNlvrForVisualReasoning", vocab=99)
+    t = make_task(get_adapter("blip_nlvr"), "nlvr", prep_for("blip_nlvr", model), data, model=model, batch_size=3)
+    batch = next(iter(t.train_batches()))
+    assert batch["pixel_values"].shape == (3, 2, 3, 32, 32) and batch["labels"].shape == (3,)
+    res = t.evaluate(model, "test")
+    assert 0 <= res["acc"] <= 100 and res["majority"] >= 50
+    dev = tmp_path / "d"
+    shutil.copytree(data, dev)
+    (dev / "nlvr_val.json").rename(dev / "nlvr_dev.json")  # NLVR2 calls its validation split dev
+    t2 = make_task(get_adapter("blip_nlvr"), "nlvr", prep_for("blip_nlvr", model), dev, model=model)
+    assert t2.evaluate(model, "val")["acc"] == t.evaluate(model, "val")["acc"]
