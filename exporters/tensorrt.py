@@ -5,6 +5,11 @@ those flags: networks are strongly typed, so FP16 engines are built from the FP1
 Dynamic axes get one optimization profile each (batch from ``--batch MIN:OPT:MAX``, sequence
 from ``seq``). A timing cache is kept next to the engines; parser errors name the failing node.
 
+Running engines (``EngineRunner``): inputs and outputs are torch CUDA tensors whose addresses are
+given to the execution context; ``execute_async_v3`` runs on the current torch stream, so torch's
+CUDA events time it. ``engine_latency`` builds a fixed-shape engine for one module (calibration of
+hardware profiles with ``--runtime trt``).
+
 Not run on any machine of this project (TensorRT is not installed anywhere here): the module
 is type-checked against ``tensorrt-stubs`` and its tests skip without TensorRT.
 """
@@ -150,3 +155,121 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
                 "source": str(source)}
         (tmp / "engines.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> Any:
+    import torch
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool, trt.DataType.INT8: torch.int8,
+             trt.DataType.BF16: torch.bfloat16}
+    if dtype not in table:
+        raise TensorRTBuildError(f"engine tensor type {dtype} has no torch equivalent")
+    return table[dtype]
+
+
+class EngineRunner:
+    """One deserialized engine with its execution context, fed with torch CUDA tensors."""
+
+    def __init__(self, engine_bytes: bytes):
+        trt = require_tensorrt()
+        self.trt = trt
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = self.runtime.deserialize_cuda_engine(engine_bytes)
+        if engine is None:
+            raise TensorRTBuildError("TensorRT could not load the engine (built by another TensorRT version or GPU?)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._keep: dict[str, Any] = {}
+
+    def input_dtype(self, name: str) -> Any:
+        return _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+
+    def bind(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """Set the input shapes and addresses, allocate the outputs; returns the output tensors."""
+        import torch
+
+        for name in self.inputs:
+            t = feed[name].to("cuda", self.input_dtype(name)).contiguous()
+            self._keep[name] = t
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise TensorRTBuildError(f"input {name} of shape {list(t.shape)} is outside the engine's profile")
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device="cuda")
+            self._keep[name] = out
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs[name] = out
+        return outs
+
+    def run(self) -> None:
+        """Enqueue on the current torch stream (torch's CUDA events then time the engine)."""
+        import torch
+
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise TensorRTBuildError("TensorRT failed to run the engine")
+
+
+def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: int, runs: int,
+                   pick: Any = None) -> list[float]:
+    """Times (ms) of ``module`` exported to ONNX with the inputs' static shapes, built into a TensorRT
+    engine for exactly those shapes, and run with CUDA events."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    from upop.latency import time_fn
+
+    trt = require_tensorrt()
+    cpu = {k: v.detach().cpu() for k, v in inputs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "block.onnx"
+        from upop.calibrate import positional
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(positional(module.cpu().eval(), list(cpu), pick), tuple(cpu.values()), str(path),
+                              input_names=list(cpu), opset_version=17, dynamo=False)
+        if fp16 and trt_major(trt) >= 11:  # strongly typed: the graph's own types set the precision
+            import onnx
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
+        shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        for k, v in cpu.items():
+            dims = tuple(int(d) for d in v.shape)
+            shapes[k] = (dims, dims, dims)
+        engine = build_engine(path, shapes, fp16=fp16, timing_cache=Path(tmp) / "timing.cache")
+    runner = EngineRunner(engine)
+    runner.bind(cpu)
+    return time_fn(runner.run, warmup, runs, cuda=True)
+
+
+def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup: int, runs: int) -> list[dict[str, Any]]:
+    """Latency of every engine of a ``upop export --format trt`` folder: one row per engine and batch."""
+    import torch
+
+    from upop.latency import time_fn
+
+    require_tensorrt()
+    meta = json.loads((Path(engine_dir) / "engines.json").read_text())
+    rows = []
+    for e in meta["engines"]:
+        runner = EngineRunner((Path(engine_dir) / e["file"]).read_bytes())
+        for b in batches:
+            feed = {}
+            for spec in e["inputs"]:
+                shape = [b if str(d) not in ("sequence", "answer") and not (isinstance(d, int) and d > 0) else
+                         (seq if not isinstance(d, int) else d) for d in spec["shape"]]
+                dtype = runner.input_dtype(spec["name"])
+                feed[spec["name"]] = (torch.ones(shape, dtype=dtype) if not dtype.is_floating_point
+                                      else torch.randn(shape).to(dtype))
+            runner.bind(feed)
+            rows.append({"graph": e["name"], "batch": b, "ms": time_fn(runner.run, warmup, runs, cuda=True)})
+    return rows

@@ -73,12 +73,14 @@ def _sweep(full: int, points: int) -> list[int]:
 
 
 def time_block(sig: dict[str, Any], width: int, batch: int, device: torch.device, warmup: int, runs: int,
-               runtime: str = "torch") -> float:
+               runtime: str = "torch", fp16: bool = False) -> float:
     block = _block(sig, width).to(device).eval()
     x = torch.randn(batch, sig["tq"], sig["d_q"] if sig["kind"] == "attn" else sig["d_in"], device=device)
     kv = torch.randn(batch, sig["tkv"], sig["d_kv"], device=device) if sig["kind"] == "attn" else x
     if runtime == "ort":
         return ort_time(block, {"x": x, "kv": kv}, device, warmup, runs)
+    if runtime == "trt":
+        return trt_time(block, {"x": x, "kv": kv}, warmup, runs, fp16=fp16)
     with torch.inference_mode():
         return percentile(time_fn(lambda: block(x, kv), warmup, runs, device.type == "cuda"), 0.5)
 
@@ -94,6 +96,18 @@ class _Positional(nn.Module):
         return self.pick(self.module(**dict(zip(self.names, args))))
 
 
+def positional(module: nn.Module, names: Sequence[str], pick: Callable[[Any], torch.Tensor] | None = None) -> nn.Module:
+    return _Positional(module, names, pick or (lambda out: out))
+
+
+def trt_time(module: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int, fp16: bool = False,
+             pick: Callable[[Any], torch.Tensor] | None = None) -> float:
+    """p50 ms of ``module`` as a TensorRT engine built for these exact shapes (untested here: no TensorRT)."""
+    from upop.exporters.tensorrt import engine_latency
+
+    return percentile(engine_latency(module, inputs, fp16=fp16, warmup=warmup, runs=runs, pick=pick), 0.5)
+
+
 def ort_time(module: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device, warmup: int, runs: int,
              pick: Callable[[Any], torch.Tensor] | None = None) -> float:
     """p50 ms of ``module`` exported to ONNX (static shapes) and run in ONNX Runtime."""
@@ -102,7 +116,7 @@ def ort_time(module: nn.Module, inputs: dict[str, torch.Tensor], device: torch.d
     import warnings
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    wrapper = _Positional(module.cpu(), list(inputs), pick or (lambda out: out))
+    wrapper = positional(module.cpu(), list(inputs), pick)
     cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "block.onnx")
@@ -120,6 +134,11 @@ def calibrate(model: nn.Module, adapter: Any, base: Any, *, device: torch.device
               log: Callable[[str], None] | None = None) -> Any:
     """A copy of profile ``base`` whose latency model is measured here for ``model``'s blocks."""
     batch, text = base.shapes.batch, base.shapes.text_tokens
+    if runtime == "trt" and device.type != "cuda":
+        from .errors import ConfigError
+
+        raise ConfigError("TensorRT calibration runs on a CUDA device: --device cuda")
+    fp16 = base.precision == "fp16"  # TensorRT builds at the profile's precision
     specs = adapter.modules(model)
     blocks: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
@@ -130,7 +149,7 @@ def calibrate(model: nn.Module, adapter: Any, base: Any, *, device: torch.device
             continue
         full = s.num_units(granularity)
         widths = _sweep(full, points)
-        ms = [time_block(sig, w, batch, device, warmup, runs, runtime) for w in widths]
+        ms = [time_block(sig, w, batch, device, warmup, runs, runtime, fp16) for w in widths]
         entry = {**sig, "widths": widths, "ms": ms}
         seen[key] = entry
         blocks.append(entry)
@@ -143,24 +162,26 @@ def calibrate(model: nn.Module, adapter: Any, base: Any, *, device: torch.device
                                   description=f"{base.description}; latency measured on this machine ({device})")
     from .hardware import predicted_latency_ms
 
-    full_ms = measure_forward_ms(model, adapter, batch, text, device, warmup, runs, runtime)
+    full_ms = measure_forward_ms(model, adapter, batch, text, device, warmup, runs, runtime, fp16)
     blocks_ms = predicted_latency_ms(model, adapter, profile, granularity)
     table["rest_ms"] = max(0.0, full_ms - blocks_ms)
     return profile
 
 
 def measure_forward_ms(model: nn.Module, adapter: Any, batch: int, text_tokens: int, device: torch.device,
-                       warmup: int = 3, runs: int = 15, runtime: str = "torch") -> float:
+                       warmup: int = 3, runs: int = 15, runtime: str = "torch", fp16: bool = False) -> float:
     """p50 of one forward of the whole model at the reference shapes (what the prediction is checked against)."""
     model = model.to(device).eval()
     inputs = adapter.example_inputs(model, batch_size=batch, seq_len=text_tokens,
                                     generator=torch.Generator().manual_seed(0))
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    if runtime == "ort":
-        def first_tensor(out: Any) -> torch.Tensor:
-            return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    def first_tensor(out: Any) -> torch.Tensor:
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
 
+    if runtime == "ort":
         return ort_time(model, inputs, device, warmup, runs, pick=first_tensor)
+    if runtime == "trt":
+        return trt_time(model, inputs, warmup, runs, fp16=fp16, pick=first_tensor)
     with torch.inference_mode():
         return percentile(time_fn(lambda: model(**inputs), warmup, runs, device.type == "cuda"), 0.5)
 

@@ -139,6 +139,33 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
     return out
 
 
+def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", precision: str = "fp32", warmup: int = 5,
+                runs: int = 30, seq: int = SEQ) -> list[Run]:
+    """TensorRT latency of a ``upop export --format trt`` folder, or of a model whose engines are built
+    first (in a temporary folder, at ``precision``, for the asked batch sizes). Untested here: no TensorRT."""
+    import tempfile
+
+    from .exporters.tensorrt import export_trt, profile_engines, require_tensorrt
+
+    require_tensorrt()
+    if not device.startswith("cuda"):
+        raise ConfigError("TensorRT runs on a CUDA device: --device cuda")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
+
+    def rows(folder: str | Path) -> list[Run]:
+        return [_run(target, "trt", device, precision, r["graph"], r["batch"], r["ms"], "TensorRT")
+                for r in profile_engines(folder, list(batches), seq, warmup, runs)]
+
+    if (Path(target) / "engines.json").is_file():
+        return rows(target)
+    lo, hi = min(batches), max(batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_trt(target, Path(tmp) / "trt", fp16=precision == "fp16", batch=f"{lo}:{hi}:{hi}",
+                   seq=f"1:{seq}:{max(seq, 64)}")
+        return rows(Path(tmp) / "trt")
+
+
 def totals(runs: Sequence[Run]) -> dict[int, float]:
     """p50 of the whole pipeline (all graphs in sequence) per batch size."""
     out: dict[int, float] = {}

@@ -252,7 +252,7 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name or file."))
 def profiles_calibrate(
     model: str = typer.Option(..., "--model", "-m", help="The model whose blocks to time (alias, demo, folder, slim)."),
     out: Path = typer.Option(..., "--out", "-o", help="Profile file to write."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | ort (trt: not yet)"),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | ort | trt (TensorRT: a CUDA device)"),
     device: str = typer.Option("cpu", "--device"),
     base: str = typer.Option("cpu-x86", "--base", help="Profile whose alignment and shapes the result keeps."),
     granularity: str = typer.Option("dim", "--granularity"),

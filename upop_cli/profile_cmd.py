@@ -13,12 +13,9 @@ def _profile(target: str, runtime: str, device: str, batches: list[int], precisi
     from upop.latency import profile_ort, profile_torch
 
     if runtime == "trt":
-        from upop.exporters.tensorrt import require_tensorrt
+        from upop.latency import profile_trt
 
-        require_tensorrt()
-        from upop.errors import ConfigError
-
-        raise ConfigError("TensorRT latency is measured with trtexec on the engines of `upop export --format trt`")
+        return profile_trt(target, batches, device, precision, warmup, runs)
     is_export = (Path(target) / "export.json").is_file()
     if runtime == "ort":
         if is_export:
@@ -100,8 +97,7 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
         from upop.exporters.tensorrt import require_tensorrt
 
         require_tensorrt()
-        raise ConfigError("calibration with --runtime trt is not built yet; use --runtime torch or ort")
-    if runtime not in ("torch", "ort"):
+    if runtime not in ("torch", "ort", "trt"):
         raise ConfigError(f"--runtime must be torch, ort or trt, got {runtime!r}")
     src = _open(model, None)
     console = Console(stderr=True, quiet=quiet)

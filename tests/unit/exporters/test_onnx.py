@@ -149,3 +149,25 @@ def test_tensorrt_engines_build(tmp_path):
     _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
     meta = get("trt")(slim, tmp_path / "trt", fp16=True, batch="1:2:4")
     assert all((tmp_path / "trt" / e["file"]).stat().st_size > 0 for e in meta["engines"])
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs TensorRT and an NVIDIA GPU")
+def test_tensorrt_profile_and_calibration(tmp_path):
+    from upop.adapters import get_adapter
+    from upop.calibrate import calibrate
+    from upop.latency import profile_trt
+    from upop.profiles import load
+
+    _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
+    get("trt")(slim, tmp_path / "trt", fp16=True, batch="1:2:4")
+    runs = profile_trt(str(tmp_path / "trt"), [1, 4], "cuda", "fp16", warmup=2, runs=5)
+    assert {r.batch for r in runs} == {1, 4} and all(r.p50_ms > 0 and r.provider == "TensorRT" for r in runs)
+    built = profile_trt(str(slim), [2], "cuda", "fp32", warmup=2, runs=5)  # engines built on the way
+    assert built and all(r.batch == 2 for r in built)
+    model = build_tiny("vit", "ViTForImageClassification").cuda()
+    prof = calibrate(model, get_adapter("vit"), load("h100"), device=torch.device("cuda"), runtime="trt",
+                     points=2, warmup=2, runs=5)
+    assert prof.table["runtime"] == "trt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
