@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from upop.demo import DEMOS, build_tokenizer, demo_path
+from upop.demo import DEMOS, SHAPES_VERSION, build_tokenizer, demo_path
 from upop_cli.app import app
 
 
@@ -25,7 +25,7 @@ def test_demo_compress_runs_offline_with_no_other_argument(demo, cache, tmp_path
     rep = json.loads((out / "report.json").read_text())
     assert rep["metrics"]["before"]["primary"] > 0
     assert rep["params"]["after"]["total"] < rep["params"]["before"]["total"]
-    assert (cache / "shapes-v1" / ".complete").is_file()
+    assert (cache / SHAPES_VERSION / ".complete").is_file()
 
 
 @pytest.mark.parametrize("demo", sorted(DEMOS))

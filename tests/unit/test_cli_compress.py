@@ -77,7 +77,7 @@ ERRORS = [
     (["--model", "{vit}", "--ratio", "0"], "ratio must be strictly between 0 and 1"),
     (["--model", "nobody-xyz/none", "--ratio", "0.5"], "demo-\\* model"),
     (["--model", "{tmp}/missing/model", "--ratio", "0.5"], "does not exist"),
-    (["--model", "{bert}", "--ratio", "0.5"], "'bert' is not supported; supported model types: blip, clip, deit"),
+    (["--model", "{bert}", "--ratio", "0.5"], "'bert' is not supported; supported model types: blip, blip_nlvr, clip, deit"),
     (["--model", "{vit}", "--ratio", "0.5", "--task", "caption", "--data", "{data}"], "cannot do task 'caption'"),
     (["--model", "{vit}", "--ratio", "0.5", "--data", "{tmp}/nodata"], "data folder .* does not exist"),
     (["--model", "{vit}", "--ratio", "0.5", "--data", "{tmp}"], "no train split for classification"),

@@ -58,7 +58,7 @@ def test_wrong_task_for_the_model(tmp_path):
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64).save_pretrained(tmp_path / "bert")
-    with pytest.raises(UnsupportedModelError, match="'bert' is not supported; supported model types: blip, clip"):
+    with pytest.raises(UnsupportedModelError, match="'bert' is not supported; supported model types: blip, blip_nlvr, clip"):
         load_pretrained(str(tmp_path / "bert"))
 
 

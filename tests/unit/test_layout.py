@@ -26,11 +26,16 @@ FAMILY_NAME = re.compile(r"(Blip|CLIP|Clip|Siglip|ViT|Vit|DeiT|Deit)")
 
 
 def test_no_module_outside_the_adapters_uses_a_family_class():
-    """Neither imports from transformers.models nor family classes (BlipConfig, ViTImageProcessor...)."""
+    """Neither imports from transformers.models nor family classes (BlipConfig, ViTImageProcessor...).
+
+    Exempt: the adapters, and ``upop/models`` (model definitions transformers lacks, built from its
+    family modules; only adapters refer to them)."""
     offenders = []
     for folder in ("upop", "upop_cli", "exporters", "profiles"):
         for path in (ROOT / folder).rglob("*.py"):
             if "adapters" in path.parts and path.name not in ("base.py", "__init__.py"):
+                continue
+            if path.parent == ROOT / "upop" / "models":
                 continue
             text = path.read_text()
             for name in _imports(path):

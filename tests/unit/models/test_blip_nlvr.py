@@ -88,13 +88,13 @@ def test_converter_reports_unmapped_and_missing_keys(tmp_path):
     state = _original_layout(_same_width_model())
     extra = dict(state, **{"text_encoder.pooler.dense.weight": torch.zeros(2, 2)})
     with pytest.raises(CheckpointError, match="map to no weight: text_encoder.pooler.dense.weight"):
-        convert_nlvr_checkpoint(_write(tmp_path, extra), head_dim=HEAD_DIM)
+        convert_nlvr_checkpoint(_write(tmp_path, extra), head_dim=HEAD_DIM, enc_token_id=None)
     missing = {k: v for k, v in state.items() if not k.startswith("cls_head.2")}
     with pytest.raises(CheckpointError, match="lacks 2 weight.*cls_head.2"):
-        convert_nlvr_checkpoint(_write(tmp_path, missing), head_dim=HEAD_DIM)
+        convert_nlvr_checkpoint(_write(tmp_path, missing), head_dim=HEAD_DIM, enc_token_id=None)
     wrong = dict(state, **{"cls_head.0.weight": torch.zeros(3, 3)})
     with pytest.raises(CheckpointError, match="shape"):
-        convert_nlvr_checkpoint(_write(tmp_path, wrong), head_dim=HEAD_DIM)
+        convert_nlvr_checkpoint(_write(tmp_path, wrong), head_dim=HEAD_DIM, enc_token_id=None)
 
 
 class _Code:
@@ -102,6 +102,7 @@ class _Code:
         return (print, ("this would run on load",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile file is a plain pickle on purpose
 def test_converter_reads_weights_only(tmp_path):
     bad = tmp_path / "code.pth"
     with bad.open("wb") as f:
