@@ -207,3 +207,22 @@ def test_resume_with_another_process_count_is_refused(setup, tmp_path):
     res = subprocess.run(cmd + ["--resume", "--nproc", "2"], capture_output=True, text=True, timeout=300, env=_env())
     assert res.returncode == 2
     assert "1 processes" in res.stderr and "--nproc" in res.stderr
+
+
+def test_two_nodes_through_the_rendezvous_arguments(setup, tmp_path):
+    """Two launchers, as on two machines, meet at a c10d rendezvous and run one 2-rank job."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    cmd = _cmd(setup, out, "--batch-size", "4", "--search-epochs", "2", "--retrain-epochs", "1", "--nnodes", "2",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes")
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+             for _ in range(2)]
+    for p in nodes:
+        _o, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    report = _report(out)  # written once, by global rank 0
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["effective_batch"] == 8
