@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -67,6 +68,8 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerLostError(f"rank {current_rank()}: {first[:200]}") from None
     except KeyboardInterrupt:
+        if not main:  # rank 0 and the launcher say it once
+            raise typer.Exit(130) from None
         if (partial / "state.pt").is_file():
             raise Interrupted(f"interrupted; the run's state is in {partial}: run the same command with --resume "
                               "to continue") from None

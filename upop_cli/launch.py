@@ -40,16 +40,22 @@ def torchrun_args(nproc: int, nnodes: int, rdzv_endpoint: str | None, rdzv_id: s
 
 def launch(args: list[str]) -> int:
     """Run torchrun in this process; the exit status of the first failed worker, or 0."""
+    # torchrun's loggers take their level from LOGLEVEL when first imported; the workers say what matters.
+    os.environ.setdefault("LOGLEVEL", "ERROR")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # The agent logs every start and restart at INFO/WARNING; the workers say what matters.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 (and warn); share the cores instead
         nproc = int(args[args.index("--nproc-per-node") + 1])
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     try:
         run(parse_args(args))
+    except SignalException as exc:  # Ctrl-C or a kill reached the launcher; it stopped the workers
+        print(f"interrupted (signal {int(exc.sigval)}); run the same command with --resume to continue from the "
+              "last checkpoint", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = [f.exitcode for f in exc.failures.values()]
         code = next((c for c in codes if c not in (0, None)), 1)

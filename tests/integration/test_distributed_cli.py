@@ -226,3 +226,16 @@ def test_two_nodes_through_the_rendezvous_arguments(setup, tmp_path):
         assert p.returncode == 0, err
     report = _report(out)  # written once, by global rank 0
     assert report["distributed"]["world_size"] == 2 and report["distributed"]["effective_batch"] == 8
+
+
+def test_ctrl_c_to_the_launcher_stops_every_rank_with_one_message(setup, tmp_path):
+    out = tmp_path / "out"
+    cmd = _cmd(setup, out, "--batch-size", "4", "--nproc", "2", "--search-epochs", "60", "--retrain-epochs", "1",
+               "--checkpoint-every", "3")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for_state(tmp_path / "out.partial", proc, lambda s: s["phase"] == "search")
+    proc.send_signal(signal.SIGINT)
+    _o, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "--resume" in err
+    assert not out.exists() and (tmp_path / "out.partial" / "state.pt").is_file()
