@@ -58,6 +58,7 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
                                    checkpoint_every=o["checkpoint_every"])
             if main:
                 result.save(out, overwrite=overwrite)
+            finish_together()
     except RuntimeError as exc:
         from upop.distributed import PeerLostError, launched_by_torchrun
 
@@ -76,6 +77,19 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
         raise
     if main and not quiet and sys.stdout.isatty():
         print_summary(result.report, out)
+
+
+def finish_together() -> None:
+    """Under torchrun every rank waits for rank 0's files, then leaves the group: the workers of all
+    nodes end at once, so no node's agent is still polling the rendezvous when another's shuts it down."""
+    from upop.distributed import current
+
+    import torch
+
+    dist = current()
+    if dist.enabled:
+        dist.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def current_rank() -> int:
