@@ -70,7 +70,10 @@ def trt_major(trt: Any) -> int:
 
 
 def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shapes per input: named batch-like axes take ``batch``, sequence-like ``seq``."""
+    """(min, opt, max) shapes per input: item axes take ``batch``, token axes ``seq`` (the rule of
+    ``upop.latency.feed_shape``, so profiling feeds fit the profile)."""
+    from upop.latency import is_batch_axis
+
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     for inp in io:
         lo: list[int] = []
@@ -80,7 +83,7 @@ def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange)
             if isinstance(d, int) and d > 0:
                 r = ShapeRange(d, d, d)
             else:
-                r = seq if str(d) in ("sequence", "answer") else batch
+                r = batch if is_batch_axis(d) else seq
             lo.append(r.min)
             mid.append(r.opt)
             hi.append(r.max)
@@ -220,22 +223,14 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
     """Times (ms) of ``module`` exported to ONNX with the inputs' static shapes, built into a TensorRT
     engine for exactly those shapes, and run with CUDA events."""
     import tempfile
-    import warnings
 
-    import torch
-
+    from upop.calibrate import export_static_onnx
     from upop.latency import time_fn
 
     trt = require_tensorrt()
-    cpu = {k: v.detach().cpu() for k, v in inputs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "block.onnx"
-        from upop.calibrate import positional
-
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(positional(module.cpu().eval(), list(cpu), pick), tuple(cpu.values()), str(path),
-                              input_names=list(cpu), opset_version=17, dynamo=False)
+        cpu = export_static_onnx(module, inputs, path, pick)
         if fp16 and trt_major(trt) >= 11:  # strongly typed: the graph's own types set the precision
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -255,7 +250,7 @@ def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup
     """Latency of every engine of a ``upop export --format trt`` folder: one row per engine and batch."""
     import torch
 
-    from upop.latency import time_fn
+    from upop.latency import feed_shape, time_fn
 
     require_tensorrt()
     meta = json.loads((Path(engine_dir) / "engines.json").read_text())
@@ -265,8 +260,7 @@ def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup
         for b in batches:
             feed = {}
             for spec in e["inputs"]:
-                shape = [b if str(d) not in ("sequence", "answer") and not (isinstance(d, int) and d > 0) else
-                         (seq if not isinstance(d, int) else d) for d in spec["shape"]]
+                shape = feed_shape(spec["shape"], b, seq)
                 dtype = runner.input_dtype(spec["name"])
                 feed[spec["name"]] = (torch.ones(shape, dtype=dtype) if not dtype.is_floating_point
                                       else torch.randn(shape).to(dtype))

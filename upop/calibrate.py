@@ -11,6 +11,7 @@ block, and a model's predicted latency is its blocks' interpolated times plus th
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,8 +97,19 @@ class _Positional(nn.Module):
         return self.pick(self.module(**dict(zip(self.names, args))))
 
 
-def positional(module: nn.Module, names: Sequence[str], pick: Callable[[Any], torch.Tensor] | None = None) -> nn.Module:
-    return _Positional(module, names, pick or (lambda out: out))
+def export_static_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path,
+                       pick: Callable[[Any], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``module`` as an ONNX graph for exactly these input shapes (what the ORT and TensorRT block timings
+    run); returns the inputs on the CPU, named as the graph's inputs."""
+    import warnings
+
+    cpu_inputs = {k: v.detach().cpu() for k, v in inputs.items()}
+    wrapper = _Positional(module.cpu().eval(), list(cpu_inputs), pick or (lambda out: out))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, tuple(cpu_inputs.values()), str(path), input_names=list(cpu_inputs),
+                          opset_version=17, dynamo=False)
+    return cpu_inputs
 
 
 def trt_time(module: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int, fp16: bool = False,
@@ -113,17 +125,11 @@ def ort_time(module: nn.Module, inputs: dict[str, torch.Tensor], device: torch.d
     """p50 ms of ``module`` exported to ONNX (static shapes) and run in ONNX Runtime."""
     import os
     import tempfile
-    import warnings
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    wrapper = positional(module.cpu(), list(inputs), pick)
-    cpu_inputs = {k: v.cpu() for k, v in inputs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "block.onnx")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, tuple(cpu_inputs.values()), path, input_names=list(cpu_inputs),
-                              opset_version=17, dynamo=False)
+        cpu_inputs = export_static_onnx(module, inputs, path, pick)
         sess = ort_session(path, providers)
         feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
         return percentile(time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False), 0.5)

@@ -91,7 +91,7 @@ def vocabulary() -> list[str]:
     # Appended, never inserted: a tokenizer built later keeps the ids of one built earlier, so a
     # model trained with it (demo-blip) can initialise one that needs the new words (demo-blip-nlvr).
     words += ["both", "images", "image", "contain", "contains", "exactly", "more", "than", "has", "have", "same",
-              "number", "total", "each", "two"]
+              "number", "total", "each"]
     return list(dict.fromkeys(words))
 
 

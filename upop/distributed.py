@@ -88,6 +88,10 @@ class Dist:
         start = self.rank * per + min(self.rank, extra)
         return range(start, start + per + (1 if self.rank < extra else 0))
 
+    def share(self, items: list[Any]) -> list[Any]:
+        """This rank's items of ``items`` (see ``shard``)."""
+        return [items[i] for i in self.shard(len(items))]
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()
@@ -118,6 +122,11 @@ def current() -> Dist:
         return Dist()
     return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun set it (0 outside torchrun); known before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def launched_by_torchrun() -> bool:

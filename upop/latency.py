@@ -19,6 +19,17 @@ import torch
 from .errors import ConfigError
 
 SEQ = 32
+#: dynamic axes that count items (the rest of the named axes count tokens: sequence, answer, past, total)
+BATCH_AXES = ("batch", "images", "texts")
+
+
+def is_batch_axis(dim: Any) -> bool:
+    return dim in BATCH_AXES
+
+
+def feed_shape(dims: Sequence[Any], batch: int, seq: int = SEQ) -> list[int]:
+    """A concrete shape for an exported input: item axes take ``batch``, token axes ``seq``, fixed sizes stay."""
+    return [batch if is_batch_axis(d) else (seq if isinstance(d, str) else int(d)) for d in dims]
 
 
 @dataclass
@@ -128,8 +139,7 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
             feed = {}
             for inp in sess.get_inputs():
                 spec = next(i for i in g["inputs"] if i["name"] == inp.name)
-                shape = [b if d in ("batch", "images", "texts") else (SEQ if isinstance(d, str) else d)
-                         for d in spec["shape"]]
+                shape = feed_shape(spec["shape"], b)
                 if spec["dtype"].startswith("int"):
                     feed[inp.name] = np.ones(shape, dtype=spec["dtype"])
                 else:

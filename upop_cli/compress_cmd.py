@@ -50,7 +50,9 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
     partial = out.with_name(out.name + ".partial")
-    main = current_rank() == 0  # under torchrun only rank 0 draws, writes and prints
+    from upop.distributed import env_rank
+
+    main = env_rank() == 0  # under torchrun only rank 0 draws, writes and prints
     try:
         with Reporter(interactive(quiet) and main) as rep:
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
@@ -67,7 +69,7 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
         # Under torchrun a failed collective means another rank is gone; torchrun restarts the
         # group (--max-restarts) and the restarted ranks resume from the last checkpoint.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeerLostError(f"rank {current_rank()}: {first[:200]}") from None
+        raise PeerLostError(f"rank {env_rank()}: {first[:200]}") from None
     except KeyboardInterrupt:
         if not main:  # rank 0 and the launcher say it once
             raise typer.Exit(130) from None
@@ -91,11 +93,6 @@ def finish_together() -> None:
         dist.barrier()
         torch.distributed.destroy_process_group()
 
-
-def current_rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))
 
 
 def print_summary(report: dict[str, Any], out: Path) -> None:

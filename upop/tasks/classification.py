@@ -83,7 +83,7 @@ class Classification(_ClassData):
         logits, labels = [], []
         dev = device_of(model)
         dist = current()
-        mine = [items[i] for i in dist.shard(len(items))]  # under torchrun each rank scores its share
+        mine = dist.share(items)  # under torchrun each rank scores its share
         for s in range(0, len(mine), self.eval_batch_size):
             chunk = mine[s : s + self.eval_batch_size]
             logits.append(model(pixel_values=self.images.get([p for p, _ in chunk]).to(dev)).logits.float().cpu())
@@ -115,7 +115,7 @@ class ZeroShotClassification(_ClassData):
         txt = self.adapter.encode_text(model, **tok).float()
         logits = []
         dist = current()
-        mine = [items[i] for i in dist.shard(len(items))]
+        mine = dist.share(items)
         for s in range(0, len(mine), self.eval_batch_size):
             px = self.images.get([p for p, _ in mine[s : s + self.eval_batch_size]]).to(dev)
             _seq, img = self.adapter.encode_image(model, px)

@@ -53,7 +53,7 @@ class BlipCaption(Task):
         preds = []
         dev = device_of(model)
         dist = current()  # under torchrun each rank captions its share; the captions are gathered
-        mine = [recs[i] for i in dist.shard(len(recs))]
+        mine = dist.share(recs)
         for s in range(0, len(mine), self.eval_batch_size):
             px = self.images.get([r.image for r in mine[s : s + self.eval_batch_size]]).to(dev)
             out = model.generate(pixel_values=px, max_new_tokens=int(self.options.get("max_new_tokens", 30)),
@@ -101,7 +101,7 @@ class BlipVQA(Task):
         preds = []
         dev = device_of(model)
         dist = current()
-        mine = [recs[i] for i in dist.shard(len(recs))]
+        mine = dist.share(recs)
         for s in range(0, len(mine), self.eval_batch_size):
             chunk = mine[s : s + self.eval_batch_size]
             q = to_device(self.prep.text([r.question for r in chunk]), dev)

@@ -45,7 +45,7 @@ class BlipVisualReasoning(Task):
         model.eval()
         dev = device_of(model)
         dist = current()  # under torchrun each rank judges its share; the verdicts are gathered
-        mine = [recs[i] for i in dist.shard(len(recs))]
+        mine = dist.share(recs)
         preds: list[int] = []
         for s in range(0, len(mine), self.eval_batch_size):
             chunk = mine[s : s + self.eval_batch_size]

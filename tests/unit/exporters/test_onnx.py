@@ -129,6 +129,9 @@ def test_tensorrt_profile_shapes_and_batch_parsing():
     shapes = profile_shapes(io, ShapeRange.parse("1:4:16"), ShapeRange.parse("1:12:64"))
     assert shapes["input_ids"] == ((1, 1), (4, 12), (16, 64))
     assert shapes["pixel_values"] == ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))
+    kv = profile_shapes([{"name": "past_self_key_0", "shape": ["batch", 2, "past", 8]}], ShapeRange.parse("1:4:16"),
+                        ShapeRange.parse("1:12:64"))
+    assert kv["past_self_key_0"] == ((1, 2, 1, 8), (4, 2, 12, 8), (16, 2, 64, 8))  # a cache grows with tokens
     for bad in ("8:4:16", "1:2", "a:b:c", "0:1:2"):
         with pytest.raises(UpopError, match="MIN:OPT:MAX"):
             ShapeRange.parse(bad)
