@@ -54,10 +54,25 @@ def _run(rank: int, world: int) -> dict:
             "logits": model.eval()(pixel_values=_bank()["pixel_values"]).logits.detach()}
 
 
+def _blip_eval(folder: str, limit: int) -> dict:
+    """BLIP retrieval (ITC + ITM re-ranking) evaluated on the first ``limit`` test images."""
+    from upop.demo import build_tokenizer
+    from upop.tasks import Preprocessor, make_task
+
+    adapter = get_adapter("blip")
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+    prep = Preprocessor(build_tokenizer(), adapter.image_processor(32))
+    task = make_task(adapter, "retrieval", prep, f"{folder}/d", model=model)
+    return task.evaluate(model, "test", limit)
+
+
 def _worker(rank: int, world: int, folder: str, mode: str) -> None:
+    from datetime import timedelta
+
     torch.set_num_threads(1)
+    # A short timeout: a rank left out of a collective fails the test instead of hanging it.
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                                         world_size=world)
+                                         world_size=world, timeout=timedelta(seconds=60))
     try:
         if mode == "diverge" and rank == 1:
             import upop.search as s
@@ -77,6 +92,8 @@ def _worker(rank: int, world: int, folder: str, mode: str) -> None:
                    "concat": d.concat([f"r{rank}-{i}" for i in mine]),
                    "max": d.all_reduce_max(torch.tensor([float(rank)])).item(),
                    "mean": d.all_reduce_mean(torch.tensor([float(rank)], dtype=torch.float64)).item()}
+        elif mode.startswith("retrieval"):
+            out = _blip_eval(folder, int(mode.split(":")[1]))
         else:
             out = _run(rank, world)
     except MaskDivergenceError as exc:
@@ -186,3 +203,16 @@ def test_checkpoint_state_survives_torch_load_weights_only(tmp_path):
     x = next(it)
     assert next(Batches(10, 3, lambda idx, rng: rng.random(), seed=1).endless(pos)) == x
     assert isinstance(random.Random().getstate(), tuple)
+
+
+@pytest.mark.parametrize("limit", [1, 3], ids=["fewer-records-than-ranks", "uneven-shares"])
+def test_distributed_retrieval_evaluation_equals_one_process(tmp_path, limit):
+    from upop.datasets import shapes
+
+    shapes(tmp_path / "d", train=4, val=2, test=3, image_size=32, classification_per_class=(1, 1, 1))
+    one = _blip_eval(str(tmp_path), limit)
+    two = _spawn(tmp_path, f"retrieval:{limit}")
+    for r in two:
+        assert r.keys() == one.keys()
+        for k, v in one.items():
+            assert r[k] == pytest.approx(v, abs=1e-4), k

@@ -54,12 +54,14 @@ class _RetrievalData(Task):
         for s in range(my_texts.start, my_texts.stop, self.eval_batch_size):
             tok = to_device(self.prep.text(texts[s : min(s + self.eval_batch_size, my_texts.stop)]), dev)
             txt_feats.append(self.adapter.encode_text(model, **tok).float())
-        img, txt = _cat_or_none(img_feats), _cat_or_none(txt_feats)
-        seqs = [dist.cat(torch.cat(img_seqs))] if img_seqs else []
-        return recs, texts, text_img, dist.cat(img), seqs, dist.cat(txt)
+        # Every rank joins every gather, also one whose share is empty (fewer records than ranks).
+        seq = dist.cat(_cat_or_none(img_seqs))
+        seqs = [seq] if seq.numel() else []
+        return recs, texts, text_img, dist.cat(_cat_or_none(img_feats)), seqs, dist.cat(_cat_or_none(txt_feats))
 
 
 def _cat_or_none(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts joined, or an empty tensor (which ``Dist.cat`` skips) when there are none."""
     return torch.cat(parts) if parts else torch.empty(0)
 
 
