@@ -41,6 +41,22 @@ def tiny(request):
     return get_adapter(family), build_tiny(family, class_name)
 
 
+def vit_run_folder(root) -> tuple:
+    """A tiny 12-class ViT saved with its image processor, and a tiny shapes set: what the CLI runs
+    (``upop compress`` in a subprocess) need. Returns (model folder, data folder)."""
+    import transformers
+
+    from upop.datasets import shapes
+
+    data = shapes(root / "d", train=8, val=4, test=4, classification_per_class=(2, 1, 1))
+    model = build_tiny("vit", "ViTForImageClassification")
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
+    model.config.num_labels = 12
+    model.save_pretrained(root / "m")
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "m")
+    return root / "m", data
+
+
 def batches_for(adapter, model, n: int = 3, batch_size: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [adapter.example_inputs(model, batch_size=batch_size, generator=g) for _ in range(n)]

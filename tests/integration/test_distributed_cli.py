@@ -14,26 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop.datasets import shapes
 from upop.search import pi_schedule
 
-from ..conftest import build_tiny
+from ..conftest import vit_run_folder
 
 EXE = os.path.join(os.path.dirname(sys.executable), "upop")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import transformers
-
-    root = tmp_path_factory.mktemp("dist")
-    data = shapes(root / "d", train=8, val=4, test=4, classification_per_class=(2, 1, 1))
-    model = build_tiny("vit", "ViTForImageClassification")
-    model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
-    model.config.num_labels = 12
-    model.save_pretrained(root / "m")
-    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "m")
-    return root / "m", data
+    return vit_run_folder(tmp_path_factory.mktemp("dist"))
 
 
 def _cmd(setup, out: Path, *extra: str) -> list[str]:

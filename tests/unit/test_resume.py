@@ -12,7 +12,7 @@ import torch
 import upop
 from upop.adapters import get_adapter
 
-from ..conftest import batches_for, build_tiny
+from ..conftest import batches_for, build_tiny, vit_run_folder
 
 
 def _config():
@@ -74,18 +74,9 @@ def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):
 
 
 def test_sigint_to_a_running_compress_then_resume(tmp_path):
-    import transformers
-
-    from upop.datasets import shapes
-
-    data = shapes(tmp_path / "d", train=8, val=4, test=4, classification_per_class=(2, 1, 1))
-    model = build_tiny("vit", "ViTForImageClassification")
-    model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
-    model.config.num_labels = 12
-    model.save_pretrained(tmp_path / "m")
-    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "m")
+    model, data = vit_run_folder(tmp_path)
     exe = os.path.join(os.path.dirname(sys.executable), "upop")
-    cmd = [exe, "compress", "--model", str(tmp_path / "m"), "--ratio", "0.5", "--data", str(data), "--batch-size", "4",
+    cmd = [exe, "compress", "--model", str(model), "--ratio", "0.5", "--data", str(data), "--batch-size", "4",
            "--search-epochs", "1000", "--retrain-epochs", "1", "--out", str(tmp_path / "out"), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "out.partial"

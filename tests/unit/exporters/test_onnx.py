@@ -21,6 +21,13 @@ from ...conftest import FAMILY_CLASSES, IDS, batches_for, build_tiny
 ROOT = Path(__file__).resolve().parents[3]
 
 
+
+def needs_tensorrt_gpu(fn):
+    """The GPU and TensorRT markers, and a skip with the reason where either is missing."""
+    skip = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                              reason="needs TensorRT and an NVIDIA GPU")
+    return pytest.mark.gpu(pytest.mark.tensorrt(skip(fn)))
+
 def _slim(family, class_name, tmp_path, ratio=0.5):
     adapter = get_adapter(family)
     model = build_tiny(family, class_name)
@@ -144,20 +151,14 @@ def test_tensorrt_module_type_checks_against_the_stubs():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.gpu
-@pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
-                    reason="needs TensorRT and an NVIDIA GPU")
+@needs_tensorrt_gpu
 def test_tensorrt_engines_build(tmp_path):
     _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
     meta = get("trt")(slim, tmp_path / "trt", fp16=True, batch="1:2:4")
     assert all((tmp_path / "trt" / e["file"]).stat().st_size > 0 for e in meta["engines"])
 
 
-@pytest.mark.gpu
-@pytest.mark.tensorrt
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
-                    reason="needs TensorRT and an NVIDIA GPU")
+@needs_tensorrt_gpu
 def test_tensorrt_profile_and_calibration(tmp_path):
     from upop.adapters import get_adapter
     from upop.calibrate import calibrate
