@@ -223,6 +223,22 @@ class Task:
         recs = type(self).reader(find_annotation(self.data_dir, self.annotation, split), self.options.get("image_root"))
         return recs[:limit] if limit else recs
 
+    def predict_all(self, model: nn.Module, records: list[Any], run: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """``run(chunk)`` over ``records`` in evaluation batches, the model in eval mode; one output per record,
+        in order. Under torchrun each rank runs its share and the outputs are gathered."""
+        from ..distributed import current
+
+        dist = current()
+        mine = dist.share(records)
+        was = model.training
+        model.eval()
+        out: list[Any] = []
+        with torch.no_grad():
+            for s in range(0, len(mine), self.eval_batch_size):
+                out += run(mine[s : s + self.eval_batch_size])
+        model.train(was)
+        return dist.concat(out)
+
     def train_batches(self) -> Batches:
         raise NotImplementedError
 

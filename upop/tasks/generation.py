@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_retrieval, read_vqa
-from ..distributed import current
 from .base import Batches, Task, device_of, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
@@ -48,19 +47,15 @@ class BlipCaption(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         recs = self._records(split, limit)
-        was = model.training
-        model.eval()
-        preds = []
         dev = device_of(model)
-        dist = current()  # under torchrun each rank captions its share; the captions are gathered
-        mine = dist.share(recs)
-        for s in range(0, len(mine), self.eval_batch_size):
-            px = self.images.get([r.image for r in mine[s : s + self.eval_batch_size]]).to(dev)
+
+        def caption(chunk) -> list[str]:
+            px = self.images.get([r.image for r in chunk]).to(dev)
             out = model.generate(pixel_values=px, max_new_tokens=int(self.options.get("max_new_tokens", 30)),
                                  num_beams=1, do_sample=False)
-            preds += self.prep.decode(out)
-        model.train(was)
-        preds = dist.concat(preds)
+            return self.prep.decode(out)
+
+        preds = self.predict_all(model, recs, caption)
         refs = [r.captions for r in recs]
         res = {"bleu4": bleu4(preds, refs), "cider": cider_d(preds, refs)}
         res["primary"] = res[self.primary]
@@ -96,22 +91,17 @@ class BlipVQA(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         recs = self._records(split, limit)
-        was = model.training
-        model.eval()
-        preds = []
         dev = device_of(model)
-        dist = current()
-        mine = dist.share(recs)
-        for s in range(0, len(mine), self.eval_batch_size):
-            chunk = mine[s : s + self.eval_batch_size]
+
+        def answer(chunk) -> list[str]:
             q = to_device(self.prep.text([r.question for r in chunk]), dev)
             px = self.images.get([r.image for r in chunk]).to(dev)
             out = model.generate(pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"],
                                  max_new_tokens=int(self.options.get("max_new_tokens", 5)), num_beams=1,
                                  do_sample=False)
-            preds += self.prep.decode(out)
-        model.train(was)
-        preds = dist.concat(preds)
+            return self.prep.decode(out)
+
+        preds = self.predict_all(model, recs, answer)
         res = {"vqa_acc": vqa_accuracy(preds, [r.answers for r in recs])}
         res["primary"] = res[self.primary]
         return res

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_nlvr
-from ..distributed import current
 from .base import Batches, Task, device_of, register_task, to_device
 
 
@@ -41,19 +40,13 @@ class BlipVisualReasoning(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         recs = self._records(split, limit)
-        was = model.training
-        model.eval()
         dev = device_of(model)
-        dist = current()  # under torchrun each rank judges its share; the verdicts are gathered
-        mine = dist.share(recs)
-        preds: list[int] = []
-        for s in range(0, len(mine), self.eval_batch_size):
-            chunk = mine[s : s + self.eval_batch_size]
+
+        def judge(chunk) -> list[int]:
             tok = to_device(self.prep.text([r.sentence for r in chunk]), dev)
-            logits = model(pixel_values=self._pixels(chunk).to(dev), **tok).logits
-            preds += logits.argmax(-1).tolist()
-        model.train(was)
-        preds = dist.concat(preds)
+            return model(pixel_values=self._pixels(chunk).to(dev), **tok).logits.argmax(-1).tolist()
+
+        preds = self.predict_all(model, recs, judge)
         correct = sum(int(p == r.label) for p, r in zip(preds, recs))
         acc = 100.0 * correct / len(recs)
         true_share = 100.0 * sum(r.label for r in recs) / len(recs)
