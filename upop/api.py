@@ -187,9 +187,9 @@ def compress(
     higher is better).
 
     With ``state_dir``, Ctrl-C during the search or the retrain writes the run's state there;
-    ``resume=True`` continues from it (same settings required) and removes it when done. With
-    ``checkpoint_every`` > 0 the state is also written every that many steps and at the end of each
-    phase, so a killed run (kill -9, a lost node) resumes from its last checkpoint.
+    ``resume=True`` continues from it (same settings required) and removes it when done. The state is
+    also written at the end of the search, and with ``checkpoint_every`` > 0 every that many steps and
+    after each retrain epoch, so a killed run (kill -9, a lost node) resumes from its last checkpoint.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this: ``batch_size`` is per rank, the task's
     batches are sharded, evaluations gather across ranks, and only rank 0 reports progress and
@@ -289,7 +289,7 @@ def compress(
     search_dict = dataclasses.asdict(result)
     if saved is not None and saved["phase"] == "retrain" and saved.get("retrain") is None:
         net.load_state_dict(saved["slim_model"])
-    elif store is not None and checkpoint_every > 0 and (saved is None or saved["phase"] == "search"):
+    elif store is not None and (saved is None or saved["phase"] == "search"):
         # The end of the search is a checkpoint: a crash in retraining does not redo the search.
         if dist.is_main:
             store.save({"phase": "retrain", "retrain": None, "search_result": search_dict, "pre": pre,

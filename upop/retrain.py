@@ -60,8 +60,8 @@ def retrain(
     Epoch 0 is the slim model before any retraining, so retraining can never make the
     returned model worse on the evaluation than what the search left. On Ctrl-C,
     ``on_interrupt`` receives the state after the last finished step; ``resume`` takes it back.
-    ``checkpoint`` is called every ``checkpoint_every`` steps and after each epoch's evaluation with
-    a function returning that state. Under torchrun the model trains through DDP; ``eval_fn`` must
+    With ``checkpoint_every`` > 0, ``checkpoint`` is called every that many steps and after each epoch's
+    evaluation with a function returning that state. Under torchrun the model trains through DDP; ``eval_fn`` must
     give every rank the same number (the tasks' evaluations gather across ranks).
     """
     config.validate()
@@ -148,8 +148,8 @@ def retrain(
                 progress(rec | {"total": float(total)})
             if step % steps == 0:
                 evaluate(epoch)
-            if checkpoint is not None and step < total and (
-                    step % steps == 0 or (checkpoint_every > 0 and step % checkpoint_every == 0)):
+            if checkpoint is not None and checkpoint_every > 0 and step < total and (
+                    step % steps == 0 or step % checkpoint_every == 0):
                 checkpoint(state)
     except KeyboardInterrupt:
         if on_interrupt is not None and not dist.enabled:

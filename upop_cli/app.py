@@ -78,8 +78,9 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped, crashed or killed run from its last "
                                                          "checkpoint (state in <out>.partial)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
-                                                   help="Write the run's state every N steps (default 200; 0: only "
-                                                        "at phase ends and Ctrl-C)."),
+                                                   help="Write the run's state every N steps and after each retrain "
+                                                        "epoch (default 200; 0: only at the end of the search "
+                                                        "and on Ctrl-C)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node: launches torchrun."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes, with --rdzv-endpoint (run the same command on each)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous."),

@@ -89,3 +89,26 @@ def test_sigint_to_a_running_compress_then_resume(tmp_path):
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "upop_manifest.json").is_file() and not partial.exists()
+
+
+@pytest.mark.parametrize("every,expected", [(0, [("retrain", 0)]),
+                                            (3, [("search", 3), ("search", 6), ("retrain", 0), ("retrain", 3)])])
+def test_what_is_checkpointed_when(tmp_path, monkeypatch, every, expected):
+    """The end of the search always; every N steps and each retrain epoch only with checkpoint_every > 0."""
+    from upop.api import RunState
+
+    written = []
+    real = RunState.save
+
+    def record(self, state):
+        inner = state.get(state["phase"])
+        written.append((state["phase"], int(inner["step"]) if inner else 0))
+        real(self, state)
+
+    monkeypatch.setattr(RunState, "save", record)
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    upop.compress(model, _config(), batches=batches_for(adapter, model, n=3), state_dir=tmp_path / "s",
+                  checkpoint_every=every)
+    assert written == expected
+    assert not (tmp_path / "s").exists()
