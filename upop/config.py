@@ -28,6 +28,13 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_steps(grad_accum: int, max_steps: int | None) -> None:
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ConfigError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
+
+
 @dataclass
 class SearchConfig:
     """UPop search (SPEC §1.3-1.4). ``steps`` None means one pass over the batches given."""
@@ -45,6 +52,8 @@ class SearchConfig:
     amp: bool = True
     seed: int = 0
     method: str = "upop"
+    grad_accum: int = 1  # batches per optimizer step (and per mask-gradient sum)
+    max_steps: int | None = None  # cap on the steps (a smoke run of a full-size setup)
 
     def validate(self) -> None:
         if self.method not in SEARCH_METHODS:
@@ -59,6 +68,7 @@ class SearchConfig:
             raise ConfigError(f"search steps must be a positive integer, got {self.steps!r}")
         if self.update_every is not None and (not isinstance(self.update_every, int) or self.update_every < 1):
             raise ConfigError(f"update_every must be a positive integer, got {self.update_every!r}")
+        _check_steps(self.grad_accum, self.max_steps)
         _check_positive("lambda_attn", self.lambda_attn, allow_zero=True)
         _check_positive("lambda_mlp", self.lambda_mlp, allow_zero=True)
         _check_positive("search lr", self.lr, allow_zero=True)
@@ -77,8 +87,11 @@ class RetrainConfig:
     max_grad_norm: float = 1.0
     amp: bool = True
     seed: int = 0
+    grad_accum: int = 1  # batches per optimizer step
+    max_steps: int | None = None  # cap on the steps over all epochs (a smoke run)
 
     def validate(self) -> None:
+        _check_steps(self.grad_accum, self.max_steps)
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"retrain epochs must be an integer >= 0, got {self.epochs!r}")
         if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):

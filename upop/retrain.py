@@ -14,10 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import Stream, amp_dtype, autocast
-from .distributed import current, loss_runner, rng_state, set_rng_state
 from .config import RetrainConfig
-from .search import LossFn, ProgressFn
+from .loop import CheckpointFn, LoopSettings, LossFn, ProgressFn, TrainLoop
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -42,6 +40,76 @@ class RetrainResult:
     best_epoch: int | None = None
 
 
+class RetrainPhase:
+    """The retrain's hooks on the training loop: an evaluation at the end of every epoch (epoch 0 is
+    the slim model before any retraining) and the best state by that evaluation."""
+
+    logs_task_loss = False
+
+    def __init__(self, model: nn.Module, eval_fn: EvalFn | None, steps_per_epoch: int, resume: dict[str, Any] | None):
+        self.model, self.eval_fn, self.steps = model, eval_fn, steps_per_epoch
+        self.result = RetrainResult()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.lr: Callable[[], float] = lambda: 0.0
+        if resume is not None:
+            r = self.result
+            r.evals, r.best_metric, r.best_epoch = list(resume["evals"]), resume["best_metric"], resume["best_epoch"]
+            self.best_state = resume["best_state"]
+
+    def evaluate(self, epoch: int) -> None:
+        if self.eval_fn is None:
+            return
+        metric = float(self.eval_fn(self.model))
+        r = self.result
+        r.evals.append({"epoch": float(epoch), "metric": metric})
+        if r.best_metric is None or metric > r.best_metric:
+            r.best_metric, r.best_epoch = metric, epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def start(self, resumed_at: int | None) -> None:
+        """An interrupted run that stopped inside an end-of-epoch evaluation redoes it."""
+        step, evals = resumed_at, self.result.evals
+        if step and step % self.steps == 0 and (not evals or evals[-1]["epoch"] < step // self.steps):
+            self.evaluate(step // self.steps)
+
+    def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
+        return task_loss
+
+    def after_backward(self, scaler: torch.amp.GradScaler | None) -> None:
+        pass
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {"epoch": float((step - 1) // self.steps + 1), "lr": self.lr()}
+
+    def boundary(self, step: int) -> bool:
+        return step % self.steps == 0
+
+    def finish_step(self, step: int) -> None:
+        if step % self.steps == 0:
+            self.evaluate(step // self.steps)
+
+    def sync(self) -> None:
+        pass
+
+    def checkpoint_due(self, step: int, every: int) -> bool:
+        return step % self.steps == 0 or step % every == 0
+
+    def state(self) -> dict[str, Any]:
+        r = self.result
+        return {"evals": list(r.evals), "best_metric": r.best_metric, "best_epoch": r.best_epoch,
+                "best_state": self.best_state}
+
+
+def retrain_steps(config: RetrainConfig, batches: Iterable[Any]) -> tuple[int, int]:
+    """(steps per epoch, total steps): ``steps_per_epoch``, or one pass in steps of ``grad_accum`` batches."""
+    if config.steps_per_epoch is not None:
+        steps = config.steps_per_epoch
+    else:
+        steps = max(1, len(batches) // config.grad_accum)  # type: ignore[arg-type]
+    total = config.epochs * steps
+    return steps, min(total, config.max_steps) if config.max_steps is not None else total
+
+
 def retrain(
     model: nn.Module,
     loss_fn: LossFn,
@@ -52,7 +120,7 @@ def retrain(
     progress: ProgressFn | None = None,
     resume: dict[str, Any] | None = None,
     on_interrupt: Callable[[dict[str, Any]], None] | None = None,
-    checkpoint: Callable[[Callable[[], dict[str, Any]]], None] | None = None,
+    checkpoint: CheckpointFn | None = None,
     checkpoint_every: int = 0,
 ) -> RetrainResult:
     """Train ``model`` in place; with ``eval_fn`` (higher is better) the best state is kept.
@@ -65,97 +133,21 @@ def retrain(
     give every rank the same number (the tasks' evaluations gather across ranks).
     """
     config.validate()
-    dist = current()
-    torch.manual_seed(config.seed + dist.rank)
-    result = RetrainResult()
-    steps = config.steps_per_epoch if config.steps_per_epoch is not None else len(batches)  # type: ignore[arg-type]
-    total = config.epochs * steps
-    best_state: dict[str, torch.Tensor] | None = None
-
-    def evaluate(epoch: int) -> None:
-        nonlocal best_state
-        if eval_fn is None:
-            return
-        metric = float(eval_fn(model))
-        result.evals.append({"epoch": float(epoch), "metric": metric})
-        if result.best_metric is None or metric > result.best_metric:
-            result.best_metric, result.best_epoch = metric, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
+    steps, total = retrain_steps(config, batches)
+    phase = RetrainPhase(model, eval_fn, steps, resume)
+    settings = LoopSettings(total=total, lr=config.lr, weight_decay=config.weight_decay, amp=config.amp,
+                            seed=config.seed, schedule=warmup_cosine(int(config.warmup_ratio * total), total),
+                            max_grad_norm=config.max_grad_norm, grad_accum=config.grad_accum,
+                            checkpoint_every=checkpoint_every)
+    loop = TrainLoop(model, loss_fn, batches, settings, phase, progress=progress, resume=resume)
+    phase.lr = lambda: loop.lr
     if resume is None:
-        evaluate(0)
-    else:
-        result.evals, result.history = list(resume["evals"]), list(resume["history"])
-        result.best_metric, result.best_epoch = resume["best_metric"], resume["best_epoch"]
-        best_state = resume["best_state"]
+        phase.evaluate(0)
     if total == 0:
-        return result
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(config.warmup_ratio * total), total))
-    dtype = amp_dtype(device, config.amp)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    step = 0
-    it = Stream(batches, resume.get("data") if resume is not None else None)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        step = int(resume["step"])
-        if resume.get("data") is None:  # skip the batches the interrupted run trained on
-            for _ in range(step):
-                next(it)
-        set_rng_state(resume["rng"])
-        if step % steps == 0 and step and (not result.evals or result.evals[-1]["epoch"] < step // steps):
-            evaluate(step // steps)  # the interrupted run stopped inside this evaluation
-
-    def state() -> dict[str, Any]:
-        return {"step": step, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "evals": list(result.evals),
-                "history": list(result.history), "best_metric": result.best_metric, "best_epoch": result.best_epoch,
-                "best_state": best_state, "rng": rng_pos, "data": data_pos}
-
-    run_loss = loss_runner(model, loss_fn)
-    data_pos, rng_pos = it.position(), rng_state()  # after the last finished step
-
-    try:
-        while step < total:
-            epoch = step // steps + 1
-            model.train()
-            batch = next(it)
-            with autocast(device, dtype):
-                loss = run_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                opt.step()
-            sched.step()
-            step += 1
-            data_pos, rng_pos = it.position(), rng_state()
-            rec = {"step": float(step), "epoch": float(epoch),
-                   "loss": float(dist.all_reduce_mean(loss.detach().float().reshape(1).cpu())),
-                   "lr": float(sched.get_last_lr()[0])}
-            result.history.append(rec)
-            if progress is not None:
-                progress(rec | {"total": float(total)})
-            if step % steps == 0:
-                evaluate(epoch)
-            if checkpoint is not None and checkpoint_every > 0 and step < total and (
-                    step % steps == 0 or step % checkpoint_every == 0):
-                checkpoint(state)
-    except KeyboardInterrupt:
-        if on_interrupt is not None and not dist.enabled:
-            on_interrupt(state())
-        raise
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        return phase.result
+    loop.run(checkpoint=checkpoint, on_interrupt=on_interrupt)
+    phase.result.history = loop.history
+    if phase.best_state is not None:
+        model.load_state_dict(phase.best_state)
     model.eval()
-    return result
+    return phase.result

@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import Stream, amp_dtype, autocast
-from .distributed import current, loss_runner, mask_digest, rng_state, set_rng_state
+from .distributed import current, mask_digest
+from .loop import CheckpointFn, LoopSettings, LossFn, ProgressFn, TrainLoop
 from .config import SearchConfig
 from .masks import MaskSet
 from .units import ModuleSpec
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-ProgressFn = Callable[[dict[str, float]], None]
+__all__ = ["LossFn", "ProgressFn", "SearchResult", "search", "pi_schedule"]
 
 
 def pi_schedule(step: int, total_steps: int, ratio: float) -> float:
@@ -234,6 +233,7 @@ class SearchResult:
     max_share: float  # below the ratio when keeping one unit per module binds (tiny models, head granularity)
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
+    skipped_steps: int = 0  # steps whose mask gradient was not finite (fp16 overflow): left out of the importance
 
 
 def _split(values: torch.Tensor, table: UnitTable) -> dict[str, list[float]]:
@@ -242,6 +242,129 @@ def _split(values: torch.Tensor, table: UnitTable) -> dict[str, list[float]]:
         s = table.offsets[i]
         out[spec.name] = values[s : s + spec.num_units(table.granularity)].tolist()
     return out
+
+
+class SearchPhase:
+    """The search's hooks on the training loop: the sparsity term, the mask gradients (the
+    importance), and every ``every`` steps the move of the top-ranked units along π_t.
+
+    Mask gradients are summed on the device each step and reduced across ranks (one
+    all-reduce) only when the masks move or a state is taken; a step whose mask gradient is not
+    finite (an fp16 overflow) adds nothing to the importance and is counted.
+    """
+
+    logs_task_loss = True
+
+    def __init__(self, model: nn.Module, specs: Sequence[ModuleSpec], config: SearchConfig, total: int,
+                 unit_costs: Mapping[str, Sequence[float] | float] | None,
+                 allowed_sizes: Mapping[str, Sequence[int]] | None, resume: dict[str, Any] | None):
+        self.model, self.config, self.total = model, config, total
+        self.every = config.update_every or max(1, total // 50)
+        self.table = UnitTable.build(model, specs, config.granularity, unit_costs)
+        self.masks = MaskSet(model, specs, config.granularity)
+        self.allowed = [list(allowed_sizes[s.name]) for s in specs] if allowed_sizes is not None else None
+        n = self.table.cost.numel()
+        self.importance = torch.zeros(n, dtype=torch.float64)
+        self.marked = torch.zeros(n, dtype=torch.bool)
+        self.pi, self.skipped = 0.0, 0
+        device = next(model.parameters()).device
+        self._pending = torch.zeros(n + 1, dtype=torch.float64, device=device)  # gradient sums, skipped steps
+        if resume is not None:
+            self.importance, self.marked = resume["importance"].clone(), resume["marked"].clone()
+            self.pi, self.skipped = float(resume["pi"]), int(resume.get("skipped", 0))
+            with torch.no_grad():
+                for spec, z in self.masks.items():
+                    z.copy_(resume["zeta"][spec.name])
+
+    def start(self, resumed_at: int | None) -> None:
+        pass
+
+    def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return task_loss.float() + c.lambda_attn * self.masks.sparsity("attn") + c.lambda_mlp * self.masks.sparsity("mlp")
+
+    def after_backward(self, scaler: torch.amp.GradScaler | None) -> None:
+        grads = []
+        for _spec, z in self.masks.items():
+            grads.append(z.grad if z.grad is not None else torch.zeros_like(z))
+            z.grad = None
+        g = torch.cat(grads).to(torch.float64)
+        if scaler is not None:
+            g = g / scaler.get_scale()
+        finite = torch.isfinite(g).all()
+        self._pending[:-1] += torch.where(finite, g, torch.zeros_like(g))
+        self._pending[-1] += (~finite).to(torch.float64)
+
+    def sync(self) -> None:
+        """Add the ranks' mean of the pending gradient sums to the importance."""
+        dist = current()
+        reduced = dist.all_reduce_mean(self._pending).cpu()
+        self.importance += reduced[:-1]
+        self.skipped += int(round(float(reduced[-1]) * dist.world))
+        self._pending.zero_()
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if (self.config.method == "upop" and step % self.every == 0) or step == self.total:
+            self.sync()
+            self._move_masks(step)
+        return {"pi": self.pi}
+
+    def _move_masks(self, step: int) -> None:
+        c, table = self.config, self.table
+        self.pi = pi_schedule(step, self.total, c.ratio)
+        if c.method == "uniform-magnitude":
+            self.marked = magnitude_marks(self.model, table, c.ratio)
+        elif self.allowed is not None:
+            self.marked = select_units_aligned(unified_scores(self.importance, table), table, self.pi, self.allowed)
+        else:
+            self.marked = select_units(unified_scores(self.importance, table), table, self.pi)
+        value = 1.0 - self.pi / c.ratio
+        with torch.no_grad():
+            for i, (_spec, z) in enumerate(self.masks.items()):
+                s = table.offsets[i]
+                sel = self.marked[s : s + z.numel()].to(z.device)
+                z.fill_(1.0)
+                z[sel] = value
+        current().check_same(mask_digest(self.marked, value), f"search step {step}")
+
+    def boundary(self, step: int) -> bool:
+        return False
+
+    def finish_step(self, step: int) -> None:
+        pass
+
+    def checkpoint_due(self, step: int, every: int) -> bool:
+        return step % every == 0
+
+    def state(self) -> dict[str, Any]:
+        return {"importance": self.importance.clone(), "marked": self.marked.clone(), "pi": self.pi,
+                "zeta": {s.name: z.detach().cpu().clone() for s, z in self.masks.items()}, "total": self.total,
+                "skipped": self.skipped}
+
+    def result(self, history: list[dict[str, float]]) -> SearchResult:
+        table, g = self.table, self.config.granularity
+        kept = {}
+        for i, spec in enumerate(table.specs):
+            s = table.offsets[i]
+            kept[spec.name] = [j for j in range(spec.num_units(g)) if not bool(self.marked[s + j])]
+        return SearchResult(granularity=g, ratio=self.config.ratio, kept=kept, zeta=self.masks.values(),
+                            importance=_split(self.importance, table),
+                            removed_share=float(table.cost[self.marked].sum()) / table.total_cost,
+                            max_share=table.max_share(), steps=self.total, history=history,
+                            skipped_steps=self.skipped)
+
+
+def search_steps(config: SearchConfig, batches: Iterable[Any]) -> int:
+    """Optimizer steps of the search: ``steps``, or ``epochs`` passes of ``grad_accum`` batches per step."""
+    if config.steps is not None:
+        total = config.steps
+    else:
+        total = config.epochs * (len(batches) // config.grad_accum)  # type: ignore[arg-type]
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    if total < 1:
+        raise ValueError("the search needs at least one step")
+    return total
 
 
 def search(
@@ -256,7 +379,7 @@ def search(
     resume: dict[str, Any] | None = None,
     on_interrupt: Callable[[dict[str, Any]], None] | None = None,
     allowed_sizes: Mapping[str, Sequence[int]] | None = None,
-    checkpoint: Callable[[Callable[[], dict[str, Any]]], None] | None = None,
+    checkpoint: CheckpointFn | None = None,
     checkpoint_every: int = 0,
 ) -> SearchResult:
     """Run UPop's search on ``model`` (trained in place) and return the units to keep.
@@ -275,137 +398,19 @@ def search(
     config.validate()
     if not specs:
         raise ValueError("the model has no compressible modules")
-    dist = current()
-    torch.manual_seed(config.seed + dist.rank)
-    total = config.steps if config.steps is not None else config.epochs * len(batches)  # type: ignore[arg-type]
-    if total < 1:
-        raise ValueError("the search needs at least one step")
-    every = config.update_every or max(1, total // 50)
-    device = next(model.parameters()).device
-    table = UnitTable.build(model, specs, config.granularity, unit_costs)
-    masks = MaskSet(model, specs, config.granularity)
-    allowed = [list(allowed_sizes[s.name]) for s in specs] if allowed_sizes is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
-    sched = (
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        if opt
-        else None
-    )
-    dtype = amp_dtype(device, config.amp)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    importance = torch.zeros(table.cost.numel(), dtype=torch.float64)
-    marked = torch.zeros_like(importance, dtype=torch.bool)
-    history: list[dict[str, float]] = []
-    pi = 0.0
-    start = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if opt is not None:
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])  # type: ignore[union-attr]
-        importance, marked, pi = resume["importance"].clone(), resume["marked"].clone(), float(resume["pi"])
-        history = list(resume["history"])
-        with torch.no_grad():
-            for _spec, z in masks.items():
-                z.copy_(resume["zeta"][_spec.name])
-        start = int(resume["step"]) + 1
-    model.train()
-    it = Stream(batches, resume.get("data") if resume is not None else None)
-    if resume is not None and resume.get("data") is None:  # skip the batches the interrupted run trained on
-        for _ in range(start - 1):
-            next(it)
-    if resume is not None:
-        set_rng_state(resume["rng"])
-    run_loss = loss_runner(model, loss_fn)
-    done = start - 1
-    # Position and RNG after the last finished step: an interrupt can land inside a step.
-    data_pos, rng_pos = it.position(), rng_state()
-
-    def state() -> dict[str, Any]:
-        return {"step": done, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict() if opt else {}, "scheduler": sched.state_dict() if sched else {},
-                "importance": importance.clone(), "marked": marked.clone(), "pi": pi, "history": list(history),
-                "zeta": {s.name: z.detach().cpu().clone() for s, z in masks.items()}, "rng": rng_pos,
-                "total": total, "data": data_pos}
-
+    total = search_steps(config, batches)
+    settings = LoopSettings(total=total, lr=config.lr, weight_decay=config.weight_decay, amp=config.amp,
+                            seed=config.seed, schedule=search_lr_schedule(config, total),
+                            grad_accum=config.grad_accum, checkpoint_every=checkpoint_every)
+    phase = SearchPhase(model, specs, config, total, unit_costs, allowed_sizes, resume)
+    loop = TrainLoop(model, loss_fn, batches, settings, phase, progress=progress, resume=resume)
     try:
-        for step in range(start, total + 1):
-            batch = next(it)
-            with autocast(device, dtype):
-                task_loss = run_loss(batch)
-            loss = (
-                task_loss.float()
-                + config.lambda_attn * masks.sparsity("attn")
-                + config.lambda_mlp * masks.sparsity("mlp")
-            )
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
-            grads = []
-            for _spec, z in masks.items():
-                g = z.grad if z.grad is not None else torch.zeros_like(z)
-                grads.append(g.detach().to("cpu", torch.float64))
-                z.grad = None
-            g_all = dist.all_reduce_mean(torch.cat(grads))
-            if scaler is not None:
-                g_all /= scaler.get_scale()
-            if torch.isfinite(g_all).all():
-                importance += g_all
-            if opt is not None:
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                sched.step()  # type: ignore[union-attr]
-            progressive = config.method == "upop"
-            if (progressive and step % every == 0) or step == total:
-                pi = pi_schedule(step, total, config.ratio)
-                if config.method == "uniform-magnitude":
-                    marked = magnitude_marks(model, table, config.ratio)
-                elif allowed is not None:
-                    marked = select_units_aligned(unified_scores(importance, table), table, pi, allowed)
-                else:
-                    marked = select_units(unified_scores(importance, table), table, pi)
-                value = 1.0 - pi / config.ratio
-                with torch.no_grad():
-                    for i, (_spec, z) in enumerate(masks.items()):
-                        s = table.offsets[i]
-                        sel = marked[s : s + z.numel()].to(z.device)
-                        z.fill_(1.0)
-                        z[sel] = value
-                dist.check_same(mask_digest(marked, value), f"search step {step}")
-            # The logged losses are the means over the ranks: the loss of the whole (effective) batch.
-            logged = dist.all_reduce_mean(torch.stack([loss.detach().float(), task_loss.detach().float()]).cpu())
-            rec = {"step": float(step), "pi": pi, "loss": float(logged[0]), "task_loss": float(logged[1])}
-            history.append(rec)
-            done, data_pos, rng_pos = step, it.position(), rng_state()
-            if progress is not None:
-                progress(rec | {"total": float(total)})
-            if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < total:
-                checkpoint(state)
-        zeta = masks.values()
-    except KeyboardInterrupt:
-        if on_interrupt is not None and not dist.enabled:
-            on_interrupt(state())
-        raise
+        history = loop.run(checkpoint=checkpoint, on_interrupt=on_interrupt)
     finally:
-        masks.remove()
-    kept = {}
-    for i, spec in enumerate(specs):
-        s = table.offsets[i]
-        n = spec.num_units(config.granularity)
-        kept[spec.name] = [j for j in range(n) if not bool(marked[s + j])]
-    removed = float(table.cost[marked].sum()) / table.total_cost
-    return SearchResult(
-        granularity=config.granularity,
-        ratio=config.ratio,
-        kept=kept,
-        zeta=zeta,
-        importance=_split(importance, table),
-        removed_share=removed,
-        max_share=table.max_share(),
-        steps=total,
-        history=history,
-    )
+        phase.masks.remove()
+    return phase.result(history)
+
+
+def search_lr_schedule(config: SearchConfig, total: int) -> Callable[[int], float]:
+    """The search's learning-rate factor: cosine from 1 to 0 over the search."""
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
