@@ -56,7 +56,7 @@ def main() -> None:
                         retrain=upop.RetrainConfig(epochs=args.retrain_epochs or spec.compress_retrain_epochs,
                                                    lr=spec.compress_lr, seed=seed))
                     res = upop.compress(demo, cfg, batch_size=spec.batch_size)
-                    v = res.report["metrics"]["after"]["primary"]
+                    v = res.report.metrics["after"]["primary"]
                     vals.append(v)
                     raw.append({"demo": demo, "ratio": ratio, "method": method, "seed": seed, "metric": v,
                                 "baseline": base, "seconds": time.perf_counter() - t0})

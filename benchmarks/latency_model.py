@@ -56,7 +56,7 @@ def main() -> None:
                 res = upop.compress(demo, cfg, batch_size=spec.batch_size)
                 meas = measure_forward_ms(res.model, src.adapter, 1, 32, dev)
                 pred = predicted_latency_ms(res.model, src.adapter, prof)
-                r = res.report
+                r = res.report.to_dict()
                 table.add_row(demo, label, f"{r['metrics']['after']['primary']:.2f}", f"{meas:.3f}", f"{pred:.3f}",
                               f"{100 * (pred - meas) / meas:+.1f}%",
                               f"{r['params']['after']['total'] / r['params']['before']['total']:.0%}")

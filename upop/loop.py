@@ -140,7 +140,7 @@ class TrainLoop:
         every = settings.log_every
         self.log_every = every if every is not None else (10 if self.device.type == "cuda" else 1)
         self._pending: list[tuple[dict[str, float], torch.Tensor]] = []
-        self._speed = Throughput()
+        self._speed, self._totals = Throughput(), Throughput()
         # Seeded before anything the phase runs first (the retrain's epoch-0 evaluation).
         torch.manual_seed(settings.seed + self.dist.rank)
 
@@ -207,8 +207,10 @@ class TrainLoop:
         for micro in range(k):
             t0 = time.perf_counter()
             batch = next(it)
-            self._speed.wait_s += time.perf_counter() - t0
-            self._speed.items += batch_items(batch)
+            waited, items = time.perf_counter() - t0, batch_items(batch)
+            for meter in (self._speed, self._totals):
+                meter.wait_s += waited
+                meter.items += items
             with self._no_sync(runner, micro == k - 1):
                 with autocast(self.device, self.dtype):
                     task_loss = runner(batch)
@@ -242,7 +244,7 @@ class TrainLoop:
         """
         it = self._restore()
         self.phase.start(self.step if self.resume is not None else None)
-        self._speed = Throughput()
+        self._speed, self._totals = Throughput(), Throughput()
         runner = loss_runner(self.model, self.loss_fn)
         # Position and RNG after the last finished step: an interrupt can land inside a step.
         self._data_pos, self._rng_pos = it.position(), rng_state()
@@ -255,6 +257,7 @@ class TrainLoop:
                 self._optimizer_step()
                 self.step += 1
                 self._speed.steps += 1
+                self._totals.steps += 1
                 self._data_pos, self._rng_pos = it.position(), rng_state()
                 rec = {"step": float(self.step), **self.phase.after_step(self.step)}
                 self._log(rec, values)
@@ -275,6 +278,10 @@ class TrainLoop:
                 on_interrupt(self.state())
             raise
         return self.history
+
+    def throughput(self) -> dict[str, float]:
+        """Over this process's whole run of the loop: images/s (all ranks), seconds per step, data-wait share."""
+        return {**self._totals.fields(self.dist.world), "steps": float(self.step)}
 
     @property
     def lr(self) -> float:

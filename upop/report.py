@@ -6,9 +6,62 @@ the UPop paper draws it) next to the search's π schedule and loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class Report:
+    """What a compress run did and measured: built once, written once (``report.json``), and read by
+    ``report.md``, the picture and the CLI summary through these fields."""
+
+    model: str
+    family: str
+    model_class: str
+    task: str | None
+    ratio: float
+    granularity: str
+    profile: str | None
+    removed_cost_share: float
+    metrics: dict[str, Any]  # primary, before/after (test), val_before, val_after_search, val_after, best_epoch
+    params: dict[str, dict[str, int]]  # before/after, per tower
+    flops: dict[str, Any]  # before/after per tower, and the inputs they were counted on
+    modules: list[dict[str, Any]]  # kept units per module
+    search: dict[str, Any]  # steps, history, skipped_steps
+    retrain: dict[str, Any]  # history, evals
+    seconds: float
+    upop_version: str = ""
+    hardware: dict[str, Any] | None = None  # profile, predicted latency before/after, target
+    distributed: dict[str, Any] | None = None  # processes × batch × accumulation
+    resumed_from: dict[str, Any] | None = None
+    performance: dict[str, Any] = field(default_factory=dict)  # per-phase seconds, throughput, peak memory
+    report_version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def module_rows(specs: Any, kept: dict[str, list[int]], granularity: str) -> list[dict[str, Any]]:
+    """One row per compressible module: its units and how many the search kept (and the kept shape)."""
+    rows = []
+    for s in specs:
+        n_kept = len(kept[s.name])
+        row: dict[str, Any] = {"module": s.name, "tower": s.tower, "kind": s.kind, "role": s.role,
+                               "units": s.num_units(granularity), "kept": n_kept}
+        if s.kind == "attn":
+            row["num_heads"], row["head_dim"] = s.kept_shape(n_kept, granularity)
+        rows.append(row)
+    return rows
 
 
 def _fmt(v: Any) -> str:
@@ -21,10 +74,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, after/before) rows shared by report.md and the CLI table."""
     rows = []
-    m = report["metrics"]
+    m = report.metrics
     before, after = m.get("before"), m.get("after")
     if isinstance(before, dict) and isinstance(after, dict):
         for k in before:
@@ -35,48 +88,48 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     elif before is not None or after is not None:
         rows.append(("metric", _fmt(before), _fmt(after), ""))
     for what in ("params", "flops"):
-        b, a = report[what]["before"], report[what]["after"]
+        b, a = getattr(report, what)["before"], getattr(report, what)["after"]
         for tower in b:
             ratio = f"{a.get(tower, 0) / b[tower]:.1%}" if b[tower] else ""
             rows.append((f"{what} {tower}", _fmt(b[tower]), _fmt(a.get(tower)), ratio))
     return rows
 
 
-def run_lines(report: dict[str, Any]) -> list[str]:
+def run_lines(report: Report) -> list[str]:
     lines = []
-    d = report.get("distributed")
+    d = report.distributed
     if d:
         lines.append(f"- processes: {d['world_size']} × batch {d['per_rank_batch']} = effective batch "
                      f"{d['effective_batch']}" + (f" ({d['backend']})" if d.get("backend") else ""))
-    r = report.get("resumed_from")
+    r = report.resumed_from
     if r:
         lines.append(f"- resumed from the {r['phase']} checkpoint at step {r['step']}")
     return lines
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# upop report: {report['model']}", "",
-             f"- task: {report['task']} ({report['model_class']}, family {report['family']})",
-             f"- ratio: {report['ratio']} ({report['granularity']} granularity), removed share of compressible cost: "
-             f"{report['removed_cost_share']:.3f}", f"- profile: {report.get('profile') or 'none (parameter cost)'}",
-             f"- time: {report['seconds']:.0f} s", *run_lines(report),
+def to_markdown(report: Report) -> str:
+    lines = [f"# upop report: {report.model}", "",
+             f"- task: {report.task} ({report.model_class}, family {report.family})",
+             f"- ratio: {report.ratio} ({report.granularity} granularity), removed share of compressible cost: "
+             f"{report.removed_cost_share:.3f}", f"- profile: {report.profile or 'none (parameter cost)'}",
+             f"- time: {report.seconds:.0f} s", *run_lines(report),
              "", "| | before | after | after/before |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     lines += ["", "## Kept units per module", "", "| tower | module | kind | kept / units | shape |", "|---|---|---|---|---|"]
-    for r in report["modules"]:
+    for r in report.modules:
         shape = f"{r['num_heads']} × {r['head_dim']}" if r["kind"] == "attn" else f"{r['kept']}"
         lines.append(f"| {r['tower']} | {r['module']} | {r['kind']} ({r['role']}) | {r['kept']} / {r['units']} | {shape} |")
     lines += ["", "![where the compression went](compression.png)", ""]
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: Report, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mods = report["modules"]
+    mods = report.modules
     towers = list(dict.fromkeys(r["tower"] for r in mods))
     fig, axes = plt.subplots(1, len(towers) + 1, figsize=(4.5 * (len(towers) + 1), 4.2))
     for ax, tower in zip(axes, towers):
@@ -94,7 +147,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[-1]
-    hist = report["search"]["history"]
+    hist = report.search["history"]
     steps = [h["step"] for h in hist]
     ax.plot(steps, [h["pi"] for h in hist], color="C3", label="π (share marked)")
     ax.set_xlabel("search step")
@@ -106,14 +159,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("search: π schedule and loss")
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"{report['model']} at ratio {report['ratio']} ({report['granularity']})")
+    fig.suptitle(f"{report.model} at ratio {report.ratio} ({report.granularity})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> None:
+def write_report(report: Report, out_dir: str | Path) -> None:
     out = Path(out_dir)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
     (out / "report.md").write_text(to_markdown(report))
     plot(report, out / "compression.png")

@@ -38,6 +38,7 @@ class RetrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     best_metric: float | None = None
     best_epoch: int | None = None
+    throughput: dict[str, float] = field(default_factory=dict)  # images/s, step time, data-wait share
 
 
 class RetrainPhase:
@@ -146,7 +147,7 @@ def retrain(
     if total == 0:
         return phase.result
     loop.run(checkpoint=checkpoint, on_interrupt=on_interrupt)
-    phase.result.history = loop.history
+    phase.result.history, phase.result.throughput = loop.history, loop.throughput()
     if phase.best_state is not None:
         model.load_state_dict(phase.best_state)
     model.eval()

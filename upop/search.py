@@ -234,6 +234,7 @@ class SearchResult:
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_steps: int = 0  # steps whose mask gradient was not finite (fp16 overflow): left out of the importance
+    throughput: dict[str, float] = field(default_factory=dict)  # images/s, step time, data-wait share
 
 
 def _split(values: torch.Tensor, table: UnitTable) -> dict[str, list[float]]:
@@ -408,7 +409,9 @@ def search(
         history = loop.run(checkpoint=checkpoint, on_interrupt=on_interrupt)
     finally:
         phase.masks.remove()
-    return phase.result(history)
+    result = phase.result(history)
+    result.throughput = loop.throughput()
+    return result
 
 
 def search_lr_schedule(config: SearchConfig, total: int) -> Callable[[int], float]:

@@ -16,7 +16,7 @@ def test_every_family_compresses_and_still_runs(tiny, ratio):
     calls = []
     res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=2), eval_fn=lambda m: 0.0,
                         progress=lambda stage, rec: calls.append(stage))
-    r = res.report
+    r = res.report.to_dict()
     assert r["family"] == adapter.family and r["ratio"] == ratio and r["granularity"] == gran
     assert r["params"]["after"]["total"] < r["params"]["before"]["total"]
     assert r["flops"]["after"]["total"] < r["flops"]["before"]["total"]

@@ -51,7 +51,7 @@ def test_a_calibrated_profile_round_trips_and_drives_the_search(calibrated, tmp_
     cfg = upop.CompressConfig(ratio=0.5, profile=str(path), search=upop.SearchConfig(steps=2, update_every=1),
                               retrain=upop.RetrainConfig(epochs=0))
     res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=1))
-    hw = res.report["hardware"]
+    hw = res.report.hardware
     assert hw["latency_model"] == "table" and hw["predicted_ms_after"] < hw["predicted_ms_before"]
     assert predicted_latency_ms(res.model, adapter, read_file(path)) == pytest.approx(hw["predicted_ms_after"])
     # half the units' latency removed: blocks' variable part halves, the 1 ms intercepts and the rest stay

@@ -35,7 +35,7 @@ def test_compress_by_path_writes_the_processor(vit_folder, tmp_path):
     res = upop.compress(str(path), cfg, batches=batches_for(adapter, model, n=1))
     out = res.save(tmp_path / "slim")
     assert (out / "preprocessor_config.json").is_file()
-    assert res.report["model"] == str(path)
+    assert res.report.model == str(path)
 
 
 def test_every_family_loads_from_a_folder(tiny, tmp_path):

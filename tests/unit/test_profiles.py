@@ -75,7 +75,7 @@ def test_aligned_search_keeps_multiples_and_meets_the_ratio_within_one_step(fami
     step = max(max(c for c in (costs[s.name] * (b - a) for a, b in zip(allowed[s.name], allowed[s.name][1:]))
                    ) if len(allowed[s.name]) > 1 else 0 for s in specs)
     assert 0.5 - 1e-9 <= res.search.removed_share <= 0.5 + step / table.total_cost + 1e-9
-    hw = res.report["hardware"]
+    hw = res.report.hardware
     assert hw["predicted_ms_after"] < hw["predicted_ms_before"]
 
 
@@ -89,8 +89,8 @@ def test_target_latency_is_met_under_the_profiles_model(monkeypatch):
     cfg = upop.CompressConfig(ratio=0.5, profile="t4", target_latency_ms=target,
                               search=upop.SearchConfig(steps=4, update_every=2), retrain=upop.RetrainConfig(epochs=0))
     res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=2))
-    assert res.report["ratio"] == pytest.approx(0.4)
-    assert res.report["hardware"]["predicted_ms_after"] <= target * 1.0001
+    assert res.report.ratio == pytest.approx(0.4)
+    assert res.report.hardware["predicted_ms_after"] <= target * 1.0001
     with pytest.raises(upop.ConfigError, match="already meets"):
         upop.compress(build_tiny("vit", "ViTForImageClassification"),
                       upop.CompressConfig(profile="t4", target_latency_ms=2 * before), batches=[{}])

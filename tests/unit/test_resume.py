@@ -55,7 +55,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, interrupt_at):
     assert [h["pi"] for h in res.search.history] == [h["pi"] for h in ref.search.history]
     for k, v in ref.model.state_dict().items():
         assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k
-    assert not state.exists()  # cleared once the run finished
+    assert state.exists()  # kept until the output is written
+    res.save(tmp_path / "out")
+    assert not state.exists()  # cleared once it is
 
 
 def test_resume_with_other_settings_or_nothing_to_resume(tmp_path):
@@ -95,20 +97,20 @@ def test_sigint_to_a_running_compress_then_resume(tmp_path):
                                             (3, [("search", 3), ("search", 6), ("retrain", 0), ("retrain", 3)])])
 def test_what_is_checkpointed_when(tmp_path, monkeypatch, every, expected):
     """The end of the search always; every N steps and each retrain epoch only with checkpoint_every > 0."""
-    from upop.api import RunState
+    from upop.runstate import StateStore
 
     written = []
-    real = RunState.save
+    real = StateStore.save
 
     def record(self, state):
-        inner = state.get(state["phase"])
-        written.append((state["phase"], int(inner["step"]) if inner else 0))
+        written.append((state.phase, state.step()))
         real(self, state)
 
-    monkeypatch.setattr(RunState, "save", record)
+    monkeypatch.setattr(StateStore, "save", record)
     adapter = get_adapter("vit")
     model = build_tiny("vit", "ViTForImageClassification")
-    upop.compress(model, _config(), batches=batches_for(adapter, model, n=3), state_dir=tmp_path / "s",
-                  checkpoint_every=every)
-    assert written == expected
+    res = upop.compress(model, _config(), batches=batches_for(adapter, model, n=3), state_dir=tmp_path / "s",
+                        checkpoint_every=every)
+    assert written == expected + [("done", 0)]  # the finished run is kept until its output is written
+    res.save(tmp_path / "out")
     assert not (tmp_path / "s").exists()

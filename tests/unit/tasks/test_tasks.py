@@ -49,11 +49,11 @@ def test_each_task_searches_retrains_and_evaluates(family, class_name, task, pri
     cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=1, update_every=1, lr=1e-4),
                               retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=1, lr=1e-4))
     res = upop.compress(model, cfg, data=data, task=task, preprocessor=prep_for(family, model), batch_size=4)
-    m = res.report["metrics"]
-    assert m["primary"] == primary and res.report["task"] == task
+    m = res.report.metrics
+    assert m["primary"] == primary and res.report.task == task
     for when in ("before", "after"):
         assert m[when]["primary"] == m[when][primary] and 0.0 <= m[when][primary] <= 1000.0
-    assert res.report["params"]["after"]["total"] < res.report["params"]["before"]["total"]
+    assert res.report.params["after"]["total"] < res.report.params["before"]["total"]
 
 
 def test_zero_shot_classification_with_a_dual_encoder(data):

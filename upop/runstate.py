@@ -1,0 +1,133 @@
+"""The state of an unfinished compress run, for ``--resume``: a typed record and the folder that holds it.
+
+The folder (``<out>.partial/`` from the CLI) is upop's own: it carries a marker file, and upop
+clears only a folder that has it. The state is one torch file of plain tensors and Python values,
+written to a temporary name and renamed (a kill -9 mid-write leaves the previous state intact) and
+read back with ``weights_only=True`` (no pickled code runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+STATE_VERSION = 1
+#: the marker that makes a state folder upop's own (only such a folder is ever cleared)
+STATE_MARKER = ".upop-run"
+PHASES = ("search", "retrain", "done")
+
+
+@dataclass
+class Baseline:
+    """The unpruned model's metrics, measured once before the search."""
+
+    test: dict[str, float] | None = None  # the report's test metrics
+    val: float | None = None  # the model-selection metric
+
+
+@dataclass
+class RunState:
+    """Where a run stopped. ``phase``: ``search`` (``search`` holds the loop state), ``retrain`` (the search is
+    done: ``search_result`` and the slim weights, ``retrain`` the loop state once it began), or ``done`` (the
+    run finished but its output was not written: ``final_model`` and ``report``)."""
+
+    phase: str
+    baseline: Baseline
+    search: dict[str, Any] | None = None
+    search_result: dict[str, Any] | None = None
+    slim_model: dict[str, torch.Tensor] | None = None
+    retrain: dict[str, Any] | None = None
+    final_model: dict[str, torch.Tensor] | None = None
+    report: dict[str, Any] | None = None
+    version: int = STATE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["baseline"] = dataclasses.asdict(self.baseline)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "RunState":
+        """Checks the shape of an untrusted state before anything uses it."""
+        def bad(why: str) -> CheckpointError:
+            return CheckpointError(f"{where} is not a usable run state ({why}); delete it to start over")
+
+        if not isinstance(data, dict):
+            raise bad("not a mapping")
+        if not isinstance(data.get("version"), int) or data["version"] > STATE_VERSION:
+            raise bad(f"state version {data.get('version')!r}, this upop reads up to {STATE_VERSION}")
+        if data.get("phase") not in PHASES:
+            raise bad(f"unknown phase {data.get('phase')!r}")
+        base = data.get("baseline")
+        if not isinstance(base, dict) or set(base) != {"test", "val"}:
+            raise bad("no baseline metrics")
+        needed = {"search": ("search",), "retrain": ("search_result", "slim_model|retrain"),
+                  "done": ("search_result", "final_model", "report")}[data["phase"]]
+        for keys in needed:
+            if not any(isinstance(data.get(k), dict) for k in keys.split("|")):
+                raise bad(f"no {keys.replace('|', ' or ')}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields and k != "baseline"}, baseline=Baseline(**base))
+
+    def step(self) -> int:
+        inner = self.search if self.phase == "search" else self.retrain if self.phase == "retrain" else None
+        return int(inner["step"]) if inner else 0
+
+
+class StateStore:
+    """The state folder of one run: saves, loads (checking it is this run's) and clears it."""
+
+    def __init__(self, folder: str | Path, config: dict[str, Any], run: dict[str, Any] | None = None):
+        self.folder, self.config, self.run = Path(folder), config, run or {}
+        self.path = self.folder / "state.pt"
+
+    def owned(self) -> bool:
+        return (self.folder / STATE_MARKER).is_file()
+
+    def check_owned(self) -> None:
+        """A folder of that name that upop did not write is the user's: never used, never cleared."""
+        if self.folder.exists() and (not self.folder.is_dir() or (any(self.folder.iterdir()) and not self.owned())):
+            raise CheckpointError(f"{self.folder} exists and is not a upop run state; move it away or choose "
+                                  "another output (upop never writes into or deletes a folder it did not create)")
+
+    def save(self, state: RunState) -> None:
+        self.check_owned()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / STATE_MARKER).write_text("upop run state: deleted by upop when the run's output is written\n")
+        tmp = self.path.with_name(".state.pt.tmp")
+        torch.save({"config": self.config, "run": self.run, **state.to_dict()}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> RunState | None:
+        if not self.path.is_file():
+            return None
+        self.check_owned()
+        try:
+            raw = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # any damage (random bytes, truncation, foreign pickle) is the same answer
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self.path} cannot be read: {first}") from None
+        if not isinstance(raw, dict) or raw.get("config") != self.config:
+            raise ConfigError(f"the interrupted run in {self.folder} used other settings; "
+                              "resume with the same options, or delete that folder")
+        self._check_same_run(raw.get("run") or {})
+        return RunState.from_dict(raw, str(self.path))
+
+    def _check_same_run(self, was: dict[str, Any]) -> None:
+        for key, what in (("world_size", "processes"), ("per_rank_batch", "as batch size per process")):
+            if key in was and key in self.run and was[key] != self.run[key]:
+                raise ConfigError(f"the interrupted run in {self.folder} ran with {was[key]} {what}, this one with "
+                                  f"{self.run[key]}; resume with the same --nproc and --batch-size")
+
+    def clear(self) -> None:
+        """Removes the folder, only if upop's marker is in it."""
+        if self.owned():
+            shutil.rmtree(self.folder, ignore_errors=True)
