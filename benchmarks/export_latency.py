@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import upop
 from upop.adapters import all_adapters
 from upop.exporters import get
-from upop.latency import ort_session
+from upop.exporters.timing import ort_session
 
 SEQ = 32
 

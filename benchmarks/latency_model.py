@@ -20,6 +20,7 @@ from rich.table import Table
 
 import upop
 from upop.calibrate import calibrate, measure_forward_ms, to_toml
+from upop.exporters.timing import block_timer
 from upop.demo import DEMOS
 from upop.hardware import predicted_latency_ms
 from upop.hub import load_pretrained
@@ -78,16 +79,17 @@ def mid_size(runtime: str = "torch") -> None:
         torch.manual_seed(0)
         model = adapter.build(cls, adapter.random_config(cls, hidden=384, layers=6, heads=6, image_size=224,
                                                         patch_size=16, vocab=1000)).eval()
-        prof = read_file(_write(calibrate(model, adapter, load("cpu-x86"), device=dev, points=5, runtime=runtime)))
+        prof = read_file(_write(calibrate(model, adapter, load("cpu-x86"), device=dev, points=5, runtime=runtime,
+                                          timer=block_timer(runtime, dev))))
         batch = adapter.example_inputs(model, batch_size=1, seq_len=32, generator=torch.Generator().manual_seed(0))
-        table.add_row(cls, "0", f"{measure_forward_ms(model, adapter, 1, 32, dev, runtime=runtime):.2f}",
+        table.add_row(cls, "0", f"{measure_forward_ms(model, adapter, 1, 32, dev, timer=block_timer(runtime, dev)):.2f}",
                       f"{predicted_latency_ms(model, adapter, prof):.2f}", "")
         for ratio in (0.3, 0.6):
             m = adapter.build(cls, model.config)
             m.load_state_dict(model.state_dict())
             res = upop.compress(m.eval(), upop.CompressConfig(ratio=ratio, search=upop.SearchConfig(steps=2, lr=0.0),
                                                               retrain=upop.RetrainConfig(epochs=0)), batches=[batch])
-            meas = measure_forward_ms(res.model, adapter, 1, 32, dev, runtime=runtime)
+            meas = measure_forward_ms(res.model, adapter, 1, 32, dev, timer=block_timer(runtime, dev))
             pred = predicted_latency_ms(res.model, adapter, prof)
             table.add_row(cls, f"{ratio}", f"{meas:.2f}", f"{pred:.2f}", f"{100 * (pred - meas) / meas:+.1f}%")
     Console(width=150).print(table)

@@ -12,19 +12,13 @@ from typing import Any
 
 from upop.errors import UpopError
 
-_BACKENDS: dict[str, Callable[..., Any]] = {}
+from .registry import _BACKENDS, register
+
+__all__ = ["UnknownFormatError", "formats", "get", "register"]
 
 
 class UnknownFormatError(UpopError):
     pass
-
-
-def register(fmt: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _BACKENDS[fmt] = fn
-        return fn
-
-    return deco
 
 
 def formats() -> list[str]:

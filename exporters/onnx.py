@@ -24,9 +24,9 @@ from torch import nn
 
 from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
-from upop.latency import ort_session
+from .sessions import ort_session
 
-from . import register
+from .registry import register
 
 FP32_TOL = 1e-4
 #: FP16 graphs: max abs error ≤ FP16_TOL × (1 + max |reference|) per output.

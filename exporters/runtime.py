@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from upop.errors import UpopError
-from upop.latency import ort_session
+from .sessions import ort_session
 
 
 class ExportFolderError(UpopError):

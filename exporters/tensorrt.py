@@ -24,7 +24,7 @@ from typing import Any
 from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
 
-from . import register
+from .registry import register
 
 
 class TensorRTUnavailable(UpopError):
@@ -224,7 +224,7 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
     engine for exactly those shapes, and run with CUDA events."""
     import tempfile
 
-    from upop.calibrate import export_static_onnx
+    from .static_onnx import export_static_onnx
     from upop.latency import time_fn
 
     trt = require_tensorrt()

@@ -37,7 +37,7 @@ def _check_steps(grad_accum: int, max_steps: int | None) -> None:
 
 @dataclass
 class SearchConfig:
-    """UPop search (SPEC §1.3-1.4). ``steps`` None means one pass over the batches given."""
+    """UPop search (docs/method.md). ``steps`` None means one pass over the batches given."""
 
     ratio: float = 0.5
     granularity: str = "dim"

@@ -4,7 +4,7 @@ The masks live outside the model's parameters, so an optimizer built on
 ``model.parameters()`` never steps them; the search reads their gradients instead.
 Attention masks scale q, k and v right after the projections (broadcast over heads for
 ``dim`` units, over head_dim for ``head`` units); MLP masks scale fc1's output, before
-the activation (SPEC §1.2).
+the activation (docs/method.md).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .distributed import init as init_distributed
 from .errors import ConfigError
 from .flops import flops_per_tower, params_per_tower
 from .hardware import HardwarePlan, plan_hardware, predicted_latency_ms
-from .loop import CheckpointFn, LossFn, ProgressFn, StateFn, peak_memory
+from .loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory
 from .report import Report, module_rows
 from .retrain import EvalFn, RetrainResult, retrain
 from .runstate import Baseline, RunState, StateStore
@@ -376,7 +376,7 @@ def load_profile(name: str | None) -> Any:
     """A shipped target name or a profile file, loaded (and validated) once per run."""
     if name is None:
         return None
-    from .profiles import load
+    from .hwprofile import load
 
     return load(name)
 
@@ -463,7 +463,10 @@ def start_run(config: CompressConfig, progress: Progress | None, checkpoint_ever
 
 def distributed_info(run: Run, inputs: Inputs, batch_size: int) -> dict[str, Any]:
     """processes × batch per process × accumulation = effective batch (what the report states)."""
-    per_rank = getattr(inputs.batches, "bs", batch_size)
+    per_rank = getattr(inputs.batches, "bs", None)
+    if per_rank is None:  # the caller's own batches: their first batch's size, when they can be indexed
+        per_rank = batch_items(inputs.batches[0]) if isinstance(inputs.batches, (list, tuple)) and inputs.batches \
+            else batch_size
     accum = run.config.search.grad_accum
     return {"world_size": run.dist.world, "per_rank_batch": per_rank, "grad_accum": accum,
             "effective_batch": per_rank * run.dist.world * accum,

@@ -1,4 +1,4 @@
-"""Unified progressive search (SPEC §1.3-1.4), family-agnostic.
+"""Unified progressive search (docs/method.md), family-agnostic.
 
 The search sees ``ModuleSpec`` lists, a loss closure and batches. It trains the model
 while accumulating the gradient of the loss with respect to every mask ζ, ranks all

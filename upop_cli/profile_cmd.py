@@ -10,10 +10,11 @@ from rich.table import Table
 
 def _profile(target: str, runtime: str, device: str, batches: list[int], precision: str, warmup: int, runs: int):
     from upop.api import _open, resolve_device
-    from upop.latency import profile_ort, profile_torch
+    from upop.exporters.timing import profile_ort
+    from upop.latency import profile_torch
 
     if runtime == "trt":
-        from upop.latency import profile_trt
+        from upop.exporters.timing import profile_trt
 
         return profile_trt(target, batches, device, precision, warmup, runs)
     is_export = (Path(target) / "export.json").is_file()
@@ -99,10 +100,13 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
         require_tensorrt()
     if runtime not in ("torch", "ort", "trt"):
         raise ConfigError(f"--runtime must be torch, ort or trt, got {runtime!r}")
+    from upop.exporters.timing import block_timer
+
     src = _open(model, None)
     console = Console(stderr=True, quiet=quiet)
-    prof = calibrate(src.model, src.adapter, load(base), device=resolve_device(device), granularity=granularity,
-                     runtime=runtime, log=lambda m: console.log(m))
+    dev, base_profile = resolve_device(device), load(base)
+    prof = calibrate(src.model, src.adapter, base_profile, device=dev, granularity=granularity, runtime=runtime,
+                     timer=block_timer(runtime, dev, base_profile.precision), log=lambda m: console.log(m))
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(to_toml(prof))
     read_file(tmp)  # what was written loads back as a valid profile

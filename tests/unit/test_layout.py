@@ -82,3 +82,97 @@ def test_every_package_folder_is_listed_for_installation():
              for p in (ROOT / "upop").rglob("__init__.py")}
     found |= {"upop_cli", "upop.exporters", "upop.profiles"}
     assert found <= listed, sorted(found - listed)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] in ("exporters", "profiles"):  # installed inside the upop namespace
+        parts = ["upop", *parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the project's modules it imports (at the top or inside functions), relative imports resolved."""
+    files = {_module_name(p): p for folder in ("upop", "upop_cli", "exporters", "profiles")
+             for p in (ROOT / folder).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    found.add(t)
+        graph[name] = found
+    return graph
+
+
+def _outer(name: str) -> bool:
+    return name.startswith(("upop.exporters", "upop.profiles", "upop_cli"))
+
+
+def test_the_core_never_imports_the_exporters_the_profiles_package_or_the_cli():
+    upward = [f"{m} → {d}" for m, deps in _import_graph().items() if not _outer(m) for d in deps if _outer(d)]
+    assert not upward, upward
+
+
+def test_there_is_no_import_circle():
+    graph = _import_graph()
+    circles = []
+    for start in graph:  # a path from a module back to itself
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    circles.append(" → ".join(path + [start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert not circles, sorted(set(circles))[:5]
+
+
+def test_the_layout_check_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
+    """The two checks above cannot pass by not looking: a planted circle and upward import are found."""
+    fake = tmp_path / "repo"
+    for folder in ("upop", "upop_cli", "exporters", "profiles"):
+        (fake / folder).mkdir(parents=True)
+        (fake / folder / "__init__.py").write_text("")
+    (fake / "upop" / "a.py").write_text("from .b import x\n")
+    (fake / "upop" / "b.py").write_text("def f():\n    from upop.a import y\n    from upop.exporters import get\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["ROOT"]), "ROOT", fake)
+    graph = _import_graph()
+    assert graph["upop.a"] == {"upop.b"} and graph["upop.b"] == {"upop.a", "upop.exporters"}
+    import pytest
+
+    with pytest.raises(AssertionError):
+        test_there_is_no_import_circle()
+    with pytest.raises(AssertionError):
+        test_the_core_never_imports_the_exporters_the_profiles_package_or_the_cli()
+
+
+def test_every_document_a_docstring_names_is_in_the_repository():
+    """The repository stands alone: no pointer to a spec or design note it does not hold."""
+    generated = {"report.md"}  # written by upop into its output folders
+    missing = []
+    for folder in ("upop", "upop_cli", "exporters", "profiles", "benchmarks", "scripts", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            if re.search("SP" + r"EC\s*§", text):  # split so this line does not find itself
+                missing.append(f"{path.relative_to(ROOT)}: a section of a spec outside the repository")
+            for doc in re.findall(r"\b([\w./-]+\.md)\b", text):
+                if Path(doc).name not in generated and not (ROOT / doc).is_file():
+                    missing.append(f"{path.relative_to(ROOT)}: {doc}")
+    assert not missing, missing

@@ -70,7 +70,7 @@ def test_search_is_deterministic_under_a_seed():
 
 
 def test_sparsity_term_does_not_change_the_ranking():
-    """λ·Σ|ζ| adds the same constant to every unit's gradient; after the z-score it is inert (SPEC §1.3)."""
+    """λ·Σ|ζ| adds the same constant to every unit's gradient; after the z-score it is inert (docs/method.md)."""
     from upop.adapters import get_adapter
 
     adapter = get_adapter("vit")

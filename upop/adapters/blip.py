@@ -1,6 +1,6 @@
 """BLIP: vision encoder, text encoder (with cross-attention to the image) and text decoder.
 
-Two BLIP specifics (ARCHITECTURE.md pitfalls):
+Two BLIP specifics (pitfalls of its modules):
 - The vision attention reshapes with ``embed_dim // num_heads`` taken from its input width,
   so no attribute makes it smaller: slimmed modules become ``SlimBlipAttention``, a subclass
   whose forward reads ``num_heads``/``head_dim`` (isinstance checks keep working).

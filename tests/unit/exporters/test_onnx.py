@@ -162,7 +162,7 @@ def test_tensorrt_engines_build(tmp_path):
 def test_tensorrt_profile_and_calibration(tmp_path):
     from upop.adapters import get_adapter
     from upop.calibrate import calibrate
-    from upop.latency import profile_trt
+    from upop.exporters.timing import block_timer, profile_trt
     from upop.profiles import load
 
     _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
@@ -172,6 +172,7 @@ def test_tensorrt_profile_and_calibration(tmp_path):
     built = profile_trt(str(slim), [2], "cuda", "fp32", warmup=2, runs=5)  # engines built on the way
     assert built and all(r.batch == 2 for r in built)
     model = build_tiny("vit", "ViTForImageClassification").cuda()
-    prof = calibrate(model, get_adapter("vit"), load("h100"), device=torch.device("cuda"), runtime="trt",
-                     points=2, warmup=2, runs=5)
+    base = load("h100")
+    prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cuda"), runtime="trt", points=2, warmup=2,
+                     runs=5, timer=block_timer("trt", torch.device("cuda"), base.precision))
     assert prof.table["runtime"] == "trt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])

@@ -1,0 +1,126 @@
+"""Timing the exported runtimes: ONNX Runtime sessions and TensorRT engines.
+
+The core times PyTorch (``upop.latency``) and measures calibration tables through a timer it is
+handed (``upop.calibrate.BlockTimer``); the runtimes it must not import live here, beside the
+exporters that make their graphs. ``block_timer`` gives calibration the timer of a runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from upop.calibrate import BlockTimer, torch_timer
+from upop.errors import ConfigError
+from upop.latency import SEQ, Run, feed_shape, make_run, percentile, time_fn
+
+from .sessions import ort_session
+from .static_onnx import export_static_onnx
+
+__all__ = ["block_timer", "ort_session", "ort_timer", "profile_ort", "profile_trt", "trt_timer"]
+
+
+def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], device: str = "cpu",
+                precision: str = "fp32", warmup: int = 5, runs: int = 30, threads: int | None = None) -> list[Run]:
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    manifest = json.loads((Path(export_dir) / "export.json").read_text())
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ConfigError("ONNX Runtime here has no CUDA provider: install the gpu extra (onnxruntime-gpu)")
+    out = []
+    for g in manifest["graphs"]:
+        if precision == "fp16" and "fp16" not in g:
+            raise ConfigError(f"{export_dir} has no FP16 graphs: export with --fp16")
+        path = Path(export_dir) / (g["fp16"]["file"] if precision == "fp16" else g["file"])
+        sess = ort_session(path, wanted, threads)
+        provider = sess.get_providers()[0]
+        for b in batches:
+            feed = {}
+            for inp in sess.get_inputs():
+                spec = next(i for i in g["inputs"] if i["name"] == inp.name)
+                shape = feed_shape(spec["shape"], b)
+                if spec["dtype"].startswith("int"):
+                    feed[inp.name] = np.ones(shape, dtype=spec["dtype"])
+                else:
+                    feed[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
+            ms = time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False)
+            out.append(make_run(target, "ort", device, precision, g["name"], b, ms, provider))
+    return out
+
+
+def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", precision: str = "fp32", warmup: int = 5,
+                runs: int = 30, seq: int = SEQ) -> list[Run]:
+    """TensorRT latency of a ``upop export --format trt`` folder, or of a model whose engines are built
+    first (in a temporary folder, at ``precision``, for the asked batch sizes). Untested here: no TensorRT."""
+    import tempfile
+
+    from .tensorrt import export_trt, profile_engines, require_tensorrt
+
+    require_tensorrt()
+    if not device.startswith("cuda"):
+        raise ConfigError("TensorRT runs on a CUDA device: --device cuda")
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
+
+    def rows(folder: str | Path) -> list[Run]:
+        return [make_run(target, "trt", device, precision, r["graph"], r["batch"], r["ms"], "TensorRT")
+                for r in profile_engines(folder, list(batches), seq, warmup, runs)]
+
+    if (Path(target) / "engines.json").is_file():
+        return rows(target)
+    lo, hi = min(batches), max(batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_trt(target, Path(tmp) / "trt", fp16=precision == "fp16", batch=f"{lo}:{hi}:{hi}",
+                   seq=f"1:{seq}:{max(seq, 64)}")
+        return rows(Path(tmp) / "trt")
+
+
+def ort_timer(device: torch.device) -> BlockTimer:
+    """p50 ms of a module exported to ONNX (static shapes) and run in ONNX Runtime."""
+    import os
+    import tempfile
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+
+    def timer(module: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int,
+              pick: Callable[[Any], torch.Tensor] | None = None) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "block.onnx")
+            cpu_inputs = export_static_onnx(module, inputs, path, pick)
+            sess = ort_session(path, providers)
+            feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
+            return percentile(time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False), 0.5)
+
+    return timer
+
+
+def trt_timer(fp16: bool) -> BlockTimer:
+    """p50 ms of a module as a TensorRT engine built for these exact shapes (untested here: no TensorRT)."""
+    def timer(module: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int,
+              pick: Callable[[Any], torch.Tensor] | None = None) -> float:
+        from .tensorrt import engine_latency
+
+        return percentile(engine_latency(module, inputs, fp16=fp16, warmup=warmup, runs=runs, pick=pick), 0.5)
+
+    return timer
+
+
+def block_timer(runtime: str, device: torch.device, precision: str = "fp32") -> BlockTimer:
+    """The timer calibration uses for ``runtime`` (TensorRT builds at the profile's ``precision``)."""
+    if runtime == "torch":
+        return torch_timer(device)
+    if runtime == "ort":
+        return ort_timer(device)
+    if runtime == "trt":
+        if device.type != "cuda":
+            raise ConfigError("TensorRT calibration runs on a CUDA device: --device cuda")
+        return trt_timer(precision == "fp16")
+    raise ConfigError(f"runtime must be torch, ort or trt, got {runtime!r}")
