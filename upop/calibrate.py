@@ -80,6 +80,7 @@ def torch_timer(device: torch.device) -> BlockTimer:
 def time_block(sig: dict[str, Any], width: int, batch: int, device: torch.device, warmup: int, runs: int,
                timer: BlockTimer | None = None) -> float:
     block = _block(sig, width).to(device).eval()
+    batch *= sig.get("items", 1)
     x = torch.randn(batch, sig["tq"], sig["d_q"] if sig["kind"] == "attn" else sig["d_in"], device=device)
     kv = torch.randn(batch, sig["tkv"], sig["d_kv"], device=device) if sig["kind"] == "attn" else x
     return (timer or torch_timer(device))(block, {"x": x, "kv": kv}, warmup, runs, None)

@@ -22,14 +22,19 @@ from .units import AttentionSpec, ModuleSpec
 def signature(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str, text_tokens: int) -> dict[str, Any]:
     """What a block's latency depends on, besides its kept width."""
     tq, tkv = adapter.module_tokens(model, spec, text_tokens)
+    items = adapter.module_items(model, spec)
     if isinstance(spec, AttentionSpec):
         first = model.get_submodule(spec.in_projs[0].name)
         last = model.get_submodule(spec.in_projs[-1].name)
-        return {"kind": "attn", "granularity": granularity, "d_q": first.in_features, "d_kv": last.in_features,
-                "d_out": model.get_submodule(spec.out_proj).out_features, "heads": spec.num_heads,
-                "head_dim": spec.head_dim, "tq": tq, "tkv": tkv}
-    fc1, fc2 = model.get_submodule(spec.fc1), model.get_submodule(spec.fc2)
-    return {"kind": "mlp", "d_in": fc1.in_features, "d_out": fc2.out_features, "tq": tq, "tkv": tq}
+        sig = {"kind": "attn", "granularity": granularity, "d_q": first.in_features, "d_kv": last.in_features,
+               "d_out": model.get_submodule(spec.out_proj).out_features, "heads": spec.num_heads,
+               "head_dim": spec.head_dim, "tq": tq, "tkv": tkv}
+    else:
+        fc1, fc2 = model.get_submodule(spec.fc1), model.get_submodule(spec.fc2)
+        sig = {"kind": "mlp", "d_in": fc1.in_features, "d_out": fc2.out_features, "tq": tq, "tkv": tq}
+    if items != 1:  # only then: profiles calibrated before this key existed still match every other block
+        sig["items"] = items
+    return sig
 
 
 def interpolate(widths: Sequence[int], ms: Sequence[float], w: float) -> float:
@@ -101,7 +106,8 @@ def unit_latency_costs(model: nn.Module, adapter: Any, specs: Sequence[ModuleSpe
         return out
     for s in specs:
         tokens = adapter.module_tokens(model, s, profile.shapes.text_tokens)
-        flops, nbytes = _unit_flops_bytes(model, s, granularity, tokens, profile.shapes.batch, profile.bytes_per_param)
+        batch = profile.shapes.batch * adapter.module_items(model, s)
+        flops, nbytes = _unit_flops_bytes(model, s, granularity, tokens, batch, profile.bytes_per_param)
         out[s.name] = max(flops / profile.peak_flops, nbytes / profile.bandwidth)
     return out
 

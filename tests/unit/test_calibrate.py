@@ -81,3 +81,40 @@ def test_cli_calibrate(tmp_path):
     r = CliRunner().invoke(app, ["profiles", "calibrate", "--model", str(tmp_path / "m"), "--out",
                                  str(tmp_path / "t.toml"), "--runtime", "trt"])
     assert r.exit_code == 2 and ("TensorRT" in r.output or "NVIDIA" in r.output)
+
+
+def test_a_latency_target_under_a_calibrated_profile_lands_within_one_aligned_step(calibrated, tmp_path):
+    """The target is a share of the *compressible* latency (the units' slopes), not of the total, which holds
+    the blocks' intercepts and the rest of the model: with the total, a table profile misses its target."""
+    prof = read_file(calibrated)
+    for b in prof.table["blocks"]:
+        b["ms"] = [1.0 + w / 8 for w in b["widths"]]
+    path = tmp_path / "monotone.toml"
+    path.write_text(to_toml(dataclasses.replace(prof, table={**prof.table, "rest_ms": 2.0})))
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    before = predicted_latency_ms(model, adapter, read_file(path))
+    variable = before - 2.0 - 1.0 * len(adapter.modules(model))
+    target = before - 0.3 * variable
+    cfg = upop.CompressConfig(ratio=0.5, profile=str(path), target_latency_ms=target,
+                              search=upop.SearchConfig(steps=2, update_every=1), retrain=upop.RetrainConfig(epochs=0))
+    res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=1))
+    one_step = 1 / 8  # every size is allowed (multiples of 1): one unit of 1/8 ms
+    assert res.report.ratio == pytest.approx(0.3)
+    assert target - one_step - 1e-9 <= res.report.hardware["predicted_ms_after"] <= target + 1e-9
+    assert res.report.hardware["target_met"] is True
+
+
+def test_nlvr_vision_runs_as_a_batch_of_two_images_not_one_sequence_of_twice_the_tokens(monkeypatch):
+    adapter = get_adapter("blip_nlvr")
+    model = build_tiny("blip_nlvr", "BlipNlvrForVisualReasoning")
+    specs = adapter.modules(model)
+    t4 = load("t4")
+    costs = unit_latency_costs(model, adapter, specs, "dim", t4)
+    monkeypatch.setattr(type(adapter), "module_items", lambda self, m, s: 1)
+    twice = dataclasses.replace(t4, shapes=dataclasses.replace(t4.shapes, batch=2 * t4.shapes.batch))
+    as_batch_of_two = unit_latency_costs(model, adapter, specs, "dim", twice)
+    single = unit_latency_costs(model, adapter, specs, "dim", t4)
+    for s in specs:
+        expected = as_batch_of_two[s.name] if s.tower == "vision" else single[s.name]
+        assert costs[s.name] == pytest.approx(expected), s.name

@@ -59,7 +59,7 @@ def _small_profile():
 @pytest.mark.parametrize("family,class_name", FAMILY_CLASSES, ids=IDS)
 def test_aligned_search_keeps_multiples_and_meets_the_ratio_within_one_step(family, class_name, monkeypatch):
     prof = _small_profile()
-    monkeypatch.setattr("upop.profiles.load", lambda name: prof)
+    monkeypatch.setattr("upop.hwprofile.load", lambda name: prof)
     adapter = get_adapter(family)
     model = build_tiny(family, class_name)
     specs = adapter.modules(model)
@@ -81,7 +81,7 @@ def test_aligned_search_keeps_multiples_and_meets_the_ratio_within_one_step(fami
 
 def test_target_latency_is_met_under_the_profiles_model(monkeypatch):
     prof = _small_profile()
-    monkeypatch.setattr("upop.profiles.load", lambda name: prof)
+    monkeypatch.setattr("upop.hwprofile.load", lambda name: prof)
     adapter = get_adapter("vit")
     model = build_tiny("vit", "ViTForImageClassification")
     before = predicted_latency_ms(model, adapter, prof)
@@ -101,7 +101,7 @@ def test_target_latency_is_met_under_the_profiles_model(monkeypatch):
 def test_whole_heads_profile_needs_head_granularity(monkeypatch):
     prof = load("t4")
     prof = dataclasses.replace(prof, alignment=dataclasses.replace(prof.alignment, whole_heads=True))
-    monkeypatch.setattr("upop.profiles.load", lambda name: prof)
+    monkeypatch.setattr("upop.hwprofile.load", lambda name: prof)
     model = build_tiny("vit", "ViTForImageClassification")
     with pytest.raises(upop.ConfigError, match="whole heads only"):
         upop.compress(model, upop.CompressConfig(profile="t4"), batches=[{}])

@@ -143,6 +143,11 @@ class Adapter:
             return text_tokens, self.image_tokens(model)
         return text_tokens, text_tokens
 
+    def module_items(self, model: nn.Module, spec: ModuleSpec) -> int:
+        """How many sequences a module runs on per example (a model that encodes two images runs its
+        vision tower on two): the latency model multiplies the batch by it, not the tokens."""
+        return 1
+
     def export_graphs(self, model: nn.Module) -> list["ExportGraph"]:
         """The graphs a deployment of this model needs (ONNX / TensorRT)."""
         raise NotImplementedError(f"{self.family}: no export graphs")

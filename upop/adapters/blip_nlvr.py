@@ -42,10 +42,10 @@ class BlipNlvrAdapter(BlipAdapter):
             return [self.text_ffn_spec(path, mod)]
         return super().specs_of(path, mod)
 
-    def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
-        q, kv = super().module_tokens(model, spec, text_tokens)
-        # Both images go through the vision tower: twice its tokens per example.
-        return (2 * q, 2 * kv) if spec.tower == "vision" else (q, kv)
+    def module_items(self, model: nn.Module, spec: ModuleSpec) -> int:
+        # Both images go through the vision tower: two sequences per example (not one of twice the tokens,
+        # which would double the quadratic attention term as well).
+        return 2 if spec.tower == "vision" else 1
 
     def init_from(self, source: nn.Module) -> nn.Module:
         """A reasoning model initialised from an HF BLIP retrieval model."""
