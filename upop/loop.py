@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -118,6 +120,34 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Any:
+    """Ctrl-C inside the block is acted on when the block ends (a second one stops at once).
+
+    A step's weights, optimizer, importance, mask moves, step counter and data position change
+    together; an interrupt between them would save a state that a resume applies twice or not at
+    all. Only in the main thread and over Python's own handler (a caller's handler is left alone).
+    """
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending: list[int] = []
+
+    def later(signum: int, frame: Any) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, later)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 class TrainLoop:
@@ -235,6 +265,19 @@ class TrainLoop:
             self.opt.step()
         self.sched.step()  # type: ignore[union-attr]
 
+    def _train_step(self, it: Stream, runner: Any) -> None:
+        """One optimizer step and its bookkeeping: a state taken before or after it is consistent."""
+        self.model.train()
+        values = self._forward_backward(it, runner)
+        self.phase.after_backward(self.scaler)
+        self._optimizer_step()
+        self.step += 1
+        self._speed.steps += 1
+        self._totals.steps += 1
+        self._data_pos, self._rng_pos = it.position(), rng_state()
+        rec = {"step": float(self.step), **self.phase.after_step(self.step)}
+        self._log(rec, values)
+
     def run(self, *, checkpoint: CheckpointFn | None = None,
             on_interrupt: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
         """Train to ``settings.total`` steps; returns the per-step history (step, loss and the phase's fields).
@@ -251,16 +294,8 @@ class TrainLoop:
         every = self.settings.checkpoint_every
         try:
             while self.step < self.settings.total:
-                self.model.train()
-                values = self._forward_backward(it, runner)
-                self.phase.after_backward(self.scaler)
-                self._optimizer_step()
-                self.step += 1
-                self._speed.steps += 1
-                self._totals.steps += 1
-                self._data_pos, self._rng_pos = it.position(), rng_state()
-                rec = {"step": float(self.step), **self.phase.after_step(self.step)}
-                self._log(rec, values)
+                with deferred_interrupt():
+                    self._train_step(it, runner)
                 if self.phase.boundary(self.step):
                     self.flush_log()
                 self.phase.finish_step(self.step)

@@ -75,18 +75,45 @@ class MaskSet(nn.Module):
         return {s.name: z.detach().cpu().tolist() for s, z in self.items()}
 
 
+class _Masked(torch.autograd.Function):
+    """``x * m`` over the last axis, with the mask's gradient computed and summed in fp32.
+
+    Under fp16 autocast, ``grad · x`` can overflow fp16 (its range ends at 65504, and the grad scaler
+    multiplies the gradients by up to 2^16) while the weights' gradients do not: that importance would
+    be lost. The product is formed in fp32 for fp16 inputs, and every sum accumulates in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, m)
+        return x * m.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x, m = ctx.saved_tensors
+        wide = torch.float32 if grad.dtype == torch.float16 else grad.dtype
+        prod = grad.to(wide) * x.to(wide)
+        grad_m = prod.reshape(-1, prod.shape[-1]).sum(0, dtype=torch.float32).to(m.dtype)
+        return grad * m.to(grad.dtype), grad_m
+
+
+def mask_last_axis(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled by ``m`` along its last axis (the mask's gradient in fp32 whatever x's dtype)."""
+    return _Masked.apply(x, m)
+
+
 def _attention_hook(spec: AttentionSpec, zeta: nn.Parameter, segments: int, granularity: str):
     def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
         m = spec.expand_mask(zeta, granularity)
         if segments > 1:
             m = m.repeat(segments)
-        return output * m.to(output.dtype)
+        return mask_last_axis(output, m)
 
     return hook
 
 
 def _mlp_hook(zeta: nn.Parameter):
     def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        return output * zeta.to(output.dtype)
+        return mask_last_axis(output, zeta)
 
     return hook

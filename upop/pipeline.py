@@ -150,10 +150,10 @@ class Run:
         rng = state["rng"]
         return {**state, "rng": rng[self.dist.rank] if isinstance(rng, list) else rng}
 
-    def write(self, state: RunState) -> None:
-        """Rank 0 writes the state; every rank waits for it."""
+    def write(self, make: Callable[[], RunState]) -> None:
+        """Rank 0 builds and writes the state (only then: it copies the whole model); every rank waits for it."""
         if self.store is not None and self.dist.is_main:
-            self.store.save(state)
+            self.store.save(make())
         self.dist.barrier()
 
     def saver(self, make: Callable[[dict[str, Any]], RunState]) -> CheckpointFn | None:
@@ -267,8 +267,8 @@ def run_slim(run: Run, net: nn.Module, specs: list, result: SearchResult, src: O
     elif saved is not None and saved.phase == "retrain" and saved.retrain is None:
         net.load_state_dict(saved.slim_model)  # type: ignore[arg-type]
     elif saved is None or saved.phase == "search":
-        run.write(RunState("retrain", base, search_result=dataclasses.asdict(result),
-                           slim_model={k: v.detach().cpu() for k, v in net.state_dict().items()}))
+        run.write(lambda: RunState("retrain", base, search_result=dataclasses.asdict(result),
+                                   slim_model={k: v.detach().cpu() for k, v in net.state_dict().items()}))
 
 
 def run_retrain(run: Run, net: nn.Module, inputs: Inputs, result: SearchResult,
@@ -364,9 +364,8 @@ def finish(run: Run, net: nn.Module, src: OpenedModel, result: SearchResult, rep
            base: Baseline) -> CompressResult:
     """The finished run is kept in the state folder (phase ``done``) until ``CompressResult.save``."""
     if not run.resumes("done"):
-        final = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        run.write(RunState("done", base, search_result=dataclasses.asdict(result), final_model=final,
-                           report=report.to_dict()))
+        run.write(lambda: RunState("done", base, search_result=dataclasses.asdict(result), report=report.to_dict(),
+                                   final_model={k: v.detach().cpu() for k, v in net.state_dict().items()}))
     net._upop_info = src.info  # type: ignore[assignment]
     return CompressResult(model=net, report=report, search=result, info=src.info, processor=src.processor,
                           config=run.config, state=run.store if run.dist.is_main else None)
@@ -426,15 +425,13 @@ def compress(
                             eval_fn=eval_fn, task_options=task_options or {})
     example = src.adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     before = Measured.of(net, src.adapter, example)
-    run_info = distributed_info(run, inputs, batch_size)
-    open_state(run, state_dir, resume, run_info)
-    base = measure_baseline(run, net, inputs)
     specs = src.adapter.modules(net)
-    plan = None
-    if run.profile is not None:
-        cfg = run.config
-        plan = plan_hardware(net, src.adapter, specs, cfg.granularity, cfg.ratio, run.profile, cfg.target_latency_ms)
-        run.config = plan.applied(cfg)
+    plan = plan_for(run, net, src.adapter, specs)
+    run_info = distributed_info(run, inputs, batch_size)
+    open_state(run, state_dir, resume, {**run_info, "ratio": plan.ratio if plan else run.config.ratio})
+    if plan is not None:
+        run.config = plan.applied(run.config)
+    base = measure_baseline(run, net, inputs)
     result = run_search(run, net, specs, inputs, plan, base)
     run_slim(run, net, specs, result, src, base)
     if run.resumes("done"):
@@ -446,6 +443,15 @@ def compress(
     report = build_report(run, src, inputs, specs, result, rt, base, before, after, test_after, metric_slim,
                           hardware, run_info, started)
     return finish(run, net, src, result, report, base)
+
+
+def plan_for(run: Run, net: nn.Module, adapter: Adapter, specs: list) -> HardwarePlan | None:
+    """The hardware plan when a profile is given (the ratio it chooses is recorded with the run's state, so a
+    resume under a changed profile is refused rather than continuing with another ratio)."""
+    if run.profile is None:
+        return None
+    cfg = run.config
+    return plan_hardware(net, adapter, specs, cfg.granularity, cfg.ratio, run.profile, cfg.target_latency_ms)
 
 
 def start_run(config: CompressConfig, progress: Progress | None, checkpoint_every: int) -> Run:

@@ -62,10 +62,12 @@ class RetrainPhase:
             return
         metric = float(self.eval_fn(self.model))
         r = self.result
+        best = r.best_metric is None or metric > r.best_metric
+        # The copy first, then every field at once: an interrupt in between leaves the previous record whole.
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()} if best else None
         r.evals.append({"epoch": float(epoch), "metric": metric})
-        if r.best_metric is None or metric > r.best_metric:
-            r.best_metric, r.best_epoch = metric, epoch
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if best:
+            r.best_metric, r.best_epoch, self.best_state = metric, epoch, state
 
     def start(self, resumed_at: int | None) -> None:
         """An interrupted run that stopped inside an end-of-epoch evaluation redoes it."""
@@ -147,6 +149,8 @@ def retrain(
     if total == 0:
         return phase.result
     loop.run(checkpoint=checkpoint, on_interrupt=on_interrupt)
+    if checkpoint is not None:  # the end of the retrain: a crash after it does not redo the retrain
+        checkpoint(loop.state)
     phase.result.history, phase.result.throughput = loop.history, loop.throughput()
     if phase.best_state is not None:
         model.load_state_dict(phase.best_state)

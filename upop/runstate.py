@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,14 +93,20 @@ class StateStore:
 
     def check_owned(self) -> None:
         """A folder of that name that upop did not write is the user's: never used, never cleared."""
-        if self.folder.exists() and (not self.folder.is_dir() or (any(self.folder.iterdir()) and not self.owned())):
-            raise CheckpointError(f"{self.folder} exists and is not a upop run state; move it away or choose "
+        if not self.folder.exists() or self.owned():
+            return
+        if not self.folder.is_dir() or any(self.folder.iterdir()):
+            old = " (a state from an earlier upop version, which this one cannot resume)" if self.path.is_file() else ""
+            raise CheckpointError(f"{self.folder} exists and is not a upop run state{old}; move it away or choose "
                                   "another output (upop never writes into or deletes a folder it did not create)")
 
     def save(self, state: RunState) -> None:
         self.check_owned()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / STATE_MARKER).write_text("upop run state: deleted by upop when the run's output is written\n")
+        if not self.owned():
+            created = not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # Whether upop made the folder: an empty one the user made is emptied of upop's files, not removed.
+            (self.folder / STATE_MARKER).write_text(f"upop run state; created by upop: {'yes' if created else 'no'}\n")
         tmp = self.path.with_name(".state.pt.tmp")
         torch.save({"config": self.config, "run": self.run, **state.to_dict()}, tmp)
         os.replace(tmp, self.path)
@@ -126,8 +131,17 @@ class StateStore:
             if key in was and key in self.run and was[key] != self.run[key]:
                 raise ConfigError(f"the interrupted run in {self.folder} ran with {was[key]} {what}, this one with "
                                   f"{self.run[key]}; resume with the same --nproc and --batch-size")
+        if "ratio" in was and "ratio" in self.run and abs(was["ratio"] - self.run["ratio"]) > 1e-12:
+            raise ConfigError(f"the interrupted run in {self.folder} searched for ratio {was['ratio']:.4f}, this one "
+                              f"would use {self.run['ratio']:.4f} (the hardware profile changed?); resume with the "
+                              "profile it ran with, or delete that folder")
 
     def clear(self) -> None:
-        """Removes the folder, only if upop's marker is in it."""
-        if self.owned():
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """Removes upop's files from the folder, and the folder itself if upop created it and nothing else is in it."""
+        if not self.owned():
+            return
+        created = (self.folder / STATE_MARKER).read_text().strip().endswith("yes")
+        for name in ("state.pt", ".state.pt.tmp", STATE_MARKER):
+            (self.folder / name).unlink(missing_ok=True)
+        if created and not any(self.folder.iterdir()):
+            self.folder.rmdir()

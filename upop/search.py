@@ -291,8 +291,15 @@ class SearchPhase:
             z.grad = None
         g = torch.cat(grads).to(torch.float64)
         if scaler is not None:
-            g = g / scaler.get_scale()
+            # The scale as a device tensor: ``get_scale()`` would wait for the GPU every step.
+            scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler.get_scale()
+            g = g / scale
         finite = torch.isfinite(g).all()
+        dist = current()
+        if dist.enabled and scaler is not None:
+            # fp16 overflows differ between ranks: a step counts only where every rank's gradient is finite,
+            # so every rank adds (and skips) the same steps.
+            finite = -dist.all_reduce_max(-finite.to(torch.float32)) > 0  # the minimum over the ranks
         self._pending[:-1] += torch.where(finite, g, torch.zeros_like(g))
         self._pending[-1] += (~finite).to(torch.float64)
 
@@ -301,7 +308,7 @@ class SearchPhase:
         dist = current()
         reduced = dist.all_reduce_mean(self._pending).cpu()
         self.importance += reduced[:-1]
-        self.skipped += int(round(float(reduced[-1]) * dist.world))
+        self.skipped += int(round(float(reduced[-1])))  # the ranks' mean: under fp16 they skip the same steps
         self._pending.zero_()
 
     def after_step(self, step: int) -> dict[str, float]:

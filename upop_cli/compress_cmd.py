@@ -95,12 +95,12 @@ def finish_together() -> None:
 
 
 
-def print_summary(report: dict[str, Any], out: Path) -> None:
+def print_summary(report: Any, out: Path) -> None:
     from upop.report import run_lines, summary_rows
 
     console = Console()
-    table = Table(title=f"{report['model']} → {out}  (ratio {report['ratio']}, {report['granularity']}, "
-                        f"{report['seconds']:.0f} s)")
+    table = Table(title=f"{report.model} → {out}  (ratio {report.ratio}, {report.granularity}, "
+                        f"{report.seconds:.0f} s)")
     for col in ("", "before", "after", "after/before"):
         table.add_column(col, justify="right" if col else "left")
     for row in summary_rows(report):

@@ -135,3 +135,57 @@ def test_the_report_has_throughput_time_per_phase_and_peak_memory():
     assert perf["peak_memory"]["host_rss_mib"] > 10
     assert res.report.search["skipped_steps"] == 0
     assert res.report.distributed["effective_batch"] == 2 and res.report.distributed["grad_accum"] == 1
+
+
+def test_ctrl_c_inside_a_step_is_acted_on_when_the_step_is_whole():
+    import os
+    import signal
+
+    from upop.loop import deferred_interrupt
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)  # lands mid-step
+            done.append("rest of the step")
+    assert done == ["rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("not reached")
+    assert done == ["rest of the step"]
+
+
+def test_an_interrupt_during_the_last_mask_update_resumes_to_the_same_selection(tmp_path, monkeypatch):
+    """Ctrl-C arriving while the final masks move (where a GPU run first waits for the device) is deferred
+    to the end of the step, so the saved state holds the final selection."""
+    import os
+    import signal
+
+    from upop import search as search_mod
+
+    adapter, model = _vit()
+    batches = batches_for(adapter, model, n=3)
+    cfg = SearchConfig(epochs=2, update_every=2)
+    ref = search(model, adapter.modules(model), adapter.native_loss, batches, cfg)
+    real = search_mod.SearchPhase._move_masks
+
+    def interrupted(self, step):
+        if step == self.total:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(self, step)
+
+    monkeypatch.setattr(search_mod.SearchPhase, "_move_masks", interrupted)
+    saved = []
+    model2 = build_tiny("vit", "ViTForImageClassification")
+    with pytest.raises(KeyboardInterrupt):
+        search(model2, adapter.modules(model2), adapter.native_loss, batches, cfg, on_interrupt=saved.append)
+    state = saved[0]
+    assert state["step"] == 6 and state["pi"] == pytest.approx(0.5) and len(state["history"]) == 6
+    assert bool(state["marked"].any()) and all(float(z.min()) == 0.0 for z in state["zeta"].values() if (z < 1).any())
+    specs = adapter.modules(model2)
+    expected = [j not in ref.kept[sp.name] for sp in specs for j in range(sp.num_units("dim"))]
+    assert state["marked"].tolist() == expected
+    assert [h["pi"] for h in state["history"]] == [h["pi"] for h in ref.history]

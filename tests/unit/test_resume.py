@@ -93,10 +93,12 @@ def test_sigint_to_a_running_compress_then_resume(tmp_path):
     assert (tmp_path / "out" / "upop_manifest.json").is_file() and not partial.exists()
 
 
-@pytest.mark.parametrize("every,expected", [(0, [("retrain", 0)]),
-                                            (3, [("search", 3), ("search", 6), ("retrain", 0), ("retrain", 3)])])
+@pytest.mark.parametrize("every,expected", [(0, [("retrain", 0), ("retrain", 6)]),
+                                            (3, [("search", 3), ("search", 6), ("retrain", 0), ("retrain", 3),
+                                                 ("retrain", 6)])])
 def test_what_is_checkpointed_when(tmp_path, monkeypatch, every, expected):
-    """The end of the search always; every N steps and each retrain epoch only with checkpoint_every > 0."""
+    """The ends of the search and of the retrain always; every N steps and each retrain epoch only with
+    checkpoint_every > 0; the finished run (phase done) until its output is written."""
     from upop.runstate import StateStore
 
     written = []

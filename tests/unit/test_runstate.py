@@ -103,3 +103,24 @@ def test_the_report_round_trips():
     model = build_tiny("vit", "ViTForImageClassification")
     res = upop.compress(model, _config(), batches=batches_for(adapter, model, n=2), eval_fn=lambda m: 0.0)
     assert Report.from_dict(res.report.to_dict()) == res.report
+
+
+def test_an_empty_folder_the_user_made_is_used_but_not_removed(tmp_path):
+    mine = tmp_path / "s"
+    mine.mkdir()
+    store = StateStore(mine, {"a": 1})
+    store.save(RunState("search", Baseline(), search={"step": 1}))
+    store.clear()
+    assert mine.is_dir() and not any(mine.iterdir())
+    made = StateStore(tmp_path / "new", {"a": 1})
+    made.save(RunState("search", Baseline(), search={"step": 1}))
+    made.clear()
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_state_from_an_earlier_version_is_named_as_such(tmp_path):
+    old = tmp_path / "s"
+    old.mkdir()
+    torch.save({"config": {}, "phase": "search"}, old / "state.pt")
+    with pytest.raises(CheckpointError, match="earlier upop version"):
+        StateStore(old, {}).load()

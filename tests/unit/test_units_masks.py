@@ -98,3 +98,31 @@ def test_feature_layout_for_both_granularities():
     z = torch.tensor([1.0, 0.0, 0.5])
     assert spec.expand_mask(z, "dim").tolist() == [1.0, 0.0, 0.5, 1.0, 0.0, 0.5]
     assert spec.expand_mask(torch.tensor([1.0, 0.0]), "head").tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_fp16_mask_gradients_that_would_overflow_in_fp16_stay_finite():
+    from upop.masks import mask_last_axis
+
+    x = torch.full((4, 3, 5), 300.0, dtype=torch.float16, requires_grad=True)
+    m = torch.ones(5, requires_grad=True)
+    out = mask_last_axis(x, m)
+    assert out.dtype == torch.float16
+    out.backward(torch.full_like(out, 300.0))  # 300 · 300 = 90000 > 65504, the largest fp16
+    assert m.grad.dtype == torch.float32 and torch.isfinite(m.grad).all()
+    assert torch.allclose(m.grad, torch.full((5,), 12 * 90000.0))
+    naive = (torch.full((12, 5), 300.0, dtype=torch.float16) * torch.full((12, 5), 300.0, dtype=torch.float16)).sum(0)
+    assert not torch.isfinite(naive).all()  # what multiplying in fp16 would have given
+    assert torch.equal(x.grad, torch.full_like(x, 300.0))
+
+
+def test_the_fp32_mask_product_matches_autograd_in_fp32():
+    from upop.masks import mask_last_axis
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 6, generator=g, requires_grad=True)
+    m = torch.rand(6, generator=g, requires_grad=True)
+    grad = torch.randn(2, 7, 6, generator=g)
+    mask_last_axis(x, m).backward(grad)
+    x2, m2 = x.detach().clone().requires_grad_(), m.detach().clone().requires_grad_()
+    (x2 * m2).backward(grad)
+    assert torch.allclose(m.grad, m2.grad, atol=1e-6) and torch.allclose(x.grad, x2.grad)
