@@ -26,6 +26,7 @@ from .distributed import init as init_distributed
 from .errors import ConfigError
 from .flops import flops_per_tower, params_per_tower
 from .hardware import HardwarePlan, plan_hardware, predicted_latency_ms
+from .measure import SampleTimer, latency_rows, measure, torch_samples
 from .loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory
 from .report import Report, module_rows
 from .retrain import EvalFn, RetrainResult, retrain
@@ -135,6 +136,8 @@ class Run:
     checkpoint_every: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     profile: Any = None  # the loaded hardware profile, if any
+    latency_timers: dict[str, SampleTimer] = field(default_factory=dict)  # runtime -> timer; empty: not measured
+    latency_batch: int = 1
 
     def stage(self, name: str) -> ProgressFn | None:
         progress = self.progress
@@ -227,15 +230,25 @@ def open_state(run: Run, state_dir: str | Path | None, resume: bool, run_info: d
 
 # -- the phases -------------------------------------------------------------------------------------
 
-def measure_baseline(run: Run, net: nn.Module, inputs: Inputs) -> Baseline:
-    """The unpruned model's metrics (from the state when resuming: measured once)."""
+def measure_baseline(run: Run, net: nn.Module, adapter: Adapter, inputs: Inputs) -> Baseline:
+    """The unpruned model's metrics and latency (from the state when resuming: measured once)."""
     if run.saved is not None:
         return run.saved.baseline
     t0 = time.perf_counter()
     test = inputs.report_fn(net) if inputs.report_fn is not None else None
     val = float(inputs.eval_fn(net)) if inputs.eval_fn is not None else None
     run.timed("baseline", t0)
-    return Baseline(test=test, val=val)
+    return Baseline(test=test, val=val, latency=measure_latency(run, net, adapter))
+
+
+def measure_latency(run: Run, net: nn.Module, adapter: Adapter) -> dict[str, Any] | None:
+    """Forward latency at batch 1 and the training batch, in PyTorch and every runtime the caller handed in."""
+    if not run.latency_timers:
+        return None
+    t0 = time.perf_counter()
+    out = measure(net, adapter, sorted({1, run.latency_batch}), run.device, run.latency_timers)
+    run.timings["latency"] = run.timings.get("latency", 0.0) + time.perf_counter() - t0
+    return out
 
 
 def run_search(run: Run, net: nn.Module, specs: list, inputs: Inputs, plan: HardwarePlan | None,
@@ -294,10 +307,11 @@ def run_retrain(run: Run, net: nn.Module, inputs: Inputs, result: SearchResult,
 
 @dataclass
 class Measured:
-    """Parameters and FLOPs per tower, counted on one example at batch 1."""
+    """Parameters and FLOPs per tower, counted on one example at batch 1 (and the measured latency)."""
 
     params: dict[str, int]
     flops: dict[str, int]
+    latency: dict[str, Any] | None = None  # measured forward latency per runtime and batch
 
     @classmethod
     def of(cls, net: nn.Module, adapter: Adapter, example: dict[str, torch.Tensor]) -> "Measured":
@@ -327,6 +341,7 @@ def build_report(run: Run, src: OpenedModel, inputs: Inputs, specs: list, result
         search={"steps": result.steps, "history": result.history, "skipped_steps": result.skipped_steps},
         retrain={"history": rt.history, "evals": rt.evals}, seconds=time.perf_counter() - started,
         upop_version=__version__, hardware=hardware, distributed=run_info,
+        latency=latency_rows(base.latency, after.latency, run.device) if base.latency and after.latency else None,
         resumed_from={"phase": saved.phase, "step": saved.step()} if saved is not None else None,
         performance={"seconds": dict(run.timings), "search": result.throughput, "retrain": rt.throughput,
                      "peak_memory": peak_memory(run.device)})
@@ -398,6 +413,7 @@ def compress(
     resume: bool = False,
     checkpoint_every: int = 0,
     task_options: dict[str, Any] | None = None,
+    latency: bool | dict[str, SampleTimer] = True,
 ) -> CompressResult:
     """Compress ``model`` (a module, alias, demo name, hub id, local folder or slim checkpoint).
 
@@ -406,6 +422,9 @@ def compress(
     and retraining keeps the state that is best on the validation split. Without it, pass
     ``batches`` (and optionally ``loss_fn``, default the family's own loss, and ``eval_fn``,
     higher is better). ``task_options`` go to the task (e.g. the input pipeline's ``workers``).
+    ``latency``: the report measures the forward latency before and after in PyTorch (``True``), and also
+    through the runtimes whose timers are given (e.g. ``{"ort": upop.exporters.timing.ort_samples(device)}``),
+    or not at all (``False``).
 
     With ``state_dir``, Ctrl-C during the search or the retrain writes the run's state there;
     ``resume=True`` continues from it (same settings required). The state is also written at the end
@@ -417,7 +436,7 @@ def compress(
     writes the state; after an elastic restart the run resumes by itself.
     """
     started = time.perf_counter()
-    run = start_run(config or CompressConfig(), progress, checkpoint_every)
+    run = start_run(config or CompressConfig(), progress, checkpoint_every, latency)
     src = open_model(model, task)
     net = src.model.to(run.device)
     inputs = prepare_inputs(src, run, data=data, task=task, preprocessor=preprocessor, batch_size=batch_size,
@@ -428,16 +447,18 @@ def compress(
     specs = src.adapter.modules(net)
     plan = plan_for(run, net, src.adapter, specs)
     run_info = distributed_info(run, inputs, batch_size)
+    run.latency_batch = run_info["per_rank_batch"]
     open_state(run, state_dir, resume, {**run_info, "ratio": plan.ratio if plan else run.config.ratio})
     if plan is not None:
         run.config = plan.applied(run.config)
-    base = measure_baseline(run, net, inputs)
+    base = measure_baseline(run, net, src.adapter, inputs)
     result = run_search(run, net, specs, inputs, plan, base)
     run_slim(run, net, specs, result, src, base)
     if run.resumes("done"):
         return finish(run, net, src, result, Report.from_dict(run.saved.report), base)  # type: ignore[union-attr, arg-type]
     rt, metric_slim = run_retrain(run, net, inputs, result, base)
     after = Measured.of(net, src.adapter, example)
+    after.latency = measure_latency(run, net, src.adapter)
     test_after = inputs.report_fn(net) if inputs.report_fn is not None else None
     hardware = plan.report(predicted_latency_ms(net, src.adapter, plan.profile, run.config.granularity)) if plan else None
     report = build_report(run, src, inputs, specs, result, rt, base, before, after, test_after, metric_slim,
@@ -454,7 +475,8 @@ def plan_for(run: Run, net: nn.Module, adapter: Adapter, specs: list) -> Hardwar
     return plan_hardware(net, adapter, specs, cfg.granularity, cfg.ratio, run.profile, cfg.target_latency_ms)
 
 
-def start_run(config: CompressConfig, progress: Progress | None, checkpoint_every: int) -> Run:
+def start_run(config: CompressConfig, progress: Progress | None, checkpoint_every: int,
+              latency: bool | dict[str, SampleTimer] = True) -> Run:
     """Validates the settings, loads the profile, joins the process group under torchrun, picks the device."""
     config.validate()
     if checkpoint_every < 0:
@@ -464,6 +486,8 @@ def start_run(config: CompressConfig, progress: Progress | None, checkpoint_ever
     run = Run(config, dist, device_for(dist, resolve_device(config.device)), progress if dist.is_main else None,
               checkpoint_every=checkpoint_every)
     run.profile = profile
+    if latency is not False:
+        run.latency_timers = {"torch": torch_samples(run.device), **(latency if isinstance(latency, dict) else {})}
     return run
 
 

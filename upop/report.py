@@ -40,6 +40,7 @@ class Report:
     distributed: dict[str, Any] | None = None  # processes × batch × accumulation
     resumed_from: dict[str, Any] | None = None
     performance: dict[str, Any] = field(default_factory=dict)  # per-phase seconds, throughput, peak memory
+    latency: list[dict[str, Any]] | None = None  # measured: runtime, device, batch, before/after ms (p50, p90), speedup
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +93,14 @@ def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
         for tower in b:
             ratio = f"{a.get(tower, 0) / b[tower]:.1%}" if b[tower] else ""
             rows.append((f"{what} {tower}", _fmt(b[tower]), _fmt(a.get(tower)), ratio))
+    for r in report.latency or []:
+        rows.append((f"latency ms, {r['runtime']} {r['device']} batch {r['batch']} (p50)", f"{r['before_ms']:.3f}",
+                     f"{r['after_ms']:.3f}", f"{r['after_ms'] / r['before_ms']:.1%} ({r['speedup']:.2f}x faster)"))
+    hw = report.hardware
+    if hw and hw.get("predicted_ms_after") is not None:
+        b, a = hw["predicted_ms_before"], hw["predicted_ms_after"]
+        rows.append((f"latency ms, predicted by profile {hw['profile']}", f"{b:.3f}", f"{a:.3f}",
+                     f"{a / b:.1%}" if b else ""))
     return rows
 
 
@@ -101,6 +110,12 @@ def run_lines(report: Report) -> list[str]:
     if d:
         lines.append(f"- processes: {d['world_size']} × batch {d['per_rank_batch']} = effective batch "
                      f"{d['effective_batch']}" + (f" ({d['backend']})" if d.get("backend") else ""))
+    hw = report.hardware
+    if hw and hw.get("target_ms") is not None and hw.get("predicted_ms_after") is not None:
+        miss = hw["predicted_ms_after"] - hw["target_ms"]
+        verdict = "met (predicted)" if hw.get("target_met") else \
+            f"MISSED by {miss:.3f} ms (predicted {hw['predicted_ms_after']:.3f} ms)"
+        lines.append(f"- latency target {hw['target_ms']:.3f} ms on {hw['profile']}: {verdict}")
     r = report.resumed_from
     if r:
         lines.append(f"- resumed from the {r['phase']} checkpoint at step {r['step']}")

@@ -30,6 +30,7 @@ class Baseline:
 
     test: dict[str, float] | None = None  # the report's test metrics
     val: float | None = None  # the model-selection metric
+    latency: dict[str, Any] | None = None  # measured: {runtime: {batch: {p50_ms, p90_ms, runs}}}
 
 
 @dataclass
@@ -66,7 +67,7 @@ class RunState:
         if data.get("phase") not in PHASES:
             raise bad(f"unknown phase {data.get('phase')!r}")
         base = data.get("baseline")
-        if not isinstance(base, dict) or set(base) != {"test", "val"}:
+        if not isinstance(base, dict) or not {"test", "val"} <= set(base) <= {"test", "val", "latency"}:
             raise bad("no baseline metrics")
         needed = {"search": ("search",), "retrain": ("search_result", "slim_model|retrain"),
                   "done": ("search_result", "final_model", "report")}[data["phase"]]

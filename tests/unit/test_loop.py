@@ -128,7 +128,7 @@ def test_the_report_has_throughput_time_per_phase_and_peak_memory():
                               retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=2))
     res = upop.compress(model, cfg, batches=batches_for(adapter, model, n=2), eval_fn=lambda m: 0.0)
     perf = res.report.performance
-    assert set(perf["seconds"]) == {"baseline", "search", "retrain"} and all(v >= 0 for v in perf["seconds"].values())
+    assert set(perf["seconds"]) == {"baseline", "latency", "search", "retrain"} and all(v >= 0 for v in perf["seconds"].values())
     for phase in ("search", "retrain"):
         assert perf[phase]["images_per_s"] > 0 and 0 <= perf[phase]["data_wait"] <= 1
     assert perf["search"]["steps"] == 4 and perf["retrain"]["steps"] == 2

@@ -1,0 +1,73 @@
+"""Measured latency of the model before and after compression, for every run's report.
+
+The original is timed before the search and the slim model after the retrain, on the run's device,
+at batch 1 and at the training batch: warm-up runs, then enough timed runs to fill a small time
+budget (CUDA events on a GPU). PyTorch is always measured; other runtimes (ONNX Runtime on the
+exported graph) are handed in as timers by the caller, since the core does not import the exporters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .latency import percentile, time_fn
+
+#: ``timer(model, inputs, warmup, runs) -> per-run milliseconds``
+SampleTimer = Callable[[nn.Module, dict[str, torch.Tensor], int, int], list[float]]
+TEXT_TOKENS = 32
+WARMUP = 2
+RUNS = (5, 50)  # at least, at most
+BUDGET_S = 0.5  # timed seconds per model, batch and runtime (the test suite lowers it)
+
+
+def torch_samples(device: torch.device) -> SampleTimer:
+    def timer(model: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int) -> list[float]:
+        with torch.inference_mode():
+            return time_fn(lambda: model(**inputs), warmup, runs, device.type == "cuda")
+
+    return timer
+
+
+def _runs_for(one_ms: float) -> int:
+    """As many runs as fit the budget, within ``RUNS``: stable percentiles without a long wait on a big model."""
+    return int(min(RUNS[1], max(RUNS[0], BUDGET_S * 1000 / max(one_ms, 1e-3))))
+
+
+def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device, timer: SampleTimer) -> dict[str, float]:
+    """p50 and p90 (ms) of one forward of ``model`` on a batch of the adapter's example inputs."""
+    was_training = model.training
+    model.eval()
+    inputs = adapter.example_inputs(model, batch_size=batch, seq_len=TEXT_TOKENS,
+                                    generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    probe = timer(model, inputs, WARMUP, 1)
+    ms = timer(model, inputs, 0, _runs_for(probe[0]))
+    model.train(was_training)
+    return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms))}
+
+
+def measure(model: nn.Module, adapter: Any, batches: Sequence[int], device: torch.device,
+            timers: Mapping[str, SampleTimer]) -> dict[str, dict[int, dict[str, float]]]:
+    """``{runtime: {batch: {p50_ms, p90_ms, runs}}}`` for every runtime and batch size."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, timer in timers.items():
+        out[name] = {b: time_model(model, adapter, b, device, timer) for b in batches}
+    return out
+
+
+def latency_rows(before: dict[str, Any], after: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """The report's rows: one per runtime and batch measured both before and after."""
+    rows = []
+    for runtime, per_batch in after.items():
+        for batch, a in per_batch.items():
+            b = before.get(runtime, {}).get(batch) or before.get(runtime, {}).get(str(batch))
+            if b is None:
+                continue
+            rows.append({"runtime": runtime, "device": str(device), "batch": int(batch),
+                         "before_ms": b["p50_ms"], "after_ms": a["p50_ms"], "before_p90_ms": b["p90_ms"],
+                         "after_p90_ms": a["p90_ms"], "speedup": b["p50_ms"] / a["p50_ms"] if a["p50_ms"] > 0 else 0.0})
+    return rows
