@@ -17,11 +17,12 @@ from torch import nn
 from upop.calibrate import BlockTimer, torch_timer
 from upop.errors import ConfigError
 from upop.latency import SEQ, Run, feed_shape, make_run, percentile, time_fn
+from upop.measure import Runtime
 
 from .sessions import ort_session
 from .static_onnx import export_static_onnx
 
-__all__ = ["block_timer", "ort_session", "ort_timer", "profile_ort", "profile_trt", "trt_timer"]
+__all__ = ["block_timer", "ort_runtime", "ort_session", "ort_timer", "profile_ort", "profile_trt", "trt_timer"]
 
 
 def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], device: str = "cpu",
@@ -124,3 +125,29 @@ def block_timer(runtime: str, device: torch.device, precision: str = "fp32") -> 
             raise ConfigError("TensorRT calibration runs on a CUDA device: --device cuda")
         return trt_timer(precision == "fp16")
     raise ConfigError(f"runtime must be torch, ort or trt, got {runtime!r}")
+
+
+def ort_runtime(device: torch.device) -> Runtime:
+    """The compress report's ONNX Runtime measurement: the model's forward exported to ONNX at the inputs'
+    shapes (once per model and batch) and run in ONNX Runtime (its CUDA provider on a GPU when installed)."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+    def first_tensor(out: Any) -> torch.Tensor:
+        return next(v for v in (out.values() if hasattr(out, "values") else out) if isinstance(v, torch.Tensor))
+
+    def prepare(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            cpu_inputs = export_static_onnx(model, inputs, path, first_tensor)
+            model.to(device)  # the export moved it to the CPU
+            sess = ort_session(path, providers)  # the graph is in memory now: the file may go
+        feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
+        return lambda: sess.run(None, feed)
+
+    return Runtime(prepare, cuda_events=False)

@@ -26,7 +26,7 @@ from .distributed import init as init_distributed
 from .errors import ConfigError
 from .flops import flops_per_tower, params_per_tower
 from .hardware import HardwarePlan, plan_hardware, predicted_latency_ms
-from .measure import SampleTimer, latency_rows, measure, torch_samples
+from .measure import Runtime, latency_rows, measure, torch_runtime
 from .loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory
 from .report import Report, module_rows
 from .retrain import EvalFn, RetrainResult, retrain
@@ -136,7 +136,7 @@ class Run:
     checkpoint_every: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     profile: Any = None  # the loaded hardware profile, if any
-    latency_timers: dict[str, SampleTimer] = field(default_factory=dict)  # runtime -> timer; empty: not measured
+    latency_runtimes: dict[str, Runtime] = field(default_factory=dict)  # what to time in; empty: nothing
     latency_batch: int = 1
 
     def stage(self, name: str) -> ProgressFn | None:
@@ -243,10 +243,10 @@ def measure_baseline(run: Run, net: nn.Module, adapter: Adapter, inputs: Inputs)
 
 def measure_latency(run: Run, net: nn.Module, adapter: Adapter) -> dict[str, Any] | None:
     """Forward latency at batch 1 and the training batch, in PyTorch and every runtime the caller handed in."""
-    if not run.latency_timers:
+    if not run.latency_runtimes:
         return None
     t0 = time.perf_counter()
-    out = measure(net, adapter, sorted({1, run.latency_batch}), run.device, run.latency_timers)
+    out = measure(net, adapter, sorted({1, run.latency_batch}), run.device, run.latency_runtimes)
     run.timings["latency"] = run.timings.get("latency", 0.0) + time.perf_counter() - t0
     return out
 
@@ -413,7 +413,7 @@ def compress(
     resume: bool = False,
     checkpoint_every: int = 0,
     task_options: dict[str, Any] | None = None,
-    latency: bool | dict[str, SampleTimer] = True,
+    latency: bool | dict[str, Runtime] = True,
 ) -> CompressResult:
     """Compress ``model`` (a module, alias, demo name, hub id, local folder or slim checkpoint).
 
@@ -423,7 +423,7 @@ def compress(
     ``batches`` (and optionally ``loss_fn``, default the family's own loss, and ``eval_fn``,
     higher is better). ``task_options`` go to the task (e.g. the input pipeline's ``workers``).
     ``latency``: the report measures the forward latency before and after in PyTorch (``True``), and also
-    through the runtimes whose timers are given (e.g. ``{"ort": upop.exporters.timing.ort_samples(device)}``),
+    through the runtimes given (e.g. ``{"ort": upop.exporters.timing.ort_runtime(device)}``),
     or not at all (``False``).
 
     With ``state_dir``, Ctrl-C during the search or the retrain writes the run's state there;
@@ -476,7 +476,7 @@ def plan_for(run: Run, net: nn.Module, adapter: Adapter, specs: list) -> Hardwar
 
 
 def start_run(config: CompressConfig, progress: Progress | None, checkpoint_every: int,
-              latency: bool | dict[str, SampleTimer] = True) -> Run:
+              latency: bool | dict[str, Runtime] = True) -> Run:
     """Validates the settings, loads the profile, joins the process group under torchrun, picks the device."""
     config.validate()
     if checkpoint_every < 0:
@@ -487,7 +487,7 @@ def start_run(config: CompressConfig, progress: Progress | None, checkpoint_ever
               checkpoint_every=checkpoint_every)
     run.profile = profile
     if latency is not False:
-        run.latency_timers = {"torch": torch_samples(run.device), **(latency if isinstance(latency, dict) else {})}
+        run.latency_runtimes = {"torch": torch_runtime(run.device), **(latency if isinstance(latency, dict) else {})}
     return run
 
 

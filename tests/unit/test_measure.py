@@ -29,15 +29,16 @@ def test_the_report_has_measured_latency_of_both_models():
 
 
 def test_other_runtimes_come_as_timers_and_latency_can_be_skipped():
-    calls = []
+    prepared = []
 
-    def fake(model, inputs, warmup, runs):
-        calls.append(runs)
-        return [2.0] * runs
+    def prepare(model, inputs):
+        prepared.append(next(iter(inputs.values())).shape[0])
+        return lambda: None
 
-    report = _compress(latency={"fake": fake}).report
+    report = _compress(latency={"fake": measure.Runtime(prepare)}).report
     fake_rows = [r for r in report.latency if r["runtime"] == "fake"]
-    assert len(fake_rows) == 2 and all(r["speedup"] == 1.0 for r in fake_rows)
+    assert len(fake_rows) == 2 and all(r["after_ms"] >= 0 for r in fake_rows)
+    assert prepared == [1, 3, 1, 3]  # prepared once per model and batch: before, then after
     assert any("latency ms, fake" in row[0] for row in summary_rows(report))
     assert _compress(latency=False).report.latency is None
 
@@ -52,5 +53,14 @@ def test_enough_runs_for_the_budget_within_bounds(monkeypatch):
 def test_time_model_leaves_the_model_in_its_mode():
     adapter = get_adapter("vit")
     model = build_tiny("vit", "ViTForImageClassification").train()
-    out = measure.time_model(model, adapter, 2, torch.device("cpu"), measure.torch_samples(torch.device("cpu")))
+    out = measure.time_model(model, adapter, 2, torch.device("cpu"), measure.torch_runtime(torch.device("cpu")))
     assert model.training and out["p50_ms"] > 0 and out["runs"] >= measure.RUNS[0]
+
+
+def test_onnx_runtime_measures_the_exported_forward():
+    pytest.importorskip("onnxruntime")
+    from upop.exporters.timing import ort_runtime
+
+    report = _compress(latency={"ort": ort_runtime(torch.device("cpu"))}).report
+    ort_rows = [r for r in report.latency if r["runtime"] == "ort"]
+    assert {r["batch"] for r in ort_rows} == {1, 3} and all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in ort_rows)
