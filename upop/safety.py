@@ -83,21 +83,24 @@ def _relation(out: Path, source: Path) -> str | None:
     return None
 
 
-def check_apart(out: str | Path, sources: Iterable[str | Path | None]) -> None:
-    """``out`` must be neither a source folder, nor inside one, nor a parent of one."""
+def check_apart(out: str | Path, sources: Iterable[str | Path | None], inputs: Iterable[str | Path | None] = ()) -> None:
+    """``out`` must be neither a source folder, nor inside one, nor a parent of one; and neither an
+    input folder (the data) nor a parent of one (writing inside the data is harmless)."""
     target = Path(out).expanduser().resolve()
-    for src in sources:
+    for src, allowed in [*((s, None) for s in sources), *((i, "is inside") for i in inputs)]:
         if src is None or not Path(src).expanduser().exists():
             continue  # a hub id or alias: nothing on disk to protect
         rel = _relation(target, Path(src).expanduser().resolve())
-        if rel is not None:
+        if rel is not None and rel != allowed:
             raise OutputError(f"--out {out} {rel} the source {src}; write the output to another folder")
 
 
-def check_replace(out: str | Path, *, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
-    """Refuse to write ``out`` when that would replace anything that is not upop's own output."""
+def check_replace(out: str | Path, *, overwrite: bool, sources: Iterable[str | Path | None] = (),
+                  inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse to write ``out`` when that would replace anything that is not upop's own output, or
+    touch the ``sources`` (a model) or ``inputs`` (data) the run reads."""
     out = Path(out)
-    check_apart(out, sources)
+    check_apart(out, sources, inputs)
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
