@@ -1,7 +1,6 @@
 """`upop compress` loses nothing: foreign folders, the run state, a full disk, two runs on one output."""
 
 import errno
-import json
 import os
 import subprocess
 import sys
