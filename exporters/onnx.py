@@ -24,11 +24,16 @@ from torch import nn
 
 from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
+from upop.safety import check_replace
+
 from .sessions import ort_session
 
 from .registry import register
 
 FP32_TOL = 1e-4
+#: Opsets the graphs are exported at: 14 is the lowest the attention and layer-norm graphs need here,
+#: the TorchScript exporter writes at most 20.
+MIN_OPSET, MAX_OPSET = 14, 20
 #: FP16 graphs: max abs error ≤ FP16_TOL × (1 + max |reference|) per output.
 FP16_TOL = 2e-2
 
@@ -42,6 +47,11 @@ class ParityError(ExportError):
         super().__init__(f"graph {graph}: output {output} differs from PyTorch by {max_abs:.3g} at batch {batch} "
                          f"(tolerance {tol:.3g})")
         self.graph, self.output, self.max_abs, self.tol, self.batch = graph, output, max_abs, tol, batch
+
+
+def check_opset(opset: Any) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (the exporter's range), got {opset!r}")
 
 
 @dataclass
@@ -158,8 +168,8 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
     import upop
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"output folder {out} already exists; pass --overwrite to replace it")
+    check_opset(opset)
+    check_replace(out, overwrite=overwrite, sources=[source])
     loaded = load_for_export(source)
     model = loaded.model.float().eval()
     if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", "eager") != "eager":

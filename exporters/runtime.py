@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from upop.errors import UpopError
+from upop.safety import member
+
 from .sessions import ort_session
 
 
@@ -21,21 +23,60 @@ class ExportFolderError(UpopError):
     pass
 
 
+def _session_errors() -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime raises for a damaged, truncated or missing graph file (its own exception types)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    names = ("InvalidProtobuf", "InvalidGraph", "Fail", "NoSuchFile", "InvalidArgument", "RuntimeException")
+    return (OSError, RuntimeError, *(getattr(st, n) for n in names if hasattr(st, n)))
+
+
+def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
+    """``export.json``, checked: it is read from a folder that may come from anywhere."""
+    folder = Path(export_dir)
+    mpath = folder / "export.json"
+    if not mpath.is_file():
+        raise ExportFolderError(f"{export_dir} is not a upop export folder (no export.json)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportFolderError(f"{mpath} is damaged (not valid JSON: {str(exc).splitlines()[0]})") from None
+    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
+    if not isinstance(graphs, list) or not graphs or not isinstance(manifest.get("task"), str):
+        raise ExportFolderError(f"{mpath} is damaged (no task or no list of graphs)")
+    for g in graphs:
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str):
+            raise ExportFolderError(f"{mpath} is damaged (a graph without a name)")
+        member(folder, g.get("file"), f"graph {g['name']} file", ExportFolderError)
+        if "fp16" in g:
+            half = g["fp16"]
+            member(folder, half.get("file") if isinstance(half, dict) else None, f"graph {g['name']} FP16 file",
+                   ExportFolderError)
+    for key in ("tokens", "labels"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise ExportFolderError(f"{mpath} is damaged ({key} must be an object)")
+    return manifest
+
+
 class OrtModel:
     def __init__(self, export_dir: str | Path, fp16: bool = False, providers: list[str] | None = None):
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
-        mpath = self.dir / "export.json"
-        if not mpath.is_file():
-            raise ExportFolderError(f"{export_dir} is not a upop export folder (no export.json)")
-        self.manifest = json.loads(mpath.read_text())
+        self.manifest = read_export_manifest(export_dir)
+        if fp16 and not all("fp16" in g for g in self.manifest["graphs"]):
+            raise ExportFolderError(f"{export_dir} has no FP16 graphs: export it with --fp16, or run without --fp16")
         avail = ort.get_available_providers()
         self.providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail]
         self.sessions: dict[str, Any] = {}
         for g in self.manifest["graphs"]:
-            f = g["fp16"]["file"] if fp16 and "fp16" in g else g["file"]
-            self.sessions[g["name"]] = ort_session(self.dir / f, self.providers)
+            f = g["fp16"]["file"] if fp16 else g["file"]
+            try:
+                self.sessions[g["name"]] = ort_session(self.dir / f, self.providers)
+            except _session_errors() as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ExportFolderError(f"{self.dir / f} cannot be loaded (damaged or not an ONNX graph): "
+                                        f"{first[:200]}") from None
 
     def providers_used(self) -> dict[str, list[str]]:
         return {k: s.get_providers() for k, s in self.sessions.items()}

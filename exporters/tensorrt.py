@@ -23,6 +23,7 @@ from typing import Any
 
 from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
+from upop.safety import check_replace
 
 from .registry import register
 
@@ -136,8 +137,7 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
 
     brange, srange = ShapeRange.parse(batch), ShapeRange.parse(seq)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UpopError(f"output folder {out} already exists; pass --overwrite to replace it")
+    check_replace(out, overwrite=overwrite, sources=[source])
     with atomic_dir(out) as tmp:
         manifest = export_onnx(source, tmp / "onnx", fp16=fp16, opset=opset, progress=progress)
         engines = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,11 +27,12 @@ from torch import nn
 from ._version import __version__
 from .adapters import Adapter, get_adapter
 from .errors import CheckpointError, UnsupportedModelError
+from .safety import SLIM_MANIFEST, check_replace, member
 from .slim import slim_model
 
 FORMAT = "upop-slim"
 FORMAT_VERSION = 1
-MANIFEST = "upop_manifest.json"
+MANIFEST = SLIM_MANIFEST
 WEIGHTS = "model.safetensors"
 
 
@@ -139,8 +141,7 @@ def save_slim(
 ) -> Path:
     """Write a slim checkpoint folder atomically (a temp folder renamed into place)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_replace(out_dir, overwrite=overwrite)  # only a folder upop wrote is ever replaced
     with atomic_dir(out_dir) as tmp:
         save_model(model, str(tmp / WEIGHTS))
         if processor is not None:
@@ -202,14 +203,107 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     for key in ("family", "model_class", "base_config", "stages", "weights"):
         if key not in manifest:
             raise CheckpointError(f"{mpath} is missing the key {key!r}")
+    check_manifest(manifest, mpath)
     return manifest
+
+
+def _require(ok: bool, where: Path, what: str) -> None:
+    if not ok:
+        raise CheckpointError(f"{where}: {what}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
+    """The type of every field loading reads: a hand-edited or hostile manifest is one line, not a traceback."""
+    for key in ("family", "model_class"):
+        _require(isinstance(manifest[key], str), mpath, f"{key} must be a string")
+    for key in ("profile", "source"):
+        _require(manifest.get(key) is None or isinstance(manifest[key], str), mpath, f"{key} must be a string")
+    _require(isinstance(manifest["base_config"], dict), mpath, "base_config must be an object")
+    weights = manifest["weights"]
+    _require(isinstance(weights, dict) and isinstance(weights.get("sha256"), str), mpath,
+             "weights must be an object with a sha256 string")
+    member(mpath.parent, weights.get("file", WEIGHTS), "weights file", CheckpointError)
+    _require(isinstance(manifest["stages"], list), mpath, "stages must be a list")
+    for i, stage in enumerate(manifest["stages"]):
+        _check_stage(stage, mpath, i)
+
+
+def _check_stage(stage: Any, mpath: Path, i: int) -> None:
+    where = f"stage {i}"
+    _require(isinstance(stage, dict), mpath, f"{where} must be an object")
+    _require(stage.get("granularity") in ("dim", "head"), mpath, f"{where}: granularity must be dim or head")
+    ratio = stage.get("ratio")
+    _require(ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool)), mpath,
+             f"{where}: ratio must be a number")
+    kept, units = stage.get("kept"), stage.get("units")
+    _require(isinstance(kept, dict) and isinstance(units, dict) and set(kept) == set(units), mpath,
+             f"{where}: kept and units must be objects naming the same modules")
+    for name, n in units.items():
+        _require(_is_int(n) and n >= 1, mpath, f"{where}: units of {name} must be a positive integer")
+        idx = kept[name]
+        _require(isinstance(idx, list) and 0 < len(idx) == len(set(map(repr, idx)))
+                 and all(_is_int(k) and 0 <= k < n for k in idx), mpath,
+                 f"{where}: kept units of {name} must be distinct integers in 0..{n - 1}")
+
+
+#: Bytes per element of the safetensors dtypes.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def stored_elements(wfile: Path) -> int:
+    """Elements the safetensors file holds, read from its header; every tensor's span is checked against
+    its shape and the file's size, so a header cannot claim more than the file holds."""
+    size = wfile.stat().st_size
+    bad = CheckpointError(f"{wfile} is not a valid safetensors file")
+    with open(wfile, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise bad
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    total = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        shape, span = (t.get("shape"), t.get("data_offsets")) if isinstance(t, dict) else (None, None)
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape) and isinstance(span, list)
+                and len(span) == 2 and all(_is_int(x) for x in span) and t.get("dtype") in DTYPE_BYTES):
+            raise bad
+        numel = math.prod(shape)
+        if not 0 <= span[0] <= span[1] <= size - 8 - n or span[1] - span[0] != numel * DTYPE_BYTES[t["dtype"]]:
+            raise bad
+        total += numel
+    return total
+
+
+def _check_sizes(info: "SlimInfo", wfile: Path) -> None:
+    """Before allocating: the structure the manifest describes (built on the meta device, no memory)
+    has no more parameters than the weights file holds."""
+    import torch
+
+    stored = stored_elements(wfile)
+    with torch.device("meta"):
+        model, _ = build_structure(info)
+    wanted = sum(p.numel() for p in model.parameters())
+    if wanted > stored:
+        raise CheckpointError(f"{wfile.parent}: the manifest describes {wanted:,} parameters, the weights file "
+                              f"holds {stored:,} values")
 
 
 def load_slim(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the slim model saved in ``path``; verify the weights' hash; load strictly."""
     path = Path(path)
     manifest = read_manifest(path)
-    wfile = path / manifest["weights"].get("file", WEIGHTS)
+    wfile = member(path, manifest["weights"].get("file", WEIGHTS), "weights file", CheckpointError)
     if not wfile.is_file():
         raise CheckpointError(f"{path}: weights file {wfile.name} is missing")
     digest = sha256_file(wfile)
@@ -219,8 +313,9 @@ def load_slim(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[st
         )
     try:
         info = info_from_manifest(manifest)
+        _check_sizes(info, wfile)
         model, _adapter = build_structure(info)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CheckpointError(f"{path}: manifest cannot rebuild the model: {exc}") from None
     except UnsupportedModelError as exc:
         raise CheckpointError(f"{path}: {exc}") from None

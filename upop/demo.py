@@ -145,7 +145,8 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
         config.id2label = dict(enumerate(labels))
         config.label2id = {v: k for k, v in config.id2label.items()}
     if init_from is not None:
-        model = adapter.model_class(spec.class_name).from_pretrained(str(init_from))  # type: ignore[attr-defined]
+        model = adapter.model_class(spec.class_name).from_pretrained(  # type: ignore[attr-defined]
+            str(init_from), trust_remote_code=False)
         previous = json.loads((Path(init_from) / "upop_demo.json").read_text())
     elif spec.base is not None:
         from .hub import load_pretrained

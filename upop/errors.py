@@ -23,3 +23,12 @@ class ModelLoadError(UpopError):
 
 class CheckpointError(UpopError):
     """A slim checkpoint folder is missing, corrupt, mismatched or from a newer format."""
+
+
+class OutputError(UpopError):
+    """An output path upop must not write: a folder it did not create, the source itself, a locked,
+    read-only or full destination."""
+
+
+class OutputExistsError(OutputError, CheckpointError):
+    """The output already exists (a ``CheckpointError`` too, as before it had its own class)."""

@@ -1,6 +1,6 @@
 """Loading models by alias, hub id or local folder, with errors a user can act on.
 
-Remote code is never run unless the caller asks for it.
+Code from a model folder is never run: every ``from_pretrained`` passes ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def load_config(source: str, trust_remote_code: bool = False) -> Any:
+def load_config(source: str) -> Any:
     import transformers
 
     path = Path(source).expanduser()
@@ -79,7 +79,7 @@ def load_config(source: str, trust_remote_code: bool = False) -> Any:
     try:
         local_only = not path.exists() and not hub_reachable()
         return transformers.AutoConfig.from_pretrained(str(path) if path.exists() else source,
-                                                      trust_remote_code=trust_remote_code,
+                                                      trust_remote_code=False,
                                                       local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if path.exists():
@@ -90,10 +90,10 @@ def load_config(source: str, trust_remote_code: bool = False) -> Any:
         ) from None
 
 
-def load_pretrained(name: str, task: str | None = None, trust_remote_code: bool = False) -> Loaded:
+def load_pretrained(name: str, task: str | None = None) -> Loaded:
     """Load a supported model by alias, hub id or local folder."""
     source = resolve(name)
-    config = load_config(source, trust_remote_code)
+    config = load_config(source)
     adapter = get_adapter(config)
     archs = [a for a in (getattr(config, "architectures", None) or []) if a in adapter.classes]
     if task is not None:
@@ -114,7 +114,8 @@ def load_pretrained(name: str, task: str | None = None, trust_remote_code: bool 
     cls = adapter.model_class(class_name)
     path = Path(source).expanduser()
     try:
-        model = cls.from_pretrained(str(path) if path.exists() else source)  # type: ignore[attr-defined]
+        model = cls.from_pretrained(str(path) if path.exists() else source,  # type: ignore[attr-defined]
+                                    trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the weights of {name}: {first}") from None
@@ -122,11 +123,35 @@ def load_pretrained(name: str, task: str | None = None, trust_remote_code: bool 
                   source=source)
 
 
+@dataclass
+class Preprocessing:
+    """A folder's image processor and tokenizer when no single processor class holds both (ViT, DeiT):
+    saved together, so a checkpoint written from it has every file its preprocessing needs."""
+
+    parts: list[Any]
+
+    def save_pretrained(self, out_dir: str) -> None:
+        for part in self.parts:
+            part.save_pretrained(out_dir)
+
+
 def load_processor(source: str) -> Any | None:
-    """The model folder's own processor, or None when it has none (tiny test models)."""
+    """The model folder's own processor (image processor and tokenizer), or None when it has none."""
     import transformers
 
+    errors = (OSError, ValueError, KeyError, TypeError, AttributeError)
     try:
-        return transformers.AutoProcessor.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        proc = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        if isinstance(proc, transformers.ProcessorMixin):
+            return proc
+    except errors:
+        pass
+    # No processor class (ViT's folder has a tokenizer and an image processor): AutoProcessor would
+    # return just the tokenizer, and the image processor would be lost.
+    parts = []
+    for auto in (transformers.AutoImageProcessor, transformers.AutoTokenizer):
+        try:
+            parts.append(auto.from_pretrained(source, trust_remote_code=False))
+        except errors:
+            pass
+    return None if not parts else parts[0] if len(parts) == 1 else Preprocessing(parts)

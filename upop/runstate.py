@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ConfigError
+from .safety import STATE_MARKER  # the marker that makes a state folder upop's own (only such a folder is cleared)
 
 STATE_VERSION = 1
-#: the marker that makes a state folder upop's own (only such a folder is ever cleared)
-STATE_MARKER = ".upop-run"
+__all__ = ["STATE_MARKER", "Baseline", "RunState", "StateStore"]
 PHASES = ("search", "retrain", "done")
 
 

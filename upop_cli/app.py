@@ -32,6 +32,8 @@ TaskOpt = typer.Option(None, "--task", help="retrieval | caption | vqa | classif
 DataOpt = typer.Option(None, "--data", help="Data folder (default for demo models: the built-in shapes set).")
 DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
+OutsideOpt = typer.Option(False, "--allow-outside-data",
+                          help="Read annotation image paths that leave the data folder (.., absolute paths).")
 
 
 @app.callback()
@@ -46,6 +48,9 @@ def _setup() -> None:
     disable_progress_bars()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    from upop.safety import never_prompt_for_remote_code
+
+    never_prompt_for_remote_code()
 
 
 @app.command()
@@ -88,6 +93,7 @@ def compress(
     max_restarts: int = typer.Option(0, "--max-restarts", help="Elastic restarts after a worker fails; the "
                                                                 "restarted group resumes from the last checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
+    allow_outside_data: bool = OutsideOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Search, slim and retrain a model with UPop; write the slim checkpoint and a report.
@@ -113,12 +119,13 @@ def compress(
             if launched_by_torchrun():
                 raise ConfigError("this process was already started by torchrun: drop --nproc/--nnodes/--max-restarts")
             worker = worker_args("compress", {**flags, "config": config},
-                                 {"overwrite": overwrite, "resume": resume, "quiet": quiet})
+                                 {"overwrite": overwrite, "resume": resume, "quiet": quiet,
+                                  "allow_outside_data": allow_outside_data})
             raise typer.Exit(launch(torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts, worker)))
 
         guarded(start)
         return
-    guarded(lambda: run(flags, config, overwrite, quiet, resume))
+    guarded(lambda: run(flags, config, overwrite, quiet, resume, allow_outside_data))
 
 
 @app.command("eval")
@@ -127,10 +134,11 @@ def evaluate(
     task: Optional[str] = TaskOpt,
     data: Optional[str] = DataOpt,
     split: str = typer.Option("test", "--split"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Records per evaluation batch."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on at most N records."),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_outside_data: bool = OutsideOpt,
 ) -> None:
     """Evaluate a model or slim checkpoint on a task.
 
@@ -138,7 +146,7 @@ def evaluate(
     """
     from .eval_cmd import run
 
-    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json))
+    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json, allow_outside_data))
 
 
 @app.command()
@@ -162,7 +170,7 @@ def export(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-export/<name>-<format>)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT)."),
     batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX."),
-    opset: int = typer.Option(17, "--opset"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset, 14..20."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -257,6 +265,7 @@ def profiles_calibrate(
     device: str = typer.Option("cpu", "--device"),
     base: str = typer.Option("cpu-x86", "--base", help="Profile whose alignment and shapes the result keeps."),
     granularity: str = typer.Option("dim", "--granularity"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing profile file."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Time the model's attention and MLP blocks over a sweep of widths here; write a measured profile.
@@ -265,7 +274,7 @@ def profiles_calibrate(
     """
     from .profile_cmd import profiles_calibrate as run
 
-    guarded(lambda: run(model, out, runtime, device, base, granularity, quiet))
+    guarded(lambda: run(model, out, runtime, device, base, granularity, quiet, overwrite))
 
 
 @profiles_app.command("validate")

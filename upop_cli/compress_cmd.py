@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .options import merge, read_toml
+from upop.datasets.readers import outside_data_allowed
+
+from .options import check_values, merge, read_toml
 from .errors import Interrupted
 from .progress import Reporter, interactive
 
@@ -18,23 +22,43 @@ def default_out(model: str, value: float, kind: str = "p") -> Path:
     return Path("upop-out") / (f"{name}-p{value:g}" if kind == "p" else f"{name}-{value:g}ms")
 
 
-def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool, resume: bool = False) -> None:
-    import upop
-    from upop.api import check_profile
-    from upop.demo import DEMOS
-    from upop.errors import CheckpointError, ConfigError
+def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool, resume: bool = False,
+        allow_outside_data: bool = False) -> None:
+    from upop.distributed import env_rank
+    from upop.errors import ConfigError
 
+    check_values(flags)
     opts = read_toml(config_file)
     model = flags.get("model") or opts.get("model")
     if not model:
         raise ConfigError("--model is required (an alias, hub id, local folder, or demo-blip / demo-clip / demo-vit)")
+    o = merge(flags, opts, _defaults(model))
+    cfg = _config(o)
+    out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
+                                                              else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
+    main = env_rank() == 0  # under torchrun only rank 0 draws, writes, locks and prints
+    with _output_guard(out, model, o.get("data"), overwrite, main) as partial, outside_data_allowed(allow_outside_data):
+        result = _compress(model, cfg, o, out, partial, overwrite, quiet, resume, main)
+    if main and not quiet:
+        _tell(result.report, out)
+
+
+def _defaults(model: str) -> dict[str, Any]:
+    from upop.demo import DEMOS
+
     demo = DEMOS.get(model)
-    defaults = {"search_epochs": demo.compress_search_epochs if demo else 1,
-                "retrain_epochs": demo.compress_retrain_epochs if demo else 1,
-                "lr": demo.compress_lr if demo else 1e-5, "batch_size": demo.batch_size if demo else 32,
-                "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4,
-                "checkpoint_every": 200}
-    o = merge(flags, opts, defaults)
+    return {"search_epochs": demo.compress_search_epochs if demo else 1,
+            "retrain_epochs": demo.compress_retrain_epochs if demo else 1,
+            "lr": demo.compress_lr if demo else 1e-5, "batch_size": demo.batch_size if demo else 32,
+            "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4,
+            "checkpoint_every": 200}
+
+
+def _config(o: dict[str, Any]):
+    import upop
+    from upop.api import check_profile
+    from upop.errors import ConfigError
+
     if o.get("ratio") is None and o.get("target_latency") is None:
         raise ConfigError("--ratio is required (the share of compressible cost to remove, between 0 and 1), "
                           "or --target-latency with --profile")
@@ -45,21 +69,42 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
                                  seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"]),
         retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"]))
     check_profile(cfg.profile)
-    out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
-                                                              else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
-    partial = out.with_name(out.name + ".partial")
+    return cfg
+
+
+@contextmanager
+def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main: bool) -> Iterator[Path]:
+    """Everything about the output settled before the run: nothing but upop's own folders is replaced,
+    the source is not inside it, ``<out>.partial`` is upop's, the parent can take the run, and no
+    other run writes the same output (rank 0 holds the lock until the run ends)."""
+    from upop.hub import resolve
+    from upop.safety import OutputLock, check_replace, check_room, check_state_folder, weights_bytes
+
+    source = resolve(model)
+    check_replace(out, overwrite=overwrite, sources=[source], inputs=[data])
+    partial = check_state_folder(out)
+    if not main:
+        yield partial
+        return
+    # The run's state holds the weights and two optimizer moments; the checkpoint the weights again.
+    check_room(out, 4 * weights_bytes(source))
+    with OutputLock(out):
+        check_replace(out, overwrite=overwrite)  # again, now that no other run can change it
+        yield partial
+
+
+def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path, overwrite: bool, quiet: bool,
+              resume: bool, main: bool) -> Any:
+    import upop
     from upop.distributed import env_rank
 
-    main = env_rank() == 0  # under torchrun only rank 0 draws, writes and prints
     try:
         with Reporter(interactive(quiet) and main) as rep:
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
                                    eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
                                    checkpoint_every=o["checkpoint_every"])
             if main:
-                result.save(out, overwrite=overwrite)
+                _save(result, out, partial, overwrite)
             finish_together()
     except RuntimeError as exc:
         from upop.distributed import PeerLostError, launched_by_torchrun
@@ -77,8 +122,38 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
             raise Interrupted(f"interrupted; the run's state is in {partial}: run the same command with --resume "
                               "to continue") from None
         raise
-    if main and not quiet and sys.stdout.isatty():
-        print_summary(result.report, out)
+    return result
+
+
+def _save(result: Any, out: Path, partial: Path, overwrite: bool) -> None:
+    """The last step: a full disk or a read-only folder here is one line, and the run's state is kept."""
+    from upop.errors import OutputError
+
+    try:
+        result.save(out, overwrite=overwrite)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        kept = (f"; the run's state is kept in {partial}: make room or fix the folder, then run the same command "
+                "with --resume to write it") if (partial / "state.pt").is_file() else ""
+        raise OutputError(f"could not write {out}: {reason}{kept}") from None
+
+
+def _tell(report: Any, out: Path) -> None:
+    note = latency_note(report)
+    if sys.stdout.isatty():
+        print_summary(report, out)
+    elif note:
+        typer.echo(note, err=True)
+
+
+def latency_note(report: Any) -> str | None:
+    """A latency target the run could not meet, said plainly (the run still ends with exit 0)."""
+    hw = report.hardware or {}
+    target, after = hw.get("target_ms"), hw.get("predicted_ms_after")
+    if not isinstance(target, (int, float)) or not isinstance(after, (int, float)) or after <= target:
+        return None
+    return (f"target latency missed: predicted {after:.3f} ms on {hw.get('profile')}, target {target:g} ms "
+            f"(+{after - target:.3f} ms, +{(after / target - 1) * 100:.1f} %)")
 
 
 def finish_together() -> None:
@@ -107,4 +182,7 @@ def print_summary(report: Any, out: Path) -> None:
         table.add_row(*row)
     table.caption = "; ".join(line[2:] for line in run_lines(report)) or None
     console.print(table)
+    note = latency_note(report)
+    if note:
+        console.print(f"[bold red]{note}[/bold red]")
     console.print(f"report: {out / 'report.md'}   picture: {out / 'compression.png'}")

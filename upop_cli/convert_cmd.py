@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from .options import at_least, check
 
 
 def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim: int, enc_token_id: int | None,
@@ -10,13 +13,15 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
     from rich.console import Console
 
     from upop.checkpoint import atomic_dir
-    from upop.errors import CheckpointError, ModelLoadError
-    from upop.tasks import Preprocessor
+    from upop.errors import ModelLoadError
     from upop.models.convert import convert_nlvr_checkpoint
+    from upop.safety import CONVERT_MARKER, check_replace
+    from upop.tasks import Preprocessor
 
     out_dir = Path(out)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    check("--head-dim", head_dim, "an integer >= 1", at_least(1))
+    check_replace(out_dir, overwrite=overwrite, sources=[checkpoint])
+    check_head_dim(checkpoint, head_dim)
     model = convert_nlvr_checkpoint(checkpoint, head_dim=head_dim, enc_token_id=enc_token_id)
     model.config.architectures = [type(model).__name__]
     proc = None
@@ -28,6 +33,20 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
         model.save_pretrained(tmp)
         if proc is not None:
             proc.save_pretrained(tmp)
+        # upop's mark: this folder may be replaced by a later convert --overwrite
+        (tmp / CONVERT_MARKER).write_text(json.dumps({"converted_from": str(checkpoint), "head_dim": head_dim}))
     n = sum(p.numel() for p in model.parameters())
     note = "" if proc is not None else " (no processor copied: pass --processor with a BLIP folder or hub id)"
     Console().print(f"converted {checkpoint} → {out_dir}: {n:,} parameters{note}")
+
+
+def check_head_dim(checkpoint: str, head_dim: int) -> None:
+    """Both towers' widths must split into heads of ``head_dim`` (the weights are read once more here)."""
+    from upop.errors import ConfigError
+    from upop.models.convert import read_checkpoint
+
+    state = read_checkpoint(checkpoint)
+    for name, key, axis in (("vision", "visual_encoder.pos_embed", -1),
+                            ("text", "text_encoder.embeddings.word_embeddings.weight", 1)):
+        if key in state and int(state[key].shape[axis]) % head_dim:
+            raise ConfigError(f"--head-dim {head_dim} does not divide the {name} width {int(state[key].shape[axis])}")

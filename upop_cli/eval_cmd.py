@@ -6,16 +6,23 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .options import at_least, check
+
 
 def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
-        device: str, as_json: bool) -> None:
+        device: str, as_json: bool, allow_outside_data: bool = False) -> None:
     from upop.api import _open, resolve_device, setup_task
+    from upop.datasets.readers import outside_data_allowed
 
+    check("--batch-size", batch_size, "an integer >= 1", at_least(1))
+    check("--limit", limit, "an integer >= 1", at_least(1))
     dev = resolve_device(device)
     src = _open(model, task)
     src.model.to(dev)
-    ts = setup_task(src, task, data, None, batch_size, 0, limit)
-    metrics = ts.task.evaluate(src.model, split, limit)
+    with outside_data_allowed(allow_outside_data):
+        ts = setup_task(src, task, data, None, batch_size, 0, limit)
+        ts.task.eval_batch_size = batch_size  # the task evaluates in batches of this size
+        metrics = ts.task.evaluate(src.model, split, limit)
     if as_json:
         print(json.dumps({"model": model, "task": ts.task.name, "split": split, "metrics": metrics}, indent=2))
         return
@@ -30,10 +37,16 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
 
 def run_datasets_shapes(out: Path, train: int, val: int, test: int, seed: int, image_size: int, quiet: bool) -> None:
     from upop.datasets import shapes
-    from upop.errors import CheckpointError
+    from upop.errors import OutputExistsError
 
+    for name, value in (("--train", train), ("--val", val), ("--test", test)):
+        check(name, value, "an integer >= 1", at_least(1))
+    check("--seed", seed, "an integer >= 0", at_least(0))
+    check("--image-size", image_size, "an integer >= 16 (pixels)", at_least(16))
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; the shapes set is a folder: choose another --out")
     if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose another --out")
+        raise OutputExistsError(f"{out} exists and is not empty; choose another --out")
     shapes(out, train=train, val=val, test=test, seed=seed, image_size=image_size)
     if not quiet:
         Console().print(f"wrote the shapes set to {out} (train {train}, val {val}, test {test}, seed {seed})")

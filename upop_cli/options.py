@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,76 @@ def read_toml(path: Path | None) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    data = {k.replace("-", "_"): v for k, v in data.get("compress", data).items()}
+    section = data.get("compress", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [compress] must be a table of options")
+    data = {k.replace("-", "_"): v for k, v in section.items()}
     unknown = sorted(set(data) - COMPRESS_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(COMPRESS_KEYS))}")
+    check_values(data, lambda name: f"{path}: {name}")
     return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def at_least(lo: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and v >= lo
+
+
+#: What every option of ``upop compress`` (flag or TOML key) must be: (description, test).
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": ("a model name or folder", _text),
+    "ratio": ("strictly between 0 and 1", lambda v: _is_num(v) and 0 < v < 1),
+    "task": ("a task name", _text),
+    "data": ("a folder", _text),
+    "granularity": ("one of dim, head", lambda v: v in ("dim", "head")),
+    "profile": ("a profile name or file", _text),
+    "target_latency": ("a number of milliseconds > 0", lambda v: _is_num(v) and v > 0),
+    "search_epochs": ("an integer >= 1", at_least(1)),
+    "retrain_epochs": ("an integer >= 0", at_least(0)),
+    "batch_size": ("an integer >= 1", at_least(1)),
+    "lr": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
+    "update_every": ("an integer >= 1", at_least(1)),
+    "eval_limit": ("an integer >= 1", at_least(1)),
+    "device": ("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
+    "seed": ("an integer >= 0", at_least(0)),
+    "out": ("a folder", _text),
+    "lambda_attn": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
+    "lambda_mlp": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
+    "checkpoint_every": ("an integer >= 0", at_least(0)),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_values(values: dict[str, Any], label: Callable[[str], str] = flag) -> None:
+    """One validation for every option, from the command line or a TOML file: type and range, one line
+    naming the option (``label(name)``: the flag, or the file and key)."""
+    for name, value in values.items():
+        if value is None or name not in RULES:
+            continue
+        what, ok = RULES[name]
+        if not ok(value):
+            raise ConfigError(f"{label(name)} must be {what}, got {value!r}")
+
+
+def check(name: str, value: Any, what: str, ok: Callable[[Any], bool]) -> None:
+    """One option of another command: ``name`` is its flag."""
+    if value is not None and not ok(value):
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def merge(flags: dict[str, Any], file_opts: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

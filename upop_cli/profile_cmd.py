@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .options import at_least, check
+
 
 def _profile(target: str, runtime: str, device: str, batches: list[int], precision: str, warmup: int, runs: int):
     from upop.api import _open, resolve_device
@@ -34,9 +36,25 @@ def _profile(target: str, runtime: str, device: str, batches: list[int], precisi
     return profile_torch(src.model, src.adapter, target, batches, resolve_device(device), precision, warmup, runs)
 
 
+RUNTIMES, PRECISIONS, DEVICES = ("torch", "ort", "trt"), ("fp32", "fp16"), ("cpu", "cuda")
+
+
+def check_profile_options(runtime: str, device: str, batches: list[int], precision: str, warmup: int,
+                          runs: int) -> None:
+    check("--runtime", runtime, " or ".join(RUNTIMES), lambda v: v in RUNTIMES)
+    check("--device", device, " or ".join(DEVICES), lambda v: v in DEVICES)
+    check("--precision", precision, " or ".join(PRECISIONS), lambda v: v in PRECISIONS)
+    for b in batches:
+        check("--batch", b, "an integer >= 1", at_least(1))
+    check("--warmup", warmup, "an integer >= 0", at_least(0))
+    check("--runs", runs, "an integer >= 1", at_least(1))
+
+
 def run(target: str, runtime: str, device: str, batches: list[int], precision: str, compare: str | None,
         json_out: Path | None, warmup: int, runs: int, quiet: bool) -> None:
     from upop.latency import speedup
+
+    check_profile_options(runtime, device, batches, precision, warmup, runs)
 
     results = _profile(target, runtime, device, batches, precision, warmup, runs)
     other = _profile(compare, runtime, device, batches, precision, warmup, runs) if compare else []
@@ -88,18 +106,22 @@ def profiles_validate(path: Path) -> None:
 
 
 def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: str, granularity: str,
-                       quiet: bool) -> None:
+                       quiet: bool, overwrite: bool = False) -> None:
     from upop.api import _open, resolve_device
     from upop.calibrate import calibrate, to_toml
-    from upop.errors import ConfigError
+    from upop.errors import OutputExistsError
     from upop.profiles import load, read_file
 
+    check("--runtime", runtime, " or ".join(RUNTIMES), lambda v: v in RUNTIMES)
+    check("--granularity", granularity, "dim or head", lambda v: v in ("dim", "head"))
+    if out.is_dir():
+        raise OutputExistsError(f"--out {out} is a folder; a profile is a .toml file")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     if runtime == "trt":
         from upop.exporters.tensorrt import require_tensorrt
 
         require_tensorrt()
-    if runtime not in ("torch", "ort", "trt"):
-        raise ConfigError(f"--runtime must be torch, ort or trt, got {runtime!r}")
     from upop.exporters.timing import block_timer
 
     src = _open(model, None)

@@ -113,12 +113,79 @@ def test_existing_folder_is_left_untouched_without_overwrite(saved, tmp_path):
     out = tmp_path / "slim"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="already exists"):
-        res.save(out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    res.save(out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / MANIFEST).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["slim"]
+    for overwrite in (False, True):  # a folder upop did not write is never replaced
+        with pytest.raises(CheckpointError, match="already exists and was not written by upop"):
+            res.save(out, overwrite=overwrite)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    mine = res.save(tmp_path / "mine")
+    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
+        res.save(mine)
+    res.save(mine, overwrite=True)  # upop's own checkpoint is replaced
+    assert (mine / MANIFEST).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "slim"]
+
+
+def _edit_manifest(d, edit):
+    m = json.loads((d / MANIFEST).read_text())
+    edit(m)
+    (d / MANIFEST).write_text(json.dumps(m))
+
+
+def _first_module(m):
+    return next(iter(m["stages"][0]["kept"]))
+
+
+HOSTILE = {
+    "family_not_str": (lambda m: m.update(family=5), "family must be a string"),
+    "base_config_list": (lambda m: m.update(base_config=[1]), "base_config must be an object"),
+    "stages_dict": (lambda m: m.update(stages={"a": 1}), "stages must be a list"),
+    "kept_list": (lambda m: m["stages"][0].update(kept=[1, 2]), "kept and units must be objects"),
+    "kept_strings": (lambda m: m["stages"][0]["kept"].update({_first_module(m): ["a"]}), "distinct integers"),
+    "kept_out_of_range": (lambda m: m["stages"][0]["kept"].update({_first_module(m): [10**6]}), "distinct integers"),
+    "kept_duplicates": (lambda m: m["stages"][0]["kept"].update({_first_module(m): [0, 0]}), "distinct integers"),
+    "units_bool": (lambda m: m["stages"][0]["units"].update({_first_module(m): True}), "positive integer"),
+    "weights_escape": (lambda m: m["weights"].update(file="../../etc/passwd"), "leaves its folder"),
+    "weights_absolute": (lambda m: m["weights"].update(file="/etc/passwd"), "leaves its folder"),
+    "weights_not_str": (lambda m: m["weights"].update(file=3), "not a file name"),
+    "sha_missing": (lambda m: m.update(weights={"file": WEIGHTS}), "sha256 string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_manifest_fields_of_the_wrong_type_are_one_clear_error(saved, tmp_path, case):
+    d = _copy(saved[1], tmp_path / "c")
+    edit, match = HOSTILE[case]
+    _edit_manifest(d, edit)
+    with pytest.raises(CheckpointError, match=match):
+        upop.load(d)
+
+
+def test_manifest_sizes_beyond_the_weights_file_are_refused_before_allocating(saved, tmp_path, monkeypatch):
+    """A base config asking for a huge model (its hash matching a tiny weights file) never allocates it."""
+    from upop import checkpoint
+
+    d = _copy(saved[1], tmp_path / "c")
+    _edit_manifest(d, lambda m: m["base_config"].update(image_size=2**15))
+    built = []
+    real = checkpoint.build_structure
+    monkeypatch.setattr(checkpoint, "build_structure",
+                        lambda info: built.append(str(__import__("torch").empty(0).device)) or real(info))
+    with pytest.raises(CheckpointError, match="the manifest describes .* parameters, the weights file holds"):
+        upop.load(d)
+    assert built == ["meta"]  # only the meta-device build ran
+
+
+def test_safetensors_header_claiming_more_than_the_file_is_refused(saved, tmp_path):
+    import struct
+
+    from upop.checkpoint import sha256_file
+
+    d = _copy(saved[1], tmp_path / "c")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**9], "data_offsets": [0, 4 * 10**9]}}).encode()
+    (d / WEIGHTS).write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    _edit_manifest(d, lambda m: m["weights"].update(sha256=sha256_file(d / WEIGHTS)))
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        upop.load(d)
 
 
 def test_a_slim_model_can_be_compressed_again(saved, tmp_path):

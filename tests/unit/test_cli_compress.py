@@ -112,9 +112,11 @@ def test_existing_output_folder_is_left_untouched(vit_dir, data, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", out)
-    assert r.exit_code == 2 and "already exists; pass --overwrite" in r.output
-    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    for flags in ([], ["--overwrite"]):  # a folder upop did not write is never replaced
+        r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", out, *flags)
+        assert r.exit_code == 2 and "already exists and was not written by upop" in r.output
+        assert r.output.count("\n") == 1
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
 def test_cuda_without_a_gpu(vit_dir, data, tmp_path):

@@ -4,14 +4,22 @@
   caption ``{"image", "caption"}``; val/test: ``{"image", "caption": [...]}``.
 - VQA: the BLIP VQA JSON ``{"image", "question", "answer": [...]}``.
 - Classification: an ImageFolder tree ``<split>/<class>/<image>``.
-A file may be one JSON array, or JSON Lines (one object per line).
+A file may be one JSON array, or JSON Lines (one object per line), in UTF-8.
+Image paths are relative to the data folder; one that leaves it (``..``, an absolute path) is refused
+unless outside data is allowed (``allow_outside=True``, or ``outside_data_allowed()``: the CLI's
+``--allow-outside-data``), so an annotation file from elsewhere cannot make upop read any file it names.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import UpopError
@@ -21,6 +29,19 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 class DataError(UpopError):
     """Missing or malformed data."""
+
+
+_ALLOW_OUTSIDE: ContextVar[bool] = ContextVar("upop_allow_outside_data", default=False)
+
+
+@contextmanager
+def outside_data_allowed(allow: bool = True) -> Iterator[None]:
+    """Within this block the readers' default is to accept image paths outside the data folder."""
+    token = _ALLOW_OUTSIDE.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE.reset(token)
 
 
 @dataclass
@@ -41,7 +62,13 @@ class VQARecord:
 def _load_records(path: Path) -> list[Any]:
     if not path.is_file():
         raise DataError(f"annotation file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                        "save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"annotation file {path} cannot be read: {exc.strerror or exc}") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -60,11 +87,16 @@ def _load_records(path: Path) -> list[Any]:
     return records
 
 
-def _image(root: Path, rec: dict[str, Any], path: Path, i: int) -> Path:
+def _image(root: Path, rec: dict[str, Any], path: Path, i: int, allow_outside: bool | None = None) -> Path:
     name = rec.get("image")
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\x00" in name:
         raise DataError(f"{path}: record {i} has no \"image\"")
-    img = root / name
+    allow = _ALLOW_OUTSIDE.get() if allow_outside is None else allow_outside
+    rel = PurePosixPath(os.path.normpath(name))
+    if not allow and (rel.is_absolute() or rel.parts[:1] == ("..",)):
+        raise DataError(f"{path}: record {i}: image {name!r} is outside the data folder {root} "
+                        "(pass --allow-outside-data to read it)")
+    img = root / rel
     if not img.is_file():
         raise DataError(f"{path}: record {i}: image {img} does not exist")
     return img
@@ -76,14 +108,15 @@ def _check_record(rec: Any, path: Path, i: int) -> dict[str, Any]:
     return rec
 
 
-def read_retrieval(path: str | Path, image_root: str | Path | None = None) -> list[ImageTextRecord]:
+def read_retrieval(path: str | Path, image_root: str | Path | None = None, *,
+                   allow_outside: bool | None = None) -> list[ImageTextRecord]:
     """Image-text pairs, grouped by image (train files have one record per caption)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     by_image: dict[Path, ImageTextRecord] = {}
     for i, rec in enumerate(_load_records(path)):
         rec = _check_record(rec, path, i)
-        img = _image(root, rec, path, i)
+        img = _image(root, rec, path, i, allow_outside)
         cap = rec.get("caption")
         caps = [cap] if isinstance(cap, str) else cap
         if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
@@ -97,13 +130,14 @@ def read_retrieval(path: str | Path, image_root: str | Path | None = None) -> li
     return list(by_image.values())
 
 
-def read_vqa(path: str | Path, image_root: str | Path | None = None) -> list[VQARecord]:
+def read_vqa(path: str | Path, image_root: str | Path | None = None, *,
+             allow_outside: bool | None = None) -> list[VQARecord]:
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     out = []
     for i, rec in enumerate(_load_records(path)):
         rec = _check_record(rec, path, i)
-        img = _image(root, rec, path, i)
+        img = _image(root, rec, path, i, allow_outside)
         q = rec.get("question")
         if not isinstance(q, str) or not q.strip():
             raise DataError(f"{path}: record {i} has no question")
@@ -140,14 +174,40 @@ def read_classification(split_dir: str | Path, classes: list[str] | None = None)
     return items, classes
 
 
-def open_image(path: Path):
+@contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """PIL's errors for one image as one DataError; a decompression bomb (an image whose pixel count
+    passes PIL's limit: a small file that would decode to gigabytes) is refused, not decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image {path} is refused: {str(exc).split('.')[0]} (decompression bomb?)") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(f"image {path} cannot be read: {exc}") from None
+
+
+def open_image(path: Path):
+    from PIL import Image
+
+    with _image_errors(path), Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def check_images(paths: Iterable[Path]) -> int:
+    """Open every image's header and verify its structure without decoding the pixels: a corrupt,
+    truncated or oversized image is found before a run starts, naming the first bad file.
+    Returns the number of distinct images checked."""
+    from PIL import Image
+
+    seen = dict.fromkeys(Path(p) for p in paths)
+    for path in seen:
+        with _image_errors(path), Image.open(path) as im:
+            im.verify()
+    return len(seen)
 
 
 @dataclass
@@ -160,7 +220,8 @@ class PairRecord:
 _TRUTH = {"true": 1, "false": 0, "1": 1, "0": 0}
 
 
-def read_nlvr(path: str | Path, image_root: str | Path | None = None) -> list[PairRecord]:
+def read_nlvr(path: str | Path, image_root: str | Path | None = None, *,
+              allow_outside: bool | None = None) -> list[PairRecord]:
     """The BLIP NLVR2 JSON: ``{"images": [a, b], "sentence": ..., "label": "True" | "False"}``
     (booleans and 0/1 are taken too)."""
     path = Path(path)
@@ -171,7 +232,7 @@ def read_nlvr(path: str | Path, image_root: str | Path | None = None) -> list[Pa
         images = rec.get("images")
         if not isinstance(images, list) or len(images) != 2 or not all(isinstance(x, str) and x for x in images):
             raise DataError(f"{path}: record {i}: \"images\" must be a list of two image paths")
-        pair = tuple(_image(root, {"image": name}, path, i) for name in images)
+        pair = tuple(_image(root, {"image": name}, path, i, allow_outside) for name in images)
         sentence = rec.get("sentence")
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"{path}: record {i} has no \"sentence\"")

@@ -28,7 +28,10 @@ def _write(path, text):
 
 
 def test_malformed_inputs_name_the_file_and_record(data, tmp_path):
-    img = str((data / "images" / "train" / "00000.png").resolve())
+    import shutil
+
+    img = "a.png"  # relative to the data folder (image_root)
+    shutil.copy(data / "images" / "train" / "00000.png", tmp_path / img)
     cases = [
         ('[{"image": "%s", "caption": "x"}, {"image": ' % img, "broken JSON at line 1"),
         ('{"image": "%s", "caption": "x"}\n{"image": "%s", caption}\n' % (img, img), "broken JSON on line 2"),
@@ -49,6 +52,77 @@ def test_malformed_inputs_name_the_file_and_record(data, tmp_path):
     path = _write(tmp_path / "q.json", json.dumps([{"image": img, "answer": ["a"]}]))
     with pytest.raises(DataError, match="record 0 has no question"):
         read_vqa(path)
+
+
+def test_a_latin1_annotation_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "retrieval_train.json"
+    path.write_bytes('[{"image": "a.png", "caption": "un caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(byte 38 is 0xe9\); save it as UTF-8"):
+        read_retrieval(path)
+
+
+def _outside_cases(data, tmp_path):
+    """Annotation files in tmp_path/d naming an image outside it, by .. and by absolute path."""
+    import shutil
+
+    (tmp_path / "d").mkdir()
+    shutil.copy(data / "images" / "train" / "00000.png", tmp_path / "secret.png")
+    for name in ("../secret.png", str(tmp_path / "secret.png"), "sub/../../secret.png"):
+        yield _write(tmp_path / "d" / "ann.json", json.dumps([{"image": name, "caption": "x", "question": "q?",
+                                                                  "images": [name, name], "sentence": "s",
+                                                                  "label": True}]))
+
+
+@pytest.mark.parametrize("reader", ["retrieval", "vqa", "nlvr"])
+def test_image_paths_outside_the_data_folder_are_refused_unless_allowed(data, tmp_path, reader):
+    from upop.datasets.readers import outside_data_allowed, read_nlvr
+
+    read = {"retrieval": read_retrieval, "vqa": read_vqa, "nlvr": read_nlvr}[reader]
+    for path in _outside_cases(data, tmp_path):
+        with pytest.raises(DataError, match="is outside the data folder .*--allow-outside-data"):
+            read(path)
+        assert read(path, allow_outside=True)
+        with outside_data_allowed():
+            assert read(path)
+        with pytest.raises(DataError, match="outside the data folder"):
+            read(path)  # the block ended: refused again
+
+
+def test_inside_paths_with_dots_are_fine(data, tmp_path):
+    import shutil
+
+    (tmp_path / "img").mkdir()
+    shutil.copy(data / "images" / "train" / "00000.png", tmp_path / "img" / "a.png")
+    path = _write(tmp_path / "ann.json", json.dumps([{"image": "img/../img/./a.png", "caption": "x"}]))
+    assert read_retrieval(path)[0].image.is_file()
+
+
+def test_a_decompression_bomb_is_refused_without_decoding(tmp_path):
+    from PIL import Image
+
+    from upop.datasets.readers import check_images, open_image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb)  # 144 M pixels in a file of a few KB
+    assert bomb.stat().st_size < 100_000
+    for fn in (lambda: open_image(bomb), lambda: check_images([bomb])):
+        with pytest.raises(DataError, match="bomb.png is refused: .*decompression bomb"):
+            fn()
+
+
+def test_check_images_names_the_first_bad_file(data, tmp_path):
+    from upop.datasets.readers import check_images
+
+    good = sorted((data / "images" / "train").glob("*.png"))[:3]
+    assert check_images(good + good) == 3
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good[0].read_bytes()[:60])
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match="cut.png cannot be read"):
+        check_images([good[0], truncated, text])
+    with pytest.raises(DataError, match="text.png cannot be read"):
+        check_images([text, truncated])
 
 
 def test_classification_errors(tmp_path, data):

@@ -107,10 +107,11 @@ def test_cli_export_and_predict(tmp_path):
 
 
 def test_export_of_a_folder_that_is_not_a_checkpoint(tmp_path):
-    r = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "src").mkdir()
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "src"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "neither a upop slim checkpoint nor a model folder" in r.output
     with pytest.raises(ExportError):
-        get("onnx")(tmp_path, tmp_path / "o2")
+        get("onnx")(tmp_path / "src", tmp_path / "o2")
 
 
 def test_unknown_format(tmp_path):
