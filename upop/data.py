@@ -61,6 +61,7 @@ class _PilGeometry:
     resample: int
 
     def __call__(self, im: Any) -> torch.Tensor | None:
+        """[H, W, 3] uint8, as PIL lays it out (channels first would cost a strided copy per image here)."""
         h, w = self.size or _shortest_edge(im.height, im.width, int(self.shortest))  # type: ignore[arg-type]
         arr = np.array(im.resize((w, h), resample=self.resample))
         if self.crop is not None:
@@ -68,7 +69,7 @@ class _PilGeometry:
             if top < 0 or left < 0:
                 return None  # the processor pads a crop larger than the image: left to it
             arr = arr[top : top + self.crop[0], left : left + self.crop[1]]
-        return torch.from_numpy(arr).permute(2, 0, 1)
+        return torch.from_numpy(arr)
 
 
 def _shortest_edge(h: int, w: int, size: int) -> tuple[int, int]:
@@ -128,7 +129,7 @@ class PixelPipeline:
         self.table = _lut(processor) if self._splits_at_uint8(probe) else None
         self.geometry = _pil_geometry(processor) if self.table is not None else None
         seen = self.geometry(probe) if self.geometry is not None else None
-        if seen is None or not torch.equal(seen, self._by_processor(probe)):
+        if seen is None or not torch.equal(seen, self._by_processor(probe).permute(1, 2, 0)):
             self.geometry = None  # a processor that resizes differently from what we read: its own call
         self._tables: dict[torch.device, torch.Tensor] = {}
 
@@ -144,11 +145,20 @@ class PixelPipeline:
         return self.processor(images=[im], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
 
     def load(self, path: Path) -> torch.Tensor:
+        """uint8 [H, W, 3]; or, for a processor run whole, float32 [3, H, W]."""
         im = open_image(path)
         if self.table is None:
             return self.processor(images=[im], return_tensors="pt")["pixel_values"][0]
         px = self.geometry(im) if self.geometry is not None else None
-        return px if px is not None else self._by_processor(im)
+        return px if px is not None else self._by_processor(im).permute(1, 2, 0)
+
+    @staticmethod
+    def stack(images: list[torch.Tensor]) -> torch.Tensor:
+        """[n, 3, H, W]: uint8 images are copied as they lie ([H, W, 3], a plain copy) and viewed channels
+        first; the device makes the normalised pixels contiguous. numpy copies on this thread, where
+        torch.stack would wake the intra-op thread pool for a memcpy (costly on a busy host)."""
+        out = torch.from_numpy(np.stack([px.numpy() for px in images]))
+        return out.permute(0, 3, 1, 2) if out.dtype == torch.uint8 else out
 
     def normalize(self, px: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """[..., 3, H, W] uint8 → float32 on ``device`` (default: where ``px`` is); float input passes through."""
@@ -159,7 +169,7 @@ class PixelPipeline:
         if table is None:
             table = self._tables[px.device] = self.table.flatten().to(px.device)
         offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=px.device).view(3, 1, 1)
-        return table[px.int() + offsets]
+        return table[px.int() + offsets].contiguous()
 
 
 # ---- a byte-capped uint8 cache -----------------------------------------------------------------
@@ -178,7 +188,7 @@ class PixelCache:
     def put(self, key: Path, px: torch.Tensor) -> None:
         size = px.numel() * px.element_size()
         if key not in self.items and self.bytes + size <= self.cap:
-            self.items[key] = px
+            self.items[key] = px.contiguous()  # a crop is a view of the whole resized image: keep only the crop
             self.bytes += size
 
 
@@ -194,7 +204,7 @@ class _Failed:
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Index: (paths, remember) → the paths' uint8 pixels, stacked [n, 3, H, W] (None for no paths)."""
+    """Index: (paths, remember) → the paths' uint8 pixels, [n, 3, H, W] (None for no paths)."""
 
     def __init__(self, pipeline: PixelPipeline, cache: PixelCache):
         self.pipeline, self.cache = pipeline, cache
@@ -205,7 +215,7 @@ class PixelDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[tuple[Path, ...], bool]) -> torch.Tensor | _Failed | None:
         paths, remember = item
         try:
-            return torch.stack([self.one(p, remember) for p in paths]) if paths else None
+            return self.pipeline.stack([self.one(p, remember) for p in paths]) if paths else None
         except DataError as exc:
             return _Failed(str(exc))
 

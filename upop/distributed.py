@@ -74,9 +74,9 @@ class Dist:
         """Concatenate each rank's rows (any count per rank) in rank order, on every rank, on ``device``
         (default: where ``t`` is). A rank with nothing passes an empty tensor of any shape.
 
-        The rows travel as tensors (``all_gather`` into views of one buffer, on the GPU under NCCL), not
-        as pickles through the host, and the buffer becomes the result in place: the peak is the result
-        plus this rank's share."""
+        The rows travel as tensors (one all-gather into one buffer, on the GPU under NCCL), not as pickles
+        through the host, and the buffer becomes the result in place: the peak is the result plus this
+        rank's share."""
         if not self.enabled:
             return t
         # Each rank's row count, row shape and dtype: a few numbers (an empty rank does not know the shape).
@@ -91,7 +91,7 @@ class Dist:
         mine = torch.zeros(per, *shape, dtype=dtype, device=self._dev())
         if counts[self.rank]:
             mine[: counts[self.rank]] = t.detach()
-        torch.distributed.all_gather(list(buf.chunk(self.world)), mine)
+        _all_gather_single(buf, mine)
         del mine
         return _compact(buf, counts, per).to(out_dev)
 
@@ -126,6 +126,12 @@ class Dist:
             parts = "; ".join(f"ranks {', '.join(map(str, rs))}: {d[:12]}" for d, rs in groups.items())
             raise MaskDivergenceError(f"{what}: the masks differ across ranks ({parts}); every rank must rank the same "
                                       "reduced importance — run the same upop, torch and data on every node")
+
+
+def _all_gather_single(out: torch.Tensor, mine: torch.Tensor) -> None:
+    """All-gather straight into ``out`` (``all_gather`` with a list of outputs stages them in a flat copy)."""
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(out, mine)
 
 
 def _compact(buf: torch.Tensor, counts: list[int], per: int) -> torch.Tensor:

@@ -147,7 +147,7 @@ class ImageStore:
 
     def get(self, paths: Sequence[Path], device: torch.device | None = None) -> torch.Tensor:
         """The processor's pixels for ``paths``, decoded here (no workers)."""
-        px = torch.stack([self.dataset.one(p, self.remember(len(paths))) for p in paths])
+        px = self.pipeline.stack([self.dataset.one(p, self.remember(len(paths))) for p in paths])
         return self.pipeline.normalize(px, device)
 
     def normalize(self, px: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

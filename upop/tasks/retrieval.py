@@ -44,23 +44,42 @@ class _RetrievalData(Task):
         for i, r in enumerate(recs):
             texts += r.captions
             text_img += [i] * len(r.captions)
-        img_feats, img_seqs, txt_feats = [], [], []
         # Under torchrun each rank embeds its share; the features are gathered before ranking.
         dist = current()
         mine, my_texts = dist.shard(len(recs)), dist.shard(len(texts))
+        img_feats, img_seqs, txt_feats = _Rows(len(mine)), _Rows(len(mine)), _Rows(len(my_texts))
         bs = self.eval_batch_size
         groups = [[r.image for r in recs[s : min(s + bs, mine.stop)]] for s in range(mine.start, mine.stop, bs)]
         for px in self.images.stream(groups, dev):
             seq, feat = self.adapter.encode_image(model, px)
-            img_feats.append(feat.float())
+            img_feats.add(feat.float())
             if seq is not None:
-                img_seqs.append(seq)  # in the model's compute dtype, on its device
+                img_seqs.add(seq)  # in the model's compute dtype, on its device
         for s in range(my_texts.start, my_texts.stop, bs):
             tok = to_device(self.prep.text(texts[s : min(s + bs, my_texts.stop)]), dev)
-            txt_feats.append(self.adapter.encode_text(model, **tok).float())
+            txt_feats.add(self.adapter.encode_text(model, **tok).float())
         # Every rank joins every gather, also one whose share is empty (fewer records than ranks).
-        img, txt = dist.cat(_cat_or_none(img_feats), dev), dist.cat(_cat_or_none(txt_feats), dev)
-        return recs, texts, text_img, img, _cat_or_none(img_seqs), txt
+        img, txt = dist.cat(img_feats.rows(), dev), dist.cat(txt_feats.rows(), dev)
+        return recs, texts, text_img, img, img_seqs.rows(), txt
+
+
+class _Rows:
+    """Batches of rows written into one tensor allocated at the first batch: no list of parts alive
+    beside their concatenation."""
+
+    def __init__(self, n: int):
+        self.n, self.at = n, 0
+        self.out: torch.Tensor | None = None
+
+    def add(self, part: torch.Tensor) -> None:
+        if self.out is None:
+            self.out = part.new_empty((self.n, *part.shape[1:]))
+        self.out[self.at : self.at + len(part)] = part
+        self.at += len(part)
+
+    def rows(self) -> torch.Tensor:
+        """The rows, or an empty tensor (which ``Dist.cat`` takes from a rank with none)."""
+        return self.out if self.out is not None else torch.empty(0)
 
 
 def _cat_or_none(parts: list[torch.Tensor]) -> torch.Tensor:
