@@ -70,12 +70,30 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def cat(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate each rank's rows (any count per rank) in rank order, on every rank."""
+    def cat(self, t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """Concatenate each rank's rows (any count per rank) in rank order, on every rank, on ``device``
+        (default: where ``t`` is). A rank with nothing passes an empty tensor of any shape.
+
+        The rows travel as tensors (one all-gather into one buffer, on the GPU under NCCL), not as pickles
+        through the host, and the buffer becomes the result in place: the peak is the result plus this
+        rank's share."""
         if not self.enabled:
             return t
-        parts = [p for p in self.gather(t.detach().cpu()) if p.numel()]  # a rank may have had nothing
-        return torch.cat(parts).to(t.device) if parts else t
+        # Each rank's row count, row shape and dtype: a few numbers (an empty rank does not know the shape).
+        meta = [m for m in self.gather((t.shape[0] if t.numel() else 0, tuple(t.shape[1:]), t.dtype))]
+        counts = [m[0] for m in meta]
+        shape, dtype = next(((m[1], m[2]) for m in meta if m[0]), (tuple(t.shape[1:]), t.dtype))
+        out_dev = torch.device(device) if device is not None else t.device
+        per = max(counts)
+        if per == 0:
+            return torch.empty(0, *shape, dtype=dtype, device=out_dev)
+        buf = torch.empty(self.world * per, *shape, dtype=dtype, device=self._dev())
+        mine = torch.zeros(per, *shape, dtype=dtype, device=self._dev())
+        if counts[self.rank]:
+            mine[: counts[self.rank]] = t.detach()
+        _all_gather_single(buf, mine)
+        del mine
+        return _compact(buf, counts, per).to(out_dev)
 
     def concat(self, items: list[Any]) -> list[Any]:
         if not self.enabled:
@@ -108,6 +126,25 @@ class Dist:
             parts = "; ".join(f"ranks {', '.join(map(str, rs))}: {d[:12]}" for d, rs in groups.items())
             raise MaskDivergenceError(f"{what}: the masks differ across ranks ({parts}); every rank must rank the same "
                                       "reduced importance — run the same upop, torch and data on every node")
+
+
+def _all_gather_single(out: torch.Tensor, mine: torch.Tensor) -> None:
+    """All-gather straight into ``out`` (``all_gather`` with a list of outputs stages them in a flat copy)."""
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(out, mine)
+
+
+def _compact(buf: torch.Tensor, counts: list[int], per: int) -> torch.Tensor:
+    """Rank r's ``counts[r]`` rows, found at ``r * per``, moved down to follow the earlier ranks' rows, in
+    place. Each move copies blocks no longer than its shift, so a block never overlaps its destination."""
+    dst = 0
+    for r, n in enumerate(counts):
+        src, shift = r * per, r * per - dst
+        for i in range(0, n if shift else 0, max(shift, 1)):
+            k = min(shift, n - i)
+            buf[dst + i : dst + i + k] = buf[src + i : src + i + k]
+        dst += n
+    return buf[:dst]
 
 
 def mask_digest(marked: torch.Tensor, value: float) -> str:

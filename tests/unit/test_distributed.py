@@ -90,6 +90,9 @@ def _worker(rank: int, world: int, folder: str, mode: str) -> None:
             mine = list(d.shard(5))
             out = {"shard": mine, "cat": d.cat(torch.tensor(mine, dtype=torch.float32).reshape(-1, 1)).flatten().tolist(),
                    "concat": d.concat([f"r{rank}-{i}" for i in mine]),
+                   # rows of any shape and dtype travel as tensors; a rank with none passes an empty one
+                   "rows": d.cat(torch.full((2, 2, 3), 7.0, dtype=torch.float16) if rank else torch.empty(0)),
+                   "none": d.cat(torch.empty(0)),
                    "max": d.all_reduce_max(torch.tensor([float(rank)])).item(),
                    "mean": d.all_reduce_mean(torch.tensor([float(rank)], dtype=torch.float64)).item()}
         elif mode.startswith("retrieval"):
@@ -138,6 +141,8 @@ def test_collectives_keep_rank_order(tmp_path):
     for r in res:
         assert r["cat"] == [0, 1, 2, 3, 4]
         assert r["concat"] == ["r0-0", "r0-1", "r0-2", "r1-3", "r1-4"]
+        assert r["rows"].dtype == torch.float16 and torch.equal(r["rows"], torch.full((2, 2, 3), 7.0, dtype=torch.float16))
+        assert r["none"].numel() == 0
         assert r["max"] == 1.0 and r["mean"] == 0.5
 
 

@@ -7,7 +7,7 @@ different implementations (BLIP retrieval uses ITC + ITM; CLIP a contrastive los
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,7 +15,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..datasets.readers import DataError, open_image
+from ..data import (
+    SMALL_SET,
+    Images,
+    PixelCache,
+    PixelDataset,
+    PixelPipeline,
+    _Feed,
+    cache_bytes,
+    default_workers,
+    fill,
+    make_loader,
+)
+from ..datasets.readers import DataError
 
 _TASKS: dict[str, type["Task"]] = {}
 
@@ -103,23 +115,67 @@ class Preprocessor:
 
 
 class ImageStore:
-    """Pixel tensors by path; small sets are kept in memory after the first read."""
+    """A task's images: uint8 pixels decoded by DataLoader workers (``workers``; None: ``default_workers``),
+    cached up to ``cache_gb`` GiB (None: up to AUTO_CACHE_GB for sets of at most SMALL_SET images, else
+    off), normalised on the device."""
 
-    def __init__(self, prep: Preprocessor, cache_limit: int = 20000):
-        self.prep = prep
-        self.cache: dict[Path, torch.Tensor] = {}
-        self.cache_limit = cache_limit
+    def __init__(self, prep: Preprocessor, workers: int | None = None, cache_gb: float | None = None):
+        if workers is not None and workers < 0:
+            raise DataError(f"workers must be 0 (decode in this process) or more, not {workers}")
+        self.prep, self.workers, self.cache_gb = prep, workers, cache_gb
+        self._pipeline: PixelPipeline | None = None
+        self._dataset: PixelDataset | None = None
+        self._eval: dict[int, tuple[Any, Any]] = {}  # worker count → (persistent loader, its feed)
 
-    def get(self, paths: Sequence[Path]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(paths) if p not in self.cache]
-        if missing:
-            px = self.prep.pixels([open_image(p) for p in missing])
-            fresh = dict(zip(missing, px))
-            if len(self.cache) + len(fresh) <= self.cache_limit:
-                self.cache.update(fresh)
-            else:
-                return torch.stack([self.cache.get(p, fresh.get(p)) for p in paths])  # type: ignore[misc]
-        return torch.stack([self.cache[p] for p in paths])
+    @property
+    def pipeline(self) -> PixelPipeline:
+        if self._pipeline is None:  # built on first use: a task that never reads an image never probes the processor
+            self._pipeline = PixelPipeline(self.prep.image_processor)
+        return self._pipeline
+
+    @property
+    def dataset(self) -> PixelDataset:
+        if self._dataset is None:
+            self._dataset = PixelDataset(self.pipeline, PixelCache(cache_bytes(self.cache_gb)))
+        return self._dataset
+
+    def workers_for(self, n_images: int) -> int:
+        return self.workers if self.workers is not None else default_workers(n_images)
+
+    def remember(self, n_images: int) -> bool:
+        return self.cache_gb is not None or n_images <= SMALL_SET
+
+    def get(self, paths: Sequence[Path], device: torch.device | None = None) -> torch.Tensor:
+        """The processor's pixels for ``paths``, decoded here (no workers)."""
+        px = self.pipeline.stack([self.dataset.one(p, self.remember(len(paths))) for p in paths])
+        return self.pipeline.normalize(px, device)
+
+    def normalize(self, px: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        return self.pipeline.normalize(px, device)
+
+    def stream(self, groups: Sequence[Sequence[Path]], device: torch.device) -> Iterator[torch.Tensor]:
+        """Each group's pixels on ``device``, in order, decoded ahead by a persistent pool of workers."""
+        n = sum(len(g) for g in groups)
+        items = (({"px": Images(tuple(g))}, None) for g in groups)
+        for plan, _ in fill(self._eval_loader(self.workers_for(n)), items, self.remember(n)):
+            yield self.normalize(plan["px"], device)
+
+    def _eval_loader(self, workers: int):
+        if workers not in self._eval:
+            feed = _Feed()
+            self._eval[workers] = (make_loader(self.dataset, feed, workers), feed)
+        loader, feed = self._eval[workers]
+
+        def loader_for(requests):
+            feed.items = requests
+            return loader
+
+        return loader_for
+
+    def fill(self, items: Iterable[tuple[Any, Any]], n_images: int) -> Iterator[tuple[Any, Any]]:
+        """Training plans with their pixels, from a loader of their own (it lives as long as the stream)."""
+        workers = self.workers_for(n_images)
+        return fill(lambda requests: make_loader(self.dataset, requests, workers), items, self.remember(n_images))
 
 
 class Batches:
@@ -130,16 +186,22 @@ class Batches:
     so the ranks' batches at one step together are exactly the batch one process would draw with
     ``world × batch_size`` items. ``position`` after each batch (epoch, index, the pass's RNG)
     lets a resumed run continue without re-reading the batches it already trained on.
+
+    ``make(idx, rng)`` plans a batch in this process, in order (it draws from the pass's RNG); with
+    ``images`` (an ``ImageStore``), the ``Images`` in a plan are decoded by DataLoader workers ahead
+    of use, and the batch holds them as uint8 (the task's loss normalises them on the device).
     """
 
-    def __init__(self, n_items: int, batch_size: int, make, seed: int = 0, drop_last: bool = False):
+    def __init__(self, n_items: int, batch_size: int, make, seed: int = 0, drop_last: bool = False,
+                 images: ImageStore | None = None):
         self.n, self.bs, self.make, self.seed, self.drop_last = n_items, batch_size, make, seed, drop_last
+        self.images = images
         self.epoch = 0
         self.rank, self.world = 0, 1
         self.position: dict[str, Any] = {"epoch": 0, "index": 0, "rng": None}
 
     def shard(self, rank: int, world: int) -> "Batches":
-        out = Batches(self.n, self.bs, self.make, self.seed, self.drop_last)
+        out = Batches(self.n, self.bs, self.make, self.seed, self.drop_last, self.images)
         out.rank, out.world = rank, world
         return out
 
@@ -160,14 +222,23 @@ class Batches:
             order = order[self.rank :: self.world]
         return [order[s : s + self.bs] for s in range(0, len(self) * self.bs, self.bs) if order[s : s + self.bs]]
 
+    def _loaded(self, plans: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        return iter(plans) if self.images is None else self.images.fill(plans, self.n)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
         self.epoch += 1
-        for idx in self._batches(rng):
-            yield self.make(idx, rng)
+        for batch, _ in self._loaded((self.make(idx, rng), None) for idx in self._batches(rng)):
+            yield batch
 
     def endless(self, position: dict[str, Any] | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Pass after pass from ``position`` (a ``self.position`` of an earlier run) or the start."""
+        for batch, pos in self._loaded(self._planned(position)):
+            self.position = pos
+            yield batch
+
+    def _planned(self, position: dict[str, Any] | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """(plan, the position after it), pass after pass; the loader may run ahead of the consumer."""
         epoch, index, state = (int(position["epoch"]), int(position["index"]), position["rng"]) if position \
             else (self.epoch, 0, None)
         while True:
@@ -179,9 +250,8 @@ class Batches:
                 rng.setstate(_as_rng_state(state))
                 state = None
             for k in range(index, len(batches)):
-                batch = self.make(batches[k], rng)
-                self.position = {"epoch": epoch, "index": k + 1, "rng": rng.getstate()}
-                yield batch
+                plan = self.make(batches[k], rng)
+                yield plan, {"epoch": epoch, "index": k + 1, "rng": rng.getstate()}
             epoch, index = epoch + 1, 0
 
 
@@ -192,7 +262,8 @@ def _as_rng_state(state: Any) -> tuple:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    # non_blocking: a pinned batch (DataLoader pin_memory on CUDA machines) copies while the host goes on
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -210,32 +281,44 @@ class Task:
     reader: ClassVar[Callable[..., list[Any]]]
 
     def __init__(self, adapter: Any, prep: Preprocessor, data_dir: str | Path, batch_size: int = 32,
-                 eval_batch_size: int = 64, seed: int = 0, model: nn.Module | None = None, **options: Any):
+                 eval_batch_size: int = 64, seed: int = 0, model: nn.Module | None = None, workers: int | None = None,
+                 cache_gb: float | None = None, **options: Any):
         self.adapter, self.prep = adapter, prep
         self.model = model  # label names and similar facts are read from it
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.options = options
-        self.images = ImageStore(prep)
+        self.images = ImageStore(prep, workers, cache_gb)
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""
         recs = type(self).reader(find_annotation(self.data_dir, self.annotation, split), self.options.get("image_root"))
         return recs[:limit] if limit else recs
 
-    def predict_all(self, model: nn.Module, records: list[Any], run: Callable[[list[Any]], list[Any]]) -> list[Any]:
-        """``run(chunk)`` over ``records`` in evaluation batches, the model in eval mode; one output per record,
-        in order. Under torchrun each rank runs its share and the outputs are gathered."""
+    def on_device(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """A training batch on the model's device, its uint8 pixels normalised there."""
+        out = to_device(batch, device_of(model))
+        if isinstance(out.get("pixel_values"), torch.Tensor):
+            out["pixel_values"] = self.images.normalize(out["pixel_values"])
+        return out
+
+    def predict_all(self, model: nn.Module, records: list[Any], run: Callable[[list[Any], torch.Tensor], list[Any]],
+                    images: Callable[[Any], Sequence[Path]]) -> list[Any]:
+        """``run(chunk, pixels)`` over ``records`` in evaluation batches, the model in eval mode; one output per
+        record, in order. ``pixels`` are the chunk's ``images(record)`` in order, normalised on the model's device.
+        Under torchrun each rank runs its share and the outputs are gathered."""
         from ..distributed import current
 
         dist = current()
         mine = dist.share(records)
+        chunks = [mine[s : s + self.eval_batch_size] for s in range(0, len(mine), self.eval_batch_size)]
+        groups = [[p for r in chunk for p in images(r)] for chunk in chunks]
         was = model.training
         model.eval()
         out: list[Any] = []
         with torch.no_grad():
-            for s in range(0, len(mine), self.eval_batch_size):
-                out += run(mine[s : s + self.eval_batch_size])
+            for chunk, px in zip(chunks, self.images.stream(groups, device_of(model))):
+                out += run(chunk, px)
         model.train(was)
         return dist.concat(out)
 

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from ..datasets.readers import DataError, read_classification
 from ..distributed import current
-from .base import Batches, Task, device_of, register_task, to_device
+from .base import Batches, Images, Task, device_of, register_task, to_device
 from .metrics import topk_accuracy
 
 
@@ -66,13 +66,13 @@ class Classification(_ClassData):
         items, _ = self._items("train", None, classes)
 
         def make(idx, rng: random.Random):
-            return {"pixel_values": self.images.get([items[i][0] for i in idx]),
+            return {"pixel_values": Images(tuple(items[i][0] for i in idx)),
                     "labels": torch.tensor([items[i][1] for i in idx])}
 
-        return Batches(len(items), self.batch_size, make, seed=self.seed)
+        return Batches(len(items), self.batch_size, make, seed=self.seed, images=self.images)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        batch = to_device(batch, device_of(model))
+        batch = self.on_device(batch, model)
         return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits.float(), batch["labels"])
 
     @torch.no_grad()
@@ -84,13 +84,13 @@ class Classification(_ClassData):
         dev = device_of(model)
         dist = current()
         mine = dist.share(items)  # under torchrun each rank scores its share
-        for s in range(0, len(mine), self.eval_batch_size):
-            chunk = mine[s : s + self.eval_batch_size]
-            logits.append(model(pixel_values=self.images.get([p for p, _ in chunk]).to(dev)).logits.float().cpu())
+        chunks = [mine[s : s + self.eval_batch_size] for s in range(0, len(mine), self.eval_batch_size)]
+        for chunk, px in zip(chunks, self.images.stream([[p for p, _ in c] for c in chunks], dev)):
+            logits.append(model(pixel_values=px).logits.float())
             labels += [y for _, y in chunk]
         model.train(was)
         local = torch.cat(logits) if logits else torch.empty(0)
-        res = topk_accuracy(dist.cat(local), torch.tensor(dist.concat(labels)))
+        res = topk_accuracy(dist.cat(local, dev).cpu(), torch.tensor(dist.concat(labels)))
         res["primary"] = res[self.primary]
         return res
 
@@ -116,12 +116,12 @@ class ZeroShotClassification(_ClassData):
         logits = []
         dist = current()
         mine = dist.share(items)
-        for s in range(0, len(mine), self.eval_batch_size):
-            px = self.images.get([p for p, _ in mine[s : s + self.eval_batch_size]]).to(dev)
+        groups = [[p for p, _ in mine[s : s + self.eval_batch_size]] for s in range(0, len(mine), self.eval_batch_size)]
+        for px in self.images.stream(groups, dev):
             _seq, img = self.adapter.encode_image(model, px)
-            logits.append((img.float() @ txt.t()).cpu())
+            logits.append(img.float() @ txt.t())
         model.train(was)
         local = torch.cat(logits) if logits else torch.empty(0)
-        res = topk_accuracy(dist.cat(local), torch.tensor([y for _, y in items]))
+        res = topk_accuracy(dist.cat(local, dev).cpu(), torch.tensor([y for _, y in items]))
         res["primary"] = res[self.primary]
         return res

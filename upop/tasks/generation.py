@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_retrieval, read_vqa
-from .base import Batches, Task, device_of, register_task, to_device
+from .base import Batches, Images, Task, device_of, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
 
@@ -33,29 +33,27 @@ class BlipCaption(Task):
         recs = self._records("train")
 
         def make(idx, rng: random.Random):
-            return {"pixel_values": self.images.get([recs[i].image for i in idx]),
+            return {"pixel_values": Images(tuple(recs[i].image for i in idx)),
                     "captions": [rng.choice(recs[i].captions) for i in idx]}
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed)
+        return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         ids, mask, labels = _decoder_ids(self, model, batch["captions"])
         dev = device_of(model)
-        return model(pixel_values=batch["pixel_values"].to(dev), input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                     labels=labels.to(dev)).loss
+        return model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=ids.to(dev),
+                     attention_mask=mask.to(dev), labels=labels.to(dev)).loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         recs = self._records(split, limit)
-        dev = device_of(model)
 
-        def caption(chunk) -> list[str]:
-            px = self.images.get([r.image for r in chunk]).to(dev)
+        def caption(chunk, px) -> list[str]:
             out = model.generate(pixel_values=px, max_new_tokens=int(self.options.get("max_new_tokens", 30)),
                                  num_beams=1, do_sample=False)
             return self.prep.decode(out)
 
-        preds = self.predict_all(model, recs, caption)
+        preds = self.predict_all(model, recs, caption, lambda r: [r.image])
         refs = [r.captions for r in recs]
         res = {"bleu4": bleu4(preds, refs), "cider": cider_d(preds, refs)}
         res["primary"] = res[self.primary]
@@ -73,18 +71,18 @@ class BlipVQA(Task):
         recs = [r for r in self._records("train") if r.answers]
 
         def make(idx, rng: random.Random):
-            return {"pixel_values": self.images.get([recs[i].image for i in idx]),
+            return {"pixel_values": Images(tuple(recs[i].image for i in idx)),
                     "questions": [recs[i].question for i in idx],
                     # The most frequent annotator answer is the training target.
                     "answers": [Counter(recs[i].answers).most_common(1)[0][0] for i in idx]}
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed)
+        return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         dev = device_of(model)
         q = to_device(self.prep.text(batch["questions"]), dev)
         ids, mask, labels = _decoder_ids(self, model, batch["answers"], max_length=10)
-        return model(pixel_values=batch["pixel_values"].to(dev), input_ids=q["input_ids"],
+        return model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=q["input_ids"],
                      attention_mask=q["attention_mask"], decoder_input_ids=ids.to(dev),
                      decoder_attention_mask=mask.to(dev), labels=labels.to(dev)).loss
 
@@ -93,15 +91,14 @@ class BlipVQA(Task):
         recs = self._records(split, limit)
         dev = device_of(model)
 
-        def answer(chunk) -> list[str]:
+        def answer(chunk, px) -> list[str]:
             q = to_device(self.prep.text([r.question for r in chunk]), dev)
-            px = self.images.get([r.image for r in chunk]).to(dev)
             out = model.generate(pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"],
                                  max_new_tokens=int(self.options.get("max_new_tokens", 5)), num_beams=1,
                                  do_sample=False)
             return self.prep.decode(out)
 
-        preds = self.predict_all(model, recs, answer)
+        preds = self.predict_all(model, recs, answer, lambda r: [r.image])
         res = {"vqa_acc": vqa_accuracy(preds, [r.answers for r in recs])}
         res["primary"] = res[self.primary]
         return res

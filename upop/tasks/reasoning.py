@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_nlvr
-from .base import Batches, Task, device_of, register_task, to_device
+from .base import Batches, Images, Task, device_of, register_task, to_device
 
 
 @register_task("blip-nlvr")
@@ -18,35 +18,32 @@ class BlipVisualReasoning(Task):
     annotation = "nlvr"
     reader = staticmethod(read_nlvr)
 
-    def _pixels(self, recs) -> torch.Tensor:
-        """[batch, 2, 3, H, W]: each record's two images."""
-        flat = self.images.get([img for r in recs for img in r.images])
-        return flat.view(len(recs), 2, *flat.shape[1:])
-
     def train_batches(self) -> Batches:
         recs = self._records("train")
 
         def make(idx, rng: random.Random):
             chunk = [recs[i] for i in idx]
-            batch = {"pixel_values": self._pixels(chunk), "labels": torch.tensor([r.label for r in chunk])}
+            # [batch, 2, 3, H, W]: each record's two images
+            batch = {"pixel_values": Images(tuple(img for r in chunk for img in r.images), per=2),
+                     "labels": torch.tensor([r.label for r in chunk])}
             batch.update(self.prep.text([r.sentence for r in chunk]))
             return batch
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed)
+        return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        return model(**to_device(batch, device_of(model))).loss
+        return model(**self.on_device(batch, model)).loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         recs = self._records(split, limit)
         dev = device_of(model)
 
-        def judge(chunk) -> list[int]:
+        def judge(chunk, px) -> list[int]:
             tok = to_device(self.prep.text([r.sentence for r in chunk]), dev)
-            return model(pixel_values=self._pixels(chunk).to(dev), **tok).logits.argmax(-1).tolist()
+            return model(pixel_values=px.view(len(chunk), 2, *px.shape[1:]), **tok).logits.argmax(-1).tolist()
 
-        preds = self.predict_all(model, recs, judge)
+        preds = self.predict_all(model, recs, judge, lambda r: r.images)
         correct = sum(int(p == r.label) for p, r in zip(preds, recs))
         acc = 100.0 * correct / len(recs)
         true_share = 100.0 * sum(r.label for r in recs) / len(recs)
