@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
+#: steps between the run's periodic checkpoints (CLI and API alike; 0: only at the ends of the phases)
+DEFAULT_CHECKPOINT_EVERY = 200
 GRANULARITIES = ("dim", "head")
 #: upop: unified + progressive (the method). The other two are the ablation baselines:
 #: unified ranking applied once at the end, and uniform per-module pruning by weight magnitude.

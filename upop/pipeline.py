@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .checkpoint import SlimInfo, Stage, info_from_manifest, is_slim_checkpoint, load_slim, save_slim
-from .config import CompressConfig
+from .config import DEFAULT_CHECKPOINT_EVERY, CompressConfig
 from .distributed import Dist, device_for, restart_count, rng_state
 from .distributed import init as init_distributed
 from .errors import ConfigError
@@ -411,7 +411,7 @@ def compress(
     progress: Progress | None = None,
     state_dir: str | Path | None = None,
     resume: bool = False,
-    checkpoint_every: int = 0,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     task_options: dict[str, Any] | None = None,
     latency: bool | dict[str, Runtime] = True,
 ) -> CompressResult:

@@ -92,6 +92,16 @@ def compress(
     rdzv_id: str = typer.Option("upop", "--rdzv-id", help="Job id shared by the nodes."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Elastic restarts after a worker fails; the "
                                                                 "restarted group resumes from the last checkpoint."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Batches per optimizer step: effective "
+                                                                         "batch = processes × batch × K."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap the search and the retrain at N steps "
+                                                                       "each (a quick check of a full-size setup)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes per GPU "
+                                                                   "(default: a share of the cores; 0: in-process)."),
+    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="Cap of the decoded-image cache per process "
+                                                                       "(default: 1 GiB for small sets, else none)."),
+    latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="Measure the latency before and "
+                                                                                  "after in the report (default on)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     allow_outside_data: bool = OutsideOpt,
     quiet: bool = QuietOpt,
@@ -109,7 +119,8 @@ def compress(
                  target_latency=target_latency,
                  search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
                  update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out,
-                 checkpoint_every=checkpoint_every)
+                 checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
+                 cache_gb=cache_gb, latency=latency)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
         from upop.distributed import launched_by_torchrun
 

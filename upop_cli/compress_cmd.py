@@ -44,14 +44,18 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
 
 
 def _defaults(model: str) -> dict[str, Any]:
+    """The options a flag or the TOML file leaves unset: the config dataclasses' defaults (one place for
+    CLI and API), and a demo model's own epochs, learning rate and batch."""
+    from upop.config import DEFAULT_CHECKPOINT_EVERY, CompressConfig, RetrainConfig, SearchConfig
     from upop.demo import DEMOS
 
-    demo = DEMOS.get(model)
-    return {"search_epochs": demo.compress_search_epochs if demo else 1,
-            "retrain_epochs": demo.compress_retrain_epochs if demo else 1,
-            "lr": demo.compress_lr if demo else 1e-5, "batch_size": demo.batch_size if demo else 32,
-            "granularity": "dim", "device": "auto", "seed": 0, "lambda_attn": 6.4e-3, "lambda_mlp": 2e-4,
-            "checkpoint_every": 200}
+    demo, c, s, r = DEMOS.get(model), CompressConfig(), SearchConfig(), RetrainConfig()
+    return {"search_epochs": demo.compress_search_epochs if demo else s.epochs,
+            "retrain_epochs": demo.compress_retrain_epochs if demo else r.epochs,
+            "lr": demo.compress_lr if demo else s.lr, "batch_size": demo.batch_size if demo else 32,
+            "granularity": c.granularity, "device": c.device, "seed": s.seed, "lambda_attn": s.lambda_attn,
+            "lambda_mlp": s.lambda_mlp, "checkpoint_every": DEFAULT_CHECKPOINT_EVERY, "grad_accum": s.grad_accum,
+            "latency": True}
 
 
 def _config(o: dict[str, Any]):
@@ -66,8 +70,10 @@ def _config(o: dict[str, Any]):
         ratio=o["ratio"] if o.get("ratio") is not None else 0.5, granularity=o["granularity"],
         profile=o.get("profile"), device=o["device"], target_latency_ms=o.get("target_latency"),
         search=upop.SearchConfig(epochs=o["search_epochs"], update_every=o.get("update_every"), lr=o["lr"],
-                                 seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"]),
-        retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"]))
+                                 seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"],
+                                 grad_accum=o["grad_accum"], max_steps=o.get("max_steps")),
+        retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"], grad_accum=o["grad_accum"],
+                                   max_steps=o.get("max_steps")))
     check_profile(cfg.profile)
     return cfg
 
@@ -102,7 +108,8 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
         with Reporter(interactive(quiet) and main) as rep:
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
                                    eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
-                                   checkpoint_every=o["checkpoint_every"])
+                                   checkpoint_every=o["checkpoint_every"], latency=_latency(o["latency"], cfg),
+                                   task_options={"workers": o.get("workers"), "cache_gb": o.get("cache_gb")})
             if main:
                 _save(result, out, partial, overwrite)
             finish_together()
@@ -123,6 +130,20 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
                               "to continue") from None
         raise
     return result
+
+
+def _latency(wanted: bool, cfg: Any) -> Any:
+    """PyTorch always; ONNX Runtime too when it is installed (the report then has both measurements)."""
+    if not wanted:
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return True
+    from upop.api import resolve_device
+    from upop.exporters.timing import ort_runtime
+
+    return {"ort": ort_runtime(resolve_device(cfg.device))}
 
 
 def _save(result: Any, out: Path, partial: Path, overwrite: bool) -> None:

@@ -20,7 +20,9 @@ def worker_args(command: str, options: dict[str, Any], switches: dict[str, bool]
     every switch that is on, each under its flag name (``batch_size`` → ``--batch-size``)."""
     args = [command]
     for name, value in options.items():
-        if value is not None:
+        if isinstance(value, bool):  # an on/off option: --name / --no-name
+            args.append(("--" if value else "--no-") + name.replace("_", "-"))
+        elif value is not None:
             args += ["--" + name.replace("_", "-"), str(value)]
     args += ["--" + name.replace("_", "-") for name, on in switches.items() if on]
     return args

@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
 COMPRESS_KEYS = {
     "model", "ratio", "task", "data", "granularity", "profile", "search_epochs", "retrain_epochs", "batch_size",
     "lr", "device", "seed", "out", "update_every", "eval_limit", "lambda_attn", "lambda_mlp", "target_latency",
-    "checkpoint_every",
+    "checkpoint_every", "grad_accum", "max_steps", "workers", "cache_gb", "latency",
 }
 
 
@@ -80,6 +80,11 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lambda_attn": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
     "lambda_mlp": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
     "checkpoint_every": ("an integer >= 0", at_least(0)),
+    "grad_accum": ("an integer >= 1", at_least(1)),
+    "max_steps": ("an integer >= 1", at_least(1)),
+    "workers": ("an integer >= 0", at_least(0)),
+    "cache_gb": ("a number of GiB >= 0", lambda v: _is_num(v) and v >= 0),
+    "latency": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 

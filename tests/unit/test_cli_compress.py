@@ -143,3 +143,36 @@ def test_the_installed_console_script_turns_errors_into_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error: model path") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+def test_scale_options_reach_the_run(tmp_path, monkeypatch):
+    """--grad-accum, --max-steps, --workers, --cache-gb and --no-latency are validated and handed to compress."""
+    import upop
+    from upop_cli.app import app as cli
+
+    seen = {}
+
+    def fake(model, cfg, **kw):
+        seen.update(cfg=cfg, **kw)
+        raise upop.ConfigError("stop here")
+
+    monkeypatch.setattr(upop, "compress", fake)
+    r = CliRunner().invoke(cli, ["compress", "--model", "demo-vit", "--ratio", "0.5", "--grad-accum", "4",
+                                 "--max-steps", "3", "--workers", "2", "--cache-gb", "0.5", "--no-latency",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "stop here" in r.output
+    assert seen["cfg"].search.grad_accum == seen["cfg"].retrain.grad_accum == 4
+    assert seen["cfg"].search.max_steps == seen["cfg"].retrain.max_steps == 3
+    assert seen["task_options"] == {"workers": 2, "cache_gb": 0.5} and seen["latency"] is False
+    for bad, name in ((["--grad-accum", "0"], "--grad-accum"), (["--workers", "-1"], "--workers"),
+                      (["--max-steps", "0"], "--max-steps"), (["--cache-gb", "-2"], "--cache-gb")):
+        r = CliRunner().invoke(cli, ["compress", "--model", "demo-vit", "--ratio", "0.5", *bad,
+                                     "--out", str(tmp_path / "o")])
+        assert r.exit_code == 2 and name in r.output, r.output
+
+
+def test_bool_options_reach_torchrun_workers_as_switches():
+    from upop_cli.launch import worker_args
+
+    assert worker_args("compress", {"latency": False, "ratio": 0.5, "workers": None}, {"quiet": True}) == \
+        ["compress", "--no-latency", "--ratio", "0.5", "--quiet"]
