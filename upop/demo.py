@@ -149,9 +149,11 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
             str(init_from), trust_remote_code=False)
         previous = json.loads((Path(init_from) / "upop_demo.json").read_text())
     elif spec.base is not None:
-        from .hub import load_pretrained
-
-        model = adapter.init_from(load_pretrained(spec.base).model)  # type: ignore[attr-defined]
+        base = DEMOS[spec.base]
+        # Read directly (not through upop.hub, which imports this module to find the demos).
+        source = get_adapter(base.family).model_class(base.class_name).from_pretrained(
+            str(demo_path(spec.base)), trust_remote_code=False)
+        model = adapter.init_from(source)  # type: ignore[attr-defined]
         # The tokenizer only ever gains words at its end: old ids keep their embeddings.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model.config.text_config.vocab_size = len(tokenizer)
