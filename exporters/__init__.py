@@ -10,15 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from upop.errors import UpopError
+from upop.errors import UnknownFormatError
 
 from .registry import _BACKENDS, register
 
 __all__ = ["UnknownFormatError", "formats", "get", "register"]
-
-
-class UnknownFormatError(UpopError):
-    pass
 
 
 def formats() -> list[str]:

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from upop.checkpoint import atomic_dir
-from upop.errors import UpopError
 from upop.safety import check_replace
 
 from .sessions import ort_session
 
 from .registry import register
+from upop.errors import ExportError, ParityError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 FP32_TOL = 1e-4
 #: Opsets the graphs are exported at: 14 is the lowest the attention and layer-norm graphs need here,
@@ -38,15 +38,6 @@ MIN_OPSET, MAX_OPSET = 14, 20
 FP16_TOL = 2e-2
 
 
-class ExportError(UpopError):
-    pass
-
-
-class ParityError(ExportError):
-    def __init__(self, graph: str, output: str, max_abs: float, tol: float, batch: int):
-        super().__init__(f"graph {graph}: output {output} differs from PyTorch by {max_abs:.3g} at batch {batch} "
-                         f"(tolerance {tol:.3g})")
-        self.graph, self.output, self.max_abs, self.tol, self.batch = graph, output, max_abs, tol, batch
 
 
 def check_opset(opset: Any) -> None:

@@ -13,14 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from upop.errors import UpopError
 from upop.safety import member
 
 from .sessions import ort_session
+from upop.errors import ExportFolderError  # noqa: F401  (defined with every error, raised and re-exported here)
 
-
-class ExportFolderError(UpopError):
-    pass
 
 
 def _session_errors() -> tuple[type[BaseException], ...]:

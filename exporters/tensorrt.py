@@ -26,14 +26,9 @@ from upop.errors import UpopError
 from upop.safety import check_replace
 
 from .registry import register
+from upop.errors import TensorRTUnavailable, TensorRTBuildError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 
-class TensorRTUnavailable(UpopError):
-    pass
-
-
-class TensorRTBuildError(UpopError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, UpopError
+from .errors import ConfigError
+from .errors import MaskDivergenceError, PeerLostError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 
-class MaskDivergenceError(UpopError):
-    """Ranks hold different masks: they would slim the model differently."""
-
-
-class PeerLostError(UpopError):
-    """A collective failed: another rank died or hung (torchrun restarts the group if allowed)."""
 
 
 @dataclass(frozen=True)

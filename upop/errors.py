@@ -32,3 +32,55 @@ class OutputError(UpopError):
 
 class OutputExistsError(OutputError, CheckpointError):
     """The output already exists (a ``CheckpointError`` too, as before it had its own class)."""
+
+
+# -- data, profiles, distribution --------------------------------------------------------------------
+
+class DataError(UpopError):
+    """Missing or malformed data."""
+
+
+class ProfileError(UpopError):
+    """A hardware profile file or name that cannot be used."""
+
+
+class ProfileMismatch(UpopError):
+    """A calibrated profile measured other blocks than this model has."""
+
+
+class MaskDivergenceError(UpopError):
+    """Ranks hold different masks: they would slim the model differently."""
+
+
+class PeerLostError(UpopError):
+    """A collective failed: another rank died or hung (torchrun restarts the group if allowed)."""
+
+
+# -- export and runtimes -------------------------------------------------------------------------------
+
+class ExportError(UpopError):
+    """A graph could not be exported or checked."""
+
+
+class ParityError(ExportError):
+    """An exported graph's output differs from PyTorch beyond the tolerance."""
+
+    def __init__(self, graph: str, output: str, max_abs: float, tol: float, batch: int):
+        super().__init__(f"graph {graph}: output {output} differs from PyTorch by {max_abs:.3g} at batch {batch} "
+                         f"(tolerance {tol:.3g})")
+
+
+class UnknownFormatError(UpopError):
+    """An export format no backend is registered for."""
+
+
+class TensorRTUnavailable(UpopError):
+    """TensorRT (or a CUDA GPU for it) is not installed here."""
+
+
+class TensorRTBuildError(UpopError):
+    """TensorRT could not parse, build or run an engine."""
+
+
+class ExportFolderError(UpopError):
+    """An export folder that is missing, damaged or from a newer format."""

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UpopError
+from .errors import ProfileError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 try:
     import tomllib
@@ -25,9 +25,6 @@ except ModuleNotFoundError:  # Python 3.10
 #: the package whose folder holds the shipped profile files
 SHIPPED = "upop.profiles"
 
-
-class ProfileError(UpopError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UpopError
 from .units import AttentionSpec, ModuleSpec
+from .errors import ProfileMismatch  # noqa: F401  (defined with every error, raised and re-exported here)
 
 
 def signature(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str, text_tokens: int) -> dict[str, Any]:
@@ -84,9 +84,6 @@ def _table_block(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: 
     raise ProfileMismatch(f"profile {profile.name} has no measured block for {spec.name} ({sig}); "
                           "calibrate it for this model")
 
-
-class ProfileMismatch(UpopError):
-    """A calibrated profile measured other blocks than this model has."""
 
 
 def _block_ms(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str, profile: Any, width: int) -> float:

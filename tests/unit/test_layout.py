@@ -176,3 +176,16 @@ def test_every_document_a_docstring_names_is_in_the_repository():
                 if Path(doc).name not in generated and not (ROOT / doc).is_file():
                     missing.append(f"{path.relative_to(ROOT)}: {doc}")
     assert not missing, missing
+
+
+def test_every_user_error_is_defined_in_the_one_error_module():
+    defined = []
+    for folder in ("upop", "upop_cli", "exporters", "profiles"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path == ROOT / "upop" / "errors.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and any(getattr(b, "id", "").endswith(("Error", "Mismatch"))
+                                                          for b in node.bases):
+                    defined.append(f"{path.relative_to(ROOT)}: {node.name}")
+    assert not defined, defined

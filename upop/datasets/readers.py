@@ -22,13 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import UpopError
+from ..errors import DataError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
-
-class DataError(UpopError):
-    """Missing or malformed data."""
 
 
 _ALLOW_OUTSIDE: ContextVar[bool] = ContextVar("upop_allow_outside_data", default=False)
