@@ -65,6 +65,7 @@ class HardwarePlan:
                "predicted_ms_after": predicted_ms_after}
         if self.target_ms is not None and predicted_ms_after is not None:
             out["target_met"] = predicted_ms_after <= self.target_ms * 1.0001
+            out["missed_by_ms"] = max(0.0, predicted_ms_after - self.target_ms)
         return out
 
 

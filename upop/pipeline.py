@@ -104,6 +104,7 @@ def setup_task(src: OpenedModel, task: str | None, data: str | Path | None, prep
         preprocessor = Preprocessor.from_pretrained(src.folder, **src.adapter.preprocessor_options(src.model))
     t = make_task(src.adapter, name, preprocessor, data, model=src.model, batch_size=batch_size, seed=seed,
                   **task_options)
+    t.check_images()  # a corrupt image stops the run now, not an hour into the search
     return TaskSetup(task=t, batches=t.train_batches(), loss_fn=t.loss, eval_fn=t.metric_fn("val", eval_limit),
                      report_fn=lambda m: t.evaluate(m, "test", eval_limit))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutputError
 from .safety import STATE_MARKER  # the marker that makes a state folder upop's own (only such a folder is cleared)
 
 STATE_VERSION = 1
@@ -109,8 +109,13 @@ class StateStore:
             # Whether upop made the folder: an empty one the user made is emptied of upop's files, not removed.
             (self.folder / STATE_MARKER).write_text(f"upop run state; created by upop: {'yes' if created else 'no'}\n")
         tmp = self.path.with_name(".state.pt.tmp")
-        torch.save({"config": self.config, "run": self.run, **state.to_dict()}, tmp)
-        os.replace(tmp, self.path)
+        try:
+            torch.save({"config": self.config, "run": self.run, **state.to_dict()}, tmp)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its stream writer
+            tmp.unlink(missing_ok=True)
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise OutputError(f"could not write the run's state to {self.path}: {first}") from None
 
     def load(self) -> RunState | None:
         if not self.path.is_file():

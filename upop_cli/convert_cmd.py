@@ -21,7 +21,6 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
     out_dir = Path(out)
     check("--head-dim", head_dim, "an integer >= 1", at_least(1))
     check_replace(out_dir, overwrite=overwrite, sources=[checkpoint])
-    check_head_dim(checkpoint, head_dim)
     model = convert_nlvr_checkpoint(checkpoint, head_dim=head_dim, enc_token_id=enc_token_id)
     model.config.architectures = [type(model).__name__]
     proc = None
@@ -39,14 +38,3 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
     note = "" if proc is not None else " (no processor copied: pass --processor with a BLIP folder or hub id)"
     Console().print(f"converted {checkpoint} → {out_dir}: {n:,} parameters{note}")
 
-
-def check_head_dim(checkpoint: str, head_dim: int) -> None:
-    """Both towers' widths must split into heads of ``head_dim`` (the weights are read once more here)."""
-    from upop.errors import ConfigError
-    from upop.models.convert import read_checkpoint
-
-    state = read_checkpoint(checkpoint)
-    for name, key, axis in (("vision", "visual_encoder.pos_embed", -1),
-                            ("text", "text_encoder.embeddings.word_embeddings.weight", 1)):
-        if key in state and int(state[key].shape[axis]) % head_dim:
-            raise ConfigError(f"--head-dim {head_dim} does not divide the {name} width {int(state[key].shape[axis])}")

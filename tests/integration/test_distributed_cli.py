@@ -177,7 +177,7 @@ def _environ(pid: int) -> bytes:
 
 @pytest.mark.parametrize("extra,message", [
     (("--nnodes", "2"), "--rdzv-endpoint"),
-    (("--checkpoint-every", "-1"), "checkpoint_every"),
+    (("--checkpoint-every", "-1"), "--checkpoint-every"),
 ])
 def test_launch_errors_are_one_line(setup, tmp_path, extra, message):
     res = subprocess.run(_cmd(setup, tmp_path / "o", "--search-epochs", "1", "--retrain-epochs", "0", *extra),

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .blip_nlvr import BlipNlvrConfig, BlipNlvrForVisualReasoning
 
 #: BLIP's tokenizer adds [DEC] then [ENC] after bert-base-uncased's 30522 tokens.
@@ -82,6 +82,9 @@ def config_from_state(state: dict[str, torch.Tensor], head_dim: int = 64,
     except KeyError as exc:
         raise CheckpointError(f"not a BLIP NLVR2 checkpoint: it has no {exc.args[0]}") from None
     v_hidden, t_hidden = int(pos.shape[-1]), int(words.shape[1])
+    for name, width in (("vision", v_hidden), ("text", t_hidden)):
+        if width % head_dim:
+            raise ConfigError(f"--head-dim {head_dim} does not divide the {name} width {width}")
     p = int(patch.shape[-1])
     grid = round((pos.shape[1] - 1) ** 0.5)
     v_layers = len({k.split(".")[2] for k in state if k.startswith("visual_encoder.blocks.")})

@@ -27,7 +27,7 @@ from ..data import (
     fill,
     make_loader,
 )
-from ..datasets.readers import DataError
+from ..datasets.readers import DataError, check_images
 
 _TASKS: dict[str, type["Task"]] = {}
 
@@ -81,11 +81,11 @@ class Preprocessor:
 
         errors = (OSError, ValueError, KeyError, TypeError)
         try:
-            img = transformers.AutoImageProcessor.from_pretrained(str(source))
+            img = transformers.AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
         except errors as exc:
             raise DataError(f"{source} has no usable image processor: {str(exc).splitlines()[0]}") from None
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(source))
+            tok = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         except errors:
             tok = None  # vision-only models (ViT, DeiT) have none; text tasks say so when they need it
         return cls(tok, img, **kw)
@@ -294,6 +294,24 @@ class Task:
         """The split's records (the first ``limit`` of them), read from the data folder."""
         recs = type(self).reader(find_annotation(self.data_dir, self.annotation, split), self.options.get("image_root"))
         return recs[:limit] if limit else recs
+
+    def image_paths(self, split: str) -> list[Path]:
+        """Every image the split's records name (both of a pair), for the check before a run."""
+        out: list[Path] = []
+        for r in self._records(split):
+            out.extend(r.images if hasattr(r, "images") else [r.image])
+        return out
+
+    def check_images(self, splits: Sequence[str] = ("train", "val", "test")) -> int:
+        """Opens the header of every image of the splits the data has, so a corrupt or truncated file stops
+        the run before the search (naming the file) rather than an hour into it. Returns the images checked."""
+        paths: list[Path] = []
+        for split in splits:
+            try:
+                paths += self.image_paths(split)
+            except DataError:  # a split the data does not have: the run says so where it needs it
+                continue
+        return check_images(paths)
 
     def on_device(self, batch: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         """A training batch on the model's device, its uint8 pixels normalised there."""

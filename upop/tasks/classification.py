@@ -37,6 +37,10 @@ class _ClassData(Task):
         return items, names
 
 
+    def image_paths(self, split: str) -> list[Path]:
+        return [path for path, _label in self._items(split, None, None)[0]]
+
+
 @register_task("classification")
 class Classification(_ClassData):
     def _classes(self, model: nn.Module | None) -> list[str] | None:
