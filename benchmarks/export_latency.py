@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import upop
 from upop.adapters import all_adapters
 from upop.exporters import get
+from upop.exporters.graphs import export_graphs
 from upop.exporters.timing import ort_session
 
 SEQ = 32
@@ -79,8 +80,8 @@ def main() -> None:
                 slim_dir = res.save(Path(tmp) / "slim", with_report=False)
                 get("onnx")(str(orig_dir), Path(tmp) / "orig-onnx")
                 get("onnx")(slim_dir, Path(tmp) / "slim-onnx")
-                orig_graphs = adapter.export_graphs(upop.hub.load_pretrained(str(orig_dir)).model.eval())
-                slim_graphs = adapter.export_graphs(upop.load(slim_dir))
+                orig_graphs = export_graphs(upop.hub.load_pretrained(str(orig_dir)).model.eval(), adapter)
+                slim_graphs = export_graphs(upop.load(slim_dir), adapter)
                 for go, gs in zip(orig_graphs, slim_graphs):
                     for b in args.batches:
                         fo, fs = graph_flops(go, b), graph_flops(gs, b)

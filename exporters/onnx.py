@@ -1,7 +1,7 @@
 """ONNX export of a slim checkpoint (or an unpruned model), checked against PyTorch in ONNX Runtime.
 
-Every graph the family's adapter names is exported with the TorchScript exporter, checked with
-``onnx.checker``, then run in ONNX Runtime at several batch sizes next to the PyTorch model:
+Every graph registered for the model's class (``graphs.py``) is exported with the TorchScript
+exporter, checked with ``onnx.checker``, then run in ONNX Runtime at several batch sizes next to the PyTorch model:
 max abs and relative error per output, and a typed error naming graph, output and tolerance
 when a check fails. ``--fp16`` adds FP16 graphs made by ONNX Runtime's maintained converter
 (``onnxruntime.transformers.float16``), checked with a looser, documented tolerance.
@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from upop.checkpoint import atomic_dir
+from upop.errors import ExportError, ParityError  # noqa: F401  (defined with every error, raised and re-exported here)
 from upop.safety import check_replace
 
-from .sessions import ort_session
-
+from .graphs import export_graphs
 from .registry import register
-from upop.errors import ExportError, ParityError  # noqa: F401  (defined with every error, raised and re-exported here)
+from .sessions import ort_session
 
 FP32_TOL = 1e-4
 #: Opsets the graphs are exported at: 14 is the lowest the attention and layer-norm graphs need here,
@@ -165,7 +165,7 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
     model = loaded.model.float().eval()
     if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", "eager") != "eager":
         model.set_attn_implementation("eager")
-    graphs = loaded.adapter.export_graphs(model)
+    graphs = export_graphs(model, loaded.adapter)
     manifest: dict[str, Any] = {
         "format": "onnx", "source": loaded.source, "source_sha256": _source_hash(loaded.source),
         "slim": loaded.slim, "family": loaded.adapter.family,

@@ -1,6 +1,6 @@
-"""Timing the exported runtimes: ONNX Runtime sessions and TensorRT engines.
+"""Timing the deployment graphs: in PyTorch, as ONNX Runtime sessions and as TensorRT engines.
 
-The core times PyTorch (``upop.latency``) and measures calibration tables through a timer it is
+The core holds the timing pieces (``upop.latency``) and measures calibration tables through a timer it is
 handed (``upop.calibrate.BlockTimer``); the runtimes it must not import live here, beside the
 exporters that make their graphs. ``block_timer`` gives calibration the timer of a runtime.
 """
@@ -19,10 +19,34 @@ from upop.errors import ConfigError
 from upop.latency import SEQ, Run, feed_shape, make_run, percentile, time_fn
 from upop.measure import Runtime
 
+from .graphs import export_graphs
 from .sessions import ort_session
 from .static_onnx import export_static_onnx
 
-__all__ = ["block_timer", "ort_runtime", "ort_session", "ort_timer", "profile_ort", "profile_trt", "trt_timer"]
+__all__ = ["block_timer", "ort_runtime", "ort_session", "ort_timer", "profile_ort", "profile_torch", "profile_trt",
+           "trt_timer"]
+
+
+def profile_torch(model: torch.nn.Module, adapter: Any, target: str, batches: Sequence[int], device: torch.device,
+                  precision: str = "fp32", warmup: int = 5, runs: int = 30) -> list[Run]:
+    """PyTorch latency of every deployment graph of ``model``, so it compares graph by graph with the runtimes."""
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 latency needs a CUDA device (--device cuda)")
+    model = model.eval().to(device)
+    if precision == "fp16":
+        model = model.half()
+    out = []
+    for graph in export_graphs(model, adapter):
+        for b in batches:
+            inputs = {k: v.to(device) for k, v in graph.make_inputs(b, SEQ).items()}
+            if precision == "fp16":
+                inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
+            with torch.inference_mode():
+                ms = time_fn(lambda: graph.module(*inputs.values()), warmup, runs, device.type == "cuda")
+            out.append(make_run(target, "torch", str(device), precision, graph.name, b, ms))
+    return out
 
 
 def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], device: str = "cpu",

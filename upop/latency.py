@@ -1,8 +1,9 @@
 """Latency on the machine at hand: every deployment graph, several batch sizes, p50/p90/p99.
 
 Warm-up runs first, then timed runs: CUDA events on a GPU (host timers would measure the launch,
-not the kernels), ``perf_counter`` on the CPU. This module times PyTorch; the exported runtimes
-(ONNX Runtime, TensorRT) are timed by ``upop.exporters.timing`` with the same ``Run`` rows.
+not the kernels), ``perf_counter`` on the CPU. This module holds the timing and the ``Run`` rows;
+the deployment graphs are defined with the exporters, so ``upop.exporters.timing`` times them
+(in PyTorch, ONNX Runtime and TensorRT) with these pieces.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-
-from .errors import ConfigError
 
 SEQ = 32
 #: dynamic axes that count items (the rest of the named axes count tokens: sequence, answer, past, total)
@@ -82,27 +81,6 @@ def make_run(target: str, runtime: str, device: str, precision: str, graph: str,
     p50 = percentile(ms, 0.5)
     return Run(target, runtime, device, precision, graph, batch, p50, percentile(ms, 0.9), percentile(ms, 0.99),
                1000.0 * batch / p50 if p50 > 0 else 0.0, provider)
-
-
-def profile_torch(model: torch.nn.Module, adapter: Any, target: str, batches: Sequence[int], device: torch.device,
-                  precision: str = "fp32", warmup: int = 5, runs: int = 30) -> list[Run]:
-    if precision not in ("fp32", "fp16"):
-        raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 latency needs a CUDA device (--device cuda)")
-    model = model.eval().to(device)
-    if precision == "fp16":
-        model = model.half()
-    out = []
-    for graph in adapter.export_graphs(model):
-        for b in batches:
-            inputs = {k: v.to(device) for k, v in graph.make_inputs(b, SEQ).items()}
-            if precision == "fp16":
-                inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
-            with torch.inference_mode():
-                ms = time_fn(lambda: graph.module(*inputs.values()), warmup, runs, device.type == "cuda")
-            out.append(make_run(target, "torch", str(device), precision, graph.name, b, ms))
-    return out
 
 
 def totals(runs: Sequence[Run]) -> dict[int, float]:

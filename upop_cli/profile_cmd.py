@@ -12,8 +12,7 @@ from .options import at_least, check
 
 def _profile(target: str, runtime: str, device: str, batches: list[int], precision: str, warmup: int, runs: int):
     from upop.api import _open, resolve_device
-    from upop.exporters.timing import profile_ort
-    from upop.latency import profile_torch
+    from upop.exporters.timing import profile_ort, profile_torch
 
     if runtime == "trt":
         from upop.exporters.timing import profile_trt

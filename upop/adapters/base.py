@@ -1,9 +1,16 @@
-"""What every family adapter provides, and the registry that picks one by ``model_type``."""
+"""What every family adapter provides, and the registry that picks one by ``model_type``.
+
+An adapter is the pruning contract of one family (its classes, compressible modules, size
+patching, example inputs and native loss) plus the task hooks its tasks call (``TaskHooks``).
+Two things that used to sit here live elsewhere: the deployment graphs per model class are
+with the exporters (``upop.exporters.graphs``), and the configs and processors for models built
+from scratch (the demo models, test fixtures) are in ``factories.py``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -49,11 +56,41 @@ def get_adapter(model_or_config: Any) -> "Adapter":
     return adapter
 
 
+class RetrievalHooks(Protocol):
+    """What retrieval and zero-shot tasks call to embed images and texts (and re-rank with ITM)."""
+
+    family: str
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
+
+    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class TaskHooks(RetrievalHooks, Protocol):
+    """Everything a task (``upop.tasks``) or the demo trainer may call on its family's adapter.
+
+    ``Adapter`` declares each one; a family without the capability raises a one-line error naming it.
+    """
+
+    tasks: dict[str, str]
+    classes: dict[str, str]
+
+    def preprocessor_options(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def init_from(self, source: nn.Module) -> nn.Module: ...
+
+
 class Adapter:
     """One model family: how to find its compressible modules and how to patch them after slimming.
 
     Subclasses name the model classes they handle (with the task each defaults to) and map
-    top-level submodules to towers. The core calls only the methods defined here.
+    top-level submodules to towers. The core calls only the methods defined here; the tasks call
+    the ``TaskHooks`` among them.
     """
 
     family: ClassVar[str]
@@ -119,7 +156,25 @@ class Adapter:
     def patch_mlp(self, model: nn.Module, spec: MLPSpec, width: int) -> None:
         """MLPs read their width from the Linear shapes; nothing to patch by default."""
 
-    # ---- what tasks need from a family --------------------------------------------------------
+    def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
+        """(query tokens, key/value tokens) a module sees at the reference shapes."""
+        if spec.tower == "vision":
+            t = self.image_tokens(model)
+            return t, t
+        if spec.role == "cross":
+            return text_tokens, self.image_tokens(model)
+        return text_tokens, text_tokens
+
+    def image_tokens(self, model: nn.Module) -> int:
+        cfg = getattr(model.config, "vision_config", model.config)
+        return (image_size_of(cfg) // int(cfg.patch_size)) ** 2 + 1
+
+    def module_items(self, model: nn.Module, spec: ModuleSpec) -> int:
+        """How many sequences a module runs on per example (a model that encodes two images runs its
+        vision tower on two): the latency model multiplies the batch by it, not the tokens."""
+        return 1
+
+    # ---- task hooks (``TaskHooks``): what the tasks in ``upop.tasks`` call ------------------------
     def preprocessor_options(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
@@ -130,42 +185,16 @@ class Adapter:
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.family} has no image-text embedding")
 
-    def image_tokens(self, model: nn.Module) -> int:
-        cfg = getattr(model.config, "vision_config", model.config)
-        return (image_size_of(cfg) // int(cfg.patch_size)) ** 2 + 1
+    def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """Image-text matching logits (no match, match) of each text against its image's token sequence."""
+        raise UnsupportedModelError(f"{self.family} has no image-text matching head")
 
-    def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
-        """(query tokens, key/value tokens) a module sees at the reference shapes."""
-        if spec.tower == "vision":
-            t = self.image_tokens(model)
-            return t, t
-        if spec.role == "cross":
-            return text_tokens, self.image_tokens(model)
-        return text_tokens, text_tokens
+    def init_from(self, source: nn.Module) -> nn.Module:
+        """A model of this family initialised from a model of another class (a demo that starts from another)."""
+        raise UnsupportedModelError(f"{self.family} models cannot be initialised from a {type(source).__name__}")
 
-    def module_items(self, model: nn.Module, spec: ModuleSpec) -> int:
-        """How many sequences a module runs on per example (a model that encodes two images runs its
-        vision tower on two): the latency model multiplies the batch by it, not the tokens."""
-        return 1
-
-    def export_graphs(self, model: nn.Module) -> list["ExportGraph"]:
-        """The graphs a deployment of this model needs (ONNX / TensorRT)."""
-        raise NotImplementedError(f"{self.family}: no export graphs")
-
-    def image_processor(self, size: int) -> Any:
-        """The family's (PIL) image processor at ``size`` px, normalised to [-1, 1]; for models built here."""
-        raise NotImplementedError
-
-    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
-                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
-        """A small trainable config (the demo models), with the tokenizer's special ids."""
-        raise NotImplementedError
-
-    # ---- synthetic inputs (tests, benchmarks, FLOP counting) --------------------------------
-    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
-                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
-        raise NotImplementedError
-
+    # ---- synthetic inputs (tests, benchmarks, FLOP counting, parity checks) ----------------------
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -239,27 +268,3 @@ class QKVOAdapter(Adapter):
         mod = model.get_submodule(spec.name)
         setattr(mod, self.heads_attr, num_heads)
         mod.head_dim = head_dim
-
-
-class ExportGraph:
-    """One graph of a deployment: a module wrapper, how to make its inputs, and its dynamic axes.
-
-    ``make_inputs(batch, seq)`` returns the named inputs (in the wrapper's argument order); axes
-    named "batch" and "sequence" are dynamic in the exported graph.
-    """
-
-    def __init__(self, name: str, module: nn.Module, make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
-                 outputs: list[str], dynamic: dict[str, dict[int, str]]):
-        self.name, self.module, self.make_inputs = name, module, make_inputs
-        self.outputs, self.dynamic = outputs, dynamic
-
-
-class Fn(nn.Module):
-    """Wraps a function of (model, *inputs) as a module, so a graph exports only what it needs."""
-
-    def __init__(self, model: nn.Module, fn: Callable[..., Any]):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        return self.fn(self.model, *args)

@@ -19,12 +19,38 @@ from ..models.blip_nlvr import (
     BlipNlvrTwinCrossAttention,
 )
 from ..units import ModuleSpec
-from .base import ExportGraph, Fn, image_size_of, rand_ids, rand_pixels, register
-from .blip import BlipAdapter
+from .base import image_size_of, rand_ids, rand_pixels, register
+from .blip import BlipAdapter, BlipModels
+
+
+class BlipNlvrModels(BlipModels):
+    """BLIP retrieval configs turned into reasoning configs."""
+
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        base = super().small_config("BlipForImageTextRetrieval", hidden=hidden, layers=layers, heads=heads,
+                                    image_size=image_size, patch_size=patch_size, vocab=vocab, token_ids=token_ids)
+        return self._as_nlvr(base)
+
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        # A wider vision tower (k/v input width differs from q's), and two layers: one that averages
+        # the branches and one that merges them.
+        base = super().random_config("BlipForImageTextRetrieval", hidden=hidden, layers=layers, heads=heads,
+                                     image_size=image_size, patch_size=patch_size, vocab=vocab)
+        return self._as_nlvr(base)
+
+    @staticmethod
+    def _as_nlvr(base: Any) -> BlipNlvrConfig:
+        data = base.to_dict()
+        for k in ("model_type", "architectures", "transformers_version"):
+            data.pop(k, None)
+        data["text_config"]["encoder_hidden_size"] = base.vision_config.hidden_size
+        return BlipNlvrConfig(**data)
 
 
 @register
-class BlipNlvrAdapter(BlipAdapter):
+class BlipNlvrAdapter(BlipAdapter, BlipNlvrModels):
     family = "blip_nlvr"
     model_types = ("blip_nlvr",)
     classes = {"BlipNlvrForVisualReasoning": "nlvr"}
@@ -51,45 +77,7 @@ class BlipNlvrAdapter(BlipAdapter):
         """A reasoning model initialised from an HF BLIP retrieval model."""
         return BlipNlvrForVisualReasoning.from_retrieval(source)
 
-    # ---- export ----------------------------------------------------------------------------------
-    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
-        size = image_size_of(model.config.vision_config)
-        vocab = model.config.text_config.vocab_size
-
-        def inputs(b: int, s: int) -> dict[str, torch.Tensor]:
-            return {"pixel_values": torch.randn(b, 2, 3, size, size), "input_ids": torch.randint(1, vocab - 2, (b, s)),
-                    "attention_mask": torch.ones(b, s, dtype=torch.long)}
-
-        def run(m: nn.Module, px: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-            return m(pixel_values=px, input_ids=ids, attention_mask=am).logits
-
-        return [ExportGraph("reasoning", Fn(model, run), inputs, ["logits"],
-                            {"pixel_values": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"},
-                             "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}})]
-
-    # ---- configs and synthetic inputs ----------------------------------------------------------------
-    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
-                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
-        base = super().small_config("BlipForImageTextRetrieval", hidden=hidden, layers=layers, heads=heads,
-                                    image_size=image_size, patch_size=patch_size, vocab=vocab, token_ids=token_ids)
-        return self._as_nlvr(base)
-
-    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
-                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
-        # A wider vision tower (k/v input width differs from q's), and two layers: one that averages
-        # the branches and one that merges them.
-        base = super().random_config("BlipForImageTextRetrieval", hidden=hidden, layers=layers, heads=heads,
-                                     image_size=image_size, patch_size=patch_size, vocab=vocab)
-        return self._as_nlvr(base)
-
-    @staticmethod
-    def _as_nlvr(base: Any) -> BlipNlvrConfig:
-        data = base.to_dict()
-        for k in ("model_type", "architectures", "transformers_version"):
-            data.pop(k, None)
-        data["text_config"]["encoder_hidden_size"] = base.vision_config.hidden_size
-        return BlipNlvrConfig(**data)
-
+    # ---- synthetic inputs ----------------------------------------------------------------------------
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         dev = next(model.parameters()).device

@@ -9,18 +9,52 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessorPil
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from .base import NORM_HALF, ExportGraph, Fn, QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
+from .base import NORM_HALF, QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
+from .factories import ModelFactory
+
+
+class CLIPModels(ModelFactory):
+    """CLIP configs and processor for models built here: two towers of one size, projected to it."""
+
+    config_cls: Any = CLIPConfig
+
+    def image_processor(self, size: int) -> Any:
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                     **NORM_HALF)
+
+    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
+                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
+        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden)
+        ids = {k: v for k, v in token_ids.items() if k != "sep_token_id"}
+        return self.config_cls(text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **ids),
+                               vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+                               **self._joint_kwargs(hidden))
+
+    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
+        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=2 * hidden)
+        return self.config_cls(
+            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0,
+                             bos_token_id=vocab - 2, eos_token_id=vocab - 1),
+            vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+            **self._joint_kwargs(hidden),
+        )
+
+    def _joint_kwargs(self, hidden: int) -> dict[str, Any]:
+        """Config keys outside the two towers (CLIP projects both to a shared width)."""
+        return {"projection_dim": hidden}
 
 
 @register
-class CLIPAdapter(QKVOAdapter):
+class CLIPAdapter(QKVOAdapter, CLIPModels):
     family = "clip"
     model_types = ("clip",)
     classes = {"CLIPModel": "retrieval"}
     tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}
     towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
               "text_projection": "text"}
-    config_cls: Any = CLIPConfig
 
     @staticmethod
     def attention_classes() -> tuple[type, ...]:
@@ -37,58 +71,6 @@ class CLIPAdapter(QKVOAdapter):
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(model.text_projection(pooled), dim=-1)
-
-    def image_processor(self, size: int) -> Any:
-        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                     **NORM_HALF)
-
-    def small_config(self, class_name: str, *, hidden: int, layers: int, heads: int, image_size: int,
-                     patch_size: int, vocab: int, token_ids: dict[str, int], num_labels: int = 2) -> Any:
-        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=4 * hidden)
-        ids = {k: v for k, v in token_ids.items() if k != "sep_token_id"}
-        return self.config_cls(text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, **ids),
-                               vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
-                               **self._joint_kwargs(hidden))
-
-    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
-        size = image_size_of(model.config.vision_config)
-        vocab = model.config.text_config.vocab_size
-
-        def pixels(b: int, s: int) -> dict[str, torch.Tensor]:
-            return {"pixel_values": torch.randn(b, 3, size, size)}
-
-        def text(b: int, s: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": torch.randint(1, vocab, (b, s)), "attention_mask": torch.ones(b, s, dtype=torch.long)}
-
-        tdyn = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-        return [
-            ExportGraph("image_encoder", Fn(model, lambda m, px: self.encode_image(m, px)[1]), pixels,
-                        ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
-            ExportGraph("text_encoder", Fn(model, lambda m, ids, am: self.encode_text(m, ids, am)), text,
-                        ["text_embeds"], {**tdyn, "text_embeds": {0: "batch"}}),
-            ExportGraph("joint", Fn(model, lambda m, px, ids, am: m(pixel_values=px, input_ids=ids,
-                                                                     attention_mask=am).logits_per_image),
-                        lambda b, s: {**pixels(b, s), **text(b, s)}, ["logits_per_image"],
-                        {"pixel_values": {0: "images"}, "input_ids": {0: "texts", 1: "sequence"},
-                         "attention_mask": {0: "texts", 1: "sequence"},
-                         "logits_per_image": {0: "images", 1: "texts"}}),
-        ]
-
-    def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
-                      image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
-        tower = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden)
-        return self.config_cls(
-            text_config=dict(tower, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0,
-                             bos_token_id=vocab - 2, eos_token_id=vocab - 1),
-            vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
-            **self._joint_kwargs(hidden),
-        )
-
-    def _joint_kwargs(self, hidden: int) -> dict[str, Any]:
-        """Config keys outside the two towers (CLIP projects both to a shared width)."""
-        return {"projection_dim": hidden}
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -9,17 +9,22 @@ from transformers import DeiTConfig
 from transformers.models.deit.modeling_deit import DeiTAttention, DeiTMLP
 
 from .base import register
-from .vit import ViTAdapter
+from .vit import ViTAdapter, ViTModels
+
+
+class DeiTModels(ViTModels):
+    """ViT's configs, with DeiT's config class."""
+
+    config_cls: Any = DeiTConfig
 
 
 @register
-class DeiTAdapter(ViTAdapter):
+class DeiTAdapter(ViTAdapter, DeiTModels):
     family = "deit"
     model_types = ("deit",)
     # The distilled "WithTeacher" class is inference-only (no loss), so it cannot be retrained here.
     classes = {"DeiTForImageClassification": "classification"}
     towers = {"deit": "vision", "classifier": "head", "distillation_classifier": "head"}
-    config_cls: Any = DeiTConfig
 
     def image_tokens(self, model: nn.Module) -> int:
         return super().image_tokens(model) + 1  # the distillation token

@@ -15,16 +15,27 @@ from transformers import SiglipConfig, SiglipImageProcessorPil
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
 from .base import NORM_HALF, register
-from .clip import CLIPAdapter
+from .clip import CLIPAdapter, CLIPModels
+
+
+class SiglipModels(CLIPModels):
+    """CLIP's configs with SigLIP's config class and processor, and no projections."""
+
+    config_cls: Any = SiglipConfig
+
+    def image_processor(self, size: int) -> Any:
+        return SiglipImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
+
+    def _joint_kwargs(self, hidden: int) -> dict[str, Any]:
+        return {}  # no projections: the towers' pooled outputs are compared directly
 
 
 @register
-class SiglipAdapter(CLIPAdapter):
+class SiglipAdapter(CLIPAdapter, SiglipModels):
     family = "siglip"
     model_types = ("siglip",)
     classes = {"SiglipModel": "retrieval"}
     towers = {"vision_model": "vision", "text_model": "text"}
-    config_cls: Any = SiglipConfig
 
     @staticmethod
     def attention_classes() -> tuple[type, ...]:
@@ -33,9 +44,6 @@ class SiglipAdapter(CLIPAdapter):
     @staticmethod
     def mlp_classes() -> tuple[type, ...]:
         return (SiglipMLP,)
-
-    def image_processor(self, size: int) -> Any:
-        return SiglipImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
 
     def preprocessor_options(self, model: nn.Module) -> dict[str, Any]:
         # SigLIP pools the last token, so it was trained on text padded to its full length.
@@ -47,6 +55,3 @@ class SiglipAdapter(CLIPAdapter):
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(pooled, dim=-1)
-
-    def _joint_kwargs(self, hidden: int) -> dict[str, Any]:
-        return {}  # no projections: the towers' pooled outputs are compared directly

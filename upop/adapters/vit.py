@@ -9,44 +9,21 @@ from torch import nn
 from transformers import ViTConfig, ViTImageProcessorPil
 from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
 
-from .base import NORM_HALF, ExportGraph, Fn, QKVOAdapter, image_size_of, rand_pixels, register
+from .base import NORM_HALF, QKVOAdapter, image_size_of, rand_pixels, register
+from .factories import ModelFactory
 
 
-@register
-class ViTAdapter(QKVOAdapter):
-    family = "vit"
-    model_types = ("vit",)
-    classes = {"ViTForImageClassification": "classification"}
-    tasks = {"classification": "classification"}
-    towers = {"vit": "vision", "classifier": "head"}
-    o_name = "o_proj"
-    heads_attr = "num_attention_heads"
+class ViTModels(ModelFactory):
+    """ViT configs and processor for models built here (test models have five classes)."""
+
     config_cls: Any = ViTConfig
     num_labels = 5
-
-    @staticmethod
-    def attention_classes() -> tuple[type, ...]:
-        return (ViTAttention,)
-
-    @staticmethod
-    def mlp_classes() -> tuple[type, ...]:
-        return (ViTMLP,)
 
     def random_config(self, class_name: str, hidden: int = 32, layers: int = 2, heads: int = 4,
                       image_size: int = 32, patch_size: int = 8, vocab: int = 99) -> Any:
         return self.config_cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                intermediate_size=2 * hidden, image_size=image_size, patch_size=patch_size,
                                num_labels=self.num_labels)
-
-    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
-                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        dev = next(model.parameters()).device
-        return {"pixel_values": rand_pixels(batch_size, image_size_of(model.config), generator, dev)}
-
-    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Labels from the batch position: deterministic, and enough to give every unit a gradient.
-        labels = torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)
-        return model(**batch, labels=labels % model.config.num_labels).loss
 
     def image_processor(self, size: int) -> Any:
         return ViTImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
@@ -57,12 +34,34 @@ class ViTAdapter(QKVOAdapter):
                                intermediate_size=4 * hidden, image_size=image_size, patch_size=patch_size,
                                num_labels=num_labels)
 
-    def export_graphs(self, model: nn.Module) -> list[ExportGraph]:
-        size = image_size_of(model.config)
-        return [ExportGraph(
-            "classifier", Fn(model, lambda m, px: m(pixel_values=px).logits),
-            lambda b, s: {"pixel_values": torch.randn(b, 3, size, size)},
-            ["logits"], {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})]
+
+@register
+class ViTAdapter(QKVOAdapter, ViTModels):
+    family = "vit"
+    model_types = ("vit",)
+    classes = {"ViTForImageClassification": "classification"}
+    tasks = {"classification": "classification"}
+    towers = {"vit": "vision", "classifier": "head"}
+    o_name = "o_proj"
+    heads_attr = "num_attention_heads"
+
+    @staticmethod
+    def attention_classes() -> tuple[type, ...]:
+        return (ViTAttention,)
+
+    @staticmethod
+    def mlp_classes() -> tuple[type, ...]:
+        return (ViTMLP,)
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dev = next(model.parameters()).device
+        return {"pixel_values": rand_pixels(batch_size, image_size_of(model.config), generator, dev)}
+
+    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Labels from the batch position: deterministic, and enough to give every unit a gradient.
+        labels = torch.arange(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)
+        return model(**batch, labels=labels % model.config.num_labels).loss
 
     def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"logits": model(**batch).logits}

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import upop
 from upop.adapters import get_adapter
 from upop.exporters import get
+from upop.exporters.graphs import export_graphs
 from upop.exporters.onnx import ExportError, ParityError, check_parity
 from upop.exporters.runtime import OrtModel
 from upop_cli.app import app
@@ -80,7 +81,7 @@ def test_greedy_loop_over_ort_graphs_matches_generate(class_name, tmp_path):
 def test_parity_failure_is_a_typed_error_naming_graph_output_and_tolerance(tmp_path):
     _res, slim = _slim("vit", "ViTForImageClassification", tmp_path)
     get("onnx")(slim, tmp_path / "onnx")
-    graph = get_adapter("vit").export_graphs(upop.load(slim))[0]
+    graph = export_graphs(upop.load(slim), get_adapter("vit"))[0]
     with torch.no_grad():
         graph.module.model.classifier.bias.add_(1.0)  # PyTorch now differs from the exported graph
     with pytest.raises(ParityError, match=r"graph classifier: output logits differs .* \(tolerance 0.0001\)"):
