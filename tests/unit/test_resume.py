@@ -79,10 +79,14 @@ def test_sigint_to_a_running_compress_then_resume(tmp_path):
     model, data = vit_run_folder(tmp_path)
     exe = os.path.join(os.path.dirname(sys.executable), "upop")
     cmd = [exe, "compress", "--model", str(model), "--ratio", "0.5", "--data", str(data), "--batch-size", "4",
-           "--search-epochs", "1000", "--retrain-epochs", "1", "--out", str(tmp_path / "out"), "--quiet"]
+           "--search-epochs", "300", "--retrain-epochs", "1", "--checkpoint-every", "10", "--no-latency",
+           "--out", str(tmp_path / "out"), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "out.partial"
-    time.sleep(8)
+    # Interrupt once the search is under way (its first checkpoint is written), however slow the machine.
+    deadline = time.monotonic() + 300
+    while not (partial / "state.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
