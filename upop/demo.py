@@ -153,7 +153,7 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
         # Read directly (not through upop.hub, which imports this module to find the demos).
         source = get_adapter(base.family).model_class(base.class_name).from_pretrained(
             str(demo_path(spec.base)), trust_remote_code=False)
-        model = adapter.init_from(source)  # type: ignore[attr-defined]
+        model = adapter.init_from(source)
         # The tokenizer only ever gains words at its end: old ids keep their embeddings.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model.config.text_config.vocab_size = len(tokenizer)
