@@ -58,5 +58,9 @@ def source_or_latest(given: str | None, command: str) -> str:
     if given:
         return given
     path = read_latest(command)
+    try:  # upop-out/demo-blip-p0.5 rather than the absolute path, when it lies under the current folder
+        path = path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
     print(f"using the last compress output: {path}", file=sys.stderr)
     return str(path)
