@@ -49,20 +49,69 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep in name and name.count(os.sep) > 1
 
 
+_PROBED: dict[str, bool] = {}
+
+
+def _offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+
+
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the hub answers at all. Without it, huggingface_hub retries for ~20 s before failing;
-    we go straight to the local cache instead (and an uncached id fails at once)."""
+    """Whether the hub answers at all, probed once per process and endpoint. Without it,
+    huggingface_hub retries with back-off for minutes before failing; we go straight to the local cache
+    instead (and an uncached id fails at once)."""
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false"):
+    if _offline_env():
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _PROBED:
+        url = urlparse(endpoint)
+        try:
+            with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+                _PROBED[endpoint] = True
+        except OSError:
+            _PROBED[endpoint] = False
+    return _PROBED[endpoint]
+
+
+def needs_hub(name: str | os.PathLike[str] | None) -> bool:
+    """Whether opening ``name`` may need the hub: not for a demo name, nor for a local path."""
+    from .demo import is_demo
+
+    if name is None or str(name) == "":
+        return False
+    name = str(name)
+    if is_demo(name) or Path(name).expanduser().exists() or _looks_like_path(name):
+        return False
+    return True
+
+
+def go_offline() -> None:
+    """The rest of this process reads the local Hugging Face cache only: no request, no retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return
+    constants.HF_HUB_OFFLINE = True
+    import sys
+
+    hub_utils = sys.modules.get("transformers.utils.hub")  # older transformers read the flag once, at import
+    if hub_utils is not None and hasattr(hub_utils, "_is_offline_mode"):
+        hub_utils._is_offline_mode = True
+
+
+def network_rule(*names: str | os.PathLike[str] | None) -> bool:
+    """The one rule of every command that opens models: demo names and local folders never touch the
+    network; a hub id (or alias) probes the hub once, and without an answer the process reads the local
+    cache only, so an id that is not cached fails at once instead of after minutes of retries.
+    Returns whether the hub may be used."""
+    if any(needs_hub(ALIASES.get(str(n), n) if n is not None else None) for n in names) and hub_reachable():
+        return True
+    go_offline()
+    return False
 
 
 def load_config(source: str) -> Any:
@@ -113,13 +162,15 @@ def load_pretrained(name: str, task: str | None = None) -> Loaded:
         class_name = next(iter(adapter.classes))
     cls = adapter.model_class(class_name)
     path = Path(source).expanduser()
+    local_only = path.exists() or not hub_reachable()  # probed once: load_config asked already
     try:
         model = cls.from_pretrained(str(path) if path.exists() else source,  # type: ignore[attr-defined]
-                                    trust_remote_code=False)
+                                    trust_remote_code=False, local_files_only=local_only)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the weights of {name}: {first}") from None
-    return Loaded(model=model, adapter=adapter, processor=load_processor(str(path) if path.exists() else source),
+    return Loaded(model=model, adapter=adapter,
+                  processor=load_processor(str(path) if path.exists() else source, local_only=local_only),
                   source=source)
 
 
@@ -135,13 +186,16 @@ class Preprocessing:
             part.save_pretrained(out_dir)
 
 
-def load_processor(source: str) -> Any | None:
-    """The model folder's own processor (image processor and tokenizer), or None when it has none."""
+def load_processor(source: str, local_only: bool | None = None) -> Any | None:
+    """The model folder's own processor (image processor and tokenizer), or None when it has none.
+    ``local_only`` (default: when ``source`` is a local folder) reads no file from the hub."""
     import transformers
 
+    if local_only is None:
+        local_only = Path(source).expanduser().exists()
     errors = (OSError, ValueError, KeyError, TypeError, AttributeError)
     try:
-        proc = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        proc = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
         if isinstance(proc, transformers.ProcessorMixin):
             return proc
     except errors:
@@ -151,7 +205,7 @@ def load_processor(source: str) -> Any | None:
     parts = []
     for auto in (transformers.AutoImageProcessor, transformers.AutoTokenizer):
         try:
-            parts.append(auto.from_pretrained(source, trust_remote_code=False))
+            parts.append(auto.from_pretrained(source, trust_remote_code=False, local_files_only=local_only))
         except errors:
             pass
     return None if not parts else parts[0] if len(parts) == 1 else Preprocessing(parts)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from upop.errors import ConfigError
 
@@ -32,6 +33,7 @@ TaskOpt = typer.Option(None, "--task", help="retrieval | caption | vqa | classif
 DataOpt = typer.Option(None, "--data", help="Data folder (default for demo models: the built-in shapes set).")
 DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
+JsonOpt = typer.Option(False, "--json", help="Print only the machine-readable result on stdout (the rest on stderr).")
 OutsideOpt = typer.Option(False, "--allow-outside-data",
                           help="Read annotation image paths that leave the data folder (.., absolute paths).")
 
@@ -105,6 +107,7 @@ def compress(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     allow_outside_data: bool = OutsideOpt,
     quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Search, slim and retrain a model with UPop; write the slim checkpoint and a report.
 
@@ -131,12 +134,12 @@ def compress(
                 raise ConfigError("this process was already started by torchrun: drop --nproc/--nnodes/--max-restarts")
             worker = worker_args("compress", {**flags, "config": config},
                                  {"overwrite": overwrite, "resume": resume, "quiet": quiet,
-                                  "allow_outside_data": allow_outside_data})
+                                  "allow_outside_data": allow_outside_data, "json": as_json})
             raise typer.Exit(launch(torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts, worker)))
 
         guarded(start)
         return
-    guarded(lambda: run(flags, config, overwrite, quiet, resume, allow_outside_data))
+    guarded(lambda: run(flags, config, overwrite, quiet, resume, allow_outside_data, as_json))
 
 
 @app.command("eval")
@@ -176,7 +179,8 @@ def inspect(
 
 @app.command("export")
 def export(
-    source: str = typer.Argument(..., help="Slim checkpoint folder, or a model (folder, hub id, alias) to export as is."),
+    source: Optional[str] = typer.Argument(None, help="Slim checkpoint folder, or a model (folder, hub id, alias) to "
+                                                      "export as is (default: the last upop compress output)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-export/<name>-<format>)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT)."),
@@ -184,14 +188,15 @@ def export(
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14..20."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Export the graphs a deployment needs, each checked against PyTorch.
 
-    Example: upop export upop-out/demo-blip-p0.5 --format onnx --fp16
+    Example: upop export upop-out/demo-blip-p0.5 --format onnx --fp16 (no path: the last compress output)
     """
     from .export_cmd import run
 
-    guarded(lambda: run(source, fmt, out, fp16, batch, opset, overwrite, quiet))
+    guarded(lambda: run(source, fmt, out, fp16, batch, opset, overwrite, quiet, as_json))
 
 
 @app.command()
@@ -230,22 +235,42 @@ def convert_nlvr(
     guarded(lambda: run_convert_nlvr(checkpoint, out, processor, head_dim, enc_token_id, overwrite))
 
 
-@app.command()
+class _JsonValueOptional(TyperCommand):
+    """``--json`` alone prints the result on stdout (as on every other command); ``--json FILE`` writes
+    FILE, as it always did. Typer's parser has no option whose value may be left out, so ``--json`` at
+    the end or before another option is given the value ``-`` (stdout) here."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            if a == "--json" and (i + 1 == len(args) or (args[i + 1].startswith("-") and args[i + 1] != "-")):
+                args.insert(i + 1, "-")
+                break
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_JsonValueOptional)
 def profile(
-    target: str = typer.Argument(..., help="Model, slim checkpoint, or ONNX export folder."),
+    target: Optional[str] = typer.Argument(None, help="Model, slim checkpoint, or ONNX export folder (default: the "
+                                                      "last upop compress output)."),
     runtime: str = typer.Option("torch", "--runtime", help="torch | ort | trt"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch size (repeat for several)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16"),
     compare: Optional[str] = typer.Option(None, "--compare", help="Another target; prints the speedup over it."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {runs: [...], speedup: x} here."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="[FILE]",
+                                           help="{runs: [...], speedup: x}: alone on stdout (--json), or written "
+                                                "to FILE (--json FILE)."),
     warmup: int = typer.Option(5, "--warmup"),
     runs: int = typer.Option(30, "--runs"),
     quiet: bool = QuietOpt,
 ) -> None:
     """Measure latency (p50/p90/p99, throughput) of every deployment graph on this machine.
 
-    Example: upop profile upop-out/demo-blip-p0.5 --compare demo-blip --batch 1 --batch 8
+    Example: upop profile upop-out/demo-blip-p0.5 --compare demo-blip --batch 1 --batch 8 (no path: the last
+    compress output)
     """
     from .profile_cmd import run
 

@@ -1,19 +1,18 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from upop.datasets.readers import outside_data_allowed
 
 from .options import check_values, merge, read_toml
 from .errors import Interrupted
+from .out import console, print_json
 from .progress import Reporter, interactive
 
 
@@ -23,7 +22,7 @@ def default_out(model: str, value: float, kind: str = "p") -> Path:
 
 
 def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool, resume: bool = False,
-        allow_outside_data: bool = False) -> None:
+        allow_outside_data: bool = False, as_json: bool = False) -> None:
     from upop.distributed import env_rank
     from upop.errors import ConfigError
 
@@ -37,10 +36,14 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
                                                               else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
     main = env_rank() == 0  # under torchrun only rank 0 draws, writes, locks and prints
+    from upop.hub import network_rule
+
+    network_rule(model)  # one probe of the hub at most; demos and local folders never touch it
     with _output_guard(out, model, o.get("data"), overwrite, main) as partial, outside_data_allowed(allow_outside_data):
-        result = _compress(model, cfg, o, out, partial, overwrite, quiet, resume, main)
-    if main and not quiet:
-        _tell(result.report, out)
+        result = _compress(model, cfg, o, out, partial, overwrite, quiet, resume, main, as_json)
+    if main:
+        _record_latest(out, model)
+        _tell(result.report, out, quiet, as_json)
 
 
 def _defaults(model: str) -> dict[str, Any]:
@@ -100,12 +103,12 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
 
 
 def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path, overwrite: bool, quiet: bool,
-              resume: bool, main: bool) -> Any:
+              resume: bool, main: bool, as_json: bool = False) -> Any:
     import upop
     from upop.distributed import env_rank
 
     try:
-        with Reporter(interactive(quiet) and main) as rep:
+        with Reporter(interactive(quiet, as_json) and main) as rep:
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
                                    eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
                                    checkpoint_every=o["checkpoint_every"], latency=_latency(o["latency"], cfg),
@@ -159,12 +162,24 @@ def _save(result: Any, out: Path, partial: Path, overwrite: bool) -> None:
         raise OutputError(f"could not write {out}: {reason}{kept}") from None
 
 
-def _tell(report: Any, out: Path) -> None:
-    note = latency_note(report)
-    if sys.stdout.isatty():
-        print_summary(report, out)
-    elif note:
-        typer.echo(note, err=True)
+def _record_latest(out: Path, model: str) -> None:
+    """``latest.json`` in the output root, for ``upop export`` / ``upop profile`` with no path. The run
+    itself succeeded: a record that cannot be written is a warning, not a failure."""
+    from .latest import write_latest
+
+    try:
+        write_latest(out, model)
+    except OSError as exc:
+        typer.echo(f"warning: could not record {out} as the last compress output: {exc.strerror or exc}", err=True)
+
+
+def _tell(report: Any, out: Path, quiet: bool = False, as_json: bool = False) -> None:
+    """The summary table and the output paths, on a terminal or in a log alike (plain text off a
+    terminal); under ``--json`` the report alone on stdout and the summary on stderr; ``--quiet``: nothing."""
+    if as_json:
+        print_json({**report.to_dict(), "out": str(out.resolve())})
+    if not quiet:
+        print_summary(report, out, stderr=as_json)
 
 
 def latency_note(report: Any) -> str | None:
@@ -191,10 +206,10 @@ def finish_together() -> None:
 
 
 
-def print_summary(report: Any, out: Path) -> None:
+def print_summary(report: Any, out: Path, stderr: bool = False) -> None:
     from upop.report import run_lines, summary_rows
 
-    console = Console()
+    con = console(stderr=stderr)
     table = Table(title=f"{report.model} → {out}  (ratio {report.ratio}, {report.granularity}, "
                         f"{report.seconds:.0f} s)")
     for col in ("", "before", "after", "after/before"):
@@ -202,8 +217,9 @@ def print_summary(report: Any, out: Path) -> None:
     for row in summary_rows(report):
         table.add_row(*row)
     table.caption = "; ".join(line[2:] for line in run_lines(report)) or None
-    console.print(table)
+    con.print(table)
     note = latency_note(report)
     if note:
-        console.print(f"[bold red]{note}[/bold red]")
-    console.print(f"report: {out / 'report.md'}   picture: {out / 'compression.png'}")
+        con.print(f"[bold red]{note}[/bold red]")
+    con.print(f"slim checkpoint: {out}   report: {out / 'report.md'}   picture: {out / 'compression.png'}",
+              soft_wrap=True)

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 from .options import at_least, check
+from .out import console
 
 
 def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim: int, enc_token_id: int | None,
                      overwrite: bool) -> None:
-    from rich.console import Console
-
     from upop.checkpoint import atomic_dir
     from upop.errors import ModelLoadError
     from upop.models.convert import convert_nlvr_checkpoint
@@ -25,6 +24,9 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
     model.config.architectures = [type(model).__name__]
     proc = None
     if processor is not None:
+        from upop.hub import network_rule
+
+        network_rule(processor)
         proc = Preprocessor.from_pretrained(processor)  # its image processor and tokenizer, each checked
         if proc.tokenizer is None:
             raise ModelLoadError(f"{processor} has no tokenizer to copy")
@@ -36,5 +38,5 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
         (tmp / CONVERT_MARKER).write_text(json.dumps({"converted_from": str(checkpoint), "head_dim": head_dim}))
     n = sum(p.numel() for p in model.parameters())
     note = "" if proc is not None else " (no processor copied: pass --processor with a BLIP folder or hub id)"
-    Console().print(f"converted {checkpoint} → {out_dir}: {n:,} parameters{note}")
+    console().print(f"converted {checkpoint} → {out_dir}: {n:,} parameters{note}")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
+from .out import console
 from rich.table import Table
 
 from .options import at_least, check
@@ -16,7 +16,10 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
 
     check("--batch-size", batch_size, "an integer >= 1", at_least(1))
     check("--limit", limit, "an integer >= 1", at_least(1))
+    from upop.hub import network_rule
+
     dev = resolve_device(device)
+    network_rule(model)
     src = _open(model, task)
     src.model.to(dev)
     with outside_data_allowed(allow_outside_data):
@@ -32,7 +35,7 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     for k, v in metrics.items():
         if k != "primary":
             table.add_row(k, f"{v:.2f}")
-    Console().print(table)
+    console().print(table)
 
 
 def run_datasets_shapes(out: Path, train: int, val: int, test: int, seed: int, image_size: int, quiet: bool) -> None:
@@ -49,4 +52,4 @@ def run_datasets_shapes(out: Path, train: int, val: int, test: int, seed: int, i
         raise OutputExistsError(f"{out} exists and is not empty; choose another --out")
     shapes(out, train=train, val=val, test=test, seed=seed, image_size=image_size)
     if not quiet:
-        Console().print(f"wrote the shapes set to {out} (train {train}, val {val}, test {test}, seed {seed})")
+        console().print(f"wrote the shapes set to {out} (train {train}, val {val}, test {test}, seed {seed})")

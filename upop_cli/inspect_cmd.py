@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
+from .out import console
 from rich.table import Table
 
 
@@ -12,6 +12,9 @@ def run(slim_dir: str, json_out: bool) -> None:
     from upop.checkpoint import read_manifest
     from upop.flops import flops_per_tower, params_per_tower
 
+    from upop.hub import network_rule
+
+    network_rule(slim_dir)
     manifest = read_manifest(slim_dir)
     model = upop.load(slim_dir)
     adapter = get_adapter(model)
@@ -31,18 +34,18 @@ def run(slim_dir: str, json_out: bool) -> None:
         print(json.dumps({"family": manifest["family"], "model_class": manifest["model_class"],
                           "modules": rows, "params": params, "flops": flops}, indent=2))
         return
-    console = Console()
+    con = console()
     table = Table(title=f"{slim_dir}: {manifest['model_class']} ({len(manifest['stages'])} slimming pass(es))")
     for col in ("tower", "module", "kind", "heads × head_dim / width"):
         table.add_column(col)
     for r in rows:
         size = f"{r['num_heads']} × {r['head_dim']}" if r["kind"] == "attn" else str(r["width"])
         table.add_row(r["tower"], r["module"], f"{r['kind']} ({r['role']})", size)
-    console.print(table)
+    con.print(table)
     totals = Table(title="per tower")
     totals.add_column("tower")
     totals.add_column("params", justify="right")
     totals.add_column("FLOPs (batch 1)", justify="right")
     for tower in sorted(set(params) | set(flops)):
         totals.add_row(tower, f"{params.get(tower, 0):,}", f"{flops.get(tower, 0):,}")
-    console.print(totals)
+    con.print(totals)

@@ -4,10 +4,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from .latest import source_or_latest
 from .options import at_least, check
+from .out import console, print_json
 
 
 def _profile(target: str, runtime: str, device: str, batches: list[int], precision: str, warmup: int, runs: int):
@@ -49,17 +50,34 @@ def check_profile_options(runtime: str, device: str, batches: list[int], precisi
     check("--runs", runs, "an integer >= 1", at_least(1))
 
 
-def run(target: str, runtime: str, device: str, batches: list[int], precision: str, compare: str | None,
-        json_out: Path | None, warmup: int, runs: int, quiet: bool) -> None:
+def run(target: str | None, runtime: str, device: str, batches: list[int], precision: str, compare: str | None,
+        json_out: str | Path | None, warmup: int, runs: int, quiet: bool) -> None:
+    """``json_out``: ``"-"`` prints the runs alone on stdout (the table then goes to stderr), a path writes them."""
+    from upop.errors import ConfigError
+    from upop.hub import network_rule
     from upop.latency import speedup
 
     check_profile_options(runtime, device, batches, precision, warmup, runs)
+    to_stdout = json_out == "-"
+    if json_out is not None and not to_stdout and Path(json_out).is_dir():
+        raise ConfigError(f"--json {json_out} is a folder: give a file to write, or --json alone for stdout "
+                          "(the target goes first: upop profile TARGET --json)")
+    target = source_or_latest(target, "profile")
+    network_rule(target, compare)  # one probe at most for both; demos and local folders never touch the hub
 
     results = _profile(target, runtime, device, batches, precision, warmup, runs)
     other = _profile(compare, runtime, device, batches, precision, warmup, runs) if compare else []
     ratio = speedup(other, results) if compare else None
-    if json_out is not None:
-        json_out.write_text(json.dumps({"runs": [r.to_dict() for r in results + other], "speedup": ratio}, indent=2))
+    data = {"runs": [r.to_dict() for r in results + other], "speedup": ratio}
+    if to_stdout:
+        print_json(data)
+    elif json_out is not None:
+        try:
+            Path(json_out).write_text(json.dumps(data, indent=2))
+        except OSError as exc:
+            from upop.errors import OutputError
+
+            raise OutputError(f"could not write --json {json_out}: {exc.strerror or exc}") from None
     if quiet:
         return
     table = Table(title=f"latency, {runtime} on {device} ({precision})")
@@ -68,10 +86,10 @@ def run(target: str, runtime: str, device: str, batches: list[int], precision: s
     for r in results + other:
         table.add_row(r.target, r.graph, str(r.batch), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
                       f"{r.throughput:.1f}", r.provider or "-")
-    console = Console()
-    console.print(table)
+    con = console(stderr=to_stdout)
+    con.print(table)
     if ratio is not None:
-        console.print(f"speedup of {target} over {compare}: {ratio:.2f}×")
+        con.print(f"speedup of {target} over {compare}: {ratio:.2f}×", soft_wrap=True)
 
 
 def profiles_list() -> None:
@@ -86,7 +104,7 @@ def profiles_list() -> None:
                       "whole heads" if p.alignment.whole_heads else
                       f"{p.alignment.head_dim_multiple} in {p.alignment.head_dim_min}..{p.alignment.head_dim_max}",
                       p.latency_model, p.description)
-    Console().print(table)
+    console().print(table)
 
 
 def profiles_show(name: str) -> None:
@@ -94,14 +112,14 @@ def profiles_show(name: str) -> None:
 
     from upop.profiles import load
 
-    Console().print_json(json.dumps(dataclasses.asdict(load(name))))
+    console().print_json(json.dumps(dataclasses.asdict(load(name))))
 
 
 def profiles_validate(path: Path) -> None:
     from upop.profiles import read_file
 
     p = read_file(path)
-    Console().print(f"{path}: valid profile {p.name!r} ({p.runtime}, {p.device}, {p.precision})")
+    console().print(f"{path}: valid profile {p.name!r} ({p.runtime}, {p.device}, {p.precision})")
 
 
 def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: str, granularity: str,
@@ -123,14 +141,17 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
         require_tensorrt()
     from upop.exporters.timing import block_timer
 
+    from upop.hub import network_rule
+
+    network_rule(model)
     src = _open(model, None)
-    console = Console(stderr=True, quiet=quiet)
+    log = console(stderr=True, quiet=quiet)
     dev, base_profile = resolve_device(device), load(base)
     prof = calibrate(src.model, src.adapter, base_profile, device=dev, granularity=granularity, runtime=runtime,
-                     timer=block_timer(runtime, dev, base_profile.precision), log=lambda m: console.log(m))
+                     timer=block_timer(runtime, dev, base_profile.precision), log=lambda m: log.print(m))
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(to_toml(prof))
     read_file(tmp)  # what was written loads back as a valid profile
     tmp.replace(out)
-    console.print(f"wrote {out}: {len(prof.table['blocks'])} measured block(s), rest of the model "
+    log.print(f"wrote {out}: {len(prof.table['blocks'])} measured block(s), rest of the model "
                   f"{prof.table['rest_ms']:.3f} ms")

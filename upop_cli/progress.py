@@ -1,4 +1,4 @@
-"""Progress bars with ETA for search and retrain; silent under --quiet or without a terminal."""
+"""Progress bars with ETA for search and retrain; silent under --quiet or off a terminal (logs, pipes, CI)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def interactive(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+def interactive(quiet: bool, as_json: bool = False) -> bool:
+    """Bars are drawn on stderr, and only for a person watching: stderr and stdout both terminals (under
+    ``--json`` stdout goes to a program, and stderr alone decides)."""
+    return not quiet and sys.stderr.isatty() and (as_json or sys.stdout.isatty())
 
 
 class Reporter:
@@ -19,7 +21,7 @@ class Reporter:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, log_path=False)
         self.progress: Progress | None = None
         self.tasks: dict[str, Any] = {}
 

@@ -1,0 +1,66 @@
+"""The last compress output: ``upop export`` and ``upop profile`` with no path take it.
+
+``upop compress`` writes ``latest.json`` (``{"path", "model", "written"}``) in its output root (the
+output folder's parent, ``upop-out/`` by default) once the output folder is complete, atomically: a
+reader sees the old record or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from upop.errors import ConfigError
+
+DEFAULT_ROOT = Path("upop-out")
+RECORD = "latest.json"
+
+
+def write_latest(out: Path, model: str) -> Path:
+    """Record ``out`` as the last compress output of its output root; returns the record's path."""
+    out = Path(out).resolve()
+    record = out.parent / RECORD
+    data = {"path": str(out), "model": model, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    fd, tmp = tempfile.mkstemp(prefix=f".{RECORD}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, record)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return record
+
+
+def read_latest(command: str, root: Path = DEFAULT_ROOT) -> Path:
+    """The folder of the last ``upop compress`` under ``root``, or one line saying what to pass."""
+    record = root / RECORD
+    hint = f"pass a slim checkpoint folder (upop {command} upop-out/<model>-p<ratio>)"
+    if not record.is_file():
+        raise ConfigError(f"no path given and no earlier `upop compress` output in {root}/: {hint}, "
+                          "or run upop compress first")
+    try:
+        path = Path(json.loads(record.read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{record} is not a record written by upop compress: {hint}") from None
+    if not path.is_dir():
+        raise ConfigError(f"the last compress output {path} (from {record}) no longer exists: {hint}")
+    return path
+
+
+def source_or_latest(given: str | None, command: str) -> str:
+    """``given``, or the last compress output, said on stderr (stdout stays clean for --json)."""
+    if given:
+        return given
+    path = read_latest(command)
+    try:  # upop-out/demo-blip-p0.5 rather than the absolute path, when it lies under the current folder
+        path = path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    print(f"using the last compress output: {path}", file=sys.stderr)
+    return str(path)
