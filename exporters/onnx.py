@@ -66,7 +66,8 @@ def load_for_export(source: str | Path) -> Loaded:
     if path.is_dir() and not (path / "config.json").is_file():
         raise ExportError(f"{source} is neither a upop slim checkpoint nor a model folder")
     loaded = load_pretrained(str(source))
-    return Loaded(loaded.model, loaded.adapter, str(source), False)
+    # The resolved folder (a demo name becomes its installed folder): its processor files are copied from there.
+    return Loaded(loaded.model, loaded.adapter, str(loaded.source), False)
 
 
 def _io_spec(model_proto) -> dict[str, list[dict[str, Any]]]:

@@ -107,7 +107,8 @@ def test_nproc_two_selects_what_one_process_with_the_whole_batch_selects(setup, 
     assert "Traceback" not in two.stderr
     assert _kept(tmp_path / "two") == _kept(tmp_path / "one")
     r1, r2 = _report(tmp_path / "one"), _report(tmp_path / "two")
-    assert r2["distributed"] == {"world_size": 2, "per_rank_batch": 4, "effective_batch": 8, "backend": "gloo"}
+    assert r2["distributed"] == {"world_size": 2, "per_rank_batch": 4, "grad_accum": 1, "effective_batch": 8,
+                                 "backend": "gloo"}
     assert r1["distributed"]["effective_batch"] == 8
     assert r2["metrics"]["after"]["top1"] == pytest.approx(r1["metrics"]["after"]["top1"])
     assert "effective batch 8" in (tmp_path / "two" / "report.md").read_text()
