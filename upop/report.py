@@ -95,7 +95,7 @@ def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
             rows.append((f"{what} {tower}", _fmt(b[tower]), _fmt(a.get(tower)), ratio))
     for r in report.latency or []:
         rows.append((f"latency ms, {r['runtime']} {r['device']} batch {r['batch']} (p50)", f"{r['before_ms']:.3f}",
-                     f"{r['after_ms']:.3f}", f"{r['after_ms'] / r['before_ms']:.1%} ({r['speedup']:.2f}x faster)"))
+                     f"{r['after_ms']:.3f}", f"{r['after_ms'] / r['before_ms']:.1%} (speedup {r['speedup']:.2f}×)"))
     hw = report.hardware
     if hw and hw.get("predicted_ms_after") is not None:
         b, a = hw["predicted_ms_before"], hw["predicted_ms_after"]
