@@ -418,23 +418,13 @@ def compress(
 ) -> CompressResult:
     """Compress ``model`` (a module, alias, demo name, hub id, local folder or slim checkpoint).
 
-    With ``data`` (or a demo model), the task named by ``task`` (default: the model class's)
-    supplies batches, loss and metrics: the report then holds the test metrics before and after,
-    and retraining keeps the state that is best on the validation split. Without it, pass
-    ``batches`` (and optionally ``loss_fn``, default the family's own loss, and ``eval_fn``,
-    higher is better). ``task_options`` go to the task (e.g. the input pipeline's ``workers``).
-    ``latency``: the report measures the forward latency before and after in PyTorch (``True``), and also
-    through the runtimes given (e.g. ``{"ort": upop.exporters.timing.ort_runtime(device)}``),
-    or not at all (``False``).
-
-    With ``state_dir``, Ctrl-C during the search or the retrain writes the run's state there;
-    ``resume=True`` continues from it (same settings required). The state is also written at the end
-    of the search, with ``checkpoint_every`` > 0 every that many steps and after each retrain epoch, and
-    at the end of the run; ``CompressResult.save`` clears it once the output is in place.
-
-    Under torchrun (WORLD_SIZE > 1) every rank calls this: ``batch_size`` is per rank, the task's
-    batches are sharded, evaluations gather across ranks, and only rank 0 reports progress and
-    writes the state; after an elastic restart the run resumes by itself.
+    With ``data`` (or a demo model) the task (``task``, default the class's) supplies batches, loss and
+    metrics; otherwise pass ``batches`` (and ``loss_fn``, ``eval_fn``: higher is better). ``task_options`` go
+    to the task (the input pipeline's ``workers``, ``cache_gb``). ``latency``: measure the forward before
+    and after in PyTorch (True), also in the given ``Runtime``s, or not (False). With ``state_dir`` the run
+    checkpoints there (every ``checkpoint_every`` steps, at the ends of the phases, on Ctrl-C, and when
+    finished until ``CompressResult.save`` has written the output); ``resume`` continues from it. Under
+    torchrun every rank calls this: ``batch_size`` is per rank and rank 0 reports and writes.
     """
     started = time.perf_counter()
     run = start_run(config or CompressConfig(), progress, checkpoint_every, latency)

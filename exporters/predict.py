@@ -1,0 +1,117 @@
+"""Inference on an export folder, per task: what ``upop predict`` shows, computed with the ONNX Runtime graphs.
+
+One function per task reads the preprocessed inputs and returns the lines a person reads: the top classes,
+a caption, an answer, image-text scores, or a true/false judgement of two images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from upop.errors import ConfigError
+
+from .runtime import OrtModel
+
+
+@dataclass
+class Prediction:
+    task: str
+    lines: list[str] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
+
+
+def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+@dataclass
+class _Inputs:
+    model: OrtModel
+    prep: Any
+    pixels: np.ndarray
+    texts: list[str]
+
+    def text(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.prep.text(texts).items()}
+
+    def decode(self, ids: np.ndarray) -> str:
+        import torch
+
+        return self.prep.decode(torch.from_numpy(ids))[0]
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return self.model.manifest.get("tokens", {})
+
+
+def _classify(x: _Inputs) -> list[str]:
+    (logits,) = x.model.run("classifier", pixel_values=x.pixels)
+    probs = _softmax(logits[0])
+    labels = x.model.manifest.get("labels", {})
+    return [f"{labels.get(str(i), str(i))}: {probs[i]:.3f}" for i in np.argsort(-probs)[:5]]
+
+
+def _caption(x: _Inputs) -> list[str]:
+    return [x.decode(x.model.greedy_caption(x.pixels, x.tokens["bos_token_id"], x.tokens["sep_token_id"]))]
+
+
+def _reason(x: _Inputs) -> list[str]:
+    if len(x.texts) != 1:
+        raise ConfigError("a reasoning model judges one statement: --text 'both images contain a red circle'")
+    (logits,) = x.model.run("reasoning", pixel_values=x.pixels[None], **x.text(x.texts))
+    p = _softmax(logits[0])
+    return [f"{'true' if p[1] > p[0] else 'false'} (p(true) = {p[1]:.3f})  {x.texts[0]}"]
+
+
+def _answer(x: _Inputs) -> list[str]:
+    if not x.texts:
+        raise ConfigError("a VQA model needs a question: --text 'what color is the circle?'")
+    q = x.text(x.texts[:1])
+    ids = x.model.greedy_answer(x.pixels, q["input_ids"], q["attention_mask"], x.tokens["bos_token_id"],
+                                x.tokens["sep_token_id"])
+    return [x.decode(ids)]
+
+
+def _score(x: _Inputs) -> list[str]:
+    """ITC similarity and ITM match probability (BLIP), or the embeddings' cosine (CLIP, SigLIP)."""
+    if not x.texts:
+        raise ConfigError("image-text scoring needs at least one --text")
+    t, m = x.text(x.texts), x.model
+    if "itm" in {g["name"] for g in m.manifest["graphs"]}:
+        emb, feat = m.run("image_encoder", pixel_values=x.pixels)
+        (tf,) = m.run("text_encoder", **t)
+        itc = (feat @ tf.T)[0]
+        (itm,) = m.run("itm", image_embeds=np.repeat(emb, len(x.texts), 0), **t)
+        p = _softmax(itm, 1)[:, 1]
+        return [f"ITC {itc[i]:.3f}  ITM {p[i]:.3f}  {txt}" for i, txt in enumerate(x.texts)]
+    (img,) = m.run("image_encoder", pixel_values=x.pixels)
+    (tf,) = m.run("text_encoder", **t)
+    sim = (img @ tf.T)[0]
+    return [f"cosine {sim[i]:.3f}  {txt}" for i, txt in enumerate(x.texts)]
+
+
+_BY_TASK: dict[str, Callable[[_Inputs], list[str]]] = {
+    "classification": _classify, "caption": _caption, "nlvr": _reason, "vqa": _answer}
+
+
+def predict(export_dir: str | Path, images: list[str | Path], texts: list[str], fp16: bool = False) -> Prediction:
+    """Runs the export's graphs on ``images`` (two for a reasoning model) and ``texts``."""
+    from upop.datasets.readers import open_image
+    from upop.tasks import Preprocessor
+
+    model = OrtModel(export_dir, fp16=fp16)
+    task = model.manifest["task"]
+    wanted = 2 if task == "nlvr" else 1
+    if len(images) != wanted:
+        raise ConfigError(f"a {task} model takes {wanted} --image, not {len(images)}")
+    prep = Preprocessor.from_pretrained(export_dir)
+    pixels = prep.pixels([open_image(Path(i)) for i in images]).numpy()
+    lines = _BY_TASK.get(task, _score)(_Inputs(model, prep, pixels, list(texts)))
+    providers = sorted({p for v in model.providers_used().values() for p in v[:1]})
+    return Prediction(task, lines, providers)
