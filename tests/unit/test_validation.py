@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import upop
+import upop.exporters.timing
 from upop_cli.app import app
 
 from ..conftest import vit_run_folder
@@ -85,13 +86,13 @@ def test_eval_batch_size_and_limit(run_folder, monkeypatch):
     _one_line(runner.invoke(app, ["eval", str(model), "--data", str(data), "--limit", "-1"]),
               "--limit must be an integer >= 1, got -1")
     sizes = []
-    real = ImageStore.get
+    real = ImageStore.stream
 
-    def spy(self, paths):
-        sizes.append(len(paths))
-        return real(self, paths)
+    def spy(self, groups, device):
+        sizes.extend(len(g) for g in groups)
+        return real(self, groups, device)
 
-    monkeypatch.setattr(ImageStore, "get", spy)
+    monkeypatch.setattr(ImageStore, "stream", spy)
     r = runner.invoke(app, ["eval", str(model), "--data", str(data), "--batch-size", "5", "--json"])
     assert r.exit_code == 0, r.output
     assert sizes == [5, 5, 2]  # the 12 test images in batches of --batch-size
@@ -120,7 +121,7 @@ PROFILE = [
 def test_profile_options(run_folder, flags, match, monkeypatch):
     import upop.latency
 
-    monkeypatch.setattr(upop.latency, "profile_torch", lambda *a, **k: pytest.fail("profiled a bad request"))
+    monkeypatch.setattr(upop.exporters.timing, "profile_torch", lambda *a, **k: pytest.fail("profiled a bad request"))
     model, _ = run_folder
     _one_line(runner.invoke(app, ["profile", str(model), *flags]), match)
 

@@ -72,6 +72,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def config_from_state(state: dict[str, torch.Tensor], head_dim: int = 64,
                       enc_token_id: int | None = ORIGINAL_ENC_TOKEN_ID) -> BlipNlvrConfig:
     """The model's sizes, read from the weights' shapes (heads: width / ``head_dim``, BLIP's 64)."""
+    for name, key, axis in (("vision", "visual_encoder.pos_embed", -1),
+                            ("text", "text_encoder.embeddings.word_embeddings.weight", 1)):
+        if key in state and int(state[key].shape[axis]) % head_dim:
+            raise ConfigError(f"--head-dim {head_dim} does not divide the {name} width {int(state[key].shape[axis])}")
     try:
         pos = state["visual_encoder.pos_embed"]
         patch = state["visual_encoder.patch_embed.proj.weight"]
@@ -82,9 +86,6 @@ def config_from_state(state: dict[str, torch.Tensor], head_dim: int = 64,
     except KeyError as exc:
         raise CheckpointError(f"not a BLIP NLVR2 checkpoint: it has no {exc.args[0]}") from None
     v_hidden, t_hidden = int(pos.shape[-1]), int(words.shape[1])
-    for name, width in (("vision", v_hidden), ("text", t_hidden)):
-        if width % head_dim:
-            raise ConfigError(f"--head-dim {head_dim} does not divide the {name} width {width}")
     p = int(patch.shape[-1])
     grid = round((pos.shape[1] - 1) ** 0.5)
     v_layers = len({k.split(".")[2] for k in state if k.startswith("visual_encoder.blocks.")})
