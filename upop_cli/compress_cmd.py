@@ -108,7 +108,7 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
     from upop.distributed import env_rank
 
     try:
-        with Reporter(interactive(quiet, as_json) and main) as rep:
+        with Reporter(interactive(quiet, as_json) and main, lines=main and not quiet) as rep:
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
                                    eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
                                    checkpoint_every=o["checkpoint_every"], latency=_latency(o["latency"], cfg),

@@ -17,13 +17,17 @@ def interactive(quiet: bool, as_json: bool = False) -> bool:
 
 
 class Reporter:
-    """The ``progress(stage, record)`` callback of ``upop.compress``, drawn with rich."""
+    """The ``progress(stage, record)`` callback of ``upop.compress``: bars drawn with rich on a terminal;
+    with ``lines`` (a log: a pipe, CI, a batch job) a plain line on stderr at most every ``every_s`` seconds
+    per stage and at its last step, so a log shows progress without bars."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, lines: bool = False, every_s: float = 30.0):
+        self.enabled, self.lines, self.every_s = enabled, lines and not enabled, every_s
         self.console = Console(stderr=True, log_path=False)
         self.progress: Progress | None = None
         self.tasks: dict[str, Any] = {}
+        self._last: dict[str, float] = {}
+        self._start: dict[str, float] = {}
 
     def __enter__(self) -> "Reporter":
         if self.enabled:
@@ -38,20 +42,41 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
 
-    def __call__(self, stage: str, rec: dict[str, float]) -> None:
-        if self.progress is None:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=int(rec.get("total", 0)) or None, info="")
+    @staticmethod
+    def info(stage: str, rec: dict[str, float]) -> str:
         if stage == "search":
             info = f"loss {rec['task_loss']:.3f}  π {rec['pi']:.3f}"
         elif stage == "retrain":
             info = f"loss {rec['loss']:.3f}  lr {rec['lr']:.2e}"
         elif stage == "evaluate":
-            info = f"{rec.get('label', '')} split" + (f"  metric {rec['metric']:.2f}" if "metric" in rec else "")
+            return f"{rec.get('label', '')} split" + (f"  metric {rec['metric']:.2f}" if "metric" in rec else "")
         else:
-            info = " ".join(f"{k} {v:.2f}" for k, v in rec.items() if k not in ("step", "total"))
-        self.progress.update(self.tasks[stage], completed=int(rec.get("step", 0)), info=info)
+            return " ".join(f"{k} {v:.2f}" for k, v in rec.items() if k not in ("step", "total"))
+        if "images_per_s" in rec:  # what the GPU is fed, and how much of the time it waits for data
+            info += f"  {rec['images_per_s']:.1f} img/s  data wait {100 * rec['data_wait']:.0f}%"
+        return info
+
+    def __call__(self, stage: str, rec: dict[str, float]) -> None:
+        if self.lines:
+            self._line(stage, rec)
+        if self.progress is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=int(rec.get("total", 0)) or None, info="")
+        self.progress.update(self.tasks[stage], completed=int(rec.get("step", 0)), info=self.info(stage, rec))
+
+    def _line(self, stage: str, rec: dict[str, float]) -> None:
+        import time
+
+        now = time.monotonic()
+        step, total = int(rec.get("step", 0)), int(rec.get("total", 0))
+        start = self._start.setdefault(stage, now)
+        if step < total and now - self._last.get(stage, start) < self.every_s:
+            return
+        self._last[stage] = now
+        eta = f"  eta {int((now - start) / step * (total - step))} s" if 0 < step < total else ""
+        self.console.print(f"{stage} {step}/{total}  {self.info(stage, rec)}{eta}", soft_wrap=True, markup=False,
+                           highlight=False)
 
     @contextmanager
     def status(self, text: str):

@@ -225,3 +225,19 @@ def test_network_rule():
 
     assert not needs_hub("demo-blip") and not needs_hub("./somewhere/model") and not needs_hub(None)
     assert needs_hub("Salesforce/blip-itm-base-coco") and needs_hub("openai/clip-vit-base-patch16")
+
+
+def test_a_log_gets_plain_progress_lines_at_most_every_interval_and_at_the_end(capsys):
+    from upop_cli.progress import Reporter
+
+    rep = Reporter(False, lines=True, every_s=3600)
+    rec = {"task_loss": 1.0, "loss": 1.2, "pi": 0.1, "images_per_s": 250.0, "data_wait": 0.02, "step_s": 0.1}
+    for step in range(1, 11):
+        rep("search", {**rec, "step": float(step), "total": 10.0})
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["search 10/10  loss 1.000  π 0.100  250.0 img/s  data wait 2%"]
+    rep = Reporter(False, lines=True, every_s=0)
+    rep("retrain", {"loss": 0.5, "lr": 1e-5, "images_per_s": 10.0, "data_wait": 0.5, "step": 1.0, "total": 4.0})
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("retrain 1/4  loss 0.500  lr 1.00e-05  10.0 img/s  data wait 50%") and "eta" in line
+    assert Reporter(True, lines=True).lines is False  # bars on a terminal, not both
