@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from upop.calibrate import BlockTimer, torch_timer
+from upop.calibrate import BlockTimer, runtime_timer, torch_timer
 from upop.errors import ConfigError
 from upop.latency import SEQ, Run, feed_shape, make_run, percentile, time_fn
 from upop.measure import Runtime
@@ -109,22 +109,8 @@ def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", preci
 
 
 def ort_timer(device: torch.device) -> BlockTimer:
-    """p50 ms of a module exported to ONNX (static shapes) and run in ONNX Runtime."""
-    import os
-    import tempfile
-
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-
-    def timer(module: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int,
-              pick: Callable[[Any], torch.Tensor] | None = None) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "block.onnx")
-            cpu_inputs = export_static_onnx(module, inputs, path, pick)
-            sess = ort_session(path, providers)
-            feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
-            return percentile(time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False), 0.5)
-
-    return timer
+    """p50 ms of a module exported to ONNX (static shapes) and run in ONNX Runtime: the report's ORT runtime."""
+    return runtime_timer(ort_runtime(device))
 
 
 def trt_timer(fp16: bool) -> BlockTimer:
@@ -163,6 +149,8 @@ def ort_runtime(device: torch.device) -> Runtime:
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
 
     def first_tensor(out: Any) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):  # a block's output
+            return out
         return next(v for v in (out.values() if hasattr(out, "values") else out) if isinstance(v, torch.Tensor))
 
     def prepare(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:

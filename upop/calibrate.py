@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from .errors import ConfigError
 from .latency import percentile, time_fn
 from .latency_model import interpolate, predicted_latency_ms, signature
+from .measure import Runtime, torch_runtime
 
 __all__ = ["calibrate", "interpolate", "measure_forward_ms", "signature", "time_block", "to_toml"]
 
@@ -67,14 +68,19 @@ def _sweep(full: int, points: int) -> list[int]:
 BlockTimer = Callable[[nn.Module, dict[str, torch.Tensor], int, int, Callable[[Any], torch.Tensor] | None], float]
 
 
-def torch_timer(device: torch.device) -> BlockTimer:
-    """p50 ms of the module's forward in PyTorch (CUDA events on a GPU)."""
+def runtime_timer(runtime: Runtime) -> BlockTimer:
+    """A calibration timer from a runtime of the latency report (``upop.measure``): the module is prepared
+    once (an export, a session) and the p50 of its timed runs returned; the runtime reads its own outputs."""
     def timer(module: nn.Module, inputs: dict[str, torch.Tensor], warmup: int, runs: int,
               pick: Callable[[Any], torch.Tensor] | None = None) -> float:
-        with torch.inference_mode():
-            return percentile(time_fn(lambda: module(**inputs), warmup, runs, device.type == "cuda"), 0.5)
+        return percentile(time_fn(runtime.prepare(module, inputs), warmup, runs, runtime.cuda_events), 0.5)
 
     return timer
+
+
+def torch_timer(device: torch.device) -> BlockTimer:
+    """p50 ms of the module's forward in PyTorch (CUDA events on a GPU)."""
+    return runtime_timer(torch_runtime(device))
 
 
 def time_block(sig: dict[str, Any], width: int, batch: int, device: torch.device, warmup: int, runs: int,

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,14 +52,16 @@ class LoopSettings:
     log_every: int | None = None  # None: every step on CPU (free), every 10 on CUDA (a host sync)
 
 
-class Phase(Protocol):
-    """What the search or the retrain adds to the loop (see ``search.py`` and ``retrain.py``)."""
+class Phase:
+    """What the search or the retrain adds to the loop (see ``search.py`` and ``retrain.py``); the hooks a
+    phase does not need do nothing."""
 
     #: the loop logs ``task_loss`` beside ``loss`` (the search's loss adds the sparsity terms)
-    logs_task_loss: bool
+    logs_task_loss: bool = False
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """The loss to optimise, from the task's loss of one batch."""
+        return task_loss
 
     def after_backward(self, scaler: torch.amp.GradScaler | None) -> None:
         """All batches of the step are back-propagated; the optimizer has not stepped yet."""
@@ -69,9 +71,11 @@ class Phase(Protocol):
 
     def after_step(self, step: int) -> dict[str, float]:
         """The optimizer stepped (``step`` counts from 1); returns fields for the step's record."""
+        return {}
 
     def boundary(self, step: int) -> bool:
         """Whether ``step`` ends a stretch (an epoch): the log is flushed and ``finish_step`` does its work."""
+        return False
 
     def finish_step(self, step: int) -> None:
         """After the step is logged (the retrain evaluates here at the end of an epoch)."""
@@ -81,9 +85,11 @@ class Phase(Protocol):
 
     def state(self) -> dict[str, Any]:
         """The phase's own part of a checkpoint."""
+        return {}
 
     def checkpoint_due(self, step: int, every: int) -> bool:
         """Whether a checkpoint is written after ``step`` (``every`` > 0)."""
+        return step % every == 0
 
 
 @dataclass

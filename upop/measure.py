@@ -73,7 +73,7 @@ def latency_rows(before: dict[str, Any], after: dict[str, Any], device: torch.de
     rows = []
     for runtime, per_batch in after.items():
         for batch, a in per_batch.items():
-            b = before.get(runtime, {}).get(batch) or before.get(runtime, {}).get(str(batch))
+            b = before.get(runtime, {}).get(batch)
             if b is None:
                 continue
             rows.append({"runtime": runtime, "device": str(device), "batch": int(batch),

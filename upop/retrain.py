@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import RetrainConfig
-from .loop import CheckpointFn, LoopSettings, LossFn, ProgressFn, TrainLoop
+from .loop import CheckpointFn, LoopSettings, LossFn, Phase, ProgressFn, TrainLoop
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -41,11 +41,9 @@ class RetrainResult:
     throughput: dict[str, float] = field(default_factory=dict)  # images/s, step time, data-wait share
 
 
-class RetrainPhase:
+class RetrainPhase(Phase):
     """The retrain's hooks on the training loop: an evaluation at the end of every epoch (epoch 0 is
     the slim model before any retraining) and the best state by that evaluation."""
-
-    logs_task_loss = False
 
     def __init__(self, model: nn.Module, eval_fn: EvalFn | None, steps_per_epoch: int, resume: dict[str, Any] | None):
         self.model, self.eval_fn, self.steps = model, eval_fn, steps_per_epoch
@@ -75,12 +73,6 @@ class RetrainPhase:
         if step and step % self.steps == 0 and (not evals or evals[-1]["epoch"] < step // self.steps):
             self.evaluate(step // self.steps)
 
-    def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
-        return task_loss
-
-    def after_backward(self, scaler: torch.amp.GradScaler | None) -> None:
-        pass
-
     def after_step(self, step: int) -> dict[str, float]:
         return {"epoch": float((step - 1) // self.steps + 1), "lr": self.lr()}
 
@@ -90,9 +82,6 @@ class RetrainPhase:
     def finish_step(self, step: int) -> None:
         if step % self.steps == 0:
             self.evaluate(step // self.steps)
-
-    def sync(self) -> None:
-        pass
 
     def checkpoint_due(self, step: int, every: int) -> bool:
         return step % self.steps == 0 or step % every == 0

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ConfigError, OutputError
-from .safety import STATE_MARKER  # the marker that makes a state folder upop's own (only such a folder is cleared)
+from .safety import STATE_MARKER, is_run_state  # the marker that makes a state folder upop's own (only such a folder is cleared)
 
 STATE_VERSION = 1
 __all__ = ["STATE_MARKER", "Baseline", "RunState", "StateStore"]
@@ -62,6 +62,8 @@ class RunState:
 
         if not isinstance(data, dict):
             raise bad("not a mapping")
+        if "version" not in data:
+            raise bad("a state from an earlier upop version, which this one cannot resume")
         if not isinstance(data.get("version"), int) or data["version"] > STATE_VERSION:
             raise bad(f"state version {data.get('version')!r}, this upop reads up to {STATE_VERSION}")
         if data.get("phase") not in PHASES:
@@ -93,12 +95,10 @@ class StateStore:
         return (self.folder / STATE_MARKER).is_file()
 
     def check_owned(self) -> None:
-        """A folder of that name that upop did not write is the user's: never used, never cleared."""
-        if not self.folder.exists() or self.owned():
-            return
-        if not self.folder.is_dir() or any(self.folder.iterdir()):
-            old = " (a state from an earlier upop version, which this one cannot resume)" if self.path.is_file() else ""
-            raise CheckpointError(f"{self.folder} exists and is not a upop run state{old}; move it away or choose "
+        """A folder of that name that upop did not write is the user's: never used, never cleared (the same
+        rule as the CLI's check before a run, ``upop.safety.is_run_state``)."""
+        if self.folder.exists() and not is_run_state(self.folder):
+            raise CheckpointError(f"{self.folder} exists and is not a upop run state; move it away or choose "
                                   "another output (upop never writes into or deletes a folder it did not create)")
 
     def save(self, state: RunState) -> None:
@@ -126,11 +126,12 @@ class StateStore:
         except Exception as exc:  # any damage (random bytes, truncation, foreign pickle) is the same answer
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{self.path} cannot be read: {first}") from None
-        if not isinstance(raw, dict) or raw.get("config") != self.config:
+        state = RunState.from_dict(raw, str(self.path))  # its shape (and version) first: untrusted until checked
+        if raw.get("config") != self.config:
             raise ConfigError(f"the interrupted run in {self.folder} used other settings; "
                               "resume with the same options, or delete that folder")
         self._check_same_run(raw.get("run") or {})
-        return RunState.from_dict(raw, str(self.path))
+        return state
 
     def _check_same_run(self, was: dict[str, Any]) -> None:
         for key, what in (("world_size", "processes"), ("per_rank_batch", "as batch size per process")):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .distributed import current, mask_digest
-from .loop import CheckpointFn, LoopSettings, LossFn, ProgressFn, TrainLoop
+from .loop import CheckpointFn, LoopSettings, LossFn, Phase, ProgressFn, TrainLoop
 from .config import SearchConfig
 from .masks import MaskSet
 from .units import ModuleSpec
@@ -245,7 +245,7 @@ def _split(values: torch.Tensor, table: UnitTable) -> dict[str, list[float]]:
     return out
 
 
-class SearchPhase:
+class SearchPhase(Phase):
     """The search's hooks on the training loop: the sparsity term, the mask gradients (the
     importance), and every ``every`` steps the move of the top-ranked units along π_t.
 
@@ -276,9 +276,6 @@ class SearchPhase:
             with torch.no_grad():
                 for spec, z in self.masks.items():
                     z.copy_(resume["zeta"][spec.name])
-
-    def start(self, resumed_at: int | None) -> None:
-        pass
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -334,15 +331,6 @@ class SearchPhase:
                 z.fill_(1.0)
                 z[sel] = value
         current().check_same(mask_digest(self.marked, value), f"search step {step}")
-
-    def boundary(self, step: int) -> bool:
-        return False
-
-    def finish_step(self, step: int) -> None:
-        pass
-
-    def checkpoint_due(self, step: int, every: int) -> bool:
-        return step % every == 0
 
     def state(self) -> dict[str, Any]:
         return {"importance": self.importance.clone(), "marked": self.marked.clone(), "pi": self.pi,

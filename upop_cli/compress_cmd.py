@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from upop.datasets.readers import outside_data_allowed
+from upop.report import target_missed as latency_note
 
 from .options import check_values, merge, read_toml
 from .errors import Interrupted
@@ -182,16 +183,6 @@ def _tell(report: Any, out: Path, quiet: bool = False, as_json: bool = False) ->
         print_summary(report, out, stderr=as_json)
 
 
-def latency_note(report: Any) -> str | None:
-    """A latency target the run could not meet, said plainly (the run still ends with exit 0)."""
-    hw = report.hardware or {}
-    target, after = hw.get("target_ms"), hw.get("predicted_ms_after")
-    if not isinstance(target, (int, float)) or not isinstance(after, (int, float)) or after <= target:
-        return None
-    return (f"target latency missed: predicted {after:.3f} ms on {hw.get('profile')}, target {target:g} ms "
-            f"(+{after - target:.3f} ms, +{(after / target - 1) * 100:.1f} %)")
-
-
 def finish_together() -> None:
     """Under torchrun every rank waits for rank 0's files, then leaves the group: the workers of all
     nodes end at once, so no node's agent is still polling the rendezvous when another's shuts it down."""
@@ -216,10 +207,10 @@ def print_summary(report: Any, out: Path, stderr: bool = False) -> None:
         table.add_column(col, justify="right" if col else "left")
     for row in summary_rows(report):
         table.add_row(*row)
-    table.caption = "; ".join(line[2:] for line in run_lines(report)) or None
-    con.print(table)
     note = latency_note(report)
-    if note:
+    table.caption = "; ".join(line[2:] for line in run_lines(report) if line[2:] != note) or None
+    con.print(table)
+    if note:  # said once, where it is seen
         con.print(f"[bold red]{note}[/bold red]")
     con.print(f"slim checkpoint: {out}   report: {out / 'report.md'}   picture: {out / 'compression.png'}",
               soft_wrap=True)

@@ -9,7 +9,6 @@ from scratch (the demo models, test fixtures) are in ``factories.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -232,8 +231,8 @@ class QKVOAdapter(Adapter):
     is left at its original value so slimming does not change it.
     """
 
-    attention_classes: ClassVar[Callable[[], tuple[type, ...]]]
-    mlp_classes: ClassVar[Callable[[], tuple[type, ...]]]
+    attention_types: ClassVar[tuple[type, ...]]  # the family's attention and MLP module classes
+    mlp_types: ClassVar[tuple[type, ...]]
     q_name = "q_proj"
     k_name = "k_proj"
     v_name = "v_proj"
@@ -241,8 +240,7 @@ class QKVOAdapter(Adapter):
     heads_attr = "num_heads"
 
     def modules(self, model: nn.Module) -> list[ModuleSpec]:
-        attn_types = type(self).attention_classes()
-        mlp_types = type(self).mlp_classes()
+        attn_types, mlp_types = self.attention_types, self.mlp_types
         specs: list[ModuleSpec] = []
         for path, mod in model.named_modules():
             if isinstance(mod, attn_types):

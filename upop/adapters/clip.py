@@ -56,13 +56,8 @@ class CLIPAdapter(QKVOAdapter, CLIPModels):
     towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
               "text_projection": "text"}
 
-    @staticmethod
-    def attention_classes() -> tuple[type, ...]:
-        return (CLIPAttention,)
-
-    @staticmethod
-    def mlp_classes() -> tuple[type, ...]:
-        return (CLIPMLP,)
+    attention_types = (CLIPAttention,)
+    mlp_types = (CLIPMLP,)
 
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         pooled = model.vision_model(pixel_values=pixel_values).pooler_output

@@ -29,10 +29,5 @@ class DeiTAdapter(ViTAdapter, DeiTModels):
     def image_tokens(self, model: nn.Module) -> int:
         return super().image_tokens(model) + 1  # the distillation token
 
-    @staticmethod
-    def attention_classes() -> tuple[type, ...]:
-        return (DeiTAttention,)
-
-    @staticmethod
-    def mlp_classes() -> tuple[type, ...]:
-        return (DeiTMLP,)
+    attention_types = (DeiTAttention,)
+    mlp_types = (DeiTMLP,)

@@ -37,13 +37,8 @@ class SiglipAdapter(CLIPAdapter, SiglipModels):
     classes = {"SiglipModel": "retrieval"}
     towers = {"vision_model": "vision", "text_model": "text"}
 
-    @staticmethod
-    def attention_classes() -> tuple[type, ...]:
-        return (SiglipAttention,)
-
-    @staticmethod
-    def mlp_classes() -> tuple[type, ...]:
-        return (SiglipMLP,)
+    attention_types = (SiglipAttention,)
+    mlp_types = (SiglipMLP,)
 
     def preprocessor_options(self, model: nn.Module) -> dict[str, Any]:
         # SigLIP pools the last token, so it was trained on text padded to its full length.

@@ -45,13 +45,8 @@ class ViTAdapter(QKVOAdapter, ViTModels):
     o_name = "o_proj"
     heads_attr = "num_attention_heads"
 
-    @staticmethod
-    def attention_classes() -> tuple[type, ...]:
-        return (ViTAttention,)
-
-    @staticmethod
-    def mlp_classes() -> tuple[type, ...]:
-        return (ViTMLP,)
+    attention_types = (ViTAttention,)
+    mlp_types = (ViTMLP,)
 
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
