@@ -1,8 +1,8 @@
 """The last compress output: ``upop export`` and ``upop profile`` with no path take it.
 
 ``upop compress`` writes ``latest.json`` (``{"path", "model", "written"}``) in its output root (the
-output folder's parent, ``upop-out/`` by default) once the output folder is complete, atomically: a
-reader sees the old record or the new one, never half of one.
+output folder's parent when that is a ``upop-out`` folder, the default) once the output folder is complete,
+atomically: a reader sees the old record or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ DEFAULT_ROOT = Path("upop-out")
 RECORD = "latest.json"
 
 
-def write_latest(out: Path, model: str) -> Path:
-    """Record ``out`` as the last compress output of its output root; returns the record's path."""
+def write_latest(out: Path, model: str) -> Path | None:
+    """Record ``out`` as the last compress output of its output root; returns the record's path.
+
+    Only an output root named like upop's own (``upop-out``) gets a record: ``--out`` elsewhere is a folder of
+    the user's, where upop adds nothing (and the record is only ever read from ``./upop-out``); nor is a
+    ``latest.json`` there replaced unless it is a record upop wrote."""
     out = Path(out).resolve()
     record = out.parent / RECORD
+    if out.parent.name != DEFAULT_ROOT.name or (record.exists() and not _is_record(record)):
+        return None
     data = {"path": str(out), "model": model, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     fd, tmp = tempfile.mkstemp(prefix=f".{RECORD}.", suffix=".tmp", dir=out.parent)
     try:
@@ -35,6 +41,14 @@ def write_latest(out: Path, model: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return record
+
+
+def _is_record(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"path", "model", "written"} <= set(data)
 
 
 def read_latest(command: str, root: Path = DEFAULT_ROOT) -> Path:

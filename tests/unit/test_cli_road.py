@@ -241,3 +241,16 @@ def test_a_log_gets_plain_progress_lines_at_most_every_interval_and_at_the_end(c
     line = capsys.readouterr().err.strip()
     assert line.startswith("retrain 1/4  loss 0.500  lr 1.00e-05  10.0 img/s  data wait 50%") and "eta" in line
     assert Reporter(True, lines=True).lines is False  # bars on a terminal, not both
+
+
+def test_the_record_is_never_written_into_a_folder_of_the_users(tmp_path):
+    from upop_cli.latest import write_latest
+
+    (tmp_path / "proj" / "r").mkdir(parents=True)
+    assert write_latest(tmp_path / "proj" / "r", "m") is None and not (tmp_path / "proj" / "latest.json").exists()
+    mine = tmp_path / "upop-out"
+    (mine / "r").mkdir(parents=True)
+    (mine / "latest.json").write_text("my own notes")  # not a record upop wrote: left as it is
+    assert write_latest(mine / "r", "m") is None and (mine / "latest.json").read_text() == "my own notes"
+    (mine / "latest.json").unlink()
+    assert write_latest(mine / "r", "m") == mine / "latest.json"
