@@ -21,6 +21,9 @@ GRANULARITIES = ("dim", "head")
 #: upop: unified + progressive (the method). The other two are the ablation baselines:
 #: unified ranking applied once at the end, and uniform per-module pruning by weight magnitude.
 SEARCH_METHODS = ("upop", "unified-once", "uniform-magnitude")
+#: constant: the search trains at ``lr`` throughout (as the reference UPop code; the weights adapt most while
+#: the most is being removed, late in the search); cosine: decays to 0 over the search (upop before 0.2)
+SEARCH_LR_SCHEDULES = ("constant", "cosine")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -50,6 +53,7 @@ class SearchConfig:
     lambda_attn: float = 6.4e-3
     lambda_mlp: float = 2e-4
     lr: float = 1e-5
+    lr_schedule: str = "constant"  # one of SEARCH_LR_SCHEDULES
     weight_decay: float = 0.05
     amp: bool = True
     seed: int = 0
@@ -60,6 +64,9 @@ class SearchConfig:
     def validate(self) -> None:
         if self.method not in SEARCH_METHODS:
             raise ConfigError(f"search method must be one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
+        if self.lr_schedule not in SEARCH_LR_SCHEDULES:
+            raise ConfigError(f"search lr schedule must be one of {', '.join(SEARCH_LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
             raise ConfigError(f"ratio must be strictly between 0 and 1, got {self.ratio!r}")
         if self.granularity not in GRANULARITIES:

@@ -410,5 +410,8 @@ def search(
 
 
 def search_lr_schedule(config: SearchConfig, total: int) -> Callable[[int], float]:
-    """The search's learning-rate factor: cosine from 1 to 0 over the search."""
+    """The search's learning-rate factor after ``s`` steps: 1 throughout (``constant``, the default), or cosine
+    from 1 to 0 over the search (``cosine``)."""
+    if config.lr_schedule == "constant":
+        return lambda _s: 1.0
     return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))

@@ -77,6 +77,8 @@ def compress(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     update_every: Optional[int] = typer.Option(None, "--update-every", help="K: search steps between mask updates."),
+    search_lr_schedule: Optional[str] = typer.Option(None, "--search-lr-schedule",
+                                                     help="constant (default, as UPop's reference) | cosine to 0."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on at most N records."),
     device: Optional[str] = DeviceOpt,
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -121,7 +123,8 @@ def compress(
     flags = dict(model=model, ratio=ratio, task=task, data=data, granularity=granularity, profile=profile,
                  target_latency=target_latency,
                  search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
-                 update_every=update_every, eval_limit=eval_limit, device=device, seed=seed, out=out,
+                 update_every=update_every, search_lr_schedule=search_lr_schedule,
+                 eval_limit=eval_limit, device=device, seed=seed, out=out,
                  checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
                  cache_gb=cache_gb, latency=latency)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:

@@ -59,7 +59,7 @@ def _defaults(model: str) -> dict[str, Any]:
             "lr": demo.compress_lr if demo else s.lr, "batch_size": demo.batch_size if demo else 32,
             "granularity": c.granularity, "device": c.device, "seed": s.seed, "lambda_attn": s.lambda_attn,
             "lambda_mlp": s.lambda_mlp, "checkpoint_every": DEFAULT_CHECKPOINT_EVERY, "grad_accum": s.grad_accum,
-            "latency": True}
+            "latency": True, "search_lr_schedule": s.lr_schedule}
 
 
 def _config(o: dict[str, Any]):
@@ -74,6 +74,7 @@ def _config(o: dict[str, Any]):
         ratio=o["ratio"] if o.get("ratio") is not None else 0.5, granularity=o["granularity"],
         profile=o.get("profile"), device=o["device"], target_latency_ms=o.get("target_latency"),
         search=upop.SearchConfig(epochs=o["search_epochs"], update_every=o.get("update_every"), lr=o["lr"],
+                                 lr_schedule=o["search_lr_schedule"],
                                  seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"],
                                  grad_accum=o["grad_accum"], max_steps=o.get("max_steps")),
         retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"], grad_accum=o["grad_accum"],

@@ -19,6 +19,7 @@ COMPRESS_KEYS = {
     "model", "ratio", "task", "data", "granularity", "profile", "search_epochs", "retrain_epochs", "batch_size",
     "lr", "device", "seed", "out", "update_every", "eval_limit", "lambda_attn", "lambda_mlp", "target_latency",
     "checkpoint_every", "grad_accum", "max_steps", "workers", "cache_gb", "latency",
+    "search_lr_schedule",
 }
 
 
@@ -85,6 +86,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "workers": ("an integer >= 0", at_least(0)),
     "cache_gb": ("a number of GiB >= 0", lambda v: _is_num(v) and v >= 0),
     "latency": ("true or false", lambda v: isinstance(v, bool)),
+    "search_lr_schedule": ("one of constant, cosine", lambda v: v in ("constant", "cosine")),
 }
 
 

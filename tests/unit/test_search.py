@@ -155,3 +155,32 @@ def test_uniform_magnitude_removes_the_same_share_of_every_module():
         assert len(res.kept[s.name]) == n - round(0.5 * n)
         if s.kind == "mlp":
             assert 0 not in res.kept[s.name]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_search_lr_is_constant_by_default_and_cosine_on_request(tiny, schedule):
+    adapter, model = tiny
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(opt, *a, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return step(opt, *a, **kw)
+
+    kw = {} if schedule == "constant" else {"lr_schedule": "cosine"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        _run(adapter, model, 0.5, steps=6, every=2, **kw)
+    assert len(seen) == 6
+    if schedule == "constant":
+        assert SearchConfig().lr_schedule == "constant"
+        assert seen == [1e-4] * 6
+    else:
+        assert seen == pytest.approx([1e-4 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])
+
+
+def test_unknown_lr_schedule_is_refused():
+    from upop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr schedule"):
+        SearchConfig(lr_schedule="linear").validate()
