@@ -7,6 +7,7 @@ With the same search and retrain budget, at ratios 0.5 and 0.75:
 Prints the test primary metric of each (mean ± spread over seeds) next to the unpruned model.
 
     python benchmarks/ablation.py [--demos demo-blip demo-clip demo-vit] [--seeds 0 1] [--ratios 0.5 0.75]
+        [--methods upop ...] [--search-lr-schedule constant|cosine]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     ap.add_argument("--search-epochs", type=int, default=None)
     ap.add_argument("--retrain-epochs", type=int, default=None)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--search-lr-schedule", default="constant", choices=("constant", "cosine"))
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = ap.parse_args()
     console = Console(stderr=True)
@@ -45,20 +48,22 @@ def main() -> None:
         base = ts.report_fn(src.model)["primary"]
         for ratio in args.ratios:
             cells = {}
-            for method in METHODS:
+            for method in args.methods:
                 vals = []
                 for seed in args.seeds:
                     t0 = time.perf_counter()
                     cfg = upop.CompressConfig(
                         ratio=ratio,
                         search=upop.SearchConfig(epochs=args.search_epochs or spec.compress_search_epochs,
-                                                 lr=spec.compress_lr, seed=seed, method=method),
+                                                 lr=spec.compress_lr, seed=seed, method=method,
+                                                 lr_schedule=args.search_lr_schedule),
                         retrain=upop.RetrainConfig(epochs=args.retrain_epochs or spec.compress_retrain_epochs,
                                                    lr=spec.compress_lr, seed=seed))
                     res = upop.compress(demo, cfg, batch_size=spec.batch_size)
                     v = res.report.metrics["after"]["primary"]
                     vals.append(v)
                     raw.append({"demo": demo, "ratio": ratio, "method": method, "seed": seed, "metric": v,
+                                "search_lr_schedule": args.search_lr_schedule,
                                 "baseline": base, "seconds": time.perf_counter() - t0})
                     console.log(f"{demo} p={ratio} {method} seed {seed}: {v:.2f} ({time.perf_counter() - t0:.0f}s)")
                     if args.json:
@@ -66,10 +71,10 @@ def main() -> None:
                 cells[method] = vals
             rows.append((demo, ts.task.primary, base, ratio, cells))
     table = Table(title="ablation on the demo tasks (test split, after retraining; mean ± half-range over seeds)")
-    for col in ("demo", "metric", "unpruned", "ratio", *METHODS):
+    for col in ("demo", "metric", "unpruned", "ratio", *args.methods):
         table.add_column(col, justify="left" if col in ("demo", "metric") else "right")
     for demo, metric, base, ratio, cells in rows:
-        fmt = [f"{statistics.mean(v):.2f} ± {(max(v) - min(v)) / 2:.2f}" for v in (cells[m] for m in METHODS)]
+        fmt = [f"{statistics.mean(v):.2f} ± {(max(v) - min(v)) / 2:.2f}" for v in (cells[m] for m in args.methods)]
         table.add_row(demo, metric, f"{base:.2f}", f"{ratio}", *fmt)
     Console(width=160).print(table)
     if args.json:
