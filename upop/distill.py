@@ -92,12 +92,16 @@ def check_teacher(adapter: Any, student: nn.Module, teacher: nn.Module, mode: st
                                     "needs a teacher of the same class (and task)")
     example = adapter.example_inputs(student, batch_size=1, generator=torch.Generator().manual_seed(0))
     names = adapter.feature_layers(student) if mode in ("features", "both") else []
+    if names and adapter.feature_layers(teacher) != names:
+        raise UnsupportedModelError(f"the teacher {label} has {len(adapter.feature_layers(teacher))} layers for "
+                                    f"feature distillation and the student {len(names)}; feature distillation needs "
+                                    "the same layers and widths (use --distill logits)")
     shapes = {}
     for who, model in (("student", student), ("teacher", teacher)):
         was = model.training
         model.eval()
         try:
-            with torch.no_grad(), tap(model, names if who == "student" else _present(model, names)) as feats:
+            with torch.no_grad(), tap(model, names) as feats:
                 outs = adapter.forward_outputs(model, {k: v.to(_device(model)) for k, v in example.items()})
         except Exception as exc:  # noqa: BLE001  (any failure of the teacher on the student's inputs says the same)
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -114,12 +118,6 @@ def check_teacher(adapter: Any, student: nn.Module, teacher: nn.Module, mode: st
         raise UnsupportedModelError(f"the teacher {label} has hidden states of other shapes or layers than the "
                                     f"student's ({_diff(shapes['teacher'][1], shapes['student'][1])}); feature "
                                     "distillation needs the same layers and widths (use --distill logits)")
-
-
-def _present(model: nn.Module, names: list[str]) -> list[str]:
-    """The named layers the model has (a teacher with fewer layers fails the shape comparison, not a lookup)."""
-    have = {n for n, _ in model.named_modules()}
-    return [n for n in names if n in have]
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -466,6 +466,17 @@ def compress(
     return finish(run, net, src, result, report, base)
 
 
+def open_teacher(source: str, task: str | None) -> nn.Module:
+    """The teacher with the student's task head; a model that has none is opened as it is, so that the check
+    that follows names what it is (another family, another class)."""
+    from .errors import UnsupportedModelError
+
+    try:
+        return open_model(source, task).model
+    except UnsupportedModelError:
+        return open_model(source).model
+
+
 def add_distillation(run: Run, src: OpenedModel, net: nn.Module, inputs: Inputs,
                      loss_fn: LossFn | None) -> dict[str, Any] | None:
     """With distillation on, the retrain's loss (and the search's, with ``distill.search``) becomes the task's
@@ -485,7 +496,7 @@ def add_distillation(run: Run, src: OpenedModel, net: nn.Module, inputs: Inputs,
     if cfg.teacher is None:
         teacher, source = copy.deepcopy(net), f"the unpruned input model ({src.info.source or src.info.class_name})"
     else:
-        teacher, source = open_model(cfg.teacher, inputs.task).model.to(run.device), cfg.teacher
+        teacher, source = open_teacher(cfg.teacher, inputs.task).to(run.device), cfg.teacher
     check_teacher(src.adapter, net, teacher, cfg.mode, cfg.teacher or "(the input model)")
     dtype = teacher_dtype(run.device, run.config.search.amp and run.config.retrain.amp)
     layers = src.adapter.feature_layers(net) if cfg.mode in ("features", "both") else []
