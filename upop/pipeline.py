@@ -492,7 +492,8 @@ def add_distillation(run: Run, src: OpenedModel, net: nn.Module, inputs: Inputs,
         raise ConfigError("distillation compares the task's outputs: give the data (or a demo model) and no "
                           "loss function of your own")
     if not inputs.task_impl.distills():
-        inputs.task_impl.forward(net, None)  # the task's own one-line refusal
+        raise ConfigError(f"the {inputs.task} task of {src.adapter.family} models has no distillation outputs; run it "
+                          "without --distill")
     if cfg.teacher is None:
         teacher, source = copy.deepcopy(net), f"the unpruned input model ({src.info.source or src.info.class_name})"
     else:
@@ -502,10 +503,7 @@ def add_distillation(run: Run, src: OpenedModel, net: nn.Module, inputs: Inputs,
     layers = src.adapter.feature_layers(net) if cfg.mode in ("features", "both") else []
     distiller = Distiller(inputs.task_impl, freeze(teacher, run.device, dtype), cfg, layers)
     inputs.loss = distiller
-    if cfg.search:
-        inputs.search_loss = distiller
-    else:
-        inputs.search_loss = inputs.task_impl.loss
+    inputs.search_loss = distiller if cfg.search else inputs.task_impl.loss
     return {"mode": cfg.mode, "weight": cfg.weight, "temperature": cfg.temperature, "search": cfg.search,
             "teacher": source, "teacher_dtype": str(dtype).removeprefix("torch."), "feature_layers": len(layers)}
 

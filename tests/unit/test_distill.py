@@ -173,7 +173,7 @@ def test_distilling_during_the_search_changes_what_it_measures(tmp_path):
 def test_an_explicit_teacher_is_recorded_and_checked(tmp_path):
     model_dir, data = vit_run_folder(tmp_path)
     kw = dict(data=data, batch_size=4, eval_limit=4, latency=False)
-    res = upop.compress(str(model_dir), _config(mode="logits", teacher=str(model_dir)), **kw)
+    res = upop.compress(str(model_dir), _config(mode="logits", teacher=str(model_dir), search=False), **kw)
     assert res.report.distill["teacher"] == str(model_dir)
     from upop.report import to_markdown
 
@@ -200,10 +200,24 @@ def test_cli_distill_options_and_a_wrong_teacher(tmp_path):
                       (["--distill-temperature", "0"], "--distill-temperature")):
         r = CliRunner().invoke(app, base + bad + ["--out", str(tmp_path / "o2")])
         assert r.exit_code == 2 and name in r.output, r.output
-    r = CliRunner().invoke(app, base + ["--distill", "features", "--distill-weight", "0.5", "--distill-search",
+    r = CliRunner().invoke(app, base + ["--distill", "features", "--distill-weight", "0.5", "--no-distill-search",
                                         "--out", str(tmp_path / "o3")])
     assert r.exit_code == 0, r.output
     import json
 
     kd = json.loads((tmp_path / "o3" / "report.json").read_text())["distill"]
-    assert kd["mode"] == "features" and kd["weight"] == 0.5 and kd["search"] is True
+    assert kd["mode"] == "features" and kd["weight"] == 0.5 and kd["search"] is False
+
+
+def test_a_task_without_distillation_outputs_is_refused_in_one_line(tmp_path, monkeypatch):
+    from upop.tasks.base import Task
+    from upop.tasks.classification import Classification
+
+    model_dir, data = vit_run_folder(tmp_path)
+    monkeypatch.setattr(Classification, "forward", Task.forward)
+    assert not Classification.distills()
+    with pytest.raises(ConfigError, match="has no distillation outputs") as err:
+        Classification.forward(Classification.__new__(Classification), None, {})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="the classification task of vit models has no distillation outputs"):
+        upop.compress(str(model_dir), _config(mode="logits"), data=data, batch_size=4, latency=False)
