@@ -108,7 +108,7 @@ def print_table(rows: list, variants: list[str]) -> None:
             if v == "upop" or got.get(v) is None or plain is None:
                 continue
             lost = base - plain
-            rec.append(f"{v} {(got[v] - plain) / lost:.0%}" if abs(lost) > 1e-9 else f"{v} –")
+            rec.append(f"{v} {(got[v] - plain) / lost:.0%}" if lost > 1e-9 else f"{v} – (UPop lost nothing)")
             ratios = [(_mean(cells[v], k), _mean(cells["upop"], k)) for k in ("search_step_s", "retrain_step_s")]
             over.append(f"{v} " + "/".join(f"{a / b:.2f}×" if a and b else "–" for a, b in ratios))
         table.add_row(demo, f"{ratio}", f"{base:.2f}", *fmt, ", ".join(rec) or "–", ", ".join(over) or "–")

@@ -114,7 +114,7 @@ def compress(
                                                         help="Temperature of the logit KL (default 1)."),
     distill_search: Optional[bool] = typer.Option(None, "--distill-search/--no-distill-search",
                                                   help="Distil during the search too, not only the retrain "
-                                                       "(default on)."),
+                                                       "(default off)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model of the same family and task "
                                                                   "(default: the unpruned input model)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),

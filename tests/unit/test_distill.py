@@ -200,13 +200,13 @@ def test_cli_distill_options_and_a_wrong_teacher(tmp_path):
                       (["--distill-temperature", "0"], "--distill-temperature")):
         r = CliRunner().invoke(app, base + bad + ["--out", str(tmp_path / "o2")])
         assert r.exit_code == 2 and name in r.output, r.output
-    r = CliRunner().invoke(app, base + ["--distill", "features", "--distill-weight", "0.5", "--no-distill-search",
+    r = CliRunner().invoke(app, base + ["--distill", "features", "--distill-weight", "0.5", "--distill-search",
                                         "--out", str(tmp_path / "o3")])
     assert r.exit_code == 0, r.output
     import json
 
     kd = json.loads((tmp_path / "o3" / "report.json").read_text())["distill"]
-    assert kd["mode"] == "features" and kd["weight"] == 0.5 and kd["search"] is False
+    assert kd["mode"] == "features" and kd["weight"] == 0.5 and kd["search"] is True
 
 
 def test_a_task_without_distillation_outputs_is_refused_in_one_line(tmp_path, monkeypatch):
