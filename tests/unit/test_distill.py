@@ -221,3 +221,68 @@ def test_a_task_without_distillation_outputs_is_refused_in_one_line(tmp_path, mo
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="the classification task of vit models has no distillation outputs"):
         upop.compress(str(model_dir), _config(mode="logits"), data=data, batch_size=4, latency=False)
+
+
+class _LogitsTask:
+    """The distillation interface over a bank of example batches (what a classification task does on its data)."""
+
+    name = "classification"
+
+    def forward(self, model, batch, guide=None):
+        return {"logits": model(pixel_values=batch["pixel_values"]).logits}
+
+    def loss_from(self, out, batch):
+        return torch.nn.functional.cross_entropy(out["logits"].float(), batch["labels"])
+
+    def distill_terms(self, student, teacher, temperature):
+        from upop.tasks.base import distill_kl
+
+        return distill_kl(student["logits"], teacher["logits"], temperature)
+
+
+def _kd_run(rank: int, world: int) -> dict:
+    """Search and retrain with logit distillation, each rank with its own teacher on its shard."""
+    from upop.retrain import retrain
+    from upop.search import search
+    from upop.slim import slim_model
+
+    from .test_distributed import _bank, _batches
+
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    teacher = _frozen(randomize_(build_tiny("vit", "ViTForImageClassification"), seed=5))
+    loss = Distiller(_LogitsTask(), teacher, DistillConfig(mode="logits", temperature=2.0), [])
+    specs = adapter.modules(model)
+    res = search(model, specs, loss, _batches(rank, world), upop.SearchConfig(ratio=0.5, steps=4, update_every=2, lr=1e-3))
+    slim_model(model, specs, res.kept, "dim", adapter, zeta=res.zeta)
+    retrain(model, loss, _batches(rank, world), upop.RetrainConfig(epochs=1, lr=1e-3))
+    return {"kept": res.kept, "loss": [h["task_loss"] for h in res.history],
+            "logits": model.eval()(pixel_values=_bank()["pixel_values"]).logits.detach(),
+            "teacher_same": all(torch.equal(v, _frozen(randomize_(build_tiny("vit", "ViTForImageClassification"),
+                                                                  seed=5)).state_dict()[k])
+                                for k, v in teacher.state_dict().items())}
+
+
+def _kd_worker(rank: int, world: int, folder: str) -> None:
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=60))
+    try:
+        out = _kd_run(rank, world)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(out, f"{folder}/rank{rank}.pt")
+
+
+def test_two_processes_each_with_its_teacher_distil_as_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    one = _kd_run(0, 1)
+    mp.spawn(_kd_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        two = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert two["kept"] == one["kept"] and two["teacher_same"]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)  # the ranks' mean: the whole batch's loss
+        assert torch.allclose(two["logits"], one["logits"], atol=1e-4)
