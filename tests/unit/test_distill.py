@@ -286,3 +286,19 @@ def test_two_processes_each_with_its_teacher_distil_as_one_process(tmp_path):
         assert two["kept"] == one["kept"] and two["teacher_same"]
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)  # the ranks' mean: the whole batch's loss
         assert torch.allclose(two["logits"], one["logits"], atol=1e-4)
+
+
+def test_toml_keys_are_checked_like_the_flags(tmp_path):
+    from upop_cli.options import read_toml
+
+    good = tmp_path / "good.toml"
+    good.write_text('[compress]\ndistill = "both"\ndistill-weight = 0.5\ndistill-temperature = 2.0\n'
+                    'distill-search = true\nteacher = "demo-vit"\n')
+    assert read_toml(good) == {"distill": "both", "distill_weight": 0.5, "distill_temperature": 2.0,
+                               "distill_search": True, "teacher": "demo-vit"}
+    for line, name in (('distill = "soft"', "distill"), ("distill_temperature = 0", "distill_temperature"),
+                       ('distill_search = "yes"', "distill_search")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(line + "\n")
+        with pytest.raises(ConfigError, match=f"{name} must be"):
+            read_toml(bad)
