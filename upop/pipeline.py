@@ -8,6 +8,7 @@ kept there (phase ``done``) until its output has been written, so a failed final
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -122,6 +123,8 @@ class Inputs:
     report_fn: Callable[[nn.Module], dict[str, float]] | None = None  # the report's metrics (test)
     primary: str | None = None
     task: str | None = None
+    task_impl: Any = None  # the Task object, when the task supplies the batches
+    search_loss: LossFn | None = None  # the search's loss, when it differs from the retrain's (distillation)
 
 
 @dataclass
@@ -202,9 +205,11 @@ def prepare_inputs(src: OpenedModel, run: Run, *, data: str | Path | None, task:
                    task_options: dict[str, Any]) -> Inputs:
     """The task's batches, loss and metrics (or the caller's own), sharded across the ranks."""
     report_fn, primary, task_name = None, None, task or src.adapter.task_of(src.model)
+    task_impl = None
     if batches is None:
         ts = setup_task(src, task, data, preprocessor, batch_size, run.config.search.seed, eval_limit, **task_options)
         batches, report_fn, primary, task_name = ts.batches, ts.report_fn, ts.task.primary, ts.task.name
+        task_impl = ts.task
         loss_fn, eval_fn = loss_fn or ts.loss_fn, eval_fn or ts.eval_fn
     dist = run.dist
     if dist.enabled:
@@ -213,7 +218,8 @@ def prepare_inputs(src: OpenedModel, run: Run, *, data: str | Path | None, task:
             retrain_batches = retrain_batches.shard(dist.rank, dist.world)
     return Inputs(batches=batches, retrain_batches=retrain_batches if retrain_batches is not None else batches,
                   loss=loss_fn or src.adapter.native_loss, eval_fn=evaluated(eval_fn, "val", run.progress),
-                  report_fn=evaluated(report_fn, "test", run.progress), primary=primary, task=task_name)
+                  report_fn=evaluated(report_fn, "test", run.progress), primary=primary, task=task_name,
+                  task_impl=task_impl)
 
 
 def open_state(run: Run, state_dir: str | Path | None, resume: bool, run_info: dict[str, Any]) -> None:
@@ -257,7 +263,8 @@ def run_search(run: Run, net: nn.Module, specs: list, inputs: Inputs, plan: Hard
     if run.saved is not None and run.saved.phase != "search":
         return SearchResult(**run.saved.search_result)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    result = search(net, specs, inputs.loss, inputs.batches, run.config.search, progress=run.stage("search"),
+    loss = inputs.search_loss if inputs.search_loss is not None else inputs.loss
+    result = search(net, specs, loss, inputs.batches, run.config.search, progress=run.stage("search"),
                     unit_costs=plan.unit_costs if plan else None, allowed_sizes=plan.allowed if plan else None,
                     resume=run.own(run.saved.search) if run.resumes("search") else None,  # type: ignore[union-attr]
                     on_interrupt=run.on_interrupt(lambda st: RunState("search", base, search=st)),
@@ -433,6 +440,7 @@ def compress(
     inputs = prepare_inputs(src, run, data=data, task=task, preprocessor=preprocessor, batch_size=batch_size,
                             eval_limit=eval_limit, batches=batches, loss_fn=loss_fn, retrain_batches=retrain_batches,
                             eval_fn=eval_fn, task_options=task_options or {})
+    distill_info = add_distillation(run, src, net, inputs, loss_fn)
     example = src.adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     before = Measured.of(net, src.adapter, example)
     specs = src.adapter.modules(net)
@@ -454,7 +462,50 @@ def compress(
     hardware = plan.report(predicted_latency_ms(net, src.adapter, plan.profile, run.config.granularity)) if plan else None
     report = build_report(run, src, inputs, specs, result, rt, base, before, after, test_after, metric_slim,
                           hardware, run_info, started)
+    report.distill = distill_info
     return finish(run, net, src, result, report, base)
+
+
+def open_teacher(source: str, task: str | None) -> nn.Module:
+    """The teacher with the student's task head; a model that has none is opened as it is, so that the check
+    that follows names what it is (another family, another class)."""
+    from .errors import UnsupportedModelError
+
+    try:
+        return open_model(source, task).model
+    except UnsupportedModelError:
+        return open_model(source).model
+
+
+def add_distillation(run: Run, src: OpenedModel, net: nn.Module, inputs: Inputs,
+                     loss_fn: LossFn | None) -> dict[str, Any] | None:
+    """With distillation on, the retrain's loss (and the search's, with ``distill.search``) becomes the task's
+    loss plus the match with a frozen teacher: the unpruned input model as it is now (copied before the search
+    trains it), or ``distill.teacher`` opened from its source. Nothing of the teacher goes into the run's state:
+    a resumed run opens it again. Returns the report's record of the settings."""
+    from .distill import Distiller, check_teacher, freeze, teacher_dtype
+
+    cfg = run.config.distill
+    if not cfg.enabled:
+        return None
+    if inputs.task_impl is None or loss_fn is not None:
+        raise ConfigError("distillation compares the task's outputs: give the data (or a demo model) and no "
+                          "loss function of your own")
+    if not inputs.task_impl.distills():
+        raise ConfigError(f"the {inputs.task} task of {src.adapter.family} models has no distillation outputs; run it "
+                          "without --distill")
+    if cfg.teacher is None:
+        teacher, source = copy.deepcopy(net), f"the unpruned input model ({src.info.source or src.info.class_name})"
+    else:
+        teacher, source = open_teacher(cfg.teacher, inputs.task).to(run.device), cfg.teacher
+    check_teacher(src.adapter, net, teacher, cfg.mode, cfg.teacher or "(the input model)")
+    dtype = teacher_dtype(run.device, run.config.search.amp and run.config.retrain.amp)
+    layers = src.adapter.feature_layers(net) if cfg.mode in ("features", "both") else []
+    distiller = Distiller(inputs.task_impl, freeze(teacher, run.device, dtype), cfg, layers)
+    inputs.loss = distiller
+    inputs.search_loss = distiller if cfg.search else inputs.task_impl.loss
+    return {"mode": cfg.mode, "weight": cfg.weight, "temperature": cfg.temperature, "search": cfg.search,
+            "teacher": source, "teacher_dtype": str(dtype).removeprefix("torch."), "feature_layers": len(layers)}
 
 
 def plan_for(run: Run, net: nn.Module, adapter: Adapter, specs: list) -> HardwarePlan | None:

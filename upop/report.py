@@ -41,6 +41,7 @@ class Report:
     resumed_from: dict[str, Any] | None = None
     performance: dict[str, Any] = field(default_factory=dict)  # per-phase seconds, throughput, peak memory
     latency: list[dict[str, Any]] | None = None  # measured: runtime, device, batch, before/after ms (p50, p90), speedup
+    distill: dict[str, Any] | None = None  # mode, weight, temperature, search, the teacher's source and dtype
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +129,10 @@ def run_lines(report: Report) -> list[str]:
         missed = target_missed(report)
         lines.append(f"- {missed}" if missed else f"- latency target {hw['target_ms']:g} ms on {hw.get('profile')}: "
                      f"met (predicted {hw['predicted_ms_after']:.3f} ms)")
+    kd = report.distill
+    if kd:
+        lines.append(f"- distilled ({kd['mode']}, weight {kd['weight']:g}, temperature {kd['temperature']:g}, "
+                     f"{'search and retrain' if kd['search'] else 'retrain only'}) from {kd['teacher']}")
     r = report.resumed_from
     if r:
         lines.append(f"- resumed from the {r['phase']} checkpoint at step {r['step']}")

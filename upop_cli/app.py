@@ -106,6 +106,17 @@ def compress(
                                                                        "(default: 1 GiB for small sets, else none)."),
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="Measure the latency before and "
                                                                                   "after in the report (default on)."),
+    distill: Optional[str] = typer.Option(None, "--distill", help="Learn from a frozen teacher: off (default) | "
+                                                                   "logits (KL) | features (hidden states) | both."),
+    distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the distillation "
+                                                                                  "terms (default 1)."),
+    distill_temperature: Optional[float] = typer.Option(None, "--distill-temperature",
+                                                        help="Temperature of the logit KL (default 1)."),
+    distill_search: Optional[bool] = typer.Option(None, "--distill-search/--no-distill-search",
+                                                  help="Distil during the search too, not only the retrain "
+                                                       "(default off)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model of the same family and task "
+                                                                  "(default: the unpruned input model)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     allow_outside_data: bool = OutsideOpt,
     quiet: bool = QuietOpt,
@@ -126,7 +137,8 @@ def compress(
                  update_every=update_every, search_lr_schedule=search_lr_schedule,
                  eval_limit=eval_limit, device=device, seed=seed, out=out,
                  checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
-                 cache_gb=cache_gb, latency=latency)
+                 cache_gb=cache_gb, latency=latency, distill=distill, distill_weight=distill_weight,
+                 distill_temperature=distill_temperature, distill_search=distill_search, teacher=teacher)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
         from upop.distributed import launched_by_torchrun
 

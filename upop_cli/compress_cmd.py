@@ -59,7 +59,15 @@ def _defaults(model: str) -> dict[str, Any]:
             "lr": demo.compress_lr if demo else s.lr, "batch_size": demo.batch_size if demo else 32,
             "granularity": c.granularity, "device": c.device, "seed": s.seed, "lambda_attn": s.lambda_attn,
             "lambda_mlp": s.lambda_mlp, "checkpoint_every": DEFAULT_CHECKPOINT_EVERY, "grad_accum": s.grad_accum,
-            "latency": True, "search_lr_schedule": s.lr_schedule}
+            "latency": True, "search_lr_schedule": s.lr_schedule, **_distill_defaults()}
+
+
+def _distill_defaults() -> dict[str, Any]:
+    from upop.config import DistillConfig
+
+    d = DistillConfig()
+    return {"distill": d.mode, "distill_weight": d.weight, "distill_temperature": d.temperature,
+            "distill_search": d.search}
 
 
 def _config(o: dict[str, Any]):
@@ -78,7 +86,9 @@ def _config(o: dict[str, Any]):
                                  seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"],
                                  grad_accum=o["grad_accum"], max_steps=o.get("max_steps")),
         retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"], grad_accum=o["grad_accum"],
-                                   max_steps=o.get("max_steps")))
+                                   max_steps=o.get("max_steps")),
+        distill=upop.DistillConfig(mode=o["distill"], weight=o["distill_weight"], temperature=o["distill_temperature"],
+                                   search=o["distill_search"], teacher=o.get("teacher")))
     check_profile(cfg.profile)
     return cfg
 

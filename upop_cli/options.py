@@ -20,6 +20,7 @@ COMPRESS_KEYS = {
     "lr", "device", "seed", "out", "update_every", "eval_limit", "lambda_attn", "lambda_mlp", "target_latency",
     "checkpoint_every", "grad_accum", "max_steps", "workers", "cache_gb", "latency",
     "search_lr_schedule",
+    "distill", "distill_weight", "distill_temperature", "distill_search", "teacher",
 }
 
 
@@ -87,6 +88,11 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "cache_gb": ("a number of GiB >= 0", lambda v: _is_num(v) and v >= 0),
     "latency": ("true or false", lambda v: isinstance(v, bool)),
     "search_lr_schedule": ("one of constant, cosine", lambda v: v in ("constant", "cosine")),
+    "distill": ("one of off, logits, features, both", lambda v: v in ("off", "logits", "features", "both")),
+    "distill_weight": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
+    "distill_temperature": ("a number > 0", lambda v: _is_num(v) and v > 0),
+    "distill_search": ("true or false", lambda v: isinstance(v, bool)),
+    "teacher": ("a model name or folder", _text),
 }
 
 

@@ -141,7 +141,20 @@ class Adapter:
         data = dict(data)
         return transformers.AutoConfig.for_model(data.pop("model_type"), **data)
 
+    #: the layer stacks (ModuleLists) of every tower whose layers output the residual stream: feature
+    #: distillation compares each of their layers' outputs with the teacher's (stacks a class lacks are skipped)
+    feature_stacks: ClassVar[tuple[str, ...]] = ()
+
     # ---- towers and modules ----------------------------------------------------------------
+    def feature_layers(self, model: nn.Module) -> list[str]:
+        """Every layer of the model's ``feature_stacks``, by module path."""
+        have = dict(model.named_modules())
+        names = [f"{stack}.{i}" for stack in self.feature_stacks if stack in have for i in range(len(have[stack]))]
+        if not names:
+            raise UnsupportedModelError(f"{self.family}: {type(model).__name__} declares no layers for feature "
+                                        "distillation; use --distill logits")
+        return names
+
     def tower_of(self, path: str) -> str:
         head = path.split(".", 1)[0]
         return self.towers.get(head, head)

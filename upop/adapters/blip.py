@@ -148,6 +148,7 @@ class BlipAdapter(Adapter, BlipModels):
     tasks = {"retrieval": "blip-retrieval", "caption": "blip-caption", "vqa": "blip-vqa"}
     towers = {"vision_model": "vision", "text_encoder": "text", "text_decoder": "decoder",
               "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
+    feature_stacks = ("vision_model.encoder.layers", "text_encoder.encoder.layer", "text_decoder.bert.encoder.layer")
 
     def modules(self, model: nn.Module) -> list[ModuleSpec]:
         return [spec for path, mod in model.named_modules() for spec in self.specs_of(path, mod)]

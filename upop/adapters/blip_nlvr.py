@@ -56,6 +56,7 @@ class BlipNlvrAdapter(BlipAdapter, BlipNlvrModels):
     classes = {"BlipNlvrForVisualReasoning": "nlvr"}
     tasks = {"nlvr": "blip-nlvr"}
     towers = {"vision_model": "vision", "text_encoder": "text", "cls_head": "text"}
+    feature_stacks = ("vision_model.encoder.layers", "text_encoder.encoder.layer")
 
     def _resolve_class(self, name: str) -> type[nn.Module]:
         return BlipNlvrForVisualReasoning

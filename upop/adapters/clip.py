@@ -55,6 +55,7 @@ class CLIPAdapter(QKVOAdapter, CLIPModels):
     tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}
     towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
               "text_projection": "text"}
+    feature_stacks = ("vision_model.encoder.layers", "text_model.encoder.layers")
 
     attention_types = (CLIPAttention,)
     mlp_types = (CLIPMLP,)

@@ -22,6 +22,7 @@ class DeiTModels(ViTModels):
 class DeiTAdapter(ViTAdapter, DeiTModels):
     family = "deit"
     model_types = ("deit",)
+    feature_stacks = ("deit.layers",)
     # The distilled "WithTeacher" class is inference-only (no loss), so it cannot be retrained here.
     classes = {"DeiTForImageClassification": "classification"}
     towers = {"deit": "vision", "classifier": "head", "distillation_classifier": "head"}

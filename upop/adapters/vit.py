@@ -42,6 +42,7 @@ class ViTAdapter(QKVOAdapter, ViTModels):
     classes = {"ViTForImageClassification": "classification"}
     tasks = {"classification": "classification"}
     towers = {"vit": "vision", "classifier": "head"}
+    feature_stacks = ("vit.layers",)
     o_name = "o_proj"
     heads_attr = "num_attention_heads"
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..data import (
     SMALL_SET,
@@ -28,6 +29,7 @@ from ..data import (
     make_loader,
 )
 from ..datasets.readers import DataError, check_images
+from ..errors import ConfigError
 
 _TASKS: dict[str, type["Task"]] = {}
 
@@ -266,6 +268,22 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) of softmax(logits / T) over the last dimension, times T² (the gradient scale stays
+    that of the task loss as T changes), averaged over the rows (those where ``keep`` is true); 0 when equal.
+    The teacher's logits carry no gradient."""
+    t = float(temperature)
+    s_log = F.log_softmax(student.float() / t, dim=-1)
+    t_log = F.log_softmax(teacher.detach().float() / t, dim=-1)
+    rows = (t_log.exp() * (t_log - s_log)).sum(-1)
+    if keep is not None:
+        rows = rows[keep]
+    if rows.numel() == 0:
+        return s_log.sum() * 0.0
+    return rows.mean() * t * t
+
+
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -343,8 +361,34 @@ class Task:
     def train_batches(self) -> Batches:
         raise NotImplementedError
 
+    def forward(self, model: nn.Module, batch: dict[str, Any],
+                guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one training batch that the loss is computed from (logits, similarity rows, ...).
+
+        ``guide``: the student's outputs on the same batch, given when a teacher runs: the teacher reuses the
+        student's random choices (stored as index tensors in the outputs), runs no momentum model, updates no
+        queue and draws no random numbers, so both models are compared on exactly the same inputs."""
+        raise ConfigError(f"the {self.name} task ({type(self).__name__}) has no distillation outputs "
+                                    "(Task.forward); run it without --distill")
+
+    def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        """The task's training loss from ``forward``'s outputs."""
+        raise ConfigError(f"the {self.name} task ({type(self).__name__}) has no loss_from")
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        return self.loss_from(self.forward(model, batch), batch)
+
+    def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                      temperature: float) -> torch.Tensor:
+        """Logit distillation for this task (a scalar): KL(teacher || student) of the task's natural
+        distributions at ``temperature`` (scaled by T²); exactly 0 when the two outputs are equal."""
+        raise ConfigError(f"the {self.name} task ({type(self).__name__}) has no logit distillation "
+                                    "(Task.distill_terms); use --distill features or run without --distill")
+
+    @classmethod
+    def distills(cls) -> bool:
+        """Whether the task implements the distillation interface (``forward`` of its own)."""
+        return cls.forward is not Task.forward
 
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         raise NotImplementedError

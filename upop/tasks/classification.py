@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from ..datasets.readers import DataError, read_classification
 from ..distributed import current
-from .base import Batches, Images, Task, device_of, register_task, to_device
+from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import topk_accuracy
 
 
@@ -75,9 +75,16 @@ class Classification(_ClassData):
 
         return Batches(len(items), self.batch_size, make, seed=self.seed, images=self.images)
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        batch = self.on_device(batch, model)
-        return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits.float(), batch["labels"])
+    def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        return {"logits": model(pixel_values=self.on_device(batch, model)["pixel_values"]).logits}
+
+    def loss_from(self, out: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        logits = out["logits"].float()
+        return F.cross_entropy(logits, batch["labels"].to(logits.device))
+
+    def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                      temperature: float) -> torch.Tensor:
+        return distill_kl(student["logits"], teacher["logits"], temperature)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:

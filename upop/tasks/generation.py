@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_retrieval, read_vqa
-from .base import Batches, Images, Task, device_of, register_task, to_device
+from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
 
@@ -20,6 +20,25 @@ def _decoder_ids(task: Task, model: nn.Module, texts: list[str], max_length: int
     ids[:, 0] = model.config.text_config.bos_token_id  # BLIP decodes from [DEC], not [CLS]
     labels = ids.masked_fill(tok["attention_mask"] == 0, -100)
     return ids, tok["attention_mask"], labels
+
+
+def _decoded(logits: torch.Tensor, loss: torch.Tensor | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The decoder's logits, the positions that predict a real token (the next label is not padding), and
+    the model's own loss (the student's; a teacher runs without labels)."""
+    out = {"logits": logits, "keep": labels[:, 1:] != -100}
+    if loss is not None:
+        out["loss"] = loss
+    return out
+
+
+def _decoder_loss(task: Task, out: dict[str, torch.Tensor], batch) -> torch.Tensor:
+    return out["loss"]
+
+
+def _token_kl(task: Task, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+              temperature: float) -> torch.Tensor:
+    """Token-level KL under teacher forcing: position t predicts token t+1; padding is left out."""
+    return distill_kl(student["logits"][:, :-1], teacher["logits"][:, :-1], temperature, keep=student["keep"])
 
 
 @register_task("blip-caption")
@@ -38,11 +57,15 @@ class BlipCaption(Task):
 
         return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         ids, mask, labels = _decoder_ids(self, model, batch["captions"])
         dev = device_of(model)
-        return model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=ids.to(dev),
-                     attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+        out = model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=ids.to(dev),
+                    attention_mask=mask.to(dev), labels=None if guide is not None else labels.to(dev))
+        return _decoded(out.logits, out.loss, labels.to(dev))
+
+    loss_from = _decoder_loss
+    distill_terms = _token_kl
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
@@ -78,13 +101,23 @@ class BlipVQA(Task):
 
         return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         dev = device_of(model)
         q = to_device(self.prep.text(batch["questions"]), dev)
         ids, mask, labels = _decoder_ids(self, model, batch["answers"], max_length=10)
-        return model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=q["input_ids"],
-                     attention_mask=q["attention_mask"], decoder_input_ids=ids.to(dev),
-                     decoder_attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+        seen: list[torch.Tensor] = []
+        # The model returns the answer decoder's loss only; its logits are read where the decoder returns them.
+        hook = model.text_decoder.register_forward_hook(lambda _m, _a, out: seen.append(out.logits))
+        try:
+            out = model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=q["input_ids"],
+                        attention_mask=q["attention_mask"], decoder_input_ids=ids.to(dev),
+                        decoder_attention_mask=mask.to(dev), labels=None if guide is not None else labels.to(dev))
+        finally:
+            hook.remove()
+        return _decoded(seen[-1], out.loss, labels.to(dev))
+
+    loss_from = _decoder_loss
+    distill_terms = _token_kl
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:

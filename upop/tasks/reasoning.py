@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..datasets.readers import read_nlvr
-from .base import Batches, Images, Task, device_of, register_task, to_device
+from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 
 
 @register_task("blip-nlvr")
@@ -31,8 +31,19 @@ class BlipVisualReasoning(Task):
 
         return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        return model(**self.on_device(batch, model)).loss
+    def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        inputs = self.on_device(batch, model)
+        if guide is not None:  # a teacher: its own loss is not needed
+            inputs.pop("labels", None)
+        out = model(**inputs)
+        return {"logits": out.logits} if out.loss is None else {"logits": out.logits, "loss": out.loss}
+
+    def loss_from(self, out: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        return out["loss"]
+
+    def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                      temperature: float) -> torch.Tensor:
+        return distill_kl(student["logits"], teacher["logits"], temperature)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
