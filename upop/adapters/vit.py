@@ -41,6 +41,7 @@ class ViTAdapter(QKVOAdapter, ViTModels):
     model_types = ("vit",)
     classes = {"ViTForImageClassification": "classification"}
     tasks = {"classification": "classification"}
+    augment_policy = "deit-randaugment"
     towers = {"vit": "vision", "classifier": "head"}
     o_name = "o_proj"
     heads_attr = "num_attention_heads"
