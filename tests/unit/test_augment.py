@@ -206,3 +206,46 @@ def test_both_images_of_an_nlvr_pair_are_augmented_on_their_own(data):
     out = _pixels(task, batch)
     assert out.shape == (3, 2, 3, 32, 32)
     assert not torch.equal(out, task.images.pipeline.normalize(px.plain()))
+
+
+# ---- end to end: two ranks search on augmented batches as one process does --------------------------
+def _search_on_task(rank: int, world: int, data: str) -> dict:
+    import upop
+    from upop.search import search
+
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
+    model.config.num_labels = 12
+    task = make_task(adapter, "classification", Preprocessor(None, adapter.image_processor(32)), data, model=model,
+                     batch_size=4 // world, workers=0, augment="default")
+    batches = task.train_batches()
+    batches = batches.shard(rank, world) if world > 1 else batches
+    res = search(model, adapter.modules(model), task.loss, batches, upop.SearchConfig(ratio=0.5, steps=6, update_every=2,
+                                                                                       lr=1e-3))
+    return {"kept": res.kept, "loss": [h["task_loss"] for h in res.history]}
+
+
+def _rank(rank: int, world: int, folder: str, data: str) -> None:
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=60))
+    try:
+        out = _search_on_task(rank, world, data)
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(out, f"{folder}/rank{rank}.pt")
+
+
+def test_two_ranks_on_augmented_batches_select_what_one_process_selects(tmp_path):
+    import torch.multiprocessing as mp
+
+    data = shapes(tmp_path / "d", train=8, val=2, test=2, image_size=24, classification_per_class=(2, 1, 1))
+    one = _search_on_task(0, 1, str(data))
+    mp.spawn(_rank, args=(2, str(tmp_path), str(data)), nprocs=2, join=True)
+    for r in range(2):
+        two = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert two["kept"] == one["kept"]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
