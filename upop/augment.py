@@ -247,8 +247,10 @@ class Augmenter:
         return [self.policy.draw(s, height, width) for s in seeds]
 
     def pixels(self, px: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
-        """[n, 3, H, W] uint8 → the augmented uint8 images, same shape and device."""
-        return torch.stack([self._one(img, d) for img, d in zip(px, draws)])
+        """[n, 3, H, W] uint8 → the augmented uint8 images, same shape and device. In float32 whatever the
+        loss runs in: the loss's autocast would round the pixels' arithmetic to half precision."""
+        with torch.autocast(px.device.type, enabled=False):
+            return torch.stack([self._one(img, d) for img, d in zip(px, draws)])
 
     def _one(self, img: torch.Tensor, d: Draw) -> torch.Tensor:
         h, w = img.shape[-2:]

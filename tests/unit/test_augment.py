@@ -49,6 +49,15 @@ def test_a_batch_is_augmented_image_by_image_from_the_seeds(name):
     assert not torch.equal(whole, px)
 
 
+def test_the_loss_autocast_does_not_reach_the_pixels():
+    a = aug.Augmenter(aug.POLICIES["blip-randaugment"])
+    px = torch.stack([_image(i) for i in range(4)])
+    draws = a.draws([aug.item_seed(0, 0, i) for i in range(4)], 40, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = a.pixels(px, draws)
+    assert torch.equal(inside, a.pixels(px, draws))
+
+
 def test_crop_boxes_stay_inside_and_cover_the_scale_range():
     rng = random.Random(0)
     areas = []
