@@ -68,6 +68,12 @@ def recipe_options(model: str, data: str | None, task: str | None, name: str | N
         return {}
     if name is not None:
         recipe = load_recipe(name)
+        family, _task = _family_and_task(model, task)
+        if family is not None and family != recipe.family:
+            from upop.errors import ConfigError
+
+            raise ConfigError(f"recipe {recipe.name} is for {recipe.family} models; {model} is a {family} model "
+                              "(upop recipes list)")
     else:
         family, task = _family_and_task(model, task)
         recipe = detect(family, task, data) if family is not None and task is not None else None

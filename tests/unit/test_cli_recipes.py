@@ -106,6 +106,11 @@ def test_the_data_folder_chooses_the_recipe_and_none_turns_it_off(blip_dir, coco
     assert seen["task_options"]["augment"] == "default"  # a real model: its family's augmentation
 
 
+def test_a_recipe_of_another_family_is_one_line(blip_dir, tmp_path):
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--recipe", "deit-imagenet", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "recipe deit-imagenet is for deit models;" in r.output and "is a blip model" in r.output
+
+
 def test_demos_use_no_recipe_and_no_augmentation(coco, tmp_path, seen):
     r = _invoke("compress", "--model", "demo-vit", "--ratio", 0.5, "--data", coco, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "recipe:" not in r.output
