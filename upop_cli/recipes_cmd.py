@@ -92,8 +92,9 @@ def _family_and_task(model: str, task: str | None) -> tuple[str | None, str | No
     """From the model's config alone (no weights); None where it cannot be read (the run says why later)."""
     from upop.adapters import get_adapter
     from upop.errors import UpopError
-    from upop.hub import load_config, resolve
+    from upop.hub import load_config, network_rule, resolve
 
+    network_rule(model)  # the run's own rule, applied first here: at most one probe of the hub
     try:
         config = load_config(resolve(model))
         adapter = get_adapter(config)
