@@ -258,3 +258,23 @@ def test_two_ranks_on_augmented_batches_select_what_one_process_selects(tmp_path
         two = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert two["kept"] == one["kept"]
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family,cls,task", [
+    ("blip", "BlipForImageTextRetrieval", "retrieval"), ("blip", "BlipForConditionalGeneration", "caption"),
+    ("blip", "BlipForQuestionAnswering", "vqa"), ("blip_nlvr", "BlipNlvrForVisualReasoning", "nlvr"),
+    ("clip", "CLIPModel", "retrieval"), ("deit", "DeiTForImageClassification", "classification")])
+def test_every_trainable_task_trains_on_augmented_pixels(family, cls, task, data, monkeypatch):
+    adapter = get_adapter(family)
+    model = build_tiny(family, cls, vocab=99) if family != "deit" else build_tiny(family, cls)
+    if task == "classification":
+        model.classifier = torch.nn.Linear(model.classifier.in_features, 12)
+        model.config.num_labels = 12
+    prep = Preprocessor(build_tokenizer(), adapter.image_processor(32), **adapter.preprocessor_options(model))
+    t = make_task(adapter, task, prep, data, model=model, batch_size=2, workers=0, augment="default")
+    batch = next(iter(t.train_batches()))
+    calls = []
+    real = t.images.augment.pixels
+    monkeypatch.setattr(t.images.augment, "pixels", lambda px, draws: calls.append(len(draws)) or real(px, draws))
+    loss = t.loss(model.train(), batch)
+    assert torch.isfinite(loss) and calls == [2 * (2 if task == "nlvr" else 1)]
