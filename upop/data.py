@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .augment import item_seed
 from .datasets.readers import DataError, open_image
 
 #: Sets up to this many images are decoded in-process and cached by default: starting worker
@@ -44,10 +45,45 @@ def default_workers(n_images: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class Images:
-    """Image paths standing for their pixels in a planned batch (``per`` images per item: NLVR's pairs)."""
+    """Image paths standing for their pixels in a planned batch (``per`` images per item: NLVR's pairs).
+    ``seeds``: one augmentation seed per path, for a training batch that is augmented (upop.augment)."""
 
     paths: tuple[Path, ...]
     per: int = 1
+    seeds: tuple[int, ...] | None = None
+
+
+class SeededPixels(torch.Tensor):
+    """uint8 training pixels that carry each image's augmentation seed to the device, where the task's
+    normalisation augments them (a plain tensor otherwise: torch functions return plain tensors)."""
+
+    seeds: tuple[int, ...]
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def of(px: torch.Tensor, seeds: tuple[int, ...]) -> "SeededPixels":
+        out = px.as_subclass(SeededPixels)
+        out.seeds = seeds
+        return out
+
+    def to(self, *args: Any, **kwargs: Any) -> "SeededPixels":  # type: ignore[override]
+        return SeededPixels.of(torch.Tensor.to(self, *args, **kwargs), self.seeds)
+
+    def plain(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+
+def with_seeds(plan: Any, items: list[int], seed: int, epoch: int) -> Any:
+    """``plan`` with each ``Images`` stamped with per-image seeds from (seed, epoch, item index, image of the
+    item). A plan whose images do not line up with its items (``per`` images each) is left as it is."""
+    if not isinstance(plan, dict):
+        return plan
+    out = dict(plan)
+    for key, ref in plan.items():
+        if isinstance(ref, Images) and len(ref.paths) == len(items) * ref.per:
+            seeds = tuple(item_seed(seed, epoch, i, j) for i in items for j in range(ref.per))
+            out[key] = Images(ref.paths, ref.per, seeds)
+    return out
 
 
 # ---- the model processor's transform, split at uint8 -------------------------------------------
@@ -282,6 +318,7 @@ def _with_pixels(plan: dict[str, Any], refs: list[tuple[str, Images]], px: torch
     out, start = dict(plan), 0
     for key, ref in refs:
         part = px[start : start + len(ref.paths)]
-        out[key] = part.view(len(ref.paths) // ref.per, ref.per, *part.shape[1:]) if ref.per > 1 else part
+        part = part.view(len(ref.paths) // ref.per, ref.per, *part.shape[1:]) if ref.per > 1 else part
+        out[key] = SeededPixels.of(part, ref.seeds) if ref.seeds is not None else part
         start += len(ref.paths)
     return out

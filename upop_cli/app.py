@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Build datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+recipes_app = typer.Typer(help="Reference hyperparameters per model family, task and dataset.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
 profiles_app = typer.Typer(help="Hardware profiles: list, show, validate.", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
 convert_app = typer.Typer(help="Convert checkpoints that transformers cannot read.", no_args_is_help=True)
@@ -106,6 +108,16 @@ def compress(
                                                                        "(default: 1 GiB for small sets, else none)."),
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="Measure the latency before and "
                                                                                   "after in the report (default on)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay of the search "
+                                                                              "and the retrain (default 0.05)."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="Training augmentation: default (the family's "
+                                                                  "reference; the demos: none) | none."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Reference hyperparameters (upop recipes list); "
+                                                                "default: chosen from the data's annotation files; "
+                                                                "none: no recipe."),
+    k_test: Optional[int] = typer.Option(None, "--k-test", help="Retrieval: candidates re-ranked per query."),
+    momentum: Optional[bool] = typer.Option(None, "--momentum/--no-momentum", help="Retrieval: momentum "
+                                                                                   "distillation."),
     distill: Optional[str] = typer.Option(None, "--distill", help="Learn from a frozen teacher: off (default) | "
                                                                    "logits (KL) | features (hidden states) | both."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the distillation "
@@ -137,7 +149,8 @@ def compress(
                  update_every=update_every, search_lr_schedule=search_lr_schedule,
                  eval_limit=eval_limit, device=device, seed=seed, out=out,
                  checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
-                 cache_gb=cache_gb, latency=latency, distill=distill, distill_weight=distill_weight,
+                 cache_gb=cache_gb, latency=latency, weight_decay=weight_decay, augment=augment, recipe=recipe,
+                 k_test=k_test, momentum=momentum, distill=distill, distill_weight=distill_weight,
                  distill_temperature=distill_temperature, distill_search=distill_search, teacher=teacher)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
         from upop.distributed import launched_by_torchrun
@@ -290,6 +303,23 @@ def profile(
     from .profile_cmd import run
 
     guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet))
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The shipped recipes and their main values."""
+    from .recipes_cmd import recipes_list as run
+
+    guarded(run)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Recipe name (upop recipes list)."),
+                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Every value of one recipe, and the paper's numbers."""
+    from .recipes_cmd import recipes_show as run
+
+    guarded(lambda: run(name, as_json))
 
 
 @profiles_app.command("list")

@@ -12,6 +12,7 @@ from upop.datasets.readers import outside_data_allowed
 from upop.report import target_missed as latency_note
 
 from .options import check_values, merge, read_toml
+from .recipes_cmd import recipe_options
 from .errors import Interrupted
 from .out import console, print_json
 from .progress import Reporter, interactive
@@ -32,11 +33,13 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     model = flags.get("model") or opts.get("model")
     if not model:
         raise ConfigError("--model is required (an alias, hub id, local folder, or demo-blip / demo-clip / demo-vit)")
-    o = merge(flags, opts, _defaults(model))
+    main = env_rank() == 0  # under torchrun only rank 0 draws, writes, locks and prints
+    recipe = recipe_options(model, flags.get("data") or opts.get("data"), flags.get("task") or opts.get("task"),
+                            flags.get("recipe") or opts.get("recipe"), main)
+    o = merge(flags, {**recipe, **opts}, _defaults(model))  # flags > --config > recipe > defaults
     cfg = _config(o)
     out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
                                                               else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
-    main = env_rank() == 0  # under torchrun only rank 0 draws, writes, locks and prints
     from upop.hub import network_rule
 
     network_rule(model)  # one probe of the hub at most; demos and local folders never touch it
@@ -59,7 +62,9 @@ def _defaults(model: str) -> dict[str, Any]:
             "lr": demo.compress_lr if demo else s.lr, "batch_size": demo.batch_size if demo else 32,
             "granularity": c.granularity, "device": c.device, "seed": s.seed, "lambda_attn": s.lambda_attn,
             "lambda_mlp": s.lambda_mlp, "checkpoint_every": DEFAULT_CHECKPOINT_EVERY, "grad_accum": s.grad_accum,
-            "latency": True, "search_lr_schedule": s.lr_schedule, **_distill_defaults()}
+            "latency": True, "search_lr_schedule": s.lr_schedule, "weight_decay": s.weight_decay,
+            # the tiny demos on their synthetic shapes train best without augmentation (docs/recipes.md)
+            "augment": "none" if demo else "default", **_distill_defaults()}
 
 
 def _distill_defaults() -> dict[str, Any]:
@@ -84,9 +89,10 @@ def _config(o: dict[str, Any]):
         search=upop.SearchConfig(epochs=o["search_epochs"], update_every=o.get("update_every"), lr=o["lr"],
                                  lr_schedule=o["search_lr_schedule"],
                                  seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"],
-                                 grad_accum=o["grad_accum"], max_steps=o.get("max_steps")),
+                                 grad_accum=o["grad_accum"], max_steps=o.get("max_steps"),
+                                 weight_decay=o["weight_decay"]),
         retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"], grad_accum=o["grad_accum"],
-                                   max_steps=o.get("max_steps")),
+                                   max_steps=o.get("max_steps"), weight_decay=o["weight_decay"]),
         distill=upop.DistillConfig(mode=o["distill"], weight=o["distill_weight"], temperature=o["distill_temperature"],
                                    search=o["distill_search"], teacher=o.get("teacher")))
     check_profile(cfg.profile)
@@ -124,7 +130,7 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
                                    eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
                                    checkpoint_every=o["checkpoint_every"], latency=_latency(o["latency"], cfg),
-                                   task_options={"workers": o.get("workers"), "cache_gb": o.get("cache_gb")})
+                                   task_options=task_options(o))
             if main:
                 _save(result, out, partial, overwrite)
             finish_together()
@@ -145,6 +151,13 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
                               "to continue") from None
         raise
     return result
+
+
+def task_options(o: dict[str, Any]) -> dict[str, Any]:
+    """What the task reads: the input pipeline's, the augmentation, and retrieval's k_test and momentum
+    (those two only when set, so a task that has no use for them never sees them)."""
+    out = {"workers": o.get("workers"), "cache_gb": o.get("cache_gb"), "augment": o.get("augment")}
+    return out | {k: o[k] for k in ("k_test", "momentum") if o.get(k) is not None}
 
 
 def _latency(wanted: bool, cfg: Any) -> Any:

@@ -19,7 +19,7 @@ COMPRESS_KEYS = {
     "model", "ratio", "task", "data", "granularity", "profile", "search_epochs", "retrain_epochs", "batch_size",
     "lr", "device", "seed", "out", "update_every", "eval_limit", "lambda_attn", "lambda_mlp", "target_latency",
     "checkpoint_every", "grad_accum", "max_steps", "workers", "cache_gb", "latency",
-    "search_lr_schedule",
+    "search_lr_schedule", "weight_decay", "augment", "recipe", "k_test", "momentum",
     "distill", "distill_weight", "distill_temperature", "distill_search", "teacher",
 }
 
@@ -88,6 +88,11 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "cache_gb": ("a number of GiB >= 0", lambda v: _is_num(v) and v >= 0),
     "latency": ("true or false", lambda v: isinstance(v, bool)),
     "search_lr_schedule": ("one of constant, cosine", lambda v: v in ("constant", "cosine")),
+    "weight_decay": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
+    "augment": ("one of none, default", lambda v: v in ("none", "default")),
+    "recipe": ("a recipe name (upop recipes list) or none", _text),
+    "k_test": ("an integer >= 1", at_least(1)),
+    "momentum": ("true or false", lambda v: isinstance(v, bool)),
     "distill": ("one of off, logits, features, both", lambda v: v in ("off", "logits", "features", "both")),
     "distill_weight": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
     "distill_temperature": ("a number > 0", lambda v: _is_num(v) and v > 0),

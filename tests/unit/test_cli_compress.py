@@ -163,7 +163,7 @@ def test_scale_options_reach_the_run(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "stop here" in r.output
     assert seen["cfg"].search.grad_accum == seen["cfg"].retrain.grad_accum == 4
     assert seen["cfg"].search.max_steps == seen["cfg"].retrain.max_steps == 3
-    assert seen["task_options"] == {"workers": 2, "cache_gb": 0.5} and seen["latency"] is False
+    assert seen["task_options"] == {"workers": 2, "cache_gb": 0.5, "augment": "none"} and seen["latency"] is False
     for bad, name in ((["--grad-accum", "0"], "--grad-accum"), (["--workers", "-1"], "--workers"),
                       (["--max-steps", "0"], "--max-steps"), (["--cache-gb", "-2"], "--cache-gb")):
         r = CliRunner().invoke(cli, ["compress", "--model", "demo-vit", "--ratio", "0.5", *bad,

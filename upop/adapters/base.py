@@ -100,6 +100,8 @@ class Adapter:
     towers: ClassVar[dict[str, str]]
     #: task name -> task implementation key (``upop.tasks``); a task not tied to a class is evaluation-only
     tasks: ClassVar[dict[str, str]]
+    #: the training augmentation under ``--augment default`` (a ``upop.augment.POLICIES`` name; None: none)
+    augment_policy: ClassVar[str | None] = None
 
     # ---- model classes -------------------------------------------------------------------
     def model_class(self, name: str) -> type[nn.Module]:

@@ -146,6 +146,7 @@ class BlipAdapter(Adapter, BlipModels):
     model_types = ("blip",)
     classes = {name: c.task for name, c in BLIP_CLASSES.items()}
     tasks = {"retrieval": "blip-retrieval", "caption": "blip-caption", "vqa": "blip-vqa"}
+    augment_policy = "blip-randaugment"  # BLIP's fine-tuning transform (also NLVR's and VQA's: each image flipped)
     towers = {"vision_model": "vision", "text_encoder": "text", "text_decoder": "decoder",
               "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
     feature_stacks = ("vision_model.encoder.layers", "text_encoder.encoder.layer", "text_decoder.bert.encoder.layer")

@@ -53,6 +53,7 @@ class CLIPAdapter(QKVOAdapter, CLIPModels):
     model_types = ("clip",)
     classes = {"CLIPModel": "retrieval"}
     tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}
+    augment_policy = "blip-randaugment"  # what UPop's CLIP retrieval trains with (its data/__init__.py)
     towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
               "text_projection": "text"}
     feature_stacks = ("vision_model.encoder.layers", "text_model.encoder.layers")

@@ -41,6 +41,7 @@ class ViTAdapter(QKVOAdapter, ViTModels):
     model_types = ("vit",)
     classes = {"ViTForImageClassification": "classification"}
     tasks = {"classification": "classification"}
+    augment_policy = "deit-randaugment"
     towers = {"vit": "vision", "classifier": "head"}
     feature_stacks = ("vit.layers",)
     o_name = "o_proj"

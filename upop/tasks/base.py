@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from ..data import (
     SMALL_SET,
     Images,
+    SeededPixels,
     PixelCache,
     PixelDataset,
     PixelPipeline,
@@ -27,7 +28,9 @@ from ..data import (
     default_workers,
     fill,
     make_loader,
+    with_seeds,
 )
+from ..augment import Augmenter, augmenter_for
 from ..datasets.readers import DataError, check_images
 from ..errors import ConfigError
 
@@ -119,12 +122,14 @@ class Preprocessor:
 class ImageStore:
     """A task's images: uint8 pixels decoded by DataLoader workers (``workers``; None: ``default_workers``),
     cached up to ``cache_gb`` GiB (None: up to AUTO_CACHE_GB for sets of at most SMALL_SET images, else
-    off), normalised on the device."""
+    off), normalised on the device. With ``augment`` (an ``Augmenter``), training pixels (those that carry
+    seeds) are augmented on the device before the normalisation; evaluation pixels never are."""
 
-    def __init__(self, prep: Preprocessor, workers: int | None = None, cache_gb: float | None = None):
+    def __init__(self, prep: Preprocessor, workers: int | None = None, cache_gb: float | None = None,
+                 augment: Augmenter | None = None):
         if workers is not None and workers < 0:
             raise DataError(f"workers must be 0 (decode in this process) or more, not {workers}")
-        self.prep, self.workers, self.cache_gb = prep, workers, cache_gb
+        self.prep, self.workers, self.cache_gb, self.augment = prep, workers, cache_gb, augment
         self._pipeline: PixelPipeline | None = None
         self._dataset: PixelDataset | None = None
         self._eval: dict[int, tuple[Any, Any]] = {}  # worker count → (persistent loader, its feed)
@@ -153,7 +158,16 @@ class ImageStore:
         return self.pipeline.normalize(px, device)
 
     def normalize(self, px: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-        return self.pipeline.normalize(px, device)
+        if not isinstance(px, SeededPixels):
+            return self.pipeline.normalize(px, device)
+        px = px.to(device) if device is not None else px
+        plain = px.plain()
+        if self.augment is None or plain.dtype != torch.uint8:  # a processor run whole: its float pixels as they are
+            return self.pipeline.normalize(plain)
+        flat = plain.reshape(-1, *plain.shape[-3:])
+        draws = self.augment.draws(px.seeds, *flat.shape[-2:])
+        out = self.augment.erase(self.pipeline.normalize(self.augment.pixels(flat, draws)), draws)
+        return out.view(*plain.shape)
 
     def stream(self, groups: Sequence[Sequence[Path]], device: torch.device) -> Iterator[torch.Tensor]:
         """Each group's pixels on ``device``, in order, decoded ahead by a persistent pool of workers."""
@@ -224,13 +238,21 @@ class Batches:
             order = order[self.rank :: self.world]
         return [order[s : s + self.bs] for s in range(0, len(self) * self.bs, self.bs) if order[s : s + self.bs]]
 
+    def _plan(self, idx: list[int], rng: random.Random, epoch: int) -> Any:
+        """``make``'s plan; its images stamped with per-item augmentation seeds when they are augmented
+        (no draw from ``rng``: the batches and texts stay those of a run without augmentation)."""
+        plan = self.make(idx, rng)
+        if self.images is not None and self.images.augment is not None:
+            plan = with_seeds(plan, idx, self.seed, epoch)
+        return plan
+
     def _loaded(self, plans: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
         return iter(plans) if self.images is None else self.images.fill(plans, self.n)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
-        self.epoch += 1
-        for batch, _ in self._loaded((self.make(idx, rng), None) for idx in self._batches(rng)):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for batch, _ in self._loaded((self._plan(idx, rng, epoch), None) for idx in self._batches(rng)):
             yield batch
 
     def endless(self, position: dict[str, Any] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -252,7 +274,7 @@ class Batches:
                 rng.setstate(_as_rng_state(state))
                 state = None
             for k in range(index, len(batches)):
-                plan = self.make(batches[k], rng)
+                plan = self._plan(batches[k], rng, epoch)
                 yield plan, {"epoch": epoch, "index": k + 1, "rng": rng.getstate()}
             epoch, index = epoch + 1, 0
 
@@ -306,7 +328,7 @@ class Task:
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.options = options
-        self.images = ImageStore(prep, workers, cache_gb)
+        self.images = ImageStore(prep, workers, cache_gb, augmenter_for(adapter, options.get("augment")))
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""

@@ -1,0 +1,76 @@
+"""The shipped recipes: readable, within the option rules, for a family and task that exist; detection by
+the data folder's annotation files."""
+
+from __future__ import annotations
+
+import pytest
+
+from upop import recipe as rc
+from upop.adapters import all_adapters
+from upop.errors import ConfigError
+from upop_cli.recipes_cmd import checked
+
+EXPECTED = {"blip-coco-retrieval", "blip-flickr-retrieval", "blip-coco-caption", "blip-vqa", "blip-nlvr2",
+            "clip-coco-retrieval", "clip-flickr-retrieval", "deit-imagenet"}
+
+
+def test_every_shipped_recipe_is_valid_and_for_a_real_family_and_task():
+    assert set(rc.recipe_names()) == EXPECTED
+    families = {a.family: a for a in all_adapters()}
+    for r in rc.all_recipes():
+        opts = checked(r)
+        assert r.family in families and r.task in families[r.family].tasks, r.name
+        assert opts["task"] == r.task and opts["augment"] == "default" and opts["search_lr_schedule"] == "constant"
+        assert {"lambda_attn", "lambda_mlp", "lr", "weight_decay", "batch_size", "search_epochs", "retrain_epochs",
+                "update_every"} <= set(opts), r.name
+        assert r.image_size in (224, 336, 384, 480) and r.gpus == 8 and r.annotations
+        if r.name != "clip-flickr-retrieval":  # the paper has no CLIP Flickr30K row
+            assert {"metric", "base", "0.5"} <= set(r.paper), r.name
+
+
+def test_reference_values():
+    get = rc.load_recipe
+    assert (get("blip-nlvr2").options["lambda_attn"], get("blip-nlvr2").options["lr"]) == (4.8e-3, 3e-6)
+    assert get("blip-coco-caption").options["lambda_mlp"] == 1e-3
+    assert get("blip-vqa").options["lr"] == 2e-5 and get("blip-vqa").image_size == 480
+    assert get("blip-coco-retrieval").options["k_test"] == 256 and get("blip-flickr-retrieval").options["k_test"] == 128
+    assert get("clip-coco-retrieval").options["weight_decay"] == 0.2 and get("clip-coco-retrieval").image_size == 336
+    assert get("deit-imagenet").options["lr"] == 1e-4
+    assert [get(n).options["retrain_epochs"] for n in ("blip-coco-retrieval", "blip-flickr-retrieval",
+                                                       "blip-coco-caption", "blip-vqa", "blip-nlvr2")] == [6, 12, 5, 10, 15]
+
+
+def test_an_unknown_recipe_is_one_line_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'nope'; known: blip-coco-caption, .*deit-imagenet") as e:
+        rc.load_recipe("nope")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        rc.load_recipe("../recipes/blip-vqa")
+
+
+def test_detection_by_annotation_names(tmp_path):
+    (tmp_path / "coco_karpathy_train.json").write_text("[]")
+    assert rc.detect("blip", "retrieval", tmp_path).name == "blip-coco-retrieval"
+    assert rc.detect("blip", "caption", tmp_path).name == "blip-coco-caption"
+    assert rc.detect("clip", "retrieval", tmp_path).name == "clip-coco-retrieval"
+    assert rc.detect("vit", "classification", tmp_path) is None
+    assert rc.detect("blip", "retrieval", tmp_path / "missing") is None and rc.detect("blip", "retrieval", None) is None
+    (tmp_path / "flickr30k_train.json").write_text("[]")  # two datasets: left to --recipe
+    assert rc.detect("blip", "retrieval", tmp_path) is None
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    assert rc.detect("deit", "classification", tmp_path).name == "deit-imagenet"
+
+
+def test_a_bad_value_in_a_recipe_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "mine.toml").write_text('family = "blip"\ntask = "retrieval"\ndataset = "x"\nannotations = ["a.json"]\n'
+                                        '[compress]\nlr = -1\n')
+    monkeypatch.setattr(rc, "RECIPES_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"^recipe mine: lr must be a number >= 0, got -1$"):
+        checked(rc.load_recipe("mine"))
+    (tmp_path / "mine.toml").write_text('family = "blip"\ntask = "retrieval"\ndataset = "x"\nannotations = ["a.json"]\n'
+                                        '[compress]\nlearning_rate = 1\n')
+    with pytest.raises(ConfigError, match="recipe mine: unknown option"):
+        checked(rc.load_recipe("mine"))
+    (tmp_path / "mine.toml").write_text('family = "blip"\n')
+    with pytest.raises(ConfigError, match="recipe mine.toml lacks task, dataset, annotations, compress"):
+        rc.load_recipe("mine")
