@@ -11,8 +11,13 @@ from torch.nn import functional as F
 
 from ..datasets.readers import read_retrieval
 from ..distributed import current
-from .base import Batches, Images, Task, device_of, register_task, to_device
+from ..errors import ConfigError
+from .base import Batches, Images, Task, device_of, find_annotation, register_task, to_device
 from .metrics import recall_at_k
+
+#: ITM re-ranking depth by annotation file name (BLIP's retrieval configs), and for any other data
+K_TEST_DEFAULTS = (("coco_karpathy_", 256), ("flickr30k_", 128))
+K_TEST_FALLBACK = 256
 
 
 class _RetrievalData(Task):
@@ -33,6 +38,17 @@ class _RetrievalData(Task):
 
         return Batches(len(recs), self.batch_size, make, seed=self.seed, drop_last=len(recs) > self.batch_size,
                        images=self.images)
+
+    def k_test(self, split: str) -> int:
+        """ITM re-ranking depth: the ``k_test`` option, else the reference's for the dataset the split's
+        annotation file is named after (COCO 256, Flickr30k 128), else 256 (the caller caps it at the split)."""
+        k = self.options.get("k_test")
+        if k is None:
+            name = find_annotation(self.data_dir, self.annotation, split).name
+            return next((v for prefix, v in K_TEST_DEFAULTS if name.startswith(prefix)), K_TEST_FALLBACK)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k_test must be an integer >= 1, not {k!r}")
+        return k
 
     @torch.no_grad()
     def _embed(self, model: nn.Module, split: str, limit: int | None):
@@ -87,12 +103,57 @@ def _cat_or_none(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0)
 
 
+def _diag_targets(rows: int, offset: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row i's positive among the gathered columns: the column at this rank's offset + i."""
+    return torch.arange(rows, device=device) + offset.to(device)
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the rows' softmax at ``temperature``, scaled by T² (0 for equal logits)."""
+    t = temperature
+    s_log = F.log_softmax(student.float() / t, dim=-1)
+    t_log = F.log_softmax(teacher.detach().float() / t, dim=-1)
+    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * (t * t)
+
+
+def _itc_terms(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """Image → text and text → image similarity distributions, over the same gathered columns."""
+    return (_kl(student["i2t"], teacher["i2t"], temperature) + _kl(student["t2i"], teacher["t2i"], temperature)) / 2
+
+
+def _gathered_features(adapter, model: nn.Module, batch: dict[str, torch.Tensor]):
+    """(image sequence, image features, text features, every rank's image and text features, this rank's
+    offset in them); the gathered rows carry the gradient back to the rank that computed them."""
+    seq, img = adapter.encode_image(model, batch["pixel_values"])
+    txt = adapter.encode_text(model, batch["input_ids"], batch["attention_mask"])
+    dist = current()
+    img_all, offset = dist.cat_with_grad(img)
+    txt_all, _ = dist.cat_with_grad(txt)
+    return seq, img, txt, img_all, txt_all, torch.tensor(offset, device=img.device)
+
+
 @register_task("dual-retrieval")
 class DualEncoderRetrieval(_RetrievalData):
-    """CLIP / SigLIP: the model's own loss (contrastive / sigmoid), cosine ranking."""
+    """CLIP / SigLIP: the model's own loss (contrastive / sigmoid, with its learnable scale and bias) over the
+    features of every rank's batch, cosine ranking."""
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        batch = self.on_device(batch, model)
+        _seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
+        return {"i2t": self.adapter.pair_logits(model, img, txt_all),
+                "t2i": self.adapter.pair_logits(model, txt, img_all), "offset": offset}
+
+    def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.adapter.pair_loss(out["i2t"], out["t2i"], _diag_targets(len(out["i2t"]), out["offset"],
+                                                                             out["i2t"].device))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.adapter.native_loss(model, self.on_device(batch, model))
+        return self.loss_from(self.forward(model, batch), batch)
+
+    def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                      temperature: float) -> torch.Tensor:
+        return _itc_terms(student, teacher, temperature)
 
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         was = model.training
@@ -107,33 +168,53 @@ class DualEncoderRetrieval(_RetrievalData):
 
 @register_task("blip-retrieval")
 class BlipRetrieval(_RetrievalData):
-    """BLIP fine-tuning losses: ITC (temperature ``temperature``) + ITM with hard negatives drawn
-    from the ITC similarities; evaluation ranks by ITC, then re-ranks each top-``k`` by ITM."""
+    """BLIP fine-tuning losses: ITC (temperature ``temperature``, fixed: the transformers BLIP retrieval model
+    has no learnable temperature) over every rank's features + ITM with hard negatives drawn from the ITC
+    similarities over every rank's batch; evaluation ranks by ITC, then re-ranks each top-``k_test`` by ITM."""
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         batch = self.on_device(batch, model)
         temp = float(self.options.get("temperature", 0.07))
-        seq, img_feat = self.adapter.encode_image(model, batch["pixel_values"])
-        txt_feat = self.adapter.encode_text(model, batch["input_ids"], batch["attention_mask"])
-        sim = img_feat @ txt_feat.t() / temp
-        b = sim.shape[0]
-        target = torch.arange(b, device=sim.device)
-        itc = (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
-        if b < 2:
+        seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
+        out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset}
+        if img_all.shape[0] < 2:
+            return out
+        if guide is not None:  # a teacher scores the student's pairs
+            neg_img, neg_txt = guide["neg_img"], guide["neg_txt"]
+        else:
+            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset)
+        dist = current()
+        seq_all, _ = dist.cat_with_grad(seq)
+        ids_all = dist.cat_padded(batch["input_ids"])
+        mask_all = dist.cat_padded(batch["attention_mask"])
+        width = ids_all.shape[1]
+        ids, mask = (F.pad(batch[k], (0, width - batch[k].shape[1])) for k in ("input_ids", "attention_mask"))
+        out["itm"] = self.adapter.itm_logits(model, torch.cat([seq, seq_all[neg_img], seq]),
+                                             torch.cat([ids, ids, ids_all[neg_txt]]),
+                                             torch.cat([mask, mask, mask_all[neg_txt]]))
+        out["neg_img"], out["neg_txt"] = neg_img, neg_txt
+        return out
+
+    def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = _diag_targets(len(out["i2t"]), out["offset"], out["i2t"].device)
+        itc = (F.cross_entropy(out["i2t"], target) + F.cross_entropy(out["t2i"], target)) / 2
+        if "itm" not in out:
             return itc
-        with torch.no_grad():
-            eye = torch.eye(b, dtype=torch.bool, device=sim.device)
-            w_t2i = F.softmax(sim.t().float(), dim=1).masked_fill(eye, 0) + 1e-9 * (~eye)
-            w_i2t = F.softmax(sim.float(), dim=1).masked_fill(eye, 0) + 1e-9 * (~eye)
-            neg_img = torch.multinomial(w_t2i, 1).squeeze(1)  # a hard negative image for each text
-            neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)  # a hard negative text for each image
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        img_all = torch.cat([seq, seq[neg_img], seq])
-        ids_all = torch.cat([ids, ids, ids[neg_txt]])
-        mask_all = torch.cat([mask, mask, mask[neg_txt]])
-        logits = self.adapter.itm_logits(model, img_all, ids_all, mask_all)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return itc + F.cross_entropy(logits, labels)
+        b = len(out["i2t"])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(out["itm"].device)
+        return itc + F.cross_entropy(out["itm"], labels)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_from(self.forward(model, batch), batch)
+
+    def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                      temperature: float) -> torch.Tensor:
+        """ITC distributions both ways, plus the ITM distributions of the same (student-sampled) pairs."""
+        terms = _itc_terms(student, teacher, temperature)
+        if "itm" in student and "itm" in teacher:
+            terms = terms + _kl(student["itm"], teacher["itm"], temperature)
+        return terms
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
@@ -142,8 +223,7 @@ class BlipRetrieval(_RetrievalData):
         _recs, texts, text_img, img, seq, txt = self._embed(model, split, limit)
         sim = img @ txt.t()
         del img, txt
-        k = int(self.options.get("k_test", 16))
-        kt, ki = min(k, sim.shape[1]), min(k, sim.shape[0])
+        kt, ki = (min(self.k_test(split), n) for n in (sim.shape[1], sim.shape[0]))
         tok = to_device(self.prep.text(texts), device_of(model))
         # Each rank re-ranks the pairs whose image it embedded: its images' top-k texts (image → text) and
         # the texts whose top-k holds one of its images (text → image), so it reads only its own sequences.
@@ -157,6 +237,7 @@ class BlipRetrieval(_RetrievalData):
         out = recall_at_k(i2t, text_img, sim_t2i=t2i)
         itc = recall_at_k(sim.cpu(), text_img)
         out["itc_r_mean"] = itc["r_mean"]
+        out["k_test"] = float(max(kt, ki))  # the re-ranking depth used (capped at the split's size)
         out["primary"] = out[self.primary]
         return out
 
@@ -178,6 +259,18 @@ class BlipRetrieval(_RetrievalData):
 
     def _itm(self, model, seq, ids, mask) -> torch.Tensor:
         return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
+
+
+def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each local text a negative image, for each local image a negative text (indices into every rank's
+    rows), drawn from the softmax of the similarities over all ranks' columns with the positive left out."""
+    with torch.no_grad():
+        rows = torch.arange(len(t2i), device=t2i.device)
+        pos = torch.zeros(t2i.shape, dtype=torch.bool, device=t2i.device)
+        pos[rows, rows + offset.to(t2i.device)] = True
+        w_t2i = F.softmax(t2i.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
+        w_i2t = F.softmax(i2t.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
+        return torch.multinomial(w_t2i, 1).squeeze(1), torch.multinomial(w_i2t, 1).squeeze(1)
 
 
 def _pairs(top: torch.Tensor, first: int, rows_are_images: bool, keep: range | None = None) -> torch.Tensor:
