@@ -106,6 +106,11 @@ def compress(
                                                                        "(default: 1 GiB for small sets, else none)."),
     latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="Measure the latency before and "
                                                                                   "after in the report (default on)."),
+    k_test: Optional[int] = typer.Option(None, "--k-test", help="Retrieval: ITM re-ranking depth at evaluation "
+                                                                 "(default 256 for COCO, 128 for Flickr30k, else 256)."),
+    momentum: Optional[bool] = typer.Option(None, "--momentum/--no-momentum",
+                                            help="BLIP retrieval: distil from a momentum encoder and a queue of "
+                                                 "its features, as BLIP trains (default on)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     allow_outside_data: bool = OutsideOpt,
     quiet: bool = QuietOpt,
@@ -126,7 +131,7 @@ def compress(
                  update_every=update_every, search_lr_schedule=search_lr_schedule,
                  eval_limit=eval_limit, device=device, seed=seed, out=out,
                  checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
-                 cache_gb=cache_gb, latency=latency)
+                 cache_gb=cache_gb, latency=latency, k_test=k_test, momentum=momentum)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
         from upop.distributed import launched_by_torchrun
 

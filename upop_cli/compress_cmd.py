@@ -114,7 +114,8 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
             result = upop.compress(model, cfg, data=o.get("data"), task=o.get("task"), batch_size=o["batch_size"],
                                    eval_limit=o.get("eval_limit"), progress=rep, state_dir=partial, resume=resume,
                                    checkpoint_every=o["checkpoint_every"], latency=_latency(o["latency"], cfg),
-                                   task_options={"workers": o.get("workers"), "cache_gb": o.get("cache_gb")})
+                                   task_options={"workers": o.get("workers"), "cache_gb": o.get("cache_gb"),
+                                                 "k_test": o.get("k_test"), "momentum": o.get("momentum")})
             if main:
                 _save(result, out, partial, overwrite)
             finish_together()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,12 +13,16 @@ from torch.nn import functional as F
 from ..datasets.readers import read_retrieval
 from ..distributed import current
 from ..errors import ConfigError
+from ..momentum import Momentum
 from .base import Batches, Images, Task, device_of, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
 #: ITM re-ranking depth by annotation file name (BLIP's retrieval configs), and for any other data
 K_TEST_DEFAULTS = (("coco_karpathy_", 256), ("flickr30k_", 128))
 K_TEST_FALLBACK = 256
+#: BLIP's retrieval fine-tuning: the momentum model's EMA decay, the queue length (capped at the training set),
+#: and the weight α of the momentum model's distribution in the ITC targets (raised from 0 over the first epoch)
+MOMENTUM_DECAY, QUEUE_SIZE, ALPHA = 0.995, 57600, 0.4
 
 
 class _RetrievalData(Task):
@@ -108,6 +113,11 @@ def _diag_targets(rows: int, offset: torch.Tensor, device: torch.device) -> torc
     return torch.arange(rows, device=device) + offset.to(device)
 
 
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (rows summing to 1)."""
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(1).mean()
+
+
 def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of the rows' softmax at ``temperature``, scaled by T² (0 for equal logits)."""
     t = temperature
@@ -172,12 +182,62 @@ class BlipRetrieval(_RetrievalData):
     has no learnable temperature) over every rank's features + ITM with hard negatives drawn from the ITC
     similarities over every rank's batch; evaluation ranks by ITC, then re-ranks each top-``k_test`` by ITM."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._momentum: Momentum | None = None
+
+    def train_batches(self) -> Batches:
+        """The batches with each record's index (``image_id``): the momentum targets count a queued feature of
+        the same image as a positive."""
+        batches = super().train_batches()
+        make = batches.make
+
+        def with_ids(idx, rng):
+            return {**make(idx, rng), "image_id": torch.tensor(idx, dtype=torch.long)}
+
+        batches.make = with_ids
+        return batches
+
+    # -- the momentum model (BLIP's --momentum): hooks the training loop calls ---------------------------
+
+    def momentum_on(self) -> bool:
+        on = self.options.get("momentum")
+        if on is not None and not isinstance(on, bool):
+            raise ConfigError(f"momentum must be true or false, not {on!r}")
+        return True if on is None else on
+
+    def train_begin(self, model: nn.Module, state: dict[str, Any] | None) -> None:
+        if not self.momentum_on():
+            self._momentum = None
+            return
+        if self._momentum is None:
+            n = len(self._records("train"))
+            size = int(self.options.get("queue_size", QUEUE_SIZE))
+            if size < 1:
+                raise ConfigError(f"queue_size must be at least 1, not {size}")
+            # A queue longer than the training set would hold the same images' stale features many times over.
+            per_epoch = max(1, -(-n // (self.batch_size * current().world)))
+            self._momentum = Momentum(float(self.options.get("momentum_decay", MOMENTUM_DECAY)), min(size, max(1, n)),
+                                      float(self.options.get("alpha", ALPHA)), per_epoch)
+        self._momentum.begin(model, state or None)
+
+    def train_after_step(self, model: nn.Module) -> None:
+        if self._momentum is not None and self._momentum.ready():
+            self._momentum.after_step(model)
+
+    def train_state(self) -> dict[str, Any]:
+        return self._momentum.state() if self._momentum is not None and self._momentum.ready() else {}
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        key = tuple(batch["image_id"].tolist()) if "image_id" in batch else ()
         batch = self.on_device(batch, model)
         temp = float(self.options.get("temperature", 0.07))
         seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
         out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset}
+        mom = self._momentum
+        if guide is None and mom is not None and mom.ready() and "image_id" in batch:
+            out.update(self._momentum_itc(mom, model, batch, img, txt, temp, key))
         if img_all.shape[0] < 2:
             return out
         if guide is not None:  # a teacher scores the student's pairs
@@ -196,9 +256,35 @@ class BlipRetrieval(_RetrievalData):
         out["neg_img"], out["neg_txt"] = neg_img, neg_txt
         return out
 
+    def _momentum_itc(self, mom: Momentum, model: nn.Module, batch: dict[str, torch.Tensor], img: torch.Tensor,
+                      txt: torch.Tensor, temp: float, key: tuple) -> dict[str, torch.Tensor]:
+        """BLIP's ITC with momentum distillation: this rank's rows against the momentum features of every rank's
+        batch and of the queue; targets α·(the momentum model's own distribution) + (1 − α)·(the positives:
+        every column of the same image)."""
+        dist = current()
+        with torch.no_grad():
+            m = mom.model_for(model)
+            _seq, img_m = self.adapter.encode_image(m, batch["pixel_values"])
+            txt_m = self.adapter.encode_text(m, batch["input_ids"], batch["attention_mask"])
+            img_m_all, txt_m_all, ids_all = dist.cat(img_m), dist.cat(txt_m), dist.cat(batch["image_id"])
+            q_img, q_txt, q_ids = mom.queue.rows(img_m_all)
+            cols_img = torch.cat([img_m_all, q_img.to(img_m_all.dtype)])
+            cols_txt = torch.cat([txt_m_all, q_txt.to(txt_m_all.dtype)])
+            pos = (batch["image_id"][:, None] == torch.cat([ids_all, q_ids])[None, :]).float()
+            pos = pos / pos.sum(1, keepdim=True)
+            a = mom.alpha
+            targets_i2t = a * F.softmax(img_m.float() @ cols_txt.float().t() / temp, dim=1) + (1 - a) * pos
+            targets_t2i = a * F.softmax(txt_m.float() @ cols_img.float().t() / temp, dim=1) + (1 - a) * pos
+            mom.stage(hash(key), img_m_all, txt_m_all, ids_all)
+        return {"mom_i2t": img @ cols_txt.t() / temp, "mom_t2i": txt @ cols_img.t() / temp,
+                "mom_i2t_targets": targets_i2t, "mom_t2i_targets": targets_t2i}
+
     def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        target = _diag_targets(len(out["i2t"]), out["offset"], out["i2t"].device)
-        itc = (F.cross_entropy(out["i2t"], target) + F.cross_entropy(out["t2i"], target)) / 2
+        if "mom_i2t" in out:
+            itc = (_soft_ce(out["mom_i2t"], out["mom_i2t_targets"]) + _soft_ce(out["mom_t2i"], out["mom_t2i_targets"])) / 2
+        else:
+            target = _diag_targets(len(out["i2t"]), out["offset"], out["i2t"].device)
+            itc = (F.cross_entropy(out["i2t"], target) + F.cross_entropy(out["t2i"], target)) / 2
         if "itm" not in out:
             return itc
         b = len(out["i2t"])
