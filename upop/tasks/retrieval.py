@@ -185,6 +185,7 @@ class BlipRetrieval(_RetrievalData):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._momentum: Momentum | None = None
+        self._negatives: torch.Generator | None = None
 
     def train_batches(self) -> Batches:
         """The batches with each record's index (``image_id``): the momentum targets count a queued feature of
@@ -207,6 +208,14 @@ class BlipRetrieval(_RetrievalData):
         return True if on is None else on
 
     def train_begin(self, model: nn.Module, state: dict[str, Any] | None) -> None:
+        """A training phase starts (``state``: this task's part of an interrupted run's state). The hard negatives
+        are drawn from a generator of their own, saved with the run: the global RNG is also drawn from by the
+        data loader whenever it starts a pass, which a resumed run does at another step."""
+        state = state or {}
+        dev = device_of(model)
+        self._negatives = torch.Generator(device=dev).manual_seed(self.seed * 1000003 + current().rank)
+        if "negatives" in state:
+            self._negatives.set_state(state["negatives"])
         if not self.momentum_on():
             self._momentum = None
             return
@@ -219,14 +228,17 @@ class BlipRetrieval(_RetrievalData):
             per_epoch = max(1, -(-n // (self.batch_size * current().world)))
             self._momentum = Momentum(float(self.options.get("momentum_decay", MOMENTUM_DECAY)), min(size, max(1, n)),
                                       float(self.options.get("alpha", ALPHA)), per_epoch)
-        self._momentum.begin(model, state or None)
+        self._momentum.begin(model, state if "model" in state else None)
 
     def train_after_step(self, model: nn.Module) -> None:
         if self._momentum is not None and self._momentum.ready():
             self._momentum.after_step(model)
 
     def train_state(self) -> dict[str, Any]:
-        return self._momentum.state() if self._momentum is not None and self._momentum.ready() else {}
+        out: dict[str, Any] = {"negatives": self._negatives.get_state()} if self._negatives is not None else {}
+        if self._momentum is not None and self._momentum.ready():
+            out.update(self._momentum.state())
+        return out
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -243,7 +255,7 @@ class BlipRetrieval(_RetrievalData):
         if guide is not None:  # a teacher scores the student's pairs
             neg_img, neg_txt = guide["neg_img"], guide["neg_txt"]
         else:
-            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset)
+            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset, self._negatives)
         dist = current()
         seq_all, _ = dist.cat_with_grad(seq)
         ids_all = dist.cat_padded(batch["input_ids"])
@@ -347,7 +359,8 @@ class BlipRetrieval(_RetrievalData):
         return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
 
 
-def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor,
+                    gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each local text a negative image, for each local image a negative text (indices into every rank's
     rows), drawn from the softmax of the similarities over all ranks' columns with the positive left out."""
     with torch.no_grad():
@@ -356,7 +369,7 @@ def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor) 
         pos[rows, rows + offset.to(t2i.device)] = True
         w_t2i = F.softmax(t2i.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
         w_i2t = F.softmax(i2t.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
-        return torch.multinomial(w_t2i, 1).squeeze(1), torch.multinomial(w_i2t, 1).squeeze(1)
+        return torch.multinomial(w_t2i, 1, generator=gen).squeeze(1), torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)
 
 
 def _pairs(top: torch.Tensor, first: int, rows_are_images: bool, keep: range | None = None) -> torch.Tensor:

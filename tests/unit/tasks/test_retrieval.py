@@ -122,3 +122,96 @@ def test_k_test_sets_the_itm_reranking_depth(data):
     assert seen[1][1]["k_test"] == 1.0 and seen[1000][1]["k_test"] == float(max(images, texts))
     assert seen[1][0] == images + texts
     assert seen[1000][0] == 2 * images * texts
+
+
+def _search_cfg(steps=4):
+    return upop.SearchConfig(ratio=0.5, steps=steps, update_every=2, lr=1e-3)
+
+
+def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    task = _task("blip", model, data, batch_size=4)
+    task.train_begin(model, None)
+    mom = task._momentum
+    assert mom.mu == 0.995 and mom.queue.size == 8  # capped at the 8 training records
+    before = {n: p.detach().clone() for n, p in mom.model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    task.train_after_step(model)
+    for n, p in mom.model.named_parameters():
+        theta = dict(model.named_parameters())[n]
+        assert torch.allclose(p, 0.995 * before[n] + 0.005 * theta, atol=1e-6), n
+    # the loop calls the hooks: after two steps two batches' momentum features are queued and α has risen
+    retrain(model, task.loss, task.train_batches(), upop.RetrainConfig(epochs=1, steps_per_epoch=2, lr=1e-3))
+    assert task._momentum.batches == 2 and task._momentum.queue.filled == 8 and task._momentum.alpha == 0.4
+    out = task.forward(model, next(iter(task.train_batches())))
+    assert out["mom_i2t"].shape == (4, 4 + 8)  # the batch's momentum features, then the queue
+    assert torch.allclose(out["mom_i2t_targets"].sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_momentum_model_is_masked_with_the_same_zeta_and_rebuilt_from_the_slim_student(data):
+    from upop.masks import MaskSet, masks_of
+    from upop.search import search
+    from upop.slim import slim_model
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    adapter = get_adapter("blip")
+    specs = adapter.modules(model)
+    task = _task("blip", model, data, batch_size=4)
+    masks = MaskSet(model, specs, "dim")
+    task.train_begin(model, None)
+    copy = task._momentum.model_for(model)
+    assert masks_of(copy) is masks
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        unmasked = adapter.encode_image(copy, px)[1]
+        masks[specs[1].name].zero_()  # the student's ζ, changed in place: the copy follows
+        masked = adapter.encode_image(copy, px)[1]
+        assert not torch.allclose(masked, unmasked, atol=1e-4)
+        assert torch.allclose(masked, adapter.encode_image(model, px)[1], atol=1e-6)
+    masks.remove()
+    assert masks_of(copy) is None
+    with torch.no_grad():
+        assert torch.allclose(adapter.encode_image(copy, px)[1], unmasked, atol=1e-6)
+    res = search(model, specs, task.loss, task.train_batches(), _search_cfg())
+    slim_model(model, specs, res.kept, "dim", adapter, zeta=res.zeta)
+    retrain(model, task.loss, task.train_batches(), upop.RetrainConfig(epochs=1, steps_per_epoch=1, lr=1e-3))
+    shapes_of = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes_of(task._momentum.model) == shapes_of(model)
+
+
+@pytest.mark.parametrize("momentum", [True, False], ids=["momentum", "no-momentum"])
+def test_resume_mid_search_with_momentum_equals_an_uninterrupted_run(data, tmp_path, monkeypatch, momentum):
+    from upop.tasks.retrieval import BlipRetrieval
+
+    def cfg():
+        return upop.CompressConfig(ratio=0.5, search=_search_cfg(6), retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=2,
+                                                                                                lr=1e-3))
+
+    def run(**kw):
+        model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+        prep = Preprocessor(build_tokenizer(), get_adapter("blip").image_processor(32))
+        return upop.compress(model, cfg(), data=data, task="retrieval", preprocessor=prep, batch_size=4,
+                             latency=False, task_options={"momentum": momentum}, **kw)
+
+    ref = run()
+    real, calls = BlipRetrieval.forward, []
+
+    def interrupting(self, model, batch, guide=None):
+        calls.append(1)
+        if len(calls) == 4:  # inside the 4th search step: 3 finished, the queue and α under way
+            raise KeyboardInterrupt
+        return real(self, model, batch, guide)
+
+    monkeypatch.setattr(BlipRetrieval, "forward", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(state_dir=tmp_path / "s")
+    monkeypatch.setattr(BlipRetrieval, "forward", real)
+    saved = torch.load(tmp_path / "s" / "state.pt", weights_only=True)
+    assert saved["phase"] == "search" and saved["search"]["loss_state"].get("batches", 3 if momentum else None) == \
+        (3 if momentum else None)
+    res = run(state_dir=tmp_path / "s", resume=True)
+    assert res.search.kept == ref.search.kept
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k
