@@ -169,7 +169,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         dist, counts = ctx.dist, ctx.counts
-        total = grad.to(dist._dev()).contiguous()
+        total = grad.to(dist._dev(), copy=True).contiguous()  # reduced in place: not autograd's own buffer
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
         start = sum(counts[: dist.rank])
         return total[start : start + counts[dist.rank]].to(ctx.device), None, None

@@ -221,9 +221,9 @@ class BlipRetrieval(_RetrievalData):
             return
         if self._momentum is None:
             n = len(self._records("train"))
-            size = int(self.options.get("queue_size", QUEUE_SIZE))
-            if size < 1:
-                raise ConfigError(f"queue_size must be at least 1, not {size}")
+            size = self.options.get("queue_size", QUEUE_SIZE)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"queue_size must be an integer >= 1, not {size!r}")
             # A queue longer than the training set would hold the same images' stale features many times over.
             per_epoch = max(1, -(-n // (self.batch_size * current().world)))
             self._momentum = Momentum(float(self.options.get("momentum_decay", MOMENTUM_DECAY)), min(size, max(1, n)),

@@ -215,3 +215,17 @@ def test_resume_mid_search_with_momentum_equals_an_uninterrupted_run(data, tmp_p
     assert res.search.kept == ref.search.kept
     for k, v in ref.model.state_dict().items():
         assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k
+
+
+def test_momentum_options_are_checked_and_off_means_no_momentum_state(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+    with pytest.raises(ConfigError, match="momentum must be true or false"):
+        _task("blip", model, data, momentum="yes").train_begin(model, None)
+    with pytest.raises(ConfigError, match="queue_size must be an integer >= 1"):
+        _task("blip", model, data, queue_size=0).train_begin(model, None)
+    task = _task("blip", model, data, momentum=False)
+    task.train_begin(model, None)
+    assert set(task.train_state()) == {"negatives"}
+    short = _task("blip", model, data, queue_size=3)
+    short.train_begin(model, None)
+    assert short._momentum.queue.size == 3  # a queue shorter than the training set is kept as asked
