@@ -159,3 +159,10 @@ class Distiller:
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         task_loss, kd = self.terms(model, batch)
         return task_loss.float() + self.config.weight * kd
+
+    def __getattr__(self, name: str) -> Any:
+        # The training loop finds a task's per-run state (BLIP's momentum model and queue) through these hooks on
+        # the loss it is given: the wrapper exposes the task's own, and only where the task has them.
+        if name in ("train_begin", "train_after_step", "train_state"):
+            return getattr(self.task, name)
+        raise AttributeError(name)

@@ -90,6 +90,29 @@ class Dist:
         del mine
         return _compact(buf, counts, per).to(out_dev)
 
+    def cat_with_grad(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every rank's rows of ``t`` in rank order, and where this rank's rows start in them. Unlike ``cat``,
+        the gradient flows back: each rank receives the sum over the ranks of the gradients that reach its
+        own rows, so the ranks' losses over the gathered rows average (as DDP does) to the whole batch's.
+        The rows must have the same shape on every rank (their counts may differ)."""
+        if not self.enabled:
+            return t, 0
+        counts = self._counts(t.shape[0], t.device)
+        return _GatherRows.apply(t, self, counts), sum(counts[: self.rank])
+
+    def cat_padded(self, t: torch.Tensor, value: int = 0) -> torch.Tensor:
+        """Every rank's rows of a 2-D tensor (token ids, attention masks) in rank order, each padded on the
+        right with ``value`` to the longest row length of any rank; no gradient."""
+        if not self.enabled:
+            return t
+        width = int(self.all_reduce_max(torch.tensor([float(t.shape[1])])).item())
+        return self.cat(torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value))
+
+    def _counts(self, n: int, device: torch.device) -> list[int]:
+        buf = torch.zeros(self.world, dtype=torch.long, device=self._dev())
+        _all_gather_single(buf, torch.tensor([n], dtype=torch.long, device=self._dev()))
+        return buf.tolist()
+
     def concat(self, items: list[Any]) -> list[Any]:
         if not self.enabled:
             return items
@@ -127,6 +150,29 @@ def _all_gather_single(out: torch.Tensor, mine: torch.Tensor) -> None:
     """All-gather straight into ``out`` (``all_gather`` with a list of outputs stages them in a flat copy)."""
     gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
     gather(out, mine)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of rows whose backward sums the ranks' gradients and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dist: "Dist", counts: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.dist, ctx.counts, ctx.device = dist, counts, t.device
+        per = max(counts)
+        dev = dist._dev()
+        mine = torch.zeros(per, *t.shape[1:], dtype=t.dtype, device=dev)
+        mine[: t.shape[0]] = t.detach()
+        buf = torch.empty(dist.world * per, *t.shape[1:], dtype=t.dtype, device=dev)
+        _all_gather_single(buf, mine)
+        return _compact(buf, counts, per).to(t.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        dist, counts = ctx.dist, ctx.counts
+        total = grad.to(dist._dev(), copy=True).contiguous()  # reduced in place: not autograd's own buffer
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        start = sum(counts[: dist.rank])
+        return total[start : start + counts[dist.rank]].to(ctx.device), None, None
 
 
 def _compact(buf: torch.Tensor, counts: list[int], per: int) -> torch.Tensor:

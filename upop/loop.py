@@ -156,6 +156,15 @@ def deferred_interrupt() -> Any:
         raise KeyboardInterrupt
 
 
+def loss_hooks(loss_fn: Any) -> Any:
+    """The loss's own training state, if it keeps one: the loss callable (or the object it is a method of) may
+    define ``train_begin(model, state)`` (a phase starts; ``state``: what ``train_state()`` returned in the
+    interrupted run, else None), ``train_after_step(model)`` (after each optimizer step) and ``train_state()``
+    (saved with the loop's state, so a resumed run continues it)."""
+    owner = getattr(loss_fn, "__self__", loss_fn)
+    return owner if callable(getattr(owner, "train_state", None)) else None
+
+
 class TrainLoop:
     """Trains ``model`` in place for ``settings.total`` optimizer steps with ``phase``'s hooks."""
 
@@ -173,6 +182,7 @@ class TrainLoop:
         self.history: list[dict[str, float]] = []
         self.step = 0
         self.batches, self.loss_fn, self.resume = batches, loss_fn, resume
+        self.hooks = loss_hooks(loss_fn)
         every = settings.log_every
         self.log_every = every if every is not None else (10 if self.device.type == "cuda" else 1)
         self._pending: list[tuple[dict[str, float], torch.Tensor]] = []
@@ -194,6 +204,8 @@ class TrainLoop:
         if r is not None and r.get("data") is None:  # skip the batches the interrupted run trained on
             for _ in range(self.step * self.settings.grad_accum):
                 next(it)
+        if self.hooks is not None:
+            self.hooks.train_begin(self.model, r.get("loss_state") if r is not None else None)
         if r is not None:
             set_rng_state(r["rng"])
         return it
@@ -203,7 +215,8 @@ class TrainLoop:
         return {"step": self.step, "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                 "optimizer": self.opt.state_dict() if self.opt else {},
                 "scheduler": self.sched.state_dict() if self.sched else {}, "history": list(self.history),
-                "rng": self._rng_pos, "data": self._data_pos, **self.phase.state()}
+                "rng": self._rng_pos, "data": self._data_pos, **self.phase.state(),
+                **({"loss_state": self.hooks.train_state()} if self.hooks is not None else {})}
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -277,6 +290,8 @@ class TrainLoop:
         values = self._forward_backward(it, runner)
         self.phase.after_backward(self.scaler)
         self._optimizer_step()
+        if self.hooks is not None:
+            self.hooks.train_after_step(self.model)
         self.step += 1
         self._speed.steps += 1
         self._totals.steps += 1

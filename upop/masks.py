@@ -9,12 +9,23 @@ the activation (docs/method.md).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .units import AttentionSpec, MLPSpec, ModuleSpec
+
+
+#: the MaskSet whose hooks are on a model, while they are (a companion model, such as a momentum copy, is
+#: masked with the same ζ through ``attach``)
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, MaskSet]" = weakref.WeakKeyDictionary()
+
+
+def masks_of(model: nn.Module) -> "MaskSet | None":
+    """The MaskSet attached to ``model``, or None."""
+    return _ACTIVE.get(model)
 
 
 def _key(name: str) -> str:
@@ -38,6 +49,8 @@ class MaskSet(nn.Module):
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach(model)
+        self._models = [weakref.ref(model)]
+        _ACTIVE[model] = self
 
     def __getitem__(self, name: str) -> nn.Parameter:
         return self.zeta[_key(name)]
@@ -56,11 +69,22 @@ class MaskSet(nn.Module):
             elif isinstance(spec, MLPSpec):
                 self._handles.append(model.get_submodule(spec.fc1).register_forward_hook(_mlp_hook(zeta)))
 
+    def attach(self, other: nn.Module) -> None:
+        """Masks ``other`` (a model of the same structure, e.g. a momentum copy) with these same ζ tensors,
+        until ``remove``."""
+        self._attach(other)
+        self._models.append(weakref.ref(other))
+        _ACTIVE[other] = self
+
     def remove(self) -> None:
         """Detach every hook: the model computes its unmasked function again."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for ref in getattr(self, "_models", ()):
+            m = ref()
+            if m is not None and _ACTIVE.get(m) is self:
+                del _ACTIVE[m]
 
     def parameters_by_kind(self, kind: str) -> list[nn.Parameter]:
         return [z for s, z in self.items() if s.kind == kind]

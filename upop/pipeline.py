@@ -90,13 +90,15 @@ class TaskSetup:
 def setup_task(src: OpenedModel, task: str | None, data: str | Path | None, preprocessor: Any | None,
                batch_size: int, seed: int, eval_limit: int | None = None, **task_options: Any) -> TaskSetup:
     """The task's batches, loss, model-selection metric (val) and report metrics (test)."""
-    from .demo import is_demo, shapes_dir
+    from .demo import DEMOS, is_demo, shapes_dir
     from .tasks import Preprocessor, default_task, make_task
 
     name = task or default_task(src.adapter, src.model)
     if data is None:
         if src.info.source is not None and is_demo(src.info.source):
             data = shapes_dir()
+            given = {k: v for k, v in task_options.items() if v is not None}
+            task_options = {**DEMOS[src.info.source].task_options, **given}
         else:
             raise ConfigError("no data given: pass a data folder (--data DIR); only the demo-* models have built-in data")
     if preprocessor is None:

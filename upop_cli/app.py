@@ -115,9 +115,11 @@ def compress(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Reference hyperparameters (upop recipes list); "
                                                                 "default: chosen from the data's annotation files; "
                                                                 "none: no recipe."),
-    k_test: Optional[int] = typer.Option(None, "--k-test", help="Retrieval: candidates re-ranked per query."),
-    momentum: Optional[bool] = typer.Option(None, "--momentum/--no-momentum", help="Retrieval: momentum "
-                                                                                   "distillation."),
+    k_test: Optional[int] = typer.Option(None, "--k-test", help="Retrieval: ITM re-ranking depth at evaluation "
+                                                                 "(default 256 for COCO, 128 for Flickr30k, else 256)."),
+    momentum: Optional[bool] = typer.Option(None, "--momentum/--no-momentum",
+                                            help="BLIP retrieval: distil from a momentum encoder and a queue of "
+                                                 "its features, as BLIP trains (default on)."),
     distill: Optional[str] = typer.Option(None, "--distill", help="Learn from a frozen teacher: off (default) | "
                                                                    "logits (KL) | features (hidden states) | both."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the distillation "

@@ -66,6 +66,70 @@ def _blip_eval(folder: str, limit: int) -> dict:
     return task.evaluate(model, "test", limit)
 
 
+WORDS = ["red circle", "a blue square on grey", "green", "small yellow triangle at the left", "two dots",
+         "big star", "a line", "grey on grey"]
+
+
+def _retrieval_setup(family: str, class_name: str, folder: str):
+    """A tiny retrieval model, its task, and a fixed bank of 8 images and captions (one token width)."""
+    from upop.demo import build_tokenizer
+    from upop.tasks import Preprocessor, make_task
+
+    adapter = get_adapter(family)
+    model = build_tiny(family, class_name, vocab=99).train()
+    prep = Preprocessor(build_tokenizer(), adapter.image_processor(32), **adapter.preprocessor_options(model))
+    task = make_task(adapter, "retrieval", prep, folder, model=model)
+    size = model.config.vision_config.image_size
+    bank = {"pixel_values": torch.randn(len(WORDS), 3, size, size, generator=torch.Generator().manual_seed(0)),
+            **prep.text(WORDS)}
+    return adapter, model, task, bank
+
+
+def _itc_run(family: str, class_name: str, folder: str, rank: int, world: int) -> dict:
+    """The retrieval loss on this rank's contiguous share of the bank (BLIP: its ITC part, as its ITM pairs are
+    sampled), and the gradients averaged over the ranks as DDP averages them."""
+    _adapter, model, task, bank = _retrieval_setup(family, class_name, folder)
+    per = len(WORDS) // world
+    batch = {k: v[rank * per : (rank + 1) * per] for k, v in bank.items()}
+    out = task.forward(model, batch)
+    out.pop("itm", None)
+    loss = task.loss_from(out, batch)
+    loss.backward()
+    d = current()
+    grads = {n: d.all_reduce_mean(p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in model.named_parameters()}
+    return {"loss": float(d.all_reduce_mean(loss.detach())), "grads": grads}
+
+
+def _negatives_run(folder: str, rank: int) -> dict:
+    """One item per rank: each text's only negative image (and each image's only negative text) is the other
+    rank's; the ITM scores the other rank's image sequence / caption."""
+    adapter, model, task, bank = _retrieval_setup("blip", "BlipForImageTextRetrieval", folder)
+    batch = {k: v[rank : rank + 1] for k, v in bank.items()}
+    out = task.forward(model, batch)
+    other = 1 - rank
+    with torch.no_grad():
+        seq = {i: adapter.encode_image(model, bank["pixel_values"][i : i + 1])[0] for i in (rank, other)}
+        mine_other_img = adapter.itm_logits(model, seq[other], batch["input_ids"], batch["attention_mask"])
+        mine_other_txt = adapter.itm_logits(model, seq[rank], bank["input_ids"][other : other + 1],
+                                            bank["attention_mask"][other : other + 1])
+    task.loss_from(out, batch).backward()
+    vision_grad = sum(float(p.grad.abs().sum()) for p in model.vision_model.parameters() if p.grad is not None)
+    return {"neg_img": out["neg_img"].tolist(), "neg_txt": out["neg_txt"].tolist(),
+            "itm_neg_img": torch.allclose(out["itm"][1], mine_other_img[0], atol=1e-5),
+            "itm_neg_txt": torch.allclose(out["itm"][2], mine_other_txt[0], atol=1e-5), "vision_grad": vision_grad}
+
+
+def _uneven_gather_grad(d: Dist, n: int) -> tuple:
+    """Rows 0..4 split 3 / 2; every rank's loss is sum((row index + 1) · gathered row): row i's gradient summed
+    over the two ranks is 2 · (i + 1)."""
+    start = list(d.shard(5))[0]
+    x = torch.arange(start, start + n, dtype=torch.float32, requires_grad=True)
+    rows, offset = d.cat_with_grad(x.unsqueeze(1))
+    (rows.squeeze(1) * torch.arange(1.0, 6.0)).sum().backward()
+    return offset, rows.squeeze(1).tolist(), x.grad.tolist(), x.tolist()
+
+
 def _worker(rank: int, world: int, folder: str, mode: str) -> None:
     from datetime import timedelta
 
@@ -93,8 +157,16 @@ def _worker(rank: int, world: int, folder: str, mode: str) -> None:
                    # rows of any shape and dtype travel as tensors; a rank with none passes an empty one
                    "rows": d.cat(torch.full((2, 2, 3), 7.0, dtype=torch.float16) if rank else torch.empty(0)),
                    "none": d.cat(torch.empty(0)),
+                   # token ids of another width per rank, padded on the right to the widest
+                   "padded": d.cat_padded(torch.full((1, 2 + rank), 5, dtype=torch.long)),
+                   "with_grad": _uneven_gather_grad(d, len(mine)),
                    "max": d.all_reduce_max(torch.tensor([float(rank)])).item(),
                    "mean": d.all_reduce_mean(torch.tensor([float(rank)], dtype=torch.float64)).item()}
+        elif mode.startswith("itc:"):
+            _mode, family, class_name = mode.split(":")
+            out = _itc_run(family, class_name, folder, rank, world)
+        elif mode == "negatives":
+            out = _negatives_run(folder, rank)
         elif mode.startswith("retrieval"):
             out = _blip_eval(folder, int(mode.split(":")[1]))
         else:
@@ -144,6 +216,12 @@ def test_collectives_keep_rank_order(tmp_path):
         assert r["rows"].dtype == torch.float16 and torch.equal(r["rows"], torch.full((2, 2, 3), 7.0, dtype=torch.float16))
         assert r["none"].numel() == 0
         assert r["max"] == 1.0 and r["mean"] == 0.5
+        assert r["padded"].tolist() == [[5, 5, 0], [5, 5, 5]]
+    # uneven counts (3 and 2 rows): each rank's offset, and its rows' gradient summed over both ranks' losses
+    assert [r["with_grad"][0] for r in res] == [0, 3]
+    for r in res:
+        assert r["with_grad"][1] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert r["with_grad"][2] == [2.0 * (r["with_grad"][0] + i + 1) for i in range(len(r["with_grad"][3]))]
 
 
 def test_world_of_one_is_a_no_op():
@@ -151,6 +229,7 @@ def test_world_of_one_is_a_no_op():
     t = torch.arange(3.0)
     assert not d.enabled and d.is_main
     assert d.cat(t) is t and d.concat([1]) == [1] and list(d.shard(4)) == [0, 1, 2, 3]
+    assert d.cat_with_grad(t) == (t, 0) and d.cat_padded(t) is t
     d.check_same("x", "anything")  # nothing to compare against
 
 
@@ -221,3 +300,25 @@ def test_distributed_retrieval_evaluation_equals_one_process(tmp_path, limit):
         assert r.keys() == one.keys()
         for k, v in one.items():
             assert r[k] == pytest.approx(v, abs=1e-4), k
+
+
+@pytest.mark.parametrize("family,class_name", [("blip", "BlipForImageTextRetrieval"), ("clip", "CLIPModel"),
+                                               ("siglip", "SiglipModel")])
+def test_itc_over_gathered_features_equals_one_process(tmp_path, family, class_name):
+    """Each rank's rows against every rank's columns: the ranks' mean loss and DDP-averaged gradients are the
+    whole batch's in one process (logit_scale and logit_bias included)."""
+    one = _itc_run(family, class_name, str(tmp_path), 0, 1)
+    two = _spawn(tmp_path, f"itc:{family}:{class_name}")
+    for r in two:
+        assert r["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        for name, g in one["grads"].items():
+            assert torch.allclose(r["grads"][name], g, atol=1e-5), name
+    assert any(float(g.abs().sum()) > 0 for g in one["grads"].values())
+
+
+def test_hard_negatives_come_from_the_other_rank(tmp_path):
+    res = _spawn(tmp_path, "negatives")
+    for rank, r in enumerate(res):
+        assert r["neg_img"] == [1 - rank] and r["neg_txt"] == [1 - rank]
+        assert r["itm_neg_img"] and r["itm_neg_txt"]
+        assert r["vision_grad"] > 0

@@ -69,6 +69,14 @@ class CLIPAdapter(QKVOAdapter, CLIPModels):
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(model.text_projection(pooled), dim=-1)
 
+    def pair_logits(self, model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The model's image-text logits of normalised features: cosine × exp(learnable logit_scale)."""
+        return rows @ cols.t() * model.logit_scale.exp()
+
+    def pair_loss(self, i2t: torch.Tensor, t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """CLIP's symmetric cross-entropy; row i's positive is column ``targets[i]`` (columns: every rank's)."""
+        return (nn.functional.cross_entropy(i2t, targets) + nn.functional.cross_entropy(t2i, targets)) / 2
+
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         dev = next(model.parameters()).device

@@ -50,3 +50,14 @@ class SiglipAdapter(CLIPAdapter, SiglipModels):
     def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(pooled, dim=-1)
+
+    def pair_logits(self, model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Cosine × exp(learnable logit_scale) + learnable logit_bias."""
+        return rows @ cols.t() * model.logit_scale.exp() + model.logit_bias
+
+    def pair_loss(self, i2t: torch.Tensor, t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """SigLIP's sigmoid loss over every pair (each text row against every image column, summed), the mean
+        over the texts; row i's positive is column ``targets[i]``."""
+        sign = -torch.ones_like(t2i)
+        sign[torch.arange(len(t2i), device=t2i.device), targets] = 1.0
+        return -nn.functional.logsigmoid(sign * t2i).sum(1).mean()

@@ -1,0 +1,231 @@
+"""Retrieval training as BLIP / CLIP / SigLIP train it (one process here; two ranks in test_distributed.py):
+the dual encoders' own losses with their learnable scale, BLIP's hard negatives, k_test, distillation terms."""
+
+import shutil
+
+import pytest
+import torch
+
+import upop
+from upop.adapters import get_adapter
+from upop.datasets import shapes
+from upop.demo import build_tokenizer
+from upop.errors import ConfigError
+from upop.retrain import retrain
+from upop.tasks import Preprocessor, make_task
+
+from ...conftest import build_tiny
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("r") / "shapes", train=8, val=4, test=6, classification_per_class=(1, 1, 1))
+
+
+def _task(family, model, data, **options):
+    adapter = get_adapter(family)
+    prep = Preprocessor(build_tokenizer(), adapter.image_processor(32), **adapter.preprocessor_options(model))
+    return make_task(adapter, "retrieval", prep, data, model=model, **options)
+
+
+def _batch(task, model, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    words = ["red circle", "a blue square on grey", "green", "small yellow triangle left", "two dots", "big star"]
+    return {"pixel_values": torch.randn(n, 3, size, size, generator=g), **task.prep.text(words[:n])}
+
+
+@pytest.mark.parametrize("family,class_name", [("clip", "CLIPModel"), ("siglip", "SiglipModel")])
+def test_dual_encoder_loss_is_the_models_own_and_trains_its_scale(family, class_name, data):
+    model = build_tiny(family, class_name, vocab=99).train()
+    task = _task(family, model, data)
+    batch = _batch(task, model)
+    own = task.adapter.native_loss(model, {k: v for k, v in batch.items()})
+    loss = task.loss(model, batch)
+    assert torch.allclose(loss, own, atol=1e-5)
+    learnable = ["logit_scale"] + (["logit_bias"] if family == "siglip" else [])
+    loss.backward()
+    for name in learnable:
+        p = getattr(model, name)
+        assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0
+    before = {n: getattr(model, n).detach().clone() for n in learnable}
+    retrain(model, task.loss, [batch], upop.RetrainConfig(epochs=1, steps_per_epoch=1, lr=1e-2))
+    for name in learnable:  # in the optimizer: a step moves it
+        assert not torch.equal(getattr(model, name).detach(), before[name]), name
+
+
+def test_blip_hard_negatives_never_the_positive_and_a_teacher_reuses_them(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    task = _task("blip", model, data)
+    batch = _batch(task, model, n=4)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = task.forward(model, batch)
+        assert not (out["neg_img"] == torch.arange(4)).any() and not (out["neg_txt"] == torch.arange(4)).any()
+        assert out["itm"].shape == (12, 2)
+    teacher = build_tiny("blip", "BlipForImageTextRetrieval", seed=1, vocab=99)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        t_out = task.forward(teacher, batch, guide=out)
+    assert torch.equal(torch.get_rng_state(), state)  # the teacher draws nothing
+    assert torch.equal(t_out["neg_img"], out["neg_img"]) and torch.equal(t_out["neg_txt"], out["neg_txt"])
+    assert torch.isfinite(task.loss_from(out, batch))
+
+
+@pytest.mark.parametrize("family,class_name", [("blip", "BlipForImageTextRetrieval"), ("clip", "CLIPModel")])
+def test_distill_terms_zero_for_equal_outputs_positive_otherwise(family, class_name, data):
+    model = build_tiny(family, class_name, vocab=99)
+    task = _task(family, model, data)
+    batch = _batch(task, model)
+    with torch.no_grad():
+        out = task.forward(model, batch)
+        same = task.forward(model, batch, guide=out)
+        other = task.forward(build_tiny(family, class_name, seed=3, vocab=99), batch, guide=out)
+    assert float(task.distill_terms(out, same, 2.0)) == 0.0
+    assert float(task.distill_terms(out, other, 2.0)) > 1e-6
+    if family == "blip":  # the ITM term alone counts too
+        itm_only = {**out, "itm": out["itm"] + torch.tensor([1.0, -1.0])}
+        assert float(task.distill_terms(itm_only, out, 1.0)) > 1e-6
+
+
+def _renamed(data, tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        shutil.copy(data / f"retrieval_{split}.json", folder / f"{name}_{split}.json")
+    return folder
+
+
+def test_k_test_defaults_per_dataset_and_is_checked(data, tmp_path):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+    assert _task("blip", model, _renamed(data, tmp_path, "coco_karpathy")).k_test("test") == 256
+    assert _task("blip", model, _renamed(data, tmp_path, "flickr30k")).k_test("test") == 128
+    assert _task("blip", model, data).k_test("test") == 256
+    assert _task("blip", model, data, k_test=7).k_test("test") == 7
+    for bad in (0, -2, 1.5, "8", True):
+        with pytest.raises(ConfigError, match="k_test must be an integer >= 1"):
+            _task("blip", model, data, k_test=bad).k_test("test")
+
+
+def test_k_test_sets_the_itm_reranking_depth(data):
+    """k=1 re-ranks one pair per image and per text; k above the split re-ranks every pair both ways."""
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+    recs = _task("blip", model, data)._records("test")
+    images, texts = len(recs), sum(len(r.captions) for r in recs)
+    seen = {}
+    for k in (1, 1000):
+        task = _task("blip", model, data, k_test=k)
+        real, scored = task._itm, []
+        task._itm = lambda m, seq, ids, mask, real=real, scored=scored: scored.append(len(seq)) or real(m, seq, ids, mask)
+        out = task.evaluate(model, "test")
+        seen[k] = (sum(scored), out)
+    assert seen[1][1]["k_test"] == 1.0 and seen[1000][1]["k_test"] == float(max(images, texts))
+    assert seen[1][0] == images + texts
+    assert seen[1000][0] == 2 * images * texts
+
+
+def _search_cfg(steps=4):
+    return upop.SearchConfig(ratio=0.5, steps=steps, update_every=2, lr=1e-3)
+
+
+def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    task = _task("blip", model, data, batch_size=4)
+    task.train_begin(model, None)
+    mom = task._momentum
+    assert mom.mu == 0.995 and mom.queue.size == 8  # capped at the 8 training records
+    before = {n: p.detach().clone() for n, p in mom.model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    task.train_after_step(model)
+    for n, p in mom.model.named_parameters():
+        theta = dict(model.named_parameters())[n]
+        assert torch.allclose(p, 0.995 * before[n] + 0.005 * theta, atol=1e-6), n
+    # the loop calls the hooks: after two steps two batches' momentum features are queued and α has risen
+    retrain(model, task.loss, task.train_batches(), upop.RetrainConfig(epochs=1, steps_per_epoch=2, lr=1e-3))
+    assert task._momentum.batches == 2 and task._momentum.queue.filled == 8 and task._momentum.alpha == 0.4
+    out = task.forward(model, next(iter(task.train_batches())))
+    assert out["mom_i2t"].shape == (4, 4 + 8)  # the batch's momentum features, then the queue
+    assert torch.allclose(out["mom_i2t_targets"].sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_momentum_model_is_masked_with_the_same_zeta_and_rebuilt_from_the_slim_student(data):
+    from upop.masks import MaskSet, masks_of
+    from upop.search import search
+    from upop.slim import slim_model
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    adapter = get_adapter("blip")
+    specs = adapter.modules(model)
+    task = _task("blip", model, data, batch_size=4)
+    masks = MaskSet(model, specs, "dim")
+    task.train_begin(model, None)
+    copy = task._momentum.model_for(model)
+    assert masks_of(copy) is masks
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        unmasked = adapter.encode_image(copy, px)[1]
+        masks[specs[1].name].zero_()  # the student's ζ, changed in place: the copy follows
+        masked = adapter.encode_image(copy, px)[1]
+        assert not torch.allclose(masked, unmasked, atol=1e-4)
+        assert torch.allclose(masked, adapter.encode_image(model, px)[1], atol=1e-6)
+    masks.remove()
+    assert masks_of(copy) is None
+    with torch.no_grad():
+        assert torch.allclose(adapter.encode_image(copy, px)[1], unmasked, atol=1e-6)
+    res = search(model, specs, task.loss, task.train_batches(), _search_cfg())
+    slim_model(model, specs, res.kept, "dim", adapter, zeta=res.zeta)
+    retrain(model, task.loss, task.train_batches(), upop.RetrainConfig(epochs=1, steps_per_epoch=1, lr=1e-3))
+    shapes_of = lambda m: {n: p.shape for n, p in m.named_parameters()}  # noqa: E731
+    assert shapes_of(task._momentum.model) == shapes_of(model)
+
+
+@pytest.mark.parametrize("momentum", [True, False], ids=["momentum", "no-momentum"])
+def test_resume_mid_search_with_momentum_equals_an_uninterrupted_run(data, tmp_path, monkeypatch, momentum):
+    from upop.tasks.retrieval import BlipRetrieval
+
+    def cfg():
+        return upop.CompressConfig(ratio=0.5, search=_search_cfg(6), retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=2,
+                                                                                                lr=1e-3))
+
+    def run(**kw):
+        model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+        prep = Preprocessor(build_tokenizer(), get_adapter("blip").image_processor(32))
+        return upop.compress(model, cfg(), data=data, task="retrieval", preprocessor=prep, batch_size=4,
+                             latency=False, task_options={"momentum": momentum}, **kw)
+
+    ref = run()
+    real, calls = BlipRetrieval.forward, []
+
+    def interrupting(self, model, batch, guide=None):
+        calls.append(1)
+        if len(calls) == 4:  # inside the 4th search step: 3 finished, the queue and α under way
+            raise KeyboardInterrupt
+        return real(self, model, batch, guide)
+
+    monkeypatch.setattr(BlipRetrieval, "forward", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(state_dir=tmp_path / "s")
+    monkeypatch.setattr(BlipRetrieval, "forward", real)
+    saved = torch.load(tmp_path / "s" / "state.pt", weights_only=True)
+    assert saved["phase"] == "search" and saved["search"]["loss_state"].get("batches", 3 if momentum else None) == \
+        (3 if momentum else None)
+    res = run(state_dir=tmp_path / "s", resume=True)
+    assert res.search.kept == ref.search.kept
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k
+
+
+def test_momentum_options_are_checked_and_off_means_no_momentum_state(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+    with pytest.raises(ConfigError, match="momentum must be true or false"):
+        _task("blip", model, data, momentum="yes").train_begin(model, None)
+    with pytest.raises(ConfigError, match="queue_size must be an integer >= 1"):
+        _task("blip", model, data, queue_size=0).train_begin(model, None)
+    task = _task("blip", model, data, momentum=False)
+    task.train_begin(model, None)
+    assert set(task.train_state()) == {"negatives"}
+    short = _task("blip", model, data, queue_size=3)
+    short.train_begin(model, None)
+    assert short._momentum.queue.size == 3  # a queue shorter than the training set is kept as asked

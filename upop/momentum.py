@@ -1,0 +1,140 @@
+"""A momentum (EMA) copy of the model and a queue of its features: BLIP's ITC distillation (``--momentum``).
+
+The copy follows the model after every optimizer step (m ← μ·m + (1 − μ)·θ) and never trains. While the
+search's masks are on the model, the same ζ tensors are hooked into the copy (``MaskSet.attach``), so its
+features are those of the pruned student it follows. A training phase that starts afresh starts the copy
+from the model as it then is (UPop's reference copies the slim student into its momentum encoder before the
+retrain) and empties the queue; its state (weights, queue, batch count) is part of the run state, so a
+resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .masks import masks_of
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` without its forward hooks (the search's masks are attached explicitly)."""
+    saved = [(m, m._forward_hooks) for m in model.modules()]
+    for m, _ in saved:
+        m._forward_hooks = OrderedDict()
+    try:
+        out = copy.deepcopy(model)
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks = hooks
+    out.requires_grad_(False)
+    return out
+
+
+class FeatureQueue:
+    """The last ``size`` image and text features (and their image ids), oldest overwritten first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.img: torch.Tensor | None = None
+        self.txt: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
+        self.ptr, self.filled = 0, 0
+
+    def push(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.img is None:
+            self.img = img.new_zeros(self.size, img.shape[1])
+            self.txt = txt.new_zeros(self.size, txt.shape[1])
+            self.ids = ids.new_full((self.size,), -1)
+        img, txt, ids = img[-self.size :], txt[-self.size :], ids[-self.size :]
+        pos = (self.ptr + torch.arange(len(ids), device=ids.device)) % self.size
+        self.img[pos.to(self.img.device)] = img.to(self.img.dtype)  # type: ignore[index]
+        self.txt[pos.to(self.txt.device)] = txt.to(self.txt.dtype)  # type: ignore[index]
+        self.ids[pos.to(self.ids.device)] = ids  # type: ignore[index]
+        self.ptr = (self.ptr + len(ids)) % self.size
+        self.filled = min(self.size, self.filled + len(ids))
+
+    def rows(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features, image ids) of the filled rows; empty before the first push."""
+        if self.img is None:
+            empty = like.new_zeros(0, like.shape[1])
+            return empty, empty, torch.zeros(0, dtype=torch.long, device=like.device)
+        n = self.filled
+        return self.img[:n], self.txt[:n], self.ids[:n]  # type: ignore[index]
+
+    def state(self) -> dict[str, Any]:
+        return {"img": self.img.cpu() if self.img is not None else None,
+                "txt": self.txt.cpu() if self.txt is not None else None,
+                "ids": self.ids.cpu() if self.ids is not None else None, "ptr": self.ptr, "filled": self.filled}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.img, self.txt, self.ids = (state[k].to(device) if state[k] is not None else None
+                                        for k in ("img", "txt", "ids"))
+        self.ptr, self.filled = int(state["ptr"]), int(state["filled"])
+
+
+class Momentum:
+    """The momentum model, its feature queue, and the α of the distillation targets (raised linearly from 0 over
+    the first ``warmup_batches`` batches of a phase, as BLIP does over its first epoch)."""
+
+    def __init__(self, mu: float, queue_size: int, alpha: float, warmup_batches: int):
+        self.mu, self.alpha_max, self.warmup = mu, alpha, max(1, warmup_batches)
+        self.queue = FeatureQueue(queue_size)
+        self.model: nn.Module | None = None
+        self.batches = 0
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def begin(self, student: nn.Module, state: dict[str, Any] | None) -> None:
+        """A phase starts: the copy is the student as it is now (or the saved one when resuming)."""
+        self.model = _clone(student)
+        self._staged.clear()
+        self.queue = FeatureQueue(self.queue.size)
+        self.batches = 0
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.queue.load(state["queue"], next(student.parameters()).device)
+            self.batches = int(state["batches"])
+
+    def ready(self) -> bool:
+        return self.model is not None
+
+    def model_for(self, student: nn.Module) -> nn.Module:
+        """The copy, masked with the student's ζ while the search's masks are on the student."""
+        assert self.model is not None
+        masks = masks_of(student)
+        if masks is not None and masks_of(self.model) is not masks:
+            masks.attach(self.model)
+        self.model.train(student.training)
+        return self.model
+
+    @property
+    def alpha(self) -> float:
+        return self.alpha_max * min(1.0, self.batches / self.warmup)
+
+    def stage(self, key: int, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor) -> None:
+        """Features to enqueue once the optimizer has stepped (a batch run twice, as DDP's first-batch probe
+        runs it, counts once)."""
+        self._staged[key] = (img.detach(), txt.detach(), ids.detach())
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module) -> None:
+        """m ← μ·m + (1 − μ)·θ for every parameter (buffers copied); the step's features join the queue."""
+        assert self.model is not None
+        mine = dict(self.model.named_parameters())
+        for name, p in student.named_parameters():
+            mine[name].mul_(self.mu).add_(p.detach().to(mine[name].dtype), alpha=1.0 - self.mu)
+        mine_buf = dict(self.model.named_buffers())
+        for name, b in student.named_buffers():
+            mine_buf[name].copy_(b)
+        for img, txt, ids in self._staged.values():
+            self.queue.push(img, txt, ids)
+            self.batches += 1
+        self._staged.clear()
+
+    def state(self) -> dict[str, Any]:
+        assert self.model is not None
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "queue": self.queue.state(), "batches": self.batches}
