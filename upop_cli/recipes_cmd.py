@@ -26,7 +26,7 @@ def recipes_list() -> None:
     from upop.recipe import all_recipes
 
     table = Table(title="Recipes: upop compress --recipe NAME (by default chosen from the data's annotation files)")
-    for col in ("name", "family", "task", "dataset", "λ attn / mlp", "lr", "wd", "batch", "epochs s/r", "K"):
+    for col in ("name", "family", "task", "dataset", "λ attn / mlp", "lr", "wd", "batch", "epochs s/r", "update every"):
         table.add_column(col, no_wrap=True, justify="left" if col in ("name", "family", "task", "dataset") else "right")
     for r in all_recipes():
         o = checked(r)
@@ -68,11 +68,14 @@ def recipe_options(model: str, data: str | None, task: str | None, name: str | N
         return {}
     if name is not None:
         recipe = load_recipe(name)
-        family, _task = _family_and_task(model, task)
-        if family is not None and family != recipe.family:
-            from upop.errors import ConfigError
+        family, run_task = _family_and_task(model, task)
+        from upop.errors import ConfigError
 
+        if family is not None and family != recipe.family:
             raise ConfigError(f"recipe {recipe.name} is for {recipe.family} models; {model} is a {family} model "
+                              "(upop recipes list)")
+        if run_task is not None and run_task != recipe.task:
+            raise ConfigError(f"recipe {recipe.name} is for the {recipe.task} task; this run does {run_task} "
                               "(upop recipes list)")
     else:
         family, task = _family_and_task(model, task)

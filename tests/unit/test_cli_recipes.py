@@ -98,7 +98,7 @@ def test_a_named_recipe_reaches_the_run_and_flags_and_config_win(blip_dir, coco,
 def test_the_data_folder_chooses_the_recipe_and_none_turns_it_off(blip_dir, coco, tmp_path, seen):
     r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "recipe: blip-coco-retrieval (coco annotations in" in r.output
-    assert seen["cfg"].search.lambda_attn == 6.4e-3 and seen["cfg"].search.epochs == 6
+    assert seen["cfg"].search.lambda_attn == pytest.approx(6.4e-3 / 8) and seen["cfg"].search.epochs == 6
     seen.clear()
     r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, "--recipe", "none", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "recipe:" not in r.output
@@ -109,6 +109,20 @@ def test_the_data_folder_chooses_the_recipe_and_none_turns_it_off(blip_dir, coco
 def test_a_recipe_of_another_family_is_one_line(blip_dir, tmp_path):
     r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--recipe", "deit-imagenet", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "recipe deit-imagenet is for deit models;" in r.output and "is a blip model" in r.output
+
+
+def test_a_recipe_of_another_task_is_one_line(blip_dir, tmp_path):
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--recipe", "blip-vqa", "--task", "retrieval",
+                "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "recipe blip-vqa is for the vqa task; this run does retrieval" in r.output
+
+
+def test_recipe_lambdas_are_the_references_per_gpu_coefficient():
+    # the reference divides λ by its processes before DDP averages: what its 8-GPU runs applied is λ / 8
+    r = load_recipe("blip-coco-retrieval")
+    assert r.gpus == 8
+    assert r.options["lambda_attn"] == pytest.approx(6.4e-3 / 8) and r.options["lambda_mlp"] == pytest.approx(2e-4 / 8)
+    assert all("momentum" not in load_recipe(n).options for n in recipe_names() if n.startswith("clip-"))
 
 
 def test_demos_use_no_recipe_and_no_augmentation(coco, tmp_path, seen):
