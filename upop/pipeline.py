@@ -449,7 +449,8 @@ def compress(
     plan = plan_for(run, net, src.adapter, specs)
     run_info = distributed_info(run, inputs, batch_size)
     run.latency_batch = run_info["per_rank_batch"]
-    open_state(run, state_dir, resume, {**run_info, "ratio": plan.ratio if plan else run.config.ratio})
+    open_state(run, state_dir, resume, {**run_info, "ratio": plan.ratio if plan else run.config.ratio,
+                                        "task_options": training_options(task_options or {})})
     if plan is not None:
         run.config = plan.applied(run.config)
     base = measure_baseline(run, net, src.adapter, inputs)
@@ -533,6 +534,12 @@ def start_run(config: CompressConfig, progress: Progress | None, checkpoint_ever
     if latency is not False:
         run.latency_runtimes = {"torch": torch_runtime(run.device), **(latency if isinstance(latency, dict) else {})}
     return run
+
+
+def training_options(task_options: dict[str, Any]) -> dict[str, Any]:
+    """The task options that change what a run trains or measures (augmentation, momentum, k_test, ...): a resumed
+    run must use the same. The input pipeline's (workers, cache) change only how fast images arrive."""
+    return {k: v for k, v in sorted(task_options.items()) if k not in ("workers", "cache_gb") and v is not None}
 
 
 def distributed_info(run: Run, inputs: Inputs, batch_size: int) -> dict[str, Any]:

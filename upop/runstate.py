@@ -138,6 +138,11 @@ class StateStore:
             if key in was and key in self.run and was[key] != self.run[key]:
                 raise ConfigError(f"the interrupted run in {self.folder} ran with {was[key]} {what}, this one with "
                                   f"{self.run[key]}; resume with the same --nproc and --batch-size")
+        opts = "task_options"
+        if opts in was and opts in self.run and was[opts] != self.run[opts]:
+            raise ConfigError(f"the interrupted run in {self.folder} trained with {_options(was[opts])}, this one with "
+                              f"{_options(self.run[opts])}; resume with the same options (--augment, --momentum, "
+                              "--k-test), or delete that folder")
         if "ratio" in was and "ratio" in self.run and abs(was["ratio"] - self.run["ratio"]) > 1e-12:
             raise ConfigError(f"the interrupted run in {self.folder} searched for ratio {was['ratio']:.4f}, this one "
                               f"would use {self.run['ratio']:.4f} (the hardware profile changed?); resume with the "
@@ -152,3 +157,7 @@ class StateStore:
             (self.folder / name).unlink(missing_ok=True)
         if created and not any(self.folder.iterdir()):
             self.folder.rmdir()
+
+
+def _options(opts: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "the task's defaults"

@@ -120,3 +120,19 @@ def test_what_is_checkpointed_when(tmp_path, monkeypatch, every, expected):
     assert written == expected + [("done", 0)]  # the finished run is kept until its output is written
     res.save(tmp_path / "out")
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_with_other_task_options_is_one_line(tmp_path):
+    # augmentation, momentum and k_test live in the task options, not the config: they are checked too
+    adapter = get_adapter("vit")
+    model = build_tiny("vit", "ViTForImageClassification")
+    batches = batches_for(adapter, model, n=3)
+    with pytest.raises(KeyboardInterrupt):
+        upop.compress(model, _config(), batches=batches, loss_fn=InterruptAt(adapter, 3), state_dir=tmp_path / "s",
+                      task_options={"augment": "none", "workers": 0})
+    with pytest.raises(upop.ConfigError, match="trained with augment=none, this one with augment=default"):
+        upop.compress(build_tiny("vit", "ViTForImageClassification"), _config(), batches=batches,
+                      state_dir=tmp_path / "s", resume=True, task_options={"augment": "default", "workers": 0})
+    res = upop.compress(build_tiny("vit", "ViTForImageClassification"), _config(), batches=batches,
+                        state_dir=tmp_path / "s", resume=True, task_options={"augment": "none", "workers": 2})
+    assert res.search.kept  # the worker count may differ: it changes only how fast images arrive
