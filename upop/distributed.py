@@ -297,12 +297,14 @@ class _DDPRunner:
 
     def __call__(self, batch: Any) -> torch.Tensor:
         if self.ddp is None:
-            probe = self.loss_fn(self.model, batch)
-            used = _graph_params(probe)
-            del probe
+            dev = next(self.model.parameters()).device
+            # The probe must not advance the RNG (dropout): a resumed run probes at another step than a fresh one.
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                probe = self.loss_fn(self.model, batch)
+                used = _graph_params(probe)
+                del probe
             unused = any(id(p) not in used for p in self.model.parameters() if p.requires_grad)
             unused = bool(self.dist.all_reduce_max(torch.tensor([float(unused)])).item())
-            dev = next(self.model.parameters()).device
             self.ddp = nn.parallel.DistributedDataParallel(
                 _LossModule(self.model, self.loss_fn), device_ids=[dev.index] if dev.type == "cuda" else None,
                 find_unused_parameters=unused)

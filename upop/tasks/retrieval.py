@@ -147,6 +147,14 @@ class DualEncoderRetrieval(_RetrievalData):
     """CLIP / SigLIP: the model's own loss (contrastive / sigmoid, with its learnable scale and bias) over the
     features of every rank's batch, cosine ranking."""
 
+    def _draws(self, key: tuple[int, ...], device: torch.device) -> torch.Generator:
+        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's images) and by no
+        state that advances per call: DDP's first-batch probe runs a batch twice, and a resumed run starts the
+        data loader (which draws from the global RNG) at another step; both still draw what an uninterrupted
+        run draws."""
+        seed = hash((self.seed, current().rank, self._steps, key)) & 0x7FFF_FFFF_FFFF_FFFF
+        return torch.Generator(device=device).manual_seed(seed)
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         batch = self.on_device(batch, model)
@@ -185,7 +193,7 @@ class BlipRetrieval(_RetrievalData):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._momentum: Momentum | None = None
-        self._negatives: torch.Generator | None = None
+        self._steps = 0  # optimizer steps of this phase: with the batch, it keys the hard-negative draws
 
     def train_batches(self) -> Batches:
         """The batches with each record's index (``image_id``): the momentum targets count a queued feature of
@@ -208,14 +216,9 @@ class BlipRetrieval(_RetrievalData):
         return True if on is None else on
 
     def train_begin(self, model: nn.Module, state: dict[str, Any] | None) -> None:
-        """A training phase starts (``state``: this task's part of an interrupted run's state). The hard negatives
-        are drawn from a generator of their own, saved with the run: the global RNG is also drawn from by the
-        data loader whenever it starts a pass, which a resumed run does at another step."""
+        """A training phase starts (``state``: this task's part of an interrupted run's state)."""
         state = state or {}
-        dev = device_of(model)
-        self._negatives = torch.Generator(device=dev).manual_seed(self.seed * 1000003 + current().rank)
-        if "negatives" in state:
-            self._negatives.set_state(state["negatives"])
+        self._steps = int(state.get("steps", 0))
         if not self.momentum_on():
             self._momentum = None
             return
@@ -231,14 +234,23 @@ class BlipRetrieval(_RetrievalData):
         self._momentum.begin(model, state if "model" in state else None)
 
     def train_after_step(self, model: nn.Module) -> None:
+        self._steps += 1
         if self._momentum is not None and self._momentum.ready():
             self._momentum.after_step(model)
 
     def train_state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"negatives": self._negatives.get_state()} if self._negatives is not None else {}
+        out: dict[str, Any] = {"steps": self._steps}
         if self._momentum is not None and self._momentum.ready():
             out.update(self._momentum.state())
         return out
+
+    def _draws(self, key: tuple[int, ...], device: torch.device) -> torch.Generator:
+        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's images) and by no
+        state that advances per call: DDP's first-batch probe runs a batch twice, and a resumed run starts the
+        data loader (which draws from the global RNG) at another step; both still draw what an uninterrupted
+        run draws."""
+        seed = hash((self.seed, current().rank, self._steps, key)) & 0x7FFF_FFFF_FFFF_FFFF
+        return torch.Generator(device=device).manual_seed(seed)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -255,7 +267,7 @@ class BlipRetrieval(_RetrievalData):
         if guide is not None:  # a teacher scores the student's pairs
             neg_img, neg_txt = guide["neg_img"], guide["neg_txt"]
         else:
-            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset, self._negatives)
+            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset, self._draws(key, offset.device))
         dist = current()
         seq_all, _ = dist.cat_with_grad(seq)
         ids_all = dist.cat_padded(batch["input_ids"])

@@ -72,6 +72,24 @@ def test_blip_hard_negatives_never_the_positive_and_a_teacher_reuses_them(data):
     assert torch.isfinite(task.loss_from(out, batch))
 
 
+def test_blip_negatives_depend_on_the_batch_and_step_not_on_how_often_it_runs(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()  # no dropout: only the draws differ
+    task = _task("blip", model, data, momentum=False)
+    task.train_begin(model, None)
+    batch = {**_batch(task, model, n=4), "image_id": torch.tensor([0, 1, 2, 3])}
+    first = task.forward(model, batch)
+    again = task.forward(model, batch)  # DDP's first-batch probe runs a batch twice
+    assert torch.equal(first["neg_img"], again["neg_img"]) and torch.equal(first["neg_txt"], again["neg_txt"])
+    draws = set()
+    for _ in range(8):
+        task.train_after_step(model)
+        draws.add(tuple(task.forward(model, batch)["neg_img"].tolist()))
+    assert len(draws) > 1  # another step draws anew
+    resumed = _task("blip", model, data, momentum=False)
+    resumed.train_begin(model, task.train_state())
+    assert torch.equal(resumed.forward(model, batch)["neg_img"], task.forward(model, batch)["neg_img"])
+
+
 @pytest.mark.parametrize("family,class_name", [("blip", "BlipForImageTextRetrieval"), ("clip", "CLIPModel")])
 def test_distill_terms_zero_for_equal_outputs_positive_otherwise(family, class_name, data):
     model = build_tiny(family, class_name, vocab=99)
@@ -225,7 +243,7 @@ def test_momentum_options_are_checked_and_off_means_no_momentum_state(data):
         _task("blip", model, data, queue_size=0).train_begin(model, None)
     task = _task("blip", model, data, momentum=False)
     task.train_begin(model, None)
-    assert set(task.train_state()) == {"negatives"}
+    assert set(task.train_state()) == {"steps"}
     short = _task("blip", model, data, queue_size=3)
     short.train_begin(model, None)
     assert short._momentum.queue.size == 3  # a queue shorter than the training set is kept as asked
