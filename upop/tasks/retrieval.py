@@ -14,7 +14,7 @@ from ..datasets.readers import read_retrieval
 from ..distributed import current
 from ..errors import ConfigError
 from ..momentum import Momentum
-from .base import Batches, Images, Task, device_of, find_annotation, register_task, to_device
+from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
 #: ITM re-ranking depth by annotation file name (BLIP's retrieval configs), and for any other data
@@ -118,17 +118,10 @@ def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(F.log_softmax(logits.float(), dim=1) * targets).sum(1).mean()
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) of the rows' softmax at ``temperature``, scaled by T² (0 for equal logits)."""
-    t = temperature
-    s_log = F.log_softmax(student.float() / t, dim=-1)
-    t_log = F.log_softmax(teacher.detach().float() / t, dim=-1)
-    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * (t * t)
-
-
 def _itc_terms(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
     """Image → text and text → image similarity distributions, over the same gathered columns."""
-    return (_kl(student["i2t"], teacher["i2t"], temperature) + _kl(student["t2i"], teacher["t2i"], temperature)) / 2
+    return (distill_kl(student["i2t"], teacher["i2t"], temperature)
+            + distill_kl(student["t2i"], teacher["t2i"], temperature)) / 2
 
 
 def _gathered_features(adapter, model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -165,9 +158,6 @@ class DualEncoderRetrieval(_RetrievalData):
     def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.adapter.pair_loss(out["i2t"], out["t2i"], _diag_targets(len(out["i2t"]), out["offset"],
                                                                              out["i2t"].device))
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_from(self.forward(model, batch), batch)
 
     def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                       temperature: float) -> torch.Tensor:
@@ -315,15 +305,12 @@ class BlipRetrieval(_RetrievalData):
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(out["itm"].device)
         return itc + F.cross_entropy(out["itm"], labels)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_from(self.forward(model, batch), batch)
-
     def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                       temperature: float) -> torch.Tensor:
         """ITC distributions both ways, plus the ITM distributions of the same (student-sampled) pairs."""
         terms = _itc_terms(student, teacher, temperature)
         if "itm" in student and "itm" in teacher:
-            terms = terms + _kl(student["itm"], teacher["itm"], temperature)
+            terms = terms + distill_kl(student["itm"], teacher["itm"], temperature)
         return terms
 
     @torch.no_grad()
