@@ -147,14 +147,23 @@ class Distiller:
         with tap(model, self.layers) as s_feats:
             out = self.task.forward(model, batch)
         task_loss = self.task.loss_from(out, batch)
-        with torch.no_grad(), tap(self.teacher, self.layers) as t_feats:
-            t_out = self.task.forward(self.teacher, batch, guide=out)
+        teacher = self._teacher_beside(model)
+        with torch.no_grad(), tap(teacher, self.layers) as t_feats:
+            t_out = self.task.forward(teacher, batch, guide=out)
         kd = task_loss.new_zeros(())
         if self.logits:
             kd = kd + self.task.distill_terms(out, t_out, self.config.temperature)
         if self.layers:
             kd = kd + feature_loss(s_feats, t_feats)
         return task_loss, kd
+
+    def _teacher_beside(self, model: nn.Module) -> nn.Module:
+        """The teacher on the student's device, moved there at its first use: a teacher of the retrain alone is
+        held on the host through the search, taking no accelerator memory while it is not needed."""
+        dev = next(model.parameters()).device
+        if next(self.teacher.parameters()).device != dev:
+            self.teacher.to(dev)
+        return self.teacher
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         task_loss, kd = self.terms(model, batch)

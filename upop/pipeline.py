@@ -504,7 +504,8 @@ def add_distillation(run: Run, src: OpenedModel, net: nn.Module, inputs: Inputs,
     check_teacher(src.adapter, net, teacher, cfg.mode, cfg.teacher or "(the input model)")
     dtype = teacher_dtype(run.device, run.config.search.amp and run.config.retrain.amp)
     layers = src.adapter.feature_layers(net) if cfg.mode in ("features", "both") else []
-    distiller = Distiller(inputs.task_impl, freeze(teacher, run.device, dtype), cfg, layers)
+    held = run.device if cfg.search else torch.device("cpu")  # a retrain-only teacher moves over when first used
+    distiller = Distiller(inputs.task_impl, freeze(teacher, held, dtype), cfg, layers)
     inputs.loss = distiller
     inputs.search_loss = distiller if cfg.search else inputs.task_impl.loss
     return {"mode": cfg.mode, "weight": cfg.weight, "temperature": cfg.temperature, "search": cfg.search,
