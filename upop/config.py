@@ -144,7 +144,7 @@ class DistillConfig:
         if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher.strip()):
             raise ConfigError(f"teacher must be a model name or folder, got {self.teacher!r}")
         if self.teacher is not None and not self.enabled:
-            raise ConfigError("--teacher is given but distillation is off; add --distill logits|features|both")
+            raise ConfigError("a teacher is given (--teacher) but distillation is off; add --distill logits|features|both")
 
 
 @dataclass
