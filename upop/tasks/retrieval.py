@@ -140,14 +140,6 @@ class DualEncoderRetrieval(_RetrievalData):
     """CLIP / SigLIP: the model's own loss (contrastive / sigmoid, with its learnable scale and bias) over the
     features of every rank's batch, cosine ranking."""
 
-    def _draws(self, key: tuple[int, ...], device: torch.device) -> torch.Generator:
-        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's images) and by no
-        state that advances per call: DDP's first-batch probe runs a batch twice, and a resumed run starts the
-        data loader (which draws from the global RNG) at another step; both still draw what an uninterrupted
-        run draws."""
-        seed = hash((self.seed, current().rank, self._steps, key)) & 0x7FFF_FFFF_FFFF_FFFF
-        return torch.Generator(device=device).manual_seed(seed)
-
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         batch = self.on_device(batch, model)
