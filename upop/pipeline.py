@@ -94,11 +94,13 @@ def setup_task(src: OpenedModel, task: str | None, data: str | Path | None, prep
     from .tasks import Preprocessor, default_task, make_task
 
     name = task or default_task(src.adapter, src.model)
+    demo = src.info.source is not None and is_demo(src.info.source)
+    if demo:  # the demo's own task options, under any the caller gives (its data given or not)
+        given = {k: v for k, v in task_options.items() if v is not None}
+        task_options = {**DEMOS[src.info.source].task_options, **given}  # type: ignore[index]
     if data is None:
-        if src.info.source is not None and is_demo(src.info.source):
+        if demo:
             data = shapes_dir()
-            given = {k: v for k, v in task_options.items() if v is not None}
-            task_options = {**DEMOS[src.info.source].task_options, **given}
         else:
             raise ConfigError("no data given: pass a data folder (--data DIR); only the demo-* models have built-in data")
     if preprocessor is None:
