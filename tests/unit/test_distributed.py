@@ -130,6 +130,25 @@ def _uneven_gather_grad(d: Dist, n: int) -> tuple:
     return offset, rows.squeeze(1).tolist(), x.grad.tolist(), x.tolist()
 
 
+def _probe_rng(rank: int) -> dict:
+    """The DDP runner's first call (a probe outside DDP, then the call through it) leaves the RNG where one plain
+    call of the loss leaves it: a run resumed mid-way (which probes at another step) draws the same dropout."""
+    from upop.distributed import loss_runner
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 1)).train()
+
+    def loss_fn(m, batch):
+        return m(batch).pow(2).mean()
+
+    batch = torch.ones(3, 4)
+    torch.manual_seed(rank)
+    loss_fn(model, batch)
+    plain = torch.get_rng_state()
+    torch.manual_seed(rank)
+    loss_runner(model, loss_fn)(batch)
+    return {"same_rng": torch.equal(torch.get_rng_state(), plain)}
+
+
 def _worker(rank: int, world: int, folder: str, mode: str) -> None:
     from datetime import timedelta
 
@@ -167,6 +186,8 @@ def _worker(rank: int, world: int, folder: str, mode: str) -> None:
             out = _itc_run(family, class_name, folder, rank, world)
         elif mode == "negatives":
             out = _negatives_run(folder, rank)
+        elif mode == "probe":
+            out = _probe_rng(rank)
         elif mode.startswith("retrieval"):
             out = _blip_eval(folder, int(mode.split(":")[1]))
         else:
@@ -314,6 +335,10 @@ def test_itc_over_gathered_features_equals_one_process(tmp_path, family, class_n
         for name, g in one["grads"].items():
             assert torch.allclose(r["grads"][name], g, atol=1e-5), name
     assert any(float(g.abs().sum()) > 0 for g in one["grads"].values())
+
+
+def test_the_ddp_probe_leaves_the_rng_as_one_call_does(tmp_path):
+    assert all(r["same_rng"] for r in _spawn(tmp_path, "probe"))
 
 
 def test_hard_negatives_come_from_the_other_rank(tmp_path):
