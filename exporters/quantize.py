@@ -293,9 +293,12 @@ def sensitive_nodes(fp32: Path, qdq: Path, feeds: Feeds) -> list[tuple[str, floa
                                                          modify_model_output_intermediate_tensors)
 
     with tempfile.TemporaryDirectory() as tmp:
-        aug = Path(tmp) / "qdq_aug.onnx"
-        modify_model_output_intermediate_tensors(str(qdq), str(aug))
-        errors = compute_activation_error(create_activation_matching(collect_activations(str(aug), _reader(feeds))))
+        acts = []
+        for src in (qdq, fp32):  # ONNX Runtime's error report needs the float model's activations too
+            aug = Path(tmp) / f"aug-{src.name}"
+            modify_model_output_intermediate_tensors(str(src), str(aug))
+            acts.append(collect_activations(str(aug), _reader(feeds)))
+        errors = compute_activation_error(create_activation_matching(acts[0], acts[1]))
     proto = onnx.load(str(fp32))
     consumers: dict[str, list[str]] = {}
     for n in proto.graph.node:
