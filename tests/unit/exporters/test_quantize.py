@@ -47,7 +47,9 @@ def test_auto_builds_every_precision_and_each_runs(demo, tmp_path):
         for p in ("fp16", "int8", "int8-dynamic"):
             assert (tmp_path / "x" / g[p]["file"]).is_file()
         for p in ("int8", "int8-dynamic"):
-            assert g[p]["parity"] and all(r["cosine"] > 0.95 for r in g[p]["parity"]), (g["name"], p, g[p]["parity"])
+            # cosine, or a small error where the outputs are tiny (NLVR's two logits: a cosine of near-zeros)
+            close = [r["cosine"] > 0.95 or r["max_abs"] < 1e-2 for r in g[p]["parity"]]
+            assert close and all(close), (g["name"], p, g[p]["parity"])
             assert g[p]["quantized_nodes"] > 0
     rows = {r["precision"]: r for r in man["deployment"]["rows"]}
     assert set(rows) == {"fp32", "fp16", "int8", "int8-dynamic"}
