@@ -75,14 +75,14 @@ class PrecisionOptions:
 
 def task_metric(data: str | None = None, limit: int | None = None, batch_size: int = 32) -> MetricFn | None:
     """The metric of an export folder by the task's own evaluation (``upop eval``), or None where that is absent."""
-    try:
-        from . import evaluate  # noqa: F401  (upop eval of an export: issue 22, part A)
+    import importlib
+
+    try:  # upop eval of an export folder (issue 22, part A), built beside this: a plain import once both are in
+        evaluate_export = importlib.import_module("upop.exporters.evaluate").evaluate_export
     except ImportError:
         return None
 
     def metric(export_dir: Path, split: str) -> float:
-        from .evaluate import evaluate_export
-
         return float(evaluate_export(export_dir, data=data, split=split, batch_size=batch_size, limit=limit)["primary"])
 
     return metric
