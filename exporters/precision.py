@@ -50,6 +50,7 @@ class PrecisionOptions:
     original: str | Path | None = None  # an export of the original model: speedups against its FP32 graphs
     rounds: int = 5
     runs: int = 6  # per round: rounds × runs timings per graph and batch
+    also: tuple[str, ...] = ()  # more precisions to build and measure beside the asked one (benchmarks)
 
     def check(self) -> None:
         if self.precision not in CHOICES:
@@ -60,6 +61,8 @@ class PrecisionOptions:
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ConfigError(f"the latency batch must be an integer >= 1, got {self.batch!r}")
         self.calibration.check()
+        if set(self.also) - set(PRECISIONS):
+            raise ConfigError(f"unknown precision(s) {sorted(set(self.also) - set(PRECISIONS))}")
         if self.precision == "auto" and self.metric_fn is None:
             raise ConfigError("--precision auto chooses by the task metric: it needs the export's evaluation "
                               "(upop eval), which is not available here")
@@ -68,9 +71,8 @@ class PrecisionOptions:
 
     def built(self) -> list[str]:
         """The precisions this export holds: FP32 always, the asked one, every one for ``auto``."""
-        if self.precision == "auto":
-            return list(PRECISIONS)
-        return ["fp32"] if self.precision == "fp32" else ["fp32", self.precision]
+        wanted = set(PRECISIONS) if self.precision == "auto" else {"fp32", self.precision, *self.also}
+        return [p for p in PRECISIONS if p in wanted]
 
 
 def task_metric(data: str | None = None, limit: int | None = None, batch_size: int = 32) -> MetricFn | None:
