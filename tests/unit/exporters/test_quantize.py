@@ -1,5 +1,6 @@
 """INT8 and INT8-dynamic graphs, their calibration, the deployment table and ``auto``'s rule."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -314,3 +315,32 @@ def test_tensorrt_int8_engines_are_built_from_the_int8_qdq_graphs(tmp_path, monk
     built.clear()
     trt_mod.export_trt("demo-vit", tmp_path / "t16", batch="1:2:4", fp16=True)
     assert built == ["classifier.fp16.onnx"]
+
+
+def test_task_metric_is_upop_evals_primary_metric_of_the_export(monkeypatch):
+    import sys
+    import types
+
+    from upop.exporters.precision import task_metric
+
+    monkeypatch.delitem(sys.modules, "upop.exporters.evaluate", raising=False)
+    if importlib.util.find_spec("upop.exporters.evaluate") is None:
+        assert task_metric() is None  # this build has no upop eval of an export: parity only
+    calls = []
+    fake = types.ModuleType("upop.exporters.evaluate")
+    fake.evaluate_export = lambda d, **kw: calls.append((d, kw)) or {"primary": 71.5, "top1": 71.5}
+    monkeypatch.setitem(sys.modules, "upop.exporters.evaluate", fake)
+    metric = task_metric("DATA", limit=7)
+    assert metric(Path("E"), "val") == 71.5
+    assert calls == [(Path("E"), {"data": "DATA", "split": "val", "batch_size": 32, "limit": 7})]
+
+
+def test_a_quantized_file_that_leaves_its_folder_is_refused(tmp_path):
+    from upop.errors import ExportFolderError
+    from upop.exporters.runtime import read_export_manifest
+
+    man = {"task": "classification", "graphs": [{"name": "classifier", "file": "classifier.onnx",
+                                                 "int8": {"file": "../../etc/passwd"}}]}
+    (tmp_path / "export.json").write_text(json.dumps(man))
+    with pytest.raises(ExportFolderError, match="INT8 file"):
+        read_export_manifest(tmp_path)
