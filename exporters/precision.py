@@ -15,6 +15,7 @@ doubling their number, until its drop is within ``max_drop``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -214,6 +215,7 @@ class _Build:
     progress: Callable[[str], None] | None = None
     calib: CalibrationData | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[tuple[str, str], float] = field(default_factory=dict)  # each evaluation once (they take minutes)
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -228,20 +230,23 @@ class _Build:
     def metric(self, precision: str, split: str) -> float | None:
         if self.opts.metric_fn is None:
             return None
-        self.save()
-        with candidate_view(self.folder, precision) as view:
-            return float(self.opts.metric_fn(view, split))
+        if (precision, split) not in self.metrics:
+            self.save()
+            with candidate_view(self.folder, precision) as view:
+                self.metrics[precision, split] = float(self.opts.metric_fn(view, split))
+        return self.metrics[precision, split]
 
 
 def _int8(b: _Build, exclude: dict[str, list[str]]) -> None:
     """Static QDQ INT8 of every graph, ``exclude`` (per graph) kept in float beside the defaults."""
     assert b.calib is not None
     files = b.fp32_files()
+    b.metrics = {k: v for k, v in b.metrics.items() if k[0] != "int8"}  # the INT8 graphs change
     for entry, graph in zip(b.manifest["graphs"], b.graphs):
         name = entry["name"]
         out = b.folder / f"{name}.int8.onnx"
         b.say(f"quantizing {name} (int8, {b.calib.spec.method} calibration on {len(b.calib.items)} items)")
-        info = quantize_static_graph(name, dict(files)[name], out, lambda n=name: b.calib.feeds(files, n),
+        info = quantize_static_graph(name, dict(files)[name], out, functools.partial(b.calib.feeds, files, name),
                                      b.calib.spec.method, exclude.get(name))
         entry["int8"] = {"file": out.name, "format": "QDQ", "weights": "int8 per-channel symmetric",
                          "activations": "int8 symmetric", **info,
@@ -263,16 +268,16 @@ def _fit_int8(b: _Build, base: float) -> None:
     from .quantize import sensitive_nodes
 
     got = b.metric("int8", "val")
-    assert got is not None
-    files = dict(b.fp32_files())
+    assert got is not None and b.calib is not None
+    calib, files = b.calib, b.fp32_files()
     ranking: list[tuple[float, str, str]] = []
     if base - got > b.opts.max_drop:
         b.say(f"int8 lost {base - got:.2f} points: ranking the quantized nodes by their quantization noise")
         for entry in b.manifest["graphs"]:
             name = entry["name"]
-            fs = b.fp32_files()
-            ranking += [(err, name, node) for node, err in sensitive_nodes(
-                files[name], b.folder / entry["int8"]["file"], lambda n=name: b.calib.feeds(fs, n))]  # type: ignore[union-attr]
+            noise = sensitive_nodes(dict(files)[name], b.folder / entry["int8"]["file"],
+                                    functools.partial(calib.feeds, files, name))
+            ranking += [(err, name, node) for node, err in noise]
         ranking.sort()
     k, returned = 1, []
     while base - got > b.opts.max_drop and k <= len(ranking):
