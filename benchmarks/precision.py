@@ -43,12 +43,14 @@ DEMOS = ["demo-vit", "demo-clip", "demo-blip"]
 QUANT = ("fp16", "int8", "int8-dynamic")
 
 
-def slim_demo(demo: str, root: Path, max_steps: int | None) -> Path:
+def slim_demo(demo: str, root: Path, max_steps: int | None, eval_limit: int | None) -> Path:
     """``upop compress`` of the demo at ratio 0.5 on its own data (the CLI, as a user runs it)."""
     out = root / f"{demo}-p0.5"
     cmd = [sys.executable, "-m", "upop_cli", "compress", "--model", demo, "--ratio", "0.5", "--out", str(out), "--quiet"]
     if max_steps:
         cmd += ["--max-steps", str(max_steps)]
+    if eval_limit:
+        cmd += ["--eval-limit", str(eval_limit), "--no-latency"]
     subprocess.run(cmd, check=True)
     return out
 
@@ -58,7 +60,7 @@ def demo_rows(args, root: Path, console: Console) -> list[list[str]]:
     metric = task_metric()
     for demo in DEMOS:
         task = calibration_task(demo)
-        sources = {"0": demo, "0.5": slim_demo(demo, root, args.max_steps)}
+        sources = {"0": demo, "0.5": slim_demo(demo, root, args.max_steps, args.eval_limit)}
         for ratio, src in sources.items():
             opts = PrecisionOptions("fp32", Calibration(size=args.calibration), batch=8, task=task, metric_fn=metric,
                                     rounds=args.rounds, runs=args.runs, also=QUANT)
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--skip-demos", action="store_true")
     ap.add_argument("--skip-base", action="store_true")
     ap.add_argument("--max-steps", type=int, default=None, help="cap each demo's search and retrain (default: none)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="the demos' compress evaluates on at most N records")
     ap.add_argument("--calibration", type=int, default=128, help="calibration items")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=6, help="timings per round")
@@ -151,6 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.dry_run:
         args.max_steps, args.calibration, args.rounds, args.runs = args.max_steps or 2, 8, 1, 2
+        args.eval_limit = args.eval_limit or 16
         args.base_image_size, args.base_images = 64, 15
     console = Console(stderr=True)
     out: dict[str, list[list[str]]] = {}

@@ -334,3 +334,41 @@ def quant_parity(graph: Any, path: Path, batches: Sequence[int], seq: int, seed:
             rows.append({"batch": b, "output": name, "max_abs": float(np.abs(r64 - g64).max()) if r64.size else 0.0,
                          "cosine": cos})
     return rows
+
+
+# ---- Q/DQ placed for TensorRT ------------------------------------------------------------------------
+#: upop's calibration methods as ModelOpt names them (ModelOpt has no percentile for INT8).
+MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
+
+
+def modelopt_quantizer() -> Any:
+    """``modelopt.onnx.quantization`` (NVIDIA ModelOpt's ONNX PTQ, the Q/DQ placement TensorRT builds), or None."""
+    try:
+        from modelopt.onnx import quantization  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return quantization
+
+
+def quantize_for_tensorrt(graph: str, fp32: Path, out: Path, feeds: Feeds, method: str) -> dict[str, Any]:
+    """INT8 Q/DQ of one graph by ModelOpt's ONNX PTQ, calibrated on the same items as the ONNX Runtime INT8 graph
+    (all of them at once: ModelOpt takes the calibration data as arrays). The heads stay in float as above."""
+    mtq = modelopt_quantizer()
+    if mtq is None:
+        raise ExportError("ModelOpt's ONNX quantization is not installed (pip install \"nvidia-modelopt[onnx]\")")
+    if method not in MODELOPT_METHODS:
+        raise ConfigError(f"--calibration-method {method} is not one ModelOpt has for INT8: minmax or entropy")
+    batches = list(feeds())
+    data = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    kept = default_exclusions(_ensure_names(fp32))
+    try:
+        with _quiet():
+            mtq.quantize(onnx_path=str(fp32), quantize_mode="int8", calibration_data=data,
+                         calibration_method=MODELOPT_METHODS[method], calibration_eps=["cpu"],
+                         nodes_to_exclude=kept or None, high_precision_dtype="fp32", output_path=str(out))
+    except UpopError:
+        raise
+    except Exception as exc:  # as for ONNX Runtime's quantizer
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"int8: ModelOpt cannot quantize graph {graph}: {first}") from None
+    return {"file": out.name, "quantizer": "modelopt", "float_nodes": kept}

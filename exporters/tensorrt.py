@@ -155,10 +155,14 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
     with atomic_dir(out) as tmp:
         manifest = export_onnx(source, tmp / "onnx", fp16=mode == "fp16", opset=opset, progress=progress,
                                precision=precision if mode == "int8" else None)
+        if mode == "int8":
+            _tensorrt_qdq(tmp / "onnx", manifest, precision, progress)
         engines = []
         cache = tmp / "timing.cache"
         for g in manifest["graphs"]:
             onnx_file = tmp / "onnx" / (g["file"] if mode == "fp32" else g[mode]["file"])
+            if mode == "int8" and "int8-trt" in g:
+                onnx_file = tmp / "onnx" / g["int8-trt"]["file"]
             shapes = profile_shapes(g["inputs"], brange, srange)
             if progress:
                 progress(f"building engine {g['name']} ({mode}, strongly typed)")
@@ -169,10 +173,33 @@ def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, b
                             "inputs": g["inputs"], "outputs": g["outputs"]})
         meta = {"format": "tensorrt", "tensorrt": str(trt.__version__), "precision": mode, "fp16": mode == "fp16",
                 "strongly_typed": True, "batch": batch, "seq": seq, "engines": engines,
-                "calibration": manifest.get("calibration"),
+                "calibration": manifest.get("calibration"), "int8_quantizer": manifest.get("int8_quantizer"),
                 "source": str(source)}
         (tmp / "engines.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _tensorrt_qdq(folder: Path, manifest: dict[str, Any], precision: Any, progress: Any) -> None:
+    """INT8 Q/DQ graphs placed for TensorRT by ModelOpt's ONNX PTQ where it is installed (``int8-trt`` in
+    ``export.json``); without it the engines are built from ONNX Runtime's INT8 graphs, whose Q/DQ are
+    symmetric with zero-point 0, the form TensorRT's explicit quantization takes."""
+    import functools
+
+    from .quantize import CalibrationData, modelopt_quantizer, quantize_for_tensorrt
+
+    if modelopt_quantizer() is None:
+        manifest["int8_quantizer"] = "onnxruntime (ModelOpt not installed)"
+        return
+    calib = CalibrationData(precision.task, precision.calibration)  # the same seeded draw as the ONNX graphs
+    files = [(g["name"], folder / g["file"]) for g in manifest["graphs"]]
+    for g in manifest["graphs"]:
+        if progress:
+            progress(f"quantizing {g['name']} for TensorRT (ModelOpt)")
+        out = folder / f"{g['name']}.int8-trt.onnx"
+        g["int8-trt"] = quantize_for_tensorrt(g["name"], folder / g["file"], out,
+                                              functools.partial(calib.feeds, files, g["name"]), calib.spec.method)
+    manifest["int8_quantizer"] = "modelopt"
+    (folder / "export.json").write_text(json.dumps(manifest, indent=2))
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:

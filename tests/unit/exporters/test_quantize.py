@@ -306,11 +306,13 @@ def test_tensorrt_int8_engines_are_built_from_the_int8_qdq_graphs(tmp_path, monk
 
     trt = MagicMock(__version__="10.9.0")
     built = []
+    monkeypatch.setattr("upop.exporters.quantize.modelopt_quantizer", lambda: None)  # ONNX Runtime's Q/DQ then
     monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_mod, "build_engine", lambda path, shapes, timing_cache: built.append(path.name) or b"e")
     meta = trt_mod.export_trt("demo-vit", tmp_path / "t", batch="1:2:4",
                               precision=_opts(calibration_task("demo-vit"), "int8"))
     assert built == ["classifier.int8.onnx"] and meta["precision"] == "int8" and meta["strongly_typed"]
+    assert meta["int8_quantizer"] == "onnxruntime (ModelOpt not installed)"
     assert meta["calibration"]["count"] == 8
     built.clear()
     trt_mod.export_trt("demo-vit", tmp_path / "t16", batch="1:2:4", fp16=True)
@@ -344,3 +346,54 @@ def test_a_quantized_file_that_leaves_its_folder_is_refused(tmp_path):
     (tmp_path / "export.json").write_text(json.dumps(man))
     with pytest.raises(ExportFolderError, match="INT8 file"):
         read_export_manifest(tmp_path)
+
+
+def test_tensorrt_int8_uses_modelopts_onnx_ptq_where_installed(tmp_path, monkeypatch):
+    """ModelOpt's API as documented (``modelopt.onnx.quantization.quantize``), faked: what upop hands it."""
+    import sys
+    import types
+
+    from upop.exporters import tensorrt as trt_mod
+
+    calls = []
+
+    def quantize(**kw):
+        calls.append(kw)
+        shutil.copy(kw["onnx_path"], kw["output_path"])
+
+    fake = types.ModuleType("modelopt.onnx.quantization")
+    fake.quantize = quantize
+    for name, mod in (("modelopt", types.ModuleType("modelopt")), ("modelopt.onnx", types.ModuleType("modelopt.onnx")),
+                      ("modelopt.onnx.quantization", fake)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["modelopt.onnx"].quantization = fake
+    built = []
+    monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: MagicMock(__version__="10.9.0"))
+    monkeypatch.setattr(trt_mod, "build_engine", lambda path, shapes, timing_cache: built.append(path.name) or b"e")
+    meta = trt_mod.export_trt("demo-vit", tmp_path / "t", batch="1:2:4",
+                              precision=_opts(calibration_task("demo-vit"), "int8", size=6))
+    assert built == ["classifier.int8-trt.onnx"] and meta["int8_quantizer"] == "modelopt"
+    (kw,) = calls
+    assert kw["quantize_mode"] == "int8" and kw["calibration_method"] == "max" and kw["calibration_eps"] == ["cpu"]
+    assert kw["calibration_data"]["pixel_values"].shape[0] == 6 and kw["nodes_to_exclude"]
+    onnx_man = json.loads((tmp_path / "t" / "onnx" / "export.json").read_text())
+    assert onnx_man["graphs"][0]["int8-trt"]["quantizer"] == "modelopt"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                    reason='ModelOpt is not installed (pip install "nvidia-modelopt[onnx]": the trt extra)')
+def test_modelopt_quantizes_a_graph_on_the_cpu(tmp_path, monkeypatch):
+    import sys
+
+    from upop.exporters.quantize import quantize_for_tensorrt
+
+    if importlib.util.find_spec("tensorrt_stubs") is not None:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)  # the stubs are no TensorRT: ModelOpt would call them
+    man = export_onnx("demo-vit", tmp_path / "x")
+    task = calibration_task("demo-vit")
+    data = CalibrationData(task, Calibration(size=8))
+    files = [("classifier", tmp_path / "x" / man["graphs"][0]["file"])]
+    info = quantize_for_tensorrt("classifier", files[0][1], tmp_path / "q.onnx", lambda: data.feeds(files, "classifier"),
+                                 "minmax")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and info["quantizer"] == "modelopt"
