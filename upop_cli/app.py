@@ -224,6 +224,7 @@ def export(
     data: Optional[str] = DataOpt,
     original: Optional[str] = typer.Option(None, "--original", help="An export of the original model: the table's "
                                            "speedups against its FP32 graphs."),
+    allow_outside_data: bool = OutsideOpt,
     batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX; its OPT (or a "
                                                         "single N) is the table's latency batch."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14..20."),
@@ -237,7 +238,8 @@ def export(
     """
     from .export_cmd import QuantArgs, run
 
-    quant = QuantArgs(precision, calibration_size, calibration_method, calibration_seed, max_drop, task, data, original)
+    quant = QuantArgs(precision, calibration_size, calibration_method, calibration_seed, max_drop, task, data, original,
+                      allow_outside_data)
     guarded(lambda: run(source, fmt, out, fp16, batch, opset, overwrite, quiet, as_json, quant))
 
 

@@ -24,6 +24,7 @@ class QuantArgs:
     task: str | None = None
     data: str | None = None
     original: str | None = None
+    allow_outside_data: bool = False  # calibration reads the data folder by evaluation's rules
 
 
 def _latency_batch(batch: str) -> int:
@@ -49,7 +50,10 @@ def precision_options(source: str, fp16: bool, batch: str, q: QuantArgs) -> Any:
     opts.metric_fn = task_metric(q.data)  # the call site of upop eval's evaluate_export
     opts.check()  # bad values (and auto without a metric) stop before the task is loaded
     if "int8" in opts.built():
-        opts.task = calibration_task(source, q.task, q.data)
+        from upop.datasets.readers import outside_data_allowed
+
+        with outside_data_allowed(q.allow_outside_data):
+            opts.task = calibration_task(source, q.task, q.data)
     return opts
 
 
@@ -57,6 +61,7 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str, o
         quiet: bool, as_json: bool = False, quant: QuantArgs | None = None) -> None:
     import json
 
+    from upop.datasets.readers import outside_data_allowed
     from upop.exporters import get
     from upop.hub import network_rule
 
@@ -73,7 +78,8 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str, o
                       precision=precision_options(source, False, batch, q) if mode == "int8" else None)
     else:
         kwargs.update(fp16=fp16, precision=precision_options(source, fp16, batch, q))
-    manifest = exporter(source, out_dir, **kwargs)
+    with outside_data_allowed(q.allow_outside_data):
+        manifest = exporter(source, out_dir, **kwargs)
     if as_json:
         record = out_dir / "export.json"
         data = json.loads(record.read_text()) if record.is_file() else manifest

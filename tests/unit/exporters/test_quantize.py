@@ -397,3 +397,18 @@ def test_modelopt_quantizes_a_graph_on_the_cpu(tmp_path, monkeypatch):
                                  "minmax")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and info["quantizer"] == "modelopt"
+
+
+def test_calibration_obeys_the_data_folders_rules(tmp_path):
+    """An annotation naming an image outside the data folder is refused, as evaluation refuses it, unless allowed."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir(), data)
+    recs = json.loads((data / "retrieval_train.json").read_text())
+    shutil.copy(data / recs[0]["image"], tmp_path / "outside.png")
+    recs[0]["image"] = "../outside.png"
+    (data / "retrieval_train.json").write_text(json.dumps(recs))
+    args = ["export", "demo-blip", "--precision", "int8", "--calibration-size", "2", "--data", str(data)]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "is outside the data folder" in r.output and "--allow-outside-data" in r.output
+    r = CliRunner().invoke(app, [*args, "--allow-outside-data", "--out", str(tmp_path / "y")])
+    assert r.exit_code == 0, r.output
