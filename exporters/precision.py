@@ -289,7 +289,7 @@ def _fit_int8(b: _Build, base: float) -> None:
         _int8(b, exclude)
         got = b.metric("int8", "val")
         assert got is not None
-        k = k * 2 if k < len(ranking) else k + 1
+        k = min(k * 2, len(ranking)) if k < len(ranking) else k + 1  # the last try returns them all
     b.notes["int8_sensitivity"] = {"fp32_val": base, "int8_val": got, "drop": base - got, "max_drop": b.opts.max_drop,
                                    "within_budget": base - got <= b.opts.max_drop,
                                    "returned_to_float": [f"{g}:{n}" for g, n in returned]}
