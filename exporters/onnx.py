@@ -27,6 +27,7 @@ from upop.errors import ExportError, ParityError  # noqa: F401  (defined with ev
 from upop.safety import check_replace
 
 from .graphs import export_graphs
+from .precision import PrecisionOptions, add_precisions
 from .registry import register
 from .sessions import ort_session
 
@@ -152,8 +153,9 @@ def _copy_preprocessing(source: str, dest: Path) -> None:
 @register("onnx")
 def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, opset: int = 17,
                 check_batches: tuple[int, ...] = (1, 3), seq: int = 12, overwrite: bool = False,
-                progress=None) -> dict[str, Any]:
-    """Export every graph of ``source`` to ``out_dir`` with an ``export.json`` manifest."""
+                progress=None, precision: PrecisionOptions | None = None) -> dict[str, Any]:
+    """Export every graph of ``source`` to ``out_dir`` with an ``export.json`` manifest; ``precision`` adds the
+    INT8 graphs, the deployment table and ``auto``'s choice (``precision.py``)."""
     import onnx
     import onnxruntime
 
@@ -161,6 +163,9 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
 
     out = Path(out_dir)
     check_opset(opset)
+    if precision is not None:
+        precision.check()
+        fp16 = fp16 or "fp16" in precision.built()
     check_replace(out, overwrite=overwrite, sources=[source])
     loaded = load_for_export(source)
     model = loaded.model.float().eval()
@@ -204,4 +209,6 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
             manifest["graphs"].append(entry)
         _copy_preprocessing(loaded.source, tmp)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
+        if precision is not None:
+            add_precisions(tmp, manifest, graphs, precision, check_batches, seq, progress)
     return manifest

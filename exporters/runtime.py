@@ -45,10 +45,11 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
         if not isinstance(g, dict) or not isinstance(g.get("name"), str):
             raise ExportFolderError(f"{mpath} is damaged (a graph without a name)")
         member(folder, g.get("file"), f"graph {g['name']} file", ExportFolderError)
-        if "fp16" in g:
-            half = g["fp16"]
-            member(folder, half.get("file") if isinstance(half, dict) else None, f"graph {g['name']} FP16 file",
-                   ExportFolderError)
+        for precision in ("fp16", "int8", "int8-dynamic", "int8-trt"):  # the graphs of other precisions beside FP32's
+            if precision in g:
+                extra = g[precision]
+                member(folder, extra.get("file") if isinstance(extra, dict) else None,
+                       f"graph {g['name']} {precision.upper()} file", ExportFolderError)
     for key in ("tokens", "labels"):
         if not isinstance(manifest.get(key, {}), dict):
             raise ExportFolderError(f"{mpath} is damaged ({key} must be an object)")

@@ -1,7 +1,8 @@
 """TensorRT engines from the exported ONNX graphs (TensorRT 10 and 11).
 
-TensorRT 10: precision comes from builder flags (``BuilderFlag.FP16``). TensorRT 11 removed
-those flags: networks are strongly typed, so FP16 engines are built from the FP16 ONNX graphs.
+Networks are strongly typed (TensorRT 10's ``STRONGLY_TYPED`` flag; TensorRT 11's only mode, which removed
+the builder's precision flags): an engine's precision is its ONNX file's, so FP16 engines are built from the
+FP16 ONNX graphs and INT8 engines from the INT8 Q/DQ graphs, and no builder precision flag is ever set.
 Dynamic axes get one optimization profile each (batch from ``--batch MIN:OPT:MAX``, sequence
 from ``seq``). A timing cache is kept next to the engines; parser errors name the failing node.
 
@@ -87,18 +88,22 @@ def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange)
     return shapes
 
 
-def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *, fp16: bool,
-                 timing_cache: Path, workspace_gib: float = 4.0) -> bytes:
+def strongly_typed_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network: the ONNX file's types (FP16 tensors, INT8 Q/DQ)
+    decide every precision, and no builder precision flag is set. TensorRT 10 asks for it with
+    ``STRONGLY_TYPED``; in TensorRT 11 it is the only mode (the flag is set where the enum still has it)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *, timing_cache: Path,
+                 workspace_gib: float = 4.0) -> bytes:
+    """A strongly typed engine of ``onnx_path``: its precision is the file's (FP32, FP16 or INT8 Q/DQ)."""
     import tensorrt as trt  # typed by tensorrt-stubs; call require_tensorrt() first
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = trt_major(trt)
-    flags = 0
-    if major >= 11:
-        # TensorRT 11 networks are strongly typed: the ONNX file's types decide the precision.
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = []
@@ -108,8 +113,6 @@ def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]]
         raise TensorRTBuildError(f"TensorRT cannot parse {onnx_path.name}: " + "; ".join(errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if fp16 and major < 11:
-        config.set_flag(trt.BuilderFlag.FP16)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, False)
     profile = builder.create_optimization_profile()
@@ -123,36 +126,80 @@ def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]]
     return bytes(engine)
 
 
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _trt_precision(fp16: bool, precision: Any) -> str:
+    """fp32, fp16 or int8: the ONNX graphs the engines are built from (``precision``: PrecisionOptions or None)."""
+    asked = getattr(precision, "precision", None) or ("fp16" if fp16 else "fp32")
+    if asked not in TRT_PRECISIONS:
+        raise UpopError(f"--format trt builds {', '.join(TRT_PRECISIONS)} engines, not {asked} (int8-dynamic is "
+                        "ONNX Runtime's own operators; auto measures in ONNX Runtime: use --format onnx)")
+    return asked
+
+
 @register("trt")
 def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, batch: str = "1:8:32",
-               seq: str = "1:32:64", opset: int = 17, overwrite: bool = False, progress=None) -> dict[str, Any]:
-    """ONNX first (with its parity checks), then one engine per graph, with ``engines.json``."""
+               seq: str = "1:32:64", opset: int = 17, overwrite: bool = False, progress=None,
+               precision: Any = None) -> dict[str, Any]:
+    """ONNX first (with its parity checks, and the INT8 Q/DQ graphs for int8: ``precision`` is a
+    ``PrecisionOptions``), then one strongly typed engine per graph from the precision's ONNX file, with
+    ``engines.json``."""
     trt = require_tensorrt()
     from .onnx import export_onnx
 
     brange, srange = ShapeRange.parse(batch), ShapeRange.parse(seq)
+    mode = _trt_precision(fp16, precision)
     out = Path(out_dir)
     check_replace(out, overwrite=overwrite, sources=[source])
     with atomic_dir(out) as tmp:
-        manifest = export_onnx(source, tmp / "onnx", fp16=fp16, opset=opset, progress=progress)
+        manifest = export_onnx(source, tmp / "onnx", fp16=mode == "fp16", opset=opset, progress=progress,
+                               precision=precision if mode == "int8" else None)
+        if mode == "int8":
+            _tensorrt_qdq(tmp / "onnx", manifest, precision, progress)
         engines = []
         cache = tmp / "timing.cache"
         for g in manifest["graphs"]:
-            use_fp16_onnx = fp16 and trt_major(trt) >= 11
-            onnx_file = tmp / "onnx" / (g["fp16"]["file"] if use_fp16_onnx else g["file"])
+            onnx_file = tmp / "onnx" / (g["file"] if mode == "fp32" else g[mode]["file"])
+            if mode == "int8" and "int8-trt" in g:
+                onnx_file = tmp / "onnx" / g["int8-trt"]["file"]
             shapes = profile_shapes(g["inputs"], brange, srange)
             if progress:
-                progress(f"building engine {g['name']}")
-            engine = build_engine(onnx_file, shapes, fp16=fp16, timing_cache=cache)
+                progress(f"building engine {g['name']} ({mode}, strongly typed)")
+            engine = build_engine(onnx_file, shapes, timing_cache=cache)
             (tmp / f"{g['name']}.engine").write_bytes(engine)
             engines.append({"name": g["name"], "file": f"{g['name']}.engine", "onnx": f"onnx/{onnx_file.name}",
                             "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
                             "inputs": g["inputs"], "outputs": g["outputs"]})
-        meta = {"format": "tensorrt", "tensorrt": str(trt.__version__), "fp16": fp16,
-                "strongly_typed": trt_major(trt) >= 11, "batch": batch, "seq": seq, "engines": engines,
+        meta = {"format": "tensorrt", "tensorrt": str(trt.__version__), "precision": mode, "fp16": mode == "fp16",
+                "strongly_typed": True, "batch": batch, "seq": seq, "engines": engines,
+                "calibration": manifest.get("calibration"), "int8_quantizer": manifest.get("int8_quantizer"),
                 "source": str(source)}
         (tmp / "engines.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _tensorrt_qdq(folder: Path, manifest: dict[str, Any], precision: Any, progress: Any) -> None:
+    """INT8 Q/DQ graphs placed for TensorRT by ModelOpt's ONNX PTQ where it is installed (``int8-trt`` in
+    ``export.json``); without it the engines are built from ONNX Runtime's INT8 graphs, whose Q/DQ are
+    symmetric with zero-point 0, the form TensorRT's explicit quantization takes."""
+    import functools
+
+    from .quantize import CalibrationData, modelopt_quantizer, quantize_for_tensorrt
+
+    if modelopt_quantizer() is None:
+        manifest["int8_quantizer"] = "onnxruntime (ModelOpt not installed)"
+        return
+    calib = CalibrationData(precision.task, precision.calibration)  # the same seeded draw as the ONNX graphs
+    files = [(g["name"], folder / g["file"]) for g in manifest["graphs"]]
+    for g in manifest["graphs"]:
+        if progress:
+            progress(f"quantizing {g['name']} for TensorRT (ModelOpt)")
+        out = folder / f"{g['name']}.int8-trt.onnx"
+        g["int8-trt"] = quantize_for_tensorrt(g["name"], folder / g["file"], out,
+                                              functools.partial(calib.feeds, files, g["name"]), calib.spec.method)
+    manifest["int8_quantizer"] = "modelopt"
+    (folder / "export.json").write_text(json.dumps(manifest, indent=2))
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> Any:
@@ -222,11 +269,11 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
     from .static_onnx import export_static_onnx
     from upop.latency import time_fn
 
-    trt = require_tensorrt()
+    require_tensorrt()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "block.onnx"
         cpu = export_static_onnx(module, inputs, path, pick)
-        if fp16 and trt_major(trt) >= 11:  # strongly typed: the graph's own types set the precision
+        if fp16:  # strongly typed: the graph's own types set the precision
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -235,7 +282,7 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
         for k, v in cpu.items():
             dims = tuple(int(d) for d in v.shape)
             shapes[k] = (dims, dims, dims)
-        engine = build_engine(path, shapes, fp16=fp16, timing_cache=Path(tmp) / "timing.cache")
+        engine = build_engine(path, shapes, timing_cache=Path(tmp) / "timing.cache")
     runner = EngineRunner(engine)
     runner.bind(cpu)
     return time_fn(runner.run, warmup, runs, cuda=True)

@@ -213,8 +213,20 @@ def export(
                                                       "export as is (default: the last upop compress output)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-export/<name>-<format>)."),
-    fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT)."),
-    batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT): --precision fp16."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 | int8-dynamic | auto: "
+                                            "graphs at this precision beside FP32, and the deployment table."),
+    calibration_size: int = typer.Option(128, "--calibration-size", help="int8: train-split items to calibrate on."),
+    calibration_method: str = typer.Option("minmax", "--calibration-method", help="int8: minmax | entropy | percentile."),
+    calibration_seed: int = typer.Option(0, "--calibration-seed", help="int8: seed of the calibration draw."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="int8 / auto: metric points allowed below FP32 on val."),
+    task: Optional[str] = TaskOpt,
+    data: Optional[str] = DataOpt,
+    original: Optional[str] = typer.Option(None, "--original", help="An export of the original model: the table's "
+                                           "speedups against its FP32 graphs."),
+    allow_outside_data: bool = OutsideOpt,
+    batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX; its OPT (or a "
+                                                        "single N) is the table's latency batch."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14..20."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = QuietOpt,
@@ -222,11 +234,13 @@ def export(
 ) -> None:
     """Export the graphs a deployment needs, each checked against PyTorch.
 
-    Example: upop export upop-out/demo-blip-p0.5 --format onnx --fp16 (no path: the last compress output)
+    Example: upop export upop-out/demo-blip-p0.5 --format onnx --precision auto (no path: the last compress output)
     """
-    from .export_cmd import run
+    from .export_cmd import QuantArgs, run
 
-    guarded(lambda: run(source, fmt, out, fp16, batch, opset, overwrite, quiet, as_json))
+    quant = QuantArgs(precision, calibration_size, calibration_method, calibration_seed, max_drop, task, data, original,
+                      allow_outside_data)
+    guarded(lambda: run(source, fmt, out, fp16, batch, opset, overwrite, quiet, as_json, quant))
 
 
 @app.command()
