@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 _said: set[str] = set()
 
@@ -15,9 +17,9 @@ _said: set[str] = set()
 def cuda_device_id(device: Any) -> int:
     """The GPU a session runs on: the device's own index (``cuda:1``), else this process's LOCAL_RANK (under
     torchrun rank r uses GPU r, as PyTorch does; without a device id every rank would share GPU 0)."""
-    index = getattr(device, "index", None)
-    if index is None and isinstance(device, str) and ":" in device:
-        index = int(device.split(":", 1)[1])
+    if isinstance(device, str):
+        device = torch.device(device)
+    index = device.index if isinstance(device, torch.device) else None
     return int(index) if index is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 

@@ -157,13 +157,15 @@ def ort_runtime(device: torch.device) -> Runtime:
 
     def prepare(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
         # The GPU of the inputs (this rank's), not whichever the device names.
-        gpu = cuda_device_id(next(iter(inputs.values())).device if inputs else device)
+        where = next(iter(inputs.values())).device if inputs else device
+        gpu = cuda_device_id(where)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             cpu_inputs = export_static_onnx(model, inputs, path, first_tensor)
             sess = ort_session(path, providers, device_id=gpu)  # the graph is in memory now: the file may go
         run = ort_call(sess, {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}, gpu)
-        run.device = device_in_use(sess, providers)  # type: ignore[attr-defined]  # the report's row says it
+        # The report's row says where it ran: the CPU, should the CUDA provider have fallen back.
+        run.device = str(where) if device_in_use(sess, providers) == "cuda" else "cpu"  # type: ignore[attr-defined]
         return run
 
     return Runtime(prepare, cuda_events=False)

@@ -50,7 +50,7 @@ def _runs_for(one_ms: float) -> int:
 
 def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device, runtime: Runtime) -> dict[str, Any]:
     """p50 and p90 (ms) of one forward of ``model`` on a batch of the adapter's example inputs, and ``device``
-    where the runtime's call says it ran elsewhere than ``device`` (a runtime fallen back to the CPU)."""
+    where the runtime's call says where it ran (a runtime may fall back to the CPU)."""
     was_training = model.training
     model.eval()
     inputs = adapter.example_inputs(model, batch_size=batch, seq_len=TEXT_TOKENS,
@@ -62,7 +62,7 @@ def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device,
     model.train(was_training)
     where = getattr(run, "device", None)
     return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms)),
-            **({"device": where} if where is not None and where != device.type else {})}
+            **({"device": where} if where is not None else {})}
 
 
 def measure(model: nn.Module, adapter: Any, batches: Sequence[int], device: torch.device,
