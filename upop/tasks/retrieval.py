@@ -243,7 +243,7 @@ class BlipRetrieval(_RetrievalData):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        key = batch.get("image_key") or (tuple(batch["image_id"].tolist()) if "image_id" in batch else ())
+        key = tuple(batch.get("image_key") or (batch["image_id"].tolist() if "image_id" in batch else ()))
         batch = self.on_device(batch, model)
         temp = float(self.options.get("temperature", 0.07))
         seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
