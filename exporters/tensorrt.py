@@ -7,9 +7,11 @@ Dynamic axes get one optimization profile each (batch from ``--batch MIN:OPT:MAX
 from ``seq``). A timing cache is kept next to the engines; parser errors name the failing node.
 
 Running engines (``EngineRunner``): inputs and outputs are torch CUDA tensors whose addresses are
-given to the execution context; ``execute_async_v3`` runs on the current torch stream, so torch's
-CUDA events time it. ``engine_latency`` builds a fixed-shape engine for one module (calibration of
-hardware profiles with ``--runtime trt``).
+given to the execution context; ``execute_async_v3`` runs on a torch stream of the runner's own (on
+the default stream TensorRT adds synchronisations of its own, and warns so), and ``timed`` records
+torch's CUDA events on that stream. ``engine_latency`` builds a fixed-shape engine for one module
+(calibration of hardware profiles with ``--runtime trt``); a network whose inputs are all static gets
+no optimization profile.
 
 Not run on any machine of this project (TensorRT is not installed anywhere here): the module
 is type-checked against ``tensorrt-stubs`` and its tests skip without TensorRT.
@@ -115,10 +117,11 @@ def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]]
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, False)
-    profile = builder.create_optimization_profile()
-    for name, (lo, mid, hi) in shapes.items():
-        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(mid)), trt.Dims(list(hi)))
-    config.add_optimization_profile(profile)
+    if has_dynamic_input(network):  # a profile on fully static inputs is refused or ignored: none then
+        profile = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in shapes.items():
+            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(mid)), trt.Dims(list(hi)))
+        config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise TensorRTBuildError(f"TensorRT could not build an engine for {onnx_path.name} (see the log above)")
@@ -136,6 +139,15 @@ def _trt_precision(fp16: bool, precision: Any) -> str:
         raise UpopError(f"--format trt builds {', '.join(TRT_PRECISIONS)} engines, not {asked} (int8-dynamic is "
                         "ONNX Runtime's own operators; auto measures in ONNX Runtime: use --format onnx)")
     return asked
+
+
+def has_dynamic_input(network: Any) -> bool:
+    """Whether any input of the parsed network has a dimension left open (-1)."""
+    for i in range(network.num_inputs):
+        dims = network.get_input(i).shape
+        if any(dims[k] < 0 for k in range(len(dims))):
+            return True
+    return False
 
 
 @register("trt")
@@ -214,11 +226,15 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
 
 
 class EngineRunner:
-    """One deserialized engine with its execution context, fed with torch CUDA tensors."""
+    """One deserialized engine with its execution context, fed with torch CUDA tensors, run on a stream of its
+    own (``stream``)."""
 
     def __init__(self, engine_bytes: bytes):
+        import torch
+
         trt = require_tensorrt()
         self.trt = trt
+        self.stream = torch.cuda.Stream()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if engine is None:
@@ -239,6 +255,7 @@ class EngineRunner:
 
         for name in self.inputs:
             t = feed[name].to("cuda", self.input_dtype(name)).contiguous()
+            t.record_stream(self.stream)  # made on the current stream, read on ours: not reused while in flight
             self._keep[name] = t
             if not self.context.set_input_shape(name, tuple(t.shape)):
                 raise TensorRTBuildError(f"input {name} of shape {list(t.shape)} is outside the engine's profile")
@@ -247,17 +264,26 @@ class EngineRunner:
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             out = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device="cuda")
+            out.record_stream(self.stream)
             self._keep[name] = out
             self.context.set_tensor_address(name, out.data_ptr())
             outs[name] = out
+        self.stream.wait_stream(torch.cuda.current_stream())  # the inputs were copied on the current stream
         return outs
 
     def run(self) -> None:
-        """Enqueue on the current torch stream (torch's CUDA events then time the engine)."""
+        """Enqueue on the runner's stream."""
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise TensorRTBuildError("TensorRT failed to run the engine")
+
+    def timed(self, warmup: int, runs: int) -> list[float]:
+        """Times (ms) of ``run``, by CUDA events recorded on the runner's stream."""
         import torch
 
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise TensorRTBuildError("TensorRT failed to run the engine")
+        from upop.latency import time_fn
+
+        with torch.cuda.stream(self.stream):
+            return time_fn(self.run, warmup, runs, cuda=True)
 
 
 def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: int, runs: int,
@@ -267,7 +293,6 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
     import tempfile
 
     from .static_onnx import export_static_onnx
-    from upop.latency import time_fn
 
     require_tensorrt()
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,14 +310,14 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
         engine = build_engine(path, shapes, timing_cache=Path(tmp) / "timing.cache")
     runner = EngineRunner(engine)
     runner.bind(cpu)
-    return time_fn(runner.run, warmup, runs, cuda=True)
+    return runner.timed(warmup, runs)
 
 
 def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup: int, runs: int) -> list[dict[str, Any]]:
     """Latency of every engine of a ``upop export --format trt`` folder: one row per engine and batch."""
     import torch
 
-    from upop.latency import feed_shape, time_fn
+    from upop.latency import feed_shape
 
     require_tensorrt()
     meta = json.loads((Path(engine_dir) / "engines.json").read_text())
@@ -307,5 +332,5 @@ def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup
                 feed[spec["name"]] = (torch.ones(shape, dtype=dtype) if not dtype.is_floating_point
                                       else torch.randn(shape).to(dtype))
             runner.bind(feed)
-            rows.append({"graph": e["name"], "batch": b, "ms": time_fn(runner.run, warmup, runs, cuda=True)})
+            rows.append({"graph": e["name"], "batch": b, "ms": runner.timed(warmup, runs)})
     return rows

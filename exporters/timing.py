@@ -20,7 +20,7 @@ from upop.latency import SEQ, Run, feed_shape, make_run, percentile, time_fn
 from upop.measure import Runtime
 
 from .graphs import export_graphs
-from .sessions import ort_session
+from .sessions import CPU_EP, CUDA_EP, cuda_device_id, device_in_use, ort_call, ort_session
 from .static_onnx import export_static_onnx
 
 __all__ = ["block_timer", "ort_runtime", "ort_session", "ort_timer", "profile_ort", "profile_torch", "profile_trt",
@@ -57,16 +57,17 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
     import onnxruntime as ort
 
     manifest = json.loads((Path(export_dir) / "export.json").read_text())
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+    wanted = [CUDA_EP, CPU_EP] if device.startswith("cuda") else [CPU_EP]
+    gpu = cuda_device_id(device)
+    if device.startswith("cuda") and CUDA_EP not in ort.get_available_providers():
         raise ConfigError("ONNX Runtime here has no CUDA provider: install the gpu extra (onnxruntime-gpu)")
     out = []
     for g in manifest["graphs"]:
         if precision == "fp16" and "fp16" not in g:
             raise ConfigError(f"{export_dir} has no FP16 graphs: export with --fp16")
         path = Path(export_dir) / (g["fp16"]["file"] if precision == "fp16" else g["file"])
-        sess = ort_session(path, wanted, threads)
-        provider = sess.get_providers()[0]
+        sess = ort_session(path, wanted, threads, device_id=gpu)
+        provider, used = sess.get_providers()[0], device_in_use(sess, wanted)
         for b in batches:
             feed = {}
             for inp in sess.get_inputs():
@@ -76,8 +77,9 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
                     feed[inp.name] = np.ones(shape, dtype=spec["dtype"])
                 else:
                     feed[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
-            ms = time_fn(lambda: sess.run(None, feed), warmup, runs, cuda=False)
-            out.append(make_run(target, "ort", device, precision, g["name"], b, ms, provider))
+            ms = time_fn(ort_call(sess, feed, gpu), warmup, runs, cuda=False)
+            out.append(make_run(target, "ort", device if used == "cuda" else "cpu", precision, g["name"], b, ms,
+                                provider))
     return out
 
 
@@ -145,8 +147,8 @@ def ort_runtime(device: torch.device) -> Runtime:
 
     import onnxruntime as ort
 
-    cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    cuda = device.type == "cuda" and CUDA_EP in ort.get_available_providers()
+    providers = [CUDA_EP, CPU_EP] if cuda else [CPU_EP]
 
     def first_tensor(out: Any) -> torch.Tensor:
         if isinstance(out, torch.Tensor):  # a block's output
@@ -154,12 +156,16 @@ def ort_runtime(device: torch.device) -> Runtime:
         return next(v for v in (out.values() if hasattr(out, "values") else out) if isinstance(v, torch.Tensor))
 
     def prepare(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+        # The GPU of the inputs (this rank's), not whichever the device names.
+        where = next(iter(inputs.values())).device if inputs else device
+        gpu = cuda_device_id(where)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             cpu_inputs = export_static_onnx(model, inputs, path, first_tensor)
-            model.to(device)  # the export moved it to the CPU
-            sess = ort_session(path, providers)  # the graph is in memory now: the file may go
-        feed = {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}
-        return lambda: sess.run(None, feed)
+            sess = ort_session(path, providers, device_id=gpu)  # the graph is in memory now: the file may go
+        run = ort_call(sess, {i.name: cpu_inputs[i.name].numpy() for i in sess.get_inputs()}, gpu)
+        # The report's row says where it ran: the CPU, should the CUDA provider have fallen back.
+        run.device = str(where) if device_in_use(sess, providers) == "cuda" else "cpu"  # type: ignore[attr-defined]
+        return run
 
     return Runtime(prepare, cuda_events=False)

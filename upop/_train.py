@@ -9,11 +9,25 @@ from typing import Any
 import torch
 
 
+def bf16_native() -> bool:
+    """Whether the current GPU computes in bf16 itself. PyTorch's default also says yes on GPUs that only
+    emulate it (V100, T4), where bf16 runs slowly and the fp16 path with its grad scaler is the one to take."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch before the argument: Ampere (compute capability 8) is the first with bf16
+        return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16 (with a grad scaler); None on CPU or when disabled."""
+    """bf16 where the GPU has it natively, else fp16 (with a grad scaler); None on CPU or when disabled."""
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bf16_native() else torch.float16
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A grad scaler under fp16 autocast (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:

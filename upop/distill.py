@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._train import bf16_native
 from .config import DistillConfig
 from .errors import UnsupportedModelError
 
@@ -24,12 +25,12 @@ Features = dict[str, list[torch.Tensor]]
 
 
 def teacher_dtype(device: torch.device, amp: bool, bf16_supported: bool | None = None) -> torch.dtype:
-    """The teacher's weights: on CUDA with AMP in the autocast dtype (bf16 where the GPU has it, else fp16),
+    """The teacher's weights: on CUDA with AMP in the autocast dtype (bf16 where the GPU has it natively, else fp16),
     halving what it holds; fp32 otherwise (without autocast, half weights would meet fp32 inputs)."""
     if device.type != "cuda" or not amp:
         return torch.float32
     if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
+        bf16_supported = bf16_native()
     return torch.bfloat16 if bf16_supported else torch.float16
 
 

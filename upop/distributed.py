@@ -73,7 +73,8 @@ class Dist:
         through the host, and the buffer becomes the result in place: the peak is the result plus this
         rank's share."""
         if not self.enabled:
-            return t
+            # Moved as asked even alone: a caller that indexes a host tensor with the rows must get host rows.
+            return t if device is None else t.to(device)
         # Each rank's row count, row shape and dtype: a few numbers (an empty rank does not know the shape).
         meta = [m for m in self.gather((t.shape[0] if t.numel() else 0, tuple(t.shape[1:]), t.dtype))]
         counts = [m[0] for m in meta]
@@ -90,23 +91,42 @@ class Dist:
         del mine
         return _compact(buf, counts, per).to(out_dev)
 
-    def cat_with_grad(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def cat_same(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` in rank order, where every rank passes the same shape and dtype (a training
+        step's batch: see ``Batches.shard``); no gradient. Unlike ``cat`` it asks nothing of the other ranks
+        first, so the host never waits on the device."""
+        if not self.enabled:
+            return t
+        buf = torch.empty(self.world * t.shape[0], *t.shape[1:], dtype=t.dtype, device=self._dev())
+        _all_gather_single(buf, t.detach().to(self._dev()).contiguous())
+        return buf.to(t.device)
+
+    def cat_with_grad(self, t: torch.Tensor, same_rows: bool = False) -> tuple[torch.Tensor, int]:
         """Every rank's rows of ``t`` in rank order, and where this rank's rows start in them. Unlike ``cat``,
         the gradient flows back: each rank receives the sum over the ranks of the gradients that reach its
         own rows, so the ranks' losses over the gathered rows average (as DDP does) to the whole batch's.
-        The rows must have the same shape on every rank (their counts may differ)."""
+        The rows must have the same shape on every rank; their counts may differ, unless ``same_rows``
+        promises they do not (a training step's batch: see ``Batches.shard``), which spares the exchange of
+        the counts and with it a wait of the host on the device."""
         if not self.enabled:
             return t, 0
-        counts = self._counts(t.shape[0], t.device)
+        counts = [t.shape[0]] * self.world if same_rows else self._counts(t.shape[0], t.device)
         return _GatherRows.apply(t, self, counts), sum(counts[: self.rank])
 
-    def cat_padded(self, t: torch.Tensor, value: int = 0) -> torch.Tensor:
+    def cat_padded(self, t: torch.Tensor, value: int = 0, width: int | None = None,
+                   same_rows: bool = False) -> torch.Tensor:
         """Every rank's rows of a 2-D tensor (token ids, attention masks) in rank order, each padded on the
-        right with ``value`` to the longest row length of any rank; no gradient."""
+        right with ``value`` to ``width`` (a bound every rank knows, e.g. the tokenizer's maximum length), else
+        to the longest row length of any rank (asked of the ranks: the host waits); no gradient. ``same_rows``
+        as in ``cat_with_grad``."""
         if not self.enabled:
             return t
-        width = int(self.all_reduce_max(torch.tensor([float(t.shape[1])])).item())
-        return self.cat(torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value))
+        if width is None:
+            width = int(self.all_reduce_max(torch.tensor([float(t.shape[1])])).item())
+        if t.shape[1] > width:
+            raise ConfigError(f"rows of {t.shape[1]} tokens do not fit the width {width} they are gathered at")
+        padded = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+        return self.cat_same(padded) if same_rows else self.cat(padded)
 
     def _counts(self, n: int, device: torch.device) -> list[int]:
         buf = torch.zeros(self.world, dtype=torch.long, device=self._dev())
@@ -305,9 +325,10 @@ class _DDPRunner:
                 del probe
             unused = any(id(p) not in used for p in self.model.parameters() if p.requires_grad)
             unused = bool(self.dist.all_reduce_max(torch.tensor([float(unused)])).item())
-            self.ddp = nn.parallel.DistributedDataParallel(
-                _LossModule(self.model, self.loss_fn), device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters=unused)
+            # No device_ids: DDP would copy the batch to the GPU itself, so the loss would meet device tensors
+            # where it reads host values (a batch's image ids) and the host would wait; the loss moves it.
+            self.ddp = nn.parallel.DistributedDataParallel(_LossModule(self.model, self.loss_fn), device_ids=None,
+                                                           find_unused_parameters=unused)
         return self.ddp(batch)
 
 

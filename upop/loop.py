@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._train import Stream, amp_dtype, autocast
+from ._train import Stream, amp_dtype, autocast, grad_scaler
 from .distributed import current, loss_runner, rng_state, set_rng_state
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -178,7 +178,7 @@ class TrainLoop:
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay) if params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, settings.schedule) if self.opt else None
         self.dtype = amp_dtype(self.device, settings.amp)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.scaler = grad_scaler(self.device, self.dtype)
         self.history: list[dict[str, float]] = []
         self.step = 0
         self.batches, self.loss_fn, self.resume = batches, loss_fn, resume
@@ -200,6 +200,8 @@ class TrainLoop:
                 self.opt.load_state_dict(r["optimizer"])
                 self.sched.load_state_dict(r["scheduler"])  # type: ignore[union-attr]
             self.step, self.history = int(r["step"]), list(r["history"])
+            if self.scaler is not None and r.get("scaler"):  # else a resumed fp16 run restarts its scale
+                self.scaler.load_state_dict(r["scaler"])
         it = Stream(self.batches, r.get("data") if r is not None else None)
         if r is not None and r.get("data") is None:  # skip the batches the interrupted run trained on
             for _ in range(self.step * self.settings.grad_accum):
@@ -216,6 +218,7 @@ class TrainLoop:
                 "optimizer": self.opt.state_dict() if self.opt else {},
                 "scheduler": self.sched.state_dict() if self.sched else {}, "history": list(self.history),
                 "rng": self._rng_pos, "data": self._data_pos, **self.phase.state(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                 **({"loss_state": self.hooks.train_state()} if self.hooks is not None else {})}
 
     # -- logging -----------------------------------------------------------------------------

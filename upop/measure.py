@@ -48,8 +48,9 @@ def _runs_for(one_ms: float) -> int:
     return int(min(RUNS[1], max(RUNS[0], BUDGET_S * 1000 / max(one_ms, 1e-3))))
 
 
-def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device, runtime: Runtime) -> dict[str, float]:
-    """p50 and p90 (ms) of one forward of ``model`` on a batch of the adapter's example inputs."""
+def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device, runtime: Runtime) -> dict[str, Any]:
+    """p50 and p90 (ms) of one forward of ``model`` on a batch of the adapter's example inputs, and ``device``
+    where the runtime's call says where it ran (a runtime may fall back to the CPU)."""
     was_training = model.training
     model.eval()
     inputs = adapter.example_inputs(model, batch_size=batch, seq_len=TEXT_TOKENS,
@@ -59,11 +60,13 @@ def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device,
     probe = time_fn(run, WARMUP, 1, runtime.cuda_events)
     ms = time_fn(run, 0, _runs_for(probe[0]), runtime.cuda_events)
     model.train(was_training)
-    return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms))}
+    where = getattr(run, "device", None)
+    return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms)),
+            **({"device": where} if where is not None else {})}
 
 
 def measure(model: nn.Module, adapter: Any, batches: Sequence[int], device: torch.device,
-            runtimes: Mapping[str, Runtime]) -> dict[str, dict[int, dict[str, float]]]:
+            runtimes: Mapping[str, Runtime]) -> dict[str, dict[int, dict[str, Any]]]:
     """``{runtime: {batch: {p50_ms, p90_ms, runs}}}`` for every runtime and batch size."""
     return {name: {b: time_model(model, adapter, b, device, rt) for b in batches} for name, rt in runtimes.items()}
 
@@ -76,7 +79,7 @@ def latency_rows(before: dict[str, Any], after: dict[str, Any], device: torch.de
             b = before.get(runtime, {}).get(batch)
             if b is None:
                 continue
-            rows.append({"runtime": runtime, "device": str(device), "batch": int(batch),
+            rows.append({"runtime": runtime, "device": a.get("device", str(device)), "batch": int(batch),
                          "before_ms": b["p50_ms"], "after_ms": a["p50_ms"], "before_p90_ms": b["p90_ms"],
                          "after_p90_ms": a["p90_ms"], "speedup": b["p50_ms"] / a["p50_ms"] if a["p50_ms"] > 0 else 0.0})
     return rows

@@ -253,8 +253,9 @@ def measure_baseline(run: Run, net: nn.Module, adapter: Adapter, inputs: Inputs)
 
 
 def measure_latency(run: Run, net: nn.Module, adapter: Adapter) -> dict[str, Any] | None:
-    """Forward latency at batch 1 and the training batch, in PyTorch and every runtime the caller handed in."""
-    if not run.latency_runtimes:
+    """Forward latency at batch 1 and the training batch, in PyTorch and every runtime the caller handed in;
+    on rank 0 alone (the report is its; other ranks timing at once would share the machine and skew it)."""
+    if not run.latency_runtimes or not run.dist.is_main:
         return None
     t0 = time.perf_counter()
     out = measure(net, adapter, sorted({1, run.latency_batch}), run.device, run.latency_runtimes)

@@ -278,3 +278,14 @@ def test_every_trainable_task_trains_on_augmented_pixels(family, cls, task, data
     monkeypatch.setattr(t.images.augment, "pixels", lambda px, draws: calls.append(len(draws)) or real(px, draws))
     loss = t.loss(model.train(), batch)
     assert torch.isfinite(loss) and calls == [2 * (2 if task == "nlvr" else 1)]
+
+
+def test_equalize_reads_nothing_back_from_the_device():
+    """Augmentation may run on the GPU: equalize used to read each channel's histogram step back to the host."""
+    from ..gpuless import SyncCounter
+
+    x = torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(0)).float()
+    x[1] = 9.0  # a channel of one level stays as it is
+    with SyncCounter() as reads:
+        out = aug._equalize(x)
+    assert reads.calls == [] and torch.equal(out[1], x[1])

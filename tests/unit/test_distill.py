@@ -311,3 +311,8 @@ def test_toml_keys_are_checked_like_the_flags(tmp_path):
         bad.write_text(line + "\n")
         with pytest.raises(ConfigError, match=f"{name} must be"):
             read_toml(bad)
+
+
+def test_the_teacher_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert teacher_dtype(torch.device("cuda"), True) == torch.float16

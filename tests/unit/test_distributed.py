@@ -18,6 +18,7 @@ from upop.slim import slim_model
 from upop.tasks.base import Batches
 
 from ..conftest import build_tiny
+from ..gpuless import blip_training_reads, observe_devices, run_ranks
 
 N_ITEMS, BATCH = 16, 8
 
@@ -62,8 +63,9 @@ def _blip_eval(folder: str, limit: int) -> dict:
     adapter = get_adapter("blip")
     model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
     prep = Preprocessor(build_tokenizer(), adapter.image_processor(32))
-    task = make_task(adapter, "retrieval", prep, f"{folder}/d", model=model)
-    return task.evaluate(model, "test", limit)
+    task = make_task(adapter, "retrieval", prep, f"{folder}/d", model=model, eval_batch_size=2)
+    with observe_devices():  # every gather returns its rows where asked
+        return task.evaluate(model, "test", limit)
 
 
 WORDS = ["red circle", "a blue square on grey", "green", "small yellow triangle at the left", "two dots",
@@ -178,6 +180,9 @@ def _worker(rank: int, world: int, folder: str, mode: str) -> None:
                    "none": d.cat(torch.empty(0)),
                    # token ids of another width per rank, padded on the right to the widest
                    "padded": d.cat_padded(torch.full((1, 2 + rank), 5, dtype=torch.long)),
+                   # a training step's gathers: the same shape on every rank, padded to a width all know
+                   "same": d.cat_same(torch.full((2, 1), float(rank))).flatten().tolist(),
+                   "padded_to": d.cat_padded(torch.full((1, 2 + rank), 5, dtype=torch.long), width=4, same_rows=True),
                    "with_grad": _uneven_gather_grad(d, len(mine)),
                    "max": d.all_reduce_max(torch.tensor([float(rank)])).item(),
                    "mean": d.all_reduce_mean(torch.tensor([float(rank)], dtype=torch.float64)).item()}
@@ -238,6 +243,7 @@ def test_collectives_keep_rank_order(tmp_path):
         assert r["none"].numel() == 0
         assert r["max"] == 1.0 and r["mean"] == 0.5
         assert r["padded"].tolist() == [[5, 5, 0], [5, 5, 5]]
+        assert r["same"] == [0.0, 0.0, 1.0, 1.0] and r["padded_to"].tolist() == [[5, 5, 0, 0], [5, 5, 5, 0]]
     # uneven counts (3 and 2 rows): each rank's offset, and its rows' gradient summed over both ranks' losses
     assert [r["with_grad"][0] for r in res] == [0, 3]
     for r in res:
@@ -347,3 +353,36 @@ def test_hard_negatives_come_from_the_other_rank(tmp_path):
         assert r["neg_img"] == [1 - rank] and r["neg_txt"] == [1 - rank]
         assert r["itm_neg_img"] and r["itm_neg_txt"]
         assert r["vision_grad"] > 0
+
+
+def test_a_world_of_one_moves_rows_where_asked():
+    """Alone, ``cat`` still moves the rows to ``device``: BLIP's re-ranking indexes a host matrix with them, and
+    rows left on the GPU crashed a single-GPU evaluation (under torchrun they passed through a buffer and moved)."""
+    rows = torch.arange(6).reshape(3, 2)
+    assert Dist().cat(rows, "meta").device.type == "meta"
+    assert Dist().cat(rows) is rows
+
+
+@pytest.mark.parametrize("n,bs,world,drop_last", [(7, 2, 2, False), (16, 3, 3, True), (5, 4, 2, False),
+                                                  (11, 2, 3, False)])
+def test_every_rank_gets_as_many_rows_in_each_batch(n, bs, world, drop_last):
+    """What lets a training step gather without asking the other ranks for their counts (``same_rows``)."""
+    b = Batches(n, bs, lambda idx, rng: idx, seed=0, drop_last=drop_last)
+    for epoch in range(2):
+        sizes = []
+        for r in range(world):
+            shard = b.shard(r, world)
+            shard.epoch = epoch
+            sizes.append([len(x) for x in shard])
+        assert all(s == sizes[0] for s in sizes) and sizes[0], sizes
+
+
+def test_two_processes_train_blip_reading_the_device_at_most_once_per_logging_window(tmp_path):
+    from upop.datasets import shapes
+
+    data = shapes(tmp_path / "d", train=8, val=2, test=3, image_size=32, classification_per_class=(1, 1, 1))
+    for r in run_ranks(blip_training_reads, tmp_path / "ranks", 2, str(data), 7, 3):
+        assert r["steps"] == 7 and r["windows"] == 3
+        assert len(r["after_first"]) <= r["windows"], r["after_first"]
+        assert {"cat_with_grad", "cat_same", "cat_padded"} <= set(r["collectives"])
+        assert {c.split(" at ")[1].split(":")[0] for c in r["library"]} <= {"transformers/masking_utils.py"}

@@ -189,3 +189,58 @@ def test_an_interrupt_during_the_last_mask_update_resumes_to_the_same_selection(
     expected = [j not in ref.kept[sp.name] for sp in specs for j in range(sp.num_units("dim"))]
     assert state["marked"].tolist() == expected
     assert [h["pi"] for h in state["history"]] == [h["pi"] for h in ref.history]
+
+
+# -- what only a GPU would show: host reads, the AMP dtype, the grad scaler's state ---------------------------
+
+def test_a_blip_retrieval_step_reads_the_device_at_most_once_per_logging_window(tmp_path):
+    """The loop fetches the losses once per window; nothing else in a step (BLIP's gathers, its momentum queue,
+    its hard negatives keyed by the batch's images) may read a device value back. The only other reads are
+    transformers' own check of each text padding mask (outside upop: counted apart and named)."""
+    from upop.datasets import shapes
+
+    from ..gpuless import blip_training_reads
+
+    data = shapes(tmp_path / "d", train=8, val=2, test=3, image_size=32, classification_per_class=(1, 1, 1))
+    res = blip_training_reads(str(data), 7, 3)
+    assert res["steps"] == 7 and res["windows"] == 3
+    assert len(res["after_first"]) <= res["windows"], res["after_first"]
+    assert {c.split(" at ")[1].split(":")[0] for c in res["library"]} <= {"transformers/masking_utils.py"}
+
+
+def _emulated_bf16(including_emulation=True):
+    """A V100's answer: bf16 only by emulation."""
+    return including_emulation
+
+
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp16_with_a_grad_scaler(monkeypatch):
+    from upop._train import amp_dtype, grad_scaler
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", _emulated_bf16)
+    assert amp_dtype(cuda, True) == torch.float16
+    assert isinstance(grad_scaler(torch.device("cpu"), amp_dtype(cuda, True)), torch.amp.GradScaler)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert amp_dtype(cuda, True) == torch.bfloat16 and grad_scaler(cuda, torch.bfloat16) is None
+    assert amp_dtype(cuda, False) is None and amp_dtype(torch.device("cpu"), True) is None
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(monkeypatch):
+    """The grad scaler's scale is part of the state: a resumed fp16 run goes on with it rather than restarting at
+    2**16 (and skipping steps while it backs off again). fp16 autocast and the scaler run on the CPU here."""
+    from upop import loop as loop_mod
+
+    monkeypatch.setattr(loop_mod, "amp_dtype", lambda device, enabled: torch.float16 if enabled else None)
+    adapter, model = _vit()
+    batches = _labelled(adapter, model, 3)
+    settings = loop_mod.LoopSettings(total=2, lr=1e-3, weight_decay=0.0, amp=True, seed=0)
+    first = loop_mod.TrainLoop(model, _loss, batches, settings, loop_mod.Phase())
+    first.run()
+    first.scaler.update(1234.0)  # as after some overflows
+    state = first.state()
+    assert state["scaler"]["scale"] == 1234.0
+    resumed = loop_mod.TrainLoop(build_tiny("vit", "ViTForImageClassification"), _loss, batches,
+                                 loop_mod.LoopSettings(total=3, lr=1e-3, weight_decay=0.0, amp=True, seed=0),
+                                 loop_mod.Phase(), resume=state)
+    resumed._restore()
+    assert resumed.scaler.get_scale() == 1234.0

@@ -64,3 +64,18 @@ def test_onnx_runtime_measures_the_exported_forward():
     report = _compress(latency={"ort": ort_runtime(torch.device("cpu"))}).report
     ort_rows = [r for r in report.latency if r["runtime"] == "ort"]
     assert {r["batch"] for r in ort_rows} == {1, 3} and all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in ort_rows)
+
+
+def test_only_rank_0_measures_latency():
+    """The report is rank 0's; other ranks timing at the same time would share the machine and skew it."""
+    from types import SimpleNamespace
+
+    from upop.distributed import Dist
+    from upop.pipeline import measure_latency
+
+    def prepare(model, inputs):
+        raise AssertionError("rank 1 timed the model")
+
+    run = SimpleNamespace(latency_runtimes={"torch": measure.Runtime(prepare)}, dist=Dist(rank=1, world=2),
+                          device=torch.device("cpu"), latency_batch=2, timings={})
+    assert measure_latency(run, None, None) is None

@@ -219,9 +219,9 @@ class BlipAdapter(Adapter, BlipModels):
 
     def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
-        att = torch.ones(image_seq.shape[:-1], dtype=torch.long, device=image_seq.device)
-        h = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_seq,
-                               encoder_attention_mask=att).last_hidden_state
+        # No encoder mask: every image token is attended, and an all-ones mask costs a check that reads the GPU.
+        h = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                               encoder_hidden_states=image_seq).last_hidden_state
         return model.itm_head(h[:, 0])
 
     # ---- synthetic inputs -----------------------------------------------------------------

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._train import amp_dtype, autocast
 from ..datasets.readers import read_retrieval
 from ..distributed import current
 from ..errors import ConfigError
@@ -58,7 +60,8 @@ class _RetrievalData(Task):
     @torch.no_grad()
     def _embed(self, model: nn.Module, split: str, limit: int | None):
         """Records, texts, each text's image, and the embeddings: image features and text features of
-        every record (gathered), image sequences (BLIP's ITM input) of this rank's share only."""
+        every record (gathered). No image sequence is kept: BLIP's ITM re-encodes them chunk by chunk
+        (``_sequences``), so what evaluation holds does not grow with the split."""
         recs = self._records(split, limit)
         dev = device_of(model)
         texts, text_img = [], []
@@ -68,20 +71,22 @@ class _RetrievalData(Task):
         # Under torchrun each rank embeds its share; the features are gathered before ranking.
         dist = current()
         mine, my_texts = dist.shard(len(recs)), dist.shard(len(texts))
-        img_feats, img_seqs, txt_feats = _Rows(len(mine)), _Rows(len(mine)), _Rows(len(my_texts))
+        img_feats, txt_feats = _Rows(len(mine)), _Rows(len(my_texts))
         bs = self.eval_batch_size
-        groups = [[r.image for r in recs[s : min(s + bs, mine.stop)]] for s in range(mine.start, mine.stop, bs)]
-        for px in self.images.stream(groups, dev):
-            seq, feat = self.adapter.encode_image(model, px)
+        for px in self.images.stream(self._groups(recs, mine), dev):
+            _seq, feat = self.adapter.encode_image(model, px)
             img_feats.add(feat.float())
-            if seq is not None:
-                img_seqs.add(seq)  # in the model's compute dtype, on its device
         for s in range(my_texts.start, my_texts.stop, bs):
             tok = to_device(self.prep.text(texts[s : min(s + bs, my_texts.stop)]), dev)
             txt_feats.add(self.adapter.encode_text(model, **tok).float())
         # Every rank joins every gather, also one whose share is empty (fewer records than ranks).
         img, txt = dist.cat(img_feats.rows(), dev), dist.cat(txt_feats.rows(), dev)
-        return recs, texts, text_img, img, img_seqs.rows(), txt
+        return recs, texts, text_img, img, txt
+
+    def _groups(self, recs: list[Any], mine: range) -> list[list[Any]]:
+        """This rank's images in groups of ``eval_batch_size``."""
+        bs = self.eval_batch_size
+        return [[r.image for r in recs[s : min(s + bs, mine.stop)]] for s in range(mine.start, mine.stop, bs)]
 
 
 class _Rows:
@@ -130,8 +135,9 @@ def _gathered_features(adapter, model: nn.Module, batch: dict[str, torch.Tensor]
     seq, img = adapter.encode_image(model, batch["pixel_values"])
     txt = adapter.encode_text(model, batch["input_ids"], batch["attention_mask"])
     dist = current()
-    img_all, offset = dist.cat_with_grad(img)
-    txt_all, _ = dist.cat_with_grad(txt)
+    # Every rank's training batch has as many rows (Batches.shard): no count is asked, the host goes on.
+    img_all, offset = dist.cat_with_grad(img, same_rows=True)
+    txt_all, _ = dist.cat_with_grad(txt, same_rows=True)
     return seq, img, txt, img_all, txt_all, torch.tensor(offset, device=img.device)
 
 
@@ -158,7 +164,7 @@ class DualEncoderRetrieval(_RetrievalData):
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         was = model.training
         model.eval()
-        _recs, _texts, text_img, img, _seq, txt = self._embed(model, split, limit)
+        _recs, _texts, text_img, img, txt = self._embed(model, split, limit)
         model.train(was)
         sim = (img @ txt.t()).cpu()
         out = recall_at_k(sim, text_img)
@@ -184,7 +190,8 @@ class BlipRetrieval(_RetrievalData):
         make = batches.make
 
         def with_ids(idx, rng):
-            return {**make(idx, rng), "image_id": torch.tensor(idx, dtype=torch.long)}
+            # The ids also as host numbers: the step keys its draws by them without reading the device.
+            return {**make(idx, rng), "image_id": torch.tensor(idx, dtype=torch.long), "image_key": tuple(idx)}
 
         batches.make = with_ids
         return batches
@@ -236,7 +243,7 @@ class BlipRetrieval(_RetrievalData):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        key = tuple(batch["image_id"].tolist()) if "image_id" in batch else ()
+        key = tuple(batch.get("image_key") or (batch["image_id"].tolist() if "image_id" in batch else ()))
         batch = self.on_device(batch, model)
         temp = float(self.options.get("temperature", 0.07))
         seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
@@ -251,14 +258,16 @@ class BlipRetrieval(_RetrievalData):
         else:
             neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset, self._draws(key, offset.device))
         dist = current()
-        seq_all, _ = dist.cat_with_grad(seq)
-        ids_all = dist.cat_padded(batch["input_ids"])
-        mask_all = dist.cat_padded(batch["attention_mask"])
-        width = ids_all.shape[1]
-        ids, mask = (F.pad(batch[k], (0, width - batch[k].shape[1])) for k in ("input_ids", "attention_mask"))
-        out["itm"] = self.adapter.itm_logits(model, torch.cat([seq, seq_all[neg_img], seq]),
-                                             torch.cat([ids, ids, ids_all[neg_txt]]),
-                                             torch.cat([mask, mask, mask_all[neg_txt]]))
+        seq_all, _ = dist.cat_with_grad(seq, same_rows=True)
+        # Gathered at the tokenizer's width, which every rank knows (asking for the widest would stall the host);
+        # only the negative texts are scored at it, the rank's own at their own width.
+        width = max(self.prep.max_length, batch["input_ids"].shape[1])
+        ids_all, mask_all = (dist.cat_padded(batch[k], width=width, same_rows=True)
+                             for k in ("input_ids", "attention_mask"))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out["itm"] = torch.cat([self.adapter.itm_logits(model, torch.cat([seq, seq_all[neg_img]]),
+                                                        torch.cat([ids, ids]), torch.cat([mask, mask])),
+                                self.adapter.itm_logits(model, seq, ids_all[neg_txt], mask_all[neg_txt])])
         out["neg_img"], out["neg_txt"] = neg_img, neg_txt
         return out
 
@@ -272,7 +281,7 @@ class BlipRetrieval(_RetrievalData):
             m = mom.model_for(model)
             _seq, img_m = self.adapter.encode_image(m, batch["pixel_values"])
             txt_m = self.adapter.encode_text(m, batch["input_ids"], batch["attention_mask"])
-            img_m_all, txt_m_all, ids_all = dist.cat(img_m), dist.cat(txt_m), dist.cat(batch["image_id"])
+            img_m_all, txt_m_all, ids_all = dist.cat_same(img_m), dist.cat_same(txt_m), dist.cat_same(batch["image_id"])
             q_img, q_txt, q_ids = mom.queue.rows(img_m_all)
             cols_img = torch.cat([img_m_all, q_img.to(img_m_all.dtype)])
             cols_txt = torch.cat([txt_m_all, q_txt.to(txt_m_all.dtype)])
@@ -309,42 +318,54 @@ class BlipRetrieval(_RetrievalData):
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         was = model.training
         model.eval()
-        _recs, texts, text_img, img, seq, txt = self._embed(model, split, limit)
+        dev = device_of(model)
+        dtype = amp_dtype(dev, True)  # the compute dtype: image sequences are held in it, ITM runs in it
+        with autocast(dev, dtype):
+            recs, texts, text_img, img, txt = self._embed(model, split, limit)
         sim = img @ txt.t()
         del img, txt
         kt, ki = (min(self.k_test(split), n) for n in (sim.shape[1], sim.shape[0]))
-        tok = to_device(self.prep.text(texts), device_of(model))
+        tok = to_device(self.prep.text(texts), dev)
         # Each rank re-ranks the pairs whose image it embedded: its images' top-k texts (image → text) and
-        # the texts whose top-k holds one of its images (text → image), so it reads only its own sequences.
+        # the texts whose top-k holds one of its images (text → image), so it needs only its own sequences.
         mine = current().shard(sim.shape[0])
         i2t_pairs = _pairs(sim[mine.start : mine.stop].topk(kt, dim=1).indices, mine.start, rows_are_images=True)
         t2i_pairs = _pairs(sim.topk(ki, dim=0).indices.t(), 0, rows_are_images=False, keep=mine)
-        i2t = self._rerank(model, sim, seq, tok, i2t_pairs, mine.start)
-        t2i = self._rerank(model, sim, seq, tok, t2i_pairs, mine.start).t()
-        del seq
+        with autocast(dev, dtype):
+            chunks = self._sequences(model, recs, mine, dtype)
+            i2t, t2i = self._rerank(model, sim, chunks, tok, [i2t_pairs, t2i_pairs])
         model.train(was)
-        out = recall_at_k(i2t, text_img, sim_t2i=t2i)
+        out = recall_at_k(i2t, text_img, sim_t2i=t2i.t())
         itc = recall_at_k(sim.cpu(), text_img)
         out["itc_r_mean"] = itc["r_mean"]
         out["k_test"] = float(max(kt, ki))  # the re-ranking depth used (capped at the split's size)
         out["primary"] = out[self.primary]
         return out
 
-    def _rerank(self, model, sim: torch.Tensor, seq: torch.Tensor, tok: dict[str, torch.Tensor],
-                pairs: torch.Tensor, first: int) -> torch.Tensor:
-        """[images, texts] on the host: ITM + ITC for every rank's ``pairs`` ([n, 2]: image, text), -1e4 elsewhere."""
-        scores = []
-        for c in pairs.split(self.eval_batch_size) if len(pairs) else ():
-            img, txt = c[:, 0], c[:, 1]
-            itm = self._itm(model, seq[img - first], tok["input_ids"][txt], tok["attention_mask"][txt])
-            scores.append(itm + sim[img, txt])
-        dist = current()
-        pairs_all = dist.cat(pairs, "cpu")
-        scores_all = dist.cat(_cat_or_none(scores), "cpu")
-        out = torch.full(sim.shape, -1e4)
-        if len(pairs_all):
-            out[pairs_all[:, 0], pairs_all[:, 1]] = scores_all.float()
-        return out
+    def _sequences(self, model: nn.Module, recs: list[Any], mine: range,
+                   dtype: torch.dtype | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index of the first image, the image sequences) of this rank's images, one ``eval_batch_size`` chunk
+        at a time, in ``dtype`` (else the model's): the ITM input, re-encoded rather than kept from the ITC
+        pass, so at most one chunk is held whatever the split's size."""
+        first = mine.start
+        for px in self.images.stream(self._groups(recs, mine), device_of(model)):
+            seq, _feat = self.adapter.encode_image(model, px)
+            yield first, seq.to(dtype) if dtype is not None else seq
+            first += len(seq)
+
+    def _rerank(self, model, sim: torch.Tensor, chunks: Iterable[tuple[int, torch.Tensor]],
+                tok: dict[str, torch.Tensor], pair_sets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per set of ``pairs`` ([n, 2]: image, text), [images, texts] on the host: ITM + ITC for every rank's
+        pairs, -1e4 elsewhere. The image sequences come chunk by chunk; each chunk scores its images' pairs."""
+        sets = [_by_image(pairs) for pairs in pair_sets]
+        scores: list[list[torch.Tensor]] = [[] for _ in sets]
+        for first, seq in chunks:
+            for (pairs, bounds), part in zip(sets, scores):
+                for c in pairs[bounds(first, first + len(seq))].split(self.eval_batch_size):
+                    img, txt = c[:, 0], c[:, 1]
+                    itm = self._itm(model, seq[img - first], tok["input_ids"][txt], tok["attention_mask"][txt])
+                    part.append(itm + sim[img, txt])
+        return [_scatter(sim.shape, pairs, _cat_or_none(part)) for (pairs, _), part in zip(sets, scores)]
 
     def _itm(self, model, seq, ids, mask) -> torch.Tensor:
         return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
@@ -361,6 +382,33 @@ def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor,
         w_t2i = F.softmax(t2i.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
         w_i2t = F.softmax(i2t.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
         return torch.multinomial(w_t2i, 1, generator=gen).squeeze(1), torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)
+
+
+#: where the re-ranked score matrices are assembled (the host: a test moves it to see every row follow)
+HOST = torch.device("cpu")
+
+
+def _scatter(shape: torch.Size, pairs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """[images, texts] on ``HOST``: every rank's ``scores`` at its ``pairs``, -1e4 elsewhere."""
+    dist = current()
+    pairs_all, scores_all = dist.cat(pairs, HOST), dist.cat(scores, HOST)
+    out = torch.full(shape, -1e4, device=HOST)
+    if len(pairs_all):
+        out[pairs_all[:, 0], pairs_all[:, 1]] = scores_all.float()
+    return out
+
+
+def _by_image(pairs: torch.Tensor) -> tuple[torch.Tensor, Callable[[int, int], slice]]:
+    """``pairs`` in image order, and where the pairs of images ``[lo, hi)`` lie in them (two numbers read back
+    per chunk: an evaluation may wait on the device)."""
+    pairs = pairs[pairs[:, 0].argsort(stable=True)] if len(pairs) else pairs
+    images = pairs[:, 0].contiguous()
+
+    def bounds(lo: int, hi: int) -> slice:
+        edges = torch.searchsorted(images, torch.tensor([lo, hi], device=images.device)).tolist()
+        return slice(edges[0], edges[1])
+
+    return pairs, bounds
 
 
 def _pairs(top: torch.Tensor, first: int, rows_are_images: bool, keep: range | None = None) -> torch.Tensor:

@@ -257,3 +257,53 @@ def test_demo_blip_reranks_its_own_depth_with_or_without_a_data_folder():
     for data in (None, shapes_dir()):  # the benchmarks pass the shapes folder; compress leaves it to the demo
         assert setup_task(src, None, data, None, 8, 0).task.k_test("test") == 16
     assert setup_task(src, None, None, None, 8, 0, k_test=4).task.k_test("test") == 4  # the caller's wins
+
+
+def test_re_ranked_scores_are_assembled_on_the_host_matrix_device(data, monkeypatch):
+    """One process: the pairs and their scores come from the model's device and must move to the host matrix's
+    (a single-GPU evaluation crashed indexing a CPU matrix with CUDA rows). The matrix is put on ``meta`` here,
+    so rows that stay where they were computed show."""
+    from upop.tasks import retrieval
+
+    from ...gpuless import observe_devices
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    task = _task("blip", model, data, eval_batch_size=2)
+    size = model.config.vision_config.image_size
+    with torch.no_grad():
+        seq, _ = task.adapter.encode_image(model, torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    sim = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    pairs = retrieval._pairs(sim.topk(2, dim=1).indices, 0, rows_are_images=True)
+    monkeypatch.setattr(retrieval, "HOST", torch.device("meta"))
+    with observe_devices() as seen, torch.no_grad():
+        (scores,) = task._rerank(model, sim, [(0, seq[:2]), (2, seq[2:])], task.prep.text(["a", "b c", "d", "e f g"]),
+                                 [pairs])
+    assert scores.device.type == "meta" and scores.shape == sim.shape
+    assert ("cat", "cpu", "meta") in seen
+
+
+def test_evaluation_holds_one_chunk_of_image_sequences_in_the_compute_dtype(data, monkeypatch):
+    """BLIP's ITM input (every image's full sequence) is re-encoded one ``eval_batch_size`` chunk at a time rather
+    than kept for the whole split, in the compute dtype (bf16 under autocast on a GPU; forced here on the CPU);
+    the recalls are those of one chunk holding all."""
+    from upop.tasks import retrieval
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    whole = _task("blip", model, data, eval_batch_size=64).evaluate(model, "test")
+    held: list[tuple[int, torch.dtype]] = []
+    real = retrieval.BlipRetrieval._sequences
+
+    def spy(self, *args):
+        for first, seq in real(self, *args):
+            held.append((len(seq), seq.dtype))
+            yield first, seq
+
+    monkeypatch.setattr(retrieval.BlipRetrieval, "_sequences", spy)
+    chunked = _task("blip", model, data, eval_batch_size=2).evaluate(model, "test")
+    assert [n for n, _ in held] == [2, 2, 2]  # 6 test images, never more than a chunk at once
+    assert chunked == pytest.approx(whole, abs=1e-6)
+    held.clear()
+    monkeypatch.setattr(retrieval, "amp_dtype", lambda device, enabled: torch.bfloat16)
+    low = _task("blip", model, data, eval_batch_size=2).evaluate(model, "test")
+    assert {d for _, d in held} == {torch.bfloat16} and low.keys() == whole.keys()
+    assert all(v == v for v in low.values())  # no NaN
