@@ -104,7 +104,7 @@ def test_a_run_holds_the_lock_and_releases_it(run_folder, tmp_path, monkeypatch)
     seen = []
 
     def fake(*args, **kwargs):
-        seen.append((tmp_path / "r.lock").read_text().strip())
+        seen.append((tmp_path / "r.lock").read_text().split()[-1])
         return FakeResult()
 
     monkeypatch.setattr(upop, "compress", fake)

@@ -134,7 +134,7 @@ def test_a_second_run_on_the_same_output_stops_at_once(tmp_path):
     # The holder was killed: its lock died with it; the leftover file is taken over.
     assert lock_path(out).is_file()
     with OutputLock(out) as lock:
-        assert lock_path(out).read_text().strip() == str(os.getpid())
+        assert lock_path(out).read_text() == f"upop output lock\npid {os.getpid()}\n"
         with pytest.raises(OutputError, match="another upop run"):
             OutputLock(out).acquire()  # held, even within one process
     assert not lock_path(out).exists()  # released on exit
