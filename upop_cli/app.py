@@ -214,7 +214,8 @@ def export(
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-export/<name>-<format>)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT)."),
-    batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="TensorRT optimization profile MIN:OPT:MAX "
+                                                               "(default 1:8:32; --format trt only)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14..20."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = QuietOpt,
@@ -295,6 +296,7 @@ def profile(
                                                 "to FILE (--json FILE)."),
     warmup: int = typer.Option(5, "--warmup"),
     runs: int = typer.Option(30, "--runs"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file of --json FILE (a result upop wrote)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Measure latency (p50/p90/p99, throughput) of every deployment graph on this machine.
@@ -304,7 +306,8 @@ def profile(
     """
     from .profile_cmd import run
 
-    guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet))
+    guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet,
+                        overwrite))
 
 
 @recipes_app.command("list")

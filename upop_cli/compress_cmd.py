@@ -43,7 +43,8 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     from upop.hub import network_rule
 
     network_rule(model)  # one probe of the hub at most; demos and local folders never touch it
-    with _output_guard(out, model, o.get("data"), overwrite, main) as partial, outside_data_allowed(allow_outside_data):
+    guard = _output_guard(out, model, o.get("data"), overwrite, main, o.get("teacher"))
+    with guard as partial, outside_data_allowed(allow_outside_data):
         result = _compress(model, cfg, o, out, partial, overwrite, quiet, resume, main, as_json)
     if main:
         _record_latest(out, model)
@@ -100,7 +101,8 @@ def _config(o: dict[str, Any]):
 
 
 @contextmanager
-def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main: bool) -> Iterator[Path]:
+def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main: bool,
+                  teacher: str | None = None) -> Iterator[Path]:
     """Everything about the output settled before the run: nothing but upop's own folders is replaced,
     the source is not inside it, ``<out>.partial`` is upop's, the parent can take the run, and no
     other run writes the same output (rank 0 holds the lock until the run ends)."""
@@ -108,7 +110,8 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
     from upop.safety import OutputLock, check_replace, check_room, check_state_folder, weights_bytes
 
     source = resolve(model)
-    check_replace(out, overwrite=overwrite, sources=[source], inputs=[data])
+    sources = [source, resolve(teacher) if teacher else None]
+    check_replace(out, overwrite=overwrite, sources=sources, inputs=[data], kind="slim")
     partial = check_state_folder(out)
     if not main:
         yield partial
@@ -116,7 +119,7 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
     # The run's state holds the weights and two optimizer moments; the checkpoint the weights again.
     check_room(out, 4 * weights_bytes(source))
     with OutputLock(out):
-        check_replace(out, overwrite=overwrite)  # again, now that no other run can change it
+        check_replace(out, overwrite=overwrite, kind="slim")  # again, now that no other run can change it
         yield partial
 
 
@@ -192,10 +195,13 @@ def _record_latest(out: Path, model: str) -> None:
     itself succeeded: a record that cannot be written is a warning, not a failure."""
     from .latest import write_latest
 
+    from upop.errors import UpopError
+
     try:
         write_latest(out, model)
-    except OSError as exc:
-        typer.echo(f"warning: could not record {out} as the last compress output: {exc.strerror or exc}", err=True)
+    except (OSError, UpopError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        typer.echo(f"warning: could not record {out} as the last compress output: {reason}", err=True)
 
 
 def _tell(report: Any, out: Path, quiet: bool = False, as_json: bool = False) -> None:

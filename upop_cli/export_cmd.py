@@ -8,25 +8,45 @@ from .latest import source_or_latest
 from .out import console, print_json
 
 
-def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str, opset: int, overwrite: bool,
-        quiet: bool, as_json: bool = False) -> None:
-    import json
+def _batch_option(fmt: str, batch: str | None) -> dict[str, str]:
+    """``--batch`` is TensorRT's optimization profile: checked before any work, refused for ONNX (whose
+    graphs take any batch) rather than ignored."""
+    from upop.errors import ConfigError
 
+    if fmt != "trt":
+        if batch is not None:
+            raise ConfigError(f"--batch {batch} is TensorRT's optimization profile: it does not apply to "
+                              f"--format {fmt} (its graphs take any batch size); drop it")
+        return {}
+    from upop.exporters.tensorrt import ShapeRange
+
+    ShapeRange.parse(batch or DEFAULT_TRT_BATCH)
+    return {"batch": batch or DEFAULT_TRT_BATCH}
+
+
+DEFAULT_TRT_BATCH = "1:8:32"
+
+
+def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | None, opset: int, overwrite: bool,
+        quiet: bool, as_json: bool = False) -> None:
     from upop.exporters import get
     from upop.hub import network_rule
+    from upop.safety import check_replace, read_json
 
     exporter = get(fmt)
+    extra = _batch_option(fmt, batch)
     source = source_or_latest(source, "export")
     network_rule(source)
     out_dir = Path(out) if out else Path("upop-export") / f"{Path(source.rstrip('/')).name}-{fmt}"
+    check_replace(out_dir, overwrite=overwrite, sources=[source], kind="export")
     log = console(stderr=True, quiet=quiet)
-    kwargs = {"fp16": fp16, "opset": opset, "overwrite": overwrite, "progress": lambda m: log.print(m)}
-    if fmt == "trt":
-        kwargs["batch"] = batch
+    kwargs = {"fp16": fp16, "opset": opset, "overwrite": overwrite, "progress": lambda m: log.print(m), **extra}
     manifest = exporter(source, out_dir, **kwargs)
     if as_json:
+        from upop.errors import ExportFolderError
+
         record = out_dir / "export.json"
-        data = json.loads(record.read_text()) if record.is_file() else manifest
+        data = read_json(record, ExportFolderError) if record.is_file() else manifest
         print_json({**data, "out": str(out_dir.resolve())})
     if quiet:
         return

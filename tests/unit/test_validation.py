@@ -40,7 +40,10 @@ COMPRESS_FLAGS = [
     (["--lr", "nan"], "--lr must be a number >= 0, got nan"),
     (["--update-every", "0"], "--update-every must be an integer >= 1, got 0"),
     (["--checkpoint-every", "-5"], "--checkpoint-every must be an integer >= 0, got -5"),
-    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be an integer in 0..4294967295, got -1"),
+    (["--seed", "99999999999999999999999"], "--seed must be an integer in 0..4294967295, got 99999999999999999999999"),
+    (["--batch-size", "100000000000"], "--batch-size must be at most 2147483647, got 100000000000"),
+    (["--search-epochs", str(2**63)], f"--search-epochs must be at most 2147483647, got {2**63}"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--target-latency", "-2", "--profile", "t4"], "--target-latency must be a number of milliseconds > 0"),
 ]
@@ -57,7 +60,9 @@ def test_compress_flags_out_of_range(run_folder, tmp_path, no_run, flags, match)
 
 TOML = [
     ('batch_size = "big"', "batch_size must be an integer >= 1, got 'big'"),
-    ('seed = "abc"', "seed must be an integer >= 0, got 'abc'"),
+    ('seed = "abc"', "seed must be an integer in 0..4294967295, got 'abc'"),
+    ("seed = 9223372036854775807", "seed must be an integer in 0..4294967295, got 9223372036854775807"),
+    ("batch_size = 9223372036854775807", "batch_size must be at most 2147483647, got 9223372036854775807"),
     ("out = 5", "out must be a folder, got 5"),
     ("ratio = true", "ratio must be strictly between 0 and 1, got True"),
     ("search_epochs = 1.5", "search_epochs must be an integer >= 1, got 1.5"),
@@ -155,11 +160,14 @@ def test_convert_never_replaces_a_foreign_folder(tmp_path):
 
 
 SHAPES = [
-    (["--train", "0"], "--train must be an integer >= 1, got 0"),
-    (["--val", "-2"], "--val must be an integer >= 1, got -2"),
-    (["--test", "0"], "--test must be an integer >= 1, got 0"),
-    (["--image-size", "0"], "--image-size must be an integer >= 16 (pixels), got 0"),
-    (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+    (["--train", "0"], "--train must be an integer in 1..1000000, got 0"),
+    (["--val", "-2"], "--val must be an integer in 1..1000000, got -2"),
+    (["--test", "0"], "--test must be an integer in 1..1000000, got 0"),
+    (["--image-size", "0"], "--image-size must be an integer in 16..4096 (pixels), got 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..4294967295, got -1"),
+    (["--seed", "99999999999999999999999"], "--seed must be an integer in 0..4294967295"),
+    (["--image-size", "60000"], "--image-size must be an integer in 16..4096 (pixels), got 60000"),
+    (["--train", str(2**40)], "--train must be an integer in 1..1000000"),
 ]
 
 
@@ -180,9 +188,20 @@ def test_calibrate_never_replaces_an_existing_file_without_overwrite(tmp_path, m
 
     (tmp_path / "my.toml").write_text("mine")
     monkeypatch.setattr(upop.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
-    r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "my.toml")])
-    _one_line(r, "already exists; pass --overwrite to replace it")
+    for extra in ([], ["--overwrite"]):  # a file upop did not write is never replaced
+        r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "my.toml"),
+                                *extra])
+        _one_line(r, "my.toml exists and is not a hardware profile written by upop")
     assert (tmp_path / "my.toml").read_text() == "mine"
+    from upop.calibrate import to_toml
+    from upop.profiles import load
+
+    import dataclasses
+
+    own = dataclasses.replace(load("cpu-x86"), latency_model="table", table={"blocks": [], "rest_ms": 1.0, "granularity": "dim", "device": "cpu"})
+    (tmp_path / "own.toml").write_text(to_toml(own))
+    r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "own.toml")])
+    _one_line(r, "already exists; pass --overwrite to replace it")
     r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path)])
     _one_line(r, "is a folder")
     r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "n.toml"),
