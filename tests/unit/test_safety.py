@@ -203,7 +203,7 @@ def test_a_link_given_as_out_is_never_replaced(tmp_path, target):
                                        ("shapes", "export")])
 def test_one_kind_of_output_never_replaces_another(tmp_path, have, want):
     out = _written(tmp_path / "o", have, **{"x.json": "{}"})
-    with pytest.raises(OutputExistsError, match=f"and this command writes a .*one kind of output never replaces"):
+    with pytest.raises(OutputExistsError, match="and this command writes a .*one kind of output never replaces"):
         check_replace(out, overwrite=True, kind=want)
     with pytest.raises(OutputExistsError, match="one kind of output never replaces another"):
         _written(out, want, **{"y.json": "{}"})

@@ -198,7 +198,8 @@ def test_calibrate_never_replaces_an_existing_file_without_overwrite(tmp_path, m
 
     import dataclasses
 
-    own = dataclasses.replace(load("cpu-x86"), latency_model="table", table={"blocks": [], "rest_ms": 1.0, "granularity": "dim", "device": "cpu"})
+    table = {"blocks": [], "rest_ms": 1.0, "granularity": "dim", "device": "cpu"}
+    own = dataclasses.replace(load("cpu-x86"), latency_model="table", table=table)
     (tmp_path / "own.toml").write_text(to_toml(own))
     r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "own.toml")])
     _one_line(r, "already exists; pass --overwrite to replace it")
