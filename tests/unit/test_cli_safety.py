@@ -434,3 +434,21 @@ def test_datasets_shapes_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
                             "--test", "2", "--quiet"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s" / "retrieval_train.json").is_file() and (tmp_path / "s" / OWNED_RECORD).is_file()
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.5, 1.5, 4.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(run_folder, tmp_path, delay):
+    """From Python's first imports to the middle of the search: never a traceback."""
+    import signal
+
+    model, data = run_folder
+    exe = os.path.join(os.path.dirname(sys.executable), "upop")
+    proc = subprocess.Popen([exe, "compress", "--model", str(model), "--ratio", "0.5", "--data", str(data),
+                             "--batch-size", "4", "--search-epochs", "50", "--out", str(tmp_path / "r"), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.lock").exists()
