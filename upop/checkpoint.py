@@ -23,7 +23,7 @@ from torch import nn
 from ._version import __version__
 from .adapters import Adapter, get_adapter
 from .errors import CheckpointError, UnsupportedModelError
-from .safety import SLIM_MANIFEST, check_replace, load_json, member, output_dir
+from .safety import SLIM_MANIFEST, check_config_dict, check_replace, load_json, member, output_dir
 from .slim import slim_model
 
 FORMAT = "upop-slim"
@@ -277,6 +277,7 @@ def load_slim(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[st
         )
     try:
         info = info_from_manifest(manifest)
+        check_config_dict(info.base_config, path / MANIFEST, CheckpointError, stored_elements(wfile))
         _check_sizes(info, wfile)
         model, _adapter = build_structure(info)
     except (KeyError, TypeError, ValueError, IndexError) as exc:

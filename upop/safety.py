@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +72,12 @@ def _too_deep(data: object, limit: int) -> bool:
     return False
 
 
+def check_depth(data: object, where: object, error: type[UpopError]) -> object:
+    if _too_deep(data, MAX_JSON_DEPTH):
+        raise error(f"{where} is nested more than {MAX_JSON_DEPTH} levels deep: not a file upop reads")
+    return data
+
+
 def load_json(text: str | bytes, where: object, error: type[UpopError]) -> object:
     """``json.loads`` of an untrusted text: nesting past ``MAX_JSON_DEPTH`` levels (or past Python's own
     recursion limit, where the parser itself gives up) and invalid JSON are one line naming ``where``."""
@@ -82,9 +89,7 @@ def load_json(text: str | bytes, where: object, error: type[UpopError]) -> objec
     except (ValueError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or ["invalid"])[0]
         raise error(f"{where} is not valid JSON: {first[:200]}") from None
-    if _too_deep(data, MAX_JSON_DEPTH):
-        raise deep
-    return data
+    return check_depth(data, where, error)
 
 
 def read_json(path: str | Path, error: type[UpopError]) -> object:
@@ -101,6 +106,24 @@ def _json_field(path: Path, key: str) -> object:
     except (OSError, UpopError):
         return None
     return data.get(key) if isinstance(data, dict) else None
+
+
+# -- saying something once ------------------------------------------------------------------------------
+
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """A note the user should read once per run (an option capped or unused), on stderr, by rank 0 only."""
+    if message in _SAID or os.environ.get("RANK", "0") != "0":
+        return
+    _SAID.add(message)
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def forget_notes() -> None:
+    """A new command in this process says its notes again."""
+    _SAID.clear()
 
 
 # -- what upop owns -----------------------------------------------------------------------------------
@@ -529,6 +552,66 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# -- model configs and pickles from files upop did not write ---------------------------------------------
+
+#: Integer sizes of a model config, checked before anything is built from them.
+CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+               "max_position_embeddings", "projection_dim")
+MAX_CONFIG_INT = 1 << 20
+
+
+def _subconfigs(cfg: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    yield prefix, cfg
+    for key, value in cfg.items():
+        if key.endswith("_config") and isinstance(value, dict):
+            yield from _subconfigs(value, f"{prefix}{key}.")
+
+
+def check_config_dict(cfg: object, where: object, error: type[UpopError], stored: int | None = None) -> None:
+    """A model config read from a user's file, before any model is built from it: the sizes are integers
+    in range, it asks for no custom code, and it describes about as many parameters as the weights hold
+    (a layer count of 100,000 is one line at once, not minutes of building)."""
+    if not isinstance(cfg, dict):
+        raise error(f"{where}: the model config must be an object")
+    if "auto_map" in cfg:
+        raise error(f"{where} asks for custom code (auto_map); upop never runs code from a model folder: use a "
+                    "folder of a supported architecture")
+    estimate, sizes = 0, []
+    for prefix, sub in _subconfigs(cfg):
+        for key in CONFIG_INTS:
+            value = sub.get(key)
+            if key in sub and value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                                         and 0 < value <= MAX_CONFIG_INT):
+                raise error(f"{where}: {prefix}{key} must be an integer in 1..{MAX_CONFIG_INT}, got {value!r}")
+        width, layers = sub.get("hidden_size"), sub.get("num_hidden_layers")
+        if width and layers:
+            estimate += layers * (4 * width * width + 2 * width * (sub.get("intermediate_size") or 4 * width))
+            sizes.append(f"{prefix}num_hidden_layers {layers}")
+    if stored is not None and estimate > 4 * stored + (1 << 20):
+        raise error(f"{where} describes about {estimate:,} parameters ({', '.join(sizes)}), the weights hold "
+                    f"{stored:,} values: the config does not belong to these weights")
+
+
+def load_tensors(path: str | Path, error: type[UpopError], what: str) -> object:
+    """``torch.load`` of a user's file with ``weights_only=True`` (no code runs); torch's warnings about the
+    file are folded into the one line of a file that cannot be read that way."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise error(f"{path} is not {what}: it holds pickled objects beyond tensors, which upop never loads "
+                    "(only tensors are read, weights_only=True)") from None
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch raise many kinds; all mean "unreadable"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path} is not {what}: {first}") from None
 
 
 def never_prompt_for_remote_code() -> None:

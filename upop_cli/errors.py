@@ -30,8 +30,11 @@ def debug() -> bool:
 def guarded(fn: Callable[[], Any], arm: bool = True) -> Any:
     """Run a command body; known errors become one line and an exit code. ``arm``: Ctrl-C raises
     ``KeyboardInterrupt`` inside it (a run saves its state); elsewhere it leaves at once (``upop_cli.interrupt``)."""
+    from upop.safety import forget_notes
+
     from .interrupt import armed, said
 
+    forget_notes()
     try:
         with armed() if arm else contextlib.nullcontext():
             return fn()

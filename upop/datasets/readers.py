@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import DataError  # noqa: F401  (defined with every error, raised and re-exported here)
+from ..safety import MAX_JSON_DEPTH, check_depth
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -72,15 +73,19 @@ def _load_records(path: Path) -> list[Any]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: broken JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        return data
+        except RecursionError:
+            raise DataError(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep: not a file upop reads") from None
+        return check_depth(data, path, DataError)
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(check_depth(json.loads(line), path, DataError))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: broken JSON on line {lineno}: {exc.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep: not a file upop reads") from None
     return records
 
 
