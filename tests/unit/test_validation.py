@@ -208,3 +208,229 @@ def test_calibrate_never_replaces_an_existing_file_without_overwrite(tmp_path, m
     r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "n.toml"),
                             "--runtime", "foo"])
     _one_line(r, "--runtime must be torch or ort or trt, got 'foo'")
+
+
+# -- round two: one line for every case that was a traceback -------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A slim tiny ViT with its image processor, and its ONNX export."""
+    import transformers
+    from PIL import Image
+
+    from upop.adapters import get_adapter
+
+    from ..conftest import batches_for, build_tiny
+
+    root = tmp_path_factory.mktemp("exp")
+    model = build_tiny("vit", "ViTForImageClassification")
+    cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=2, update_every=1),
+                              retrain=upop.RetrainConfig(epochs=0))
+    slim = upop.compress(model, cfg, batches=batches_for(get_adapter("vit"), model, n=1)).save(root / "slim")
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(slim)
+    r = runner.invoke(app, ["export", str(slim), "--out", str(root / "onnx"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(root / "x.png")
+    return slim, root / "onnx", root / "x.png"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _deep_latest(t, run_folder, exported, monkeypatch):
+    monkeypatch.chdir(t)
+    (t / "upop-out").mkdir()
+    (t / "upop-out" / "latest.json").write_text(DEEP)
+    return ["export"]
+
+
+def _deep_manifest(t, run_folder, exported, monkeypatch):
+    slim = _copy(exported[0], t / "s")
+    (slim / "upop_manifest.json").write_text(DEEP)
+    return ["inspect", str(slim)]
+
+
+def _deep_config(t, run_folder, exported, monkeypatch):
+    model = _copy(run_folder[0], t / "m")
+    (model / "config.json").write_text(DEEP)
+    return ["eval", str(model), "--data", str(run_folder[1])]
+
+
+def _deep_export(t, run_folder, exported, monkeypatch):
+    onnx = _copy(exported[1], t / "e")
+    (onnx / "export.json").write_text(DEEP)
+    return ["predict", str(onnx), "-i", str(exported[2])]
+
+
+def _deep_export_profile(t, run_folder, exported, monkeypatch):
+    onnx = _copy(exported[1], t / "e")
+    (onnx / "export.json").write_text(DEEP)
+    return ["profile", str(onnx), "--runtime", "ort", "--runs", "1"]
+
+
+def _deep_annotation(t, run_folder, exported, monkeypatch):
+    data = _copy(run_folder[1], t / "d")
+    (data / "retrieval_test.json").write_text(DEEP)
+    return ["eval", "demo-clip", "--data", str(data), "--limit", "2"]
+
+
+def _deep_header(t, run_folder, exported, monkeypatch):
+    slim = _copy(exported[0], t / "s")
+    header = ("{\"a\":" * 100 + "1" + "}" * 100).encode()
+    (slim / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    _edit_json(slim / "upop_manifest.json", lambda m: m["weights"].update(
+        sha256=__import__("hashlib").sha256((slim / "model.safetensors").read_bytes()).hexdigest()))
+    return ["eval", str(slim), "--data", str(run_folder[1])]
+
+
+DEEP_CASES = {"latest.json": (_deep_latest, "latest.json is nested"),
+              "upop_manifest.json": (_deep_manifest, "upop_manifest.json is nested"),
+              "config.json": (_deep_config, "config.json is nested"),
+              "export.json (predict)": (_deep_export, "export.json is damaged (nested"),
+              "export.json (profile)": (_deep_export_profile, "export.json is damaged (nested"),
+              "annotation file": (_deep_annotation, "retrieval_test.json is nested"),
+              "safetensors header": (_deep_header, "is not a valid safetensors file")}
+
+
+@pytest.mark.parametrize("case", list(DEEP_CASES))
+def test_deeply_nested_json_anywhere_is_one_line(run_folder, exported, tmp_path, monkeypatch, case):
+    make, match = DEEP_CASES[case]
+    _one_line(runner.invoke(app, make(tmp_path, run_folder, exported, monkeypatch)), match)
+
+
+def _manifest_config(edit):
+    def make(t, run_folder, exported, monkeypatch):
+        slim = _copy(exported[0], t / "s")
+        _edit_json(slim / "upop_manifest.json", lambda m: edit(m["base_config"]))
+        return ["eval", str(slim), "--data", str(run_folder[1])]
+    return make
+
+
+def _model_folder(edit=None, weights=None, config=None):
+    def make(t, run_folder, exported, monkeypatch):
+        model = _copy(run_folder[0], t / "m")
+        if edit is not None:
+            _edit_json(model / "config.json", edit)
+        if config is not None:
+            (model / "config.json").write_text(config)
+        if weights == "pickle-only":
+            import torch
+
+            (model / "model.safetensors").unlink()
+            torch.save({"x": torch.zeros(1)}, model / "pytorch_model.bin")
+        return ["eval", str(model), "--data", str(run_folder[1])]
+    return make
+
+
+def _plain_pickle_state(t, run_folder, exported, monkeypatch):
+    import pickle
+
+    (t / "r.partial").mkdir()
+    (t / "r.partial" / ".upop-run").write_text("upop run state; created by upop: yes\n")
+    (t / "r.partial" / "state.pt").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))
+    model, data = run_folder
+    return ["compress", "--model", str(model), "--ratio", "0.5", "--data", str(data), "--out", str(t / "r"),
+            "--resume", "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "4", "--no-latency"]
+
+
+def _plain_pickle_nlvr(t, run_folder, exported, monkeypatch):
+    import pickle
+
+    (t / "n.pth").write_bytes(pickle.dumps({"model": {"a": 1}}, protocol=4))
+    return ["convert", "nlvr", str(t / "n.pth"), "--out", str(t / "o")]
+
+
+def _garbage_onnx(t, run_folder, exported, monkeypatch):
+    onnx = _copy(exported[1], t / "e")
+    for f in onnx.glob("*.onnx"):
+        f.write_bytes(b"\x00garbage" * 10)
+    return ["profile", str(onnx), "--runtime", "ort", "--runs", "1"]
+
+
+def _edited_task(t, run_folder, exported, monkeypatch):
+    onnx = _copy(exported[1], t / "e")
+    _edit_json(onnx / "export.json", lambda m: m.update(task="caption"))
+    return ["predict", str(onnx), "-i", str(exported[2])]
+
+
+ONE_LINE = {
+    "manifest hidden_size a string": (_manifest_config(lambda c: c.update(hidden_size="64")),
+                                      "hidden_size must be an integer in 1..1048576, got '64'"),
+    "manifest of 100000 layers": (_manifest_config(lambda c: c.update(num_hidden_layers=100000)),
+                                  "num_hidden_layers 100000), the weights hold"),
+    "config.json of 100000 layers": (_model_folder(lambda c: c.update(num_hidden_layers=100000)),
+                                     "the config does not belong to these weights"),
+    "config.json hidden_size a string": (_model_folder(lambda c: c.update(hidden_size="big")),
+                                         "hidden_size must be an integer"),
+    "pytorch_model.bin only": (_model_folder(weights="pickle-only"), "only as pytorch_model.bin, a pickle"),
+    "auto_map": (_model_folder(lambda c: c.update(auto_map={"AutoConfig": "x.Y"})), "asks for custom code (auto_map)"),
+    "unknown model_type": (_model_folder(lambda c: c.update(model_type="frobnicator")),
+                           "model_type 'frobnicator' is not an architecture upop knows"),
+    "plain pickle as state.pt": (_plain_pickle_state, "which upop never loads"),
+    "plain pickle as an NLVR checkpoint": (_plain_pickle_nlvr, "which upop never loads"),
+    "garbage .onnx under profile": (_garbage_onnx, "cannot be loaded (damaged or not an ONNX graph)"),
+    "predict on an edited task": (_edited_task, "has no bos_token_id under tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_LINE))
+def test_each_former_traceback_is_one_line(run_folder, exported, tmp_path, monkeypatch, case):
+    make, match = ONE_LINE[case]
+    argv = make(tmp_path, run_folder, exported, monkeypatch)
+    t0 = time.perf_counter()
+    r = runner.invoke(app, argv)
+    _one_line(r, match)
+    assert "Warning" not in r.output and time.perf_counter() - t0 < 30
+    monkeypatch.setenv("UPOP_DEBUG", "1")
+    r = runner.invoke(app, argv)
+    assert r.exit_code != 0 and r.exception is not None and not isinstance(r.exception, SystemExit)
+
+
+def test_predict_text_on_a_classifier_is_refused(exported):
+    _, onnx, image = exported
+    _one_line(runner.invoke(app, ["predict", str(onnx), "-i", str(image), "-t", "a cat"]),
+              "--text does not apply to a classification model")
+
+
+def test_export_batch_only_applies_to_tensorrt(exported, tmp_path):
+    slim = exported[0]
+    _one_line(runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e"), "--batch", "64:8:1"]),
+              "--batch 64:8:1 is TensorRT's optimization profile: it does not apply to --format onnx")
+    _one_line(runner.invoke(app, ["export", str(slim), "--format", "trt", "--out", str(tmp_path / "e"),
+                                  "--batch", "64:8:1"]), "--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+    assert not (tmp_path / "e").exists()
+
+
+def test_profile_overwrite_without_a_file_is_refused(run_folder):
+    _one_line(runner.invoke(app, ["profile", str(run_folder[0]), "--overwrite"]), "--overwrite replaces the file")
+    assert os.environ.get("UPOP_DEBUG") is None
+
+
+def test_a_graph_of_another_model_is_one_error(exported):
+    """What predict hit as ``KeyError: 'input_ids'``: a graph fed what another task gives."""
+    import numpy as np
+
+    from upop.errors import ExportFolderError
+    from upop.exporters.runtime import OrtModel
+
+    m = OrtModel(exported[1], providers=["CPUExecutionProvider"])
+    with pytest.raises(ExportFolderError, match="graph classifier takes pixel_values, not what a classification"):
+        m.run("classifier", input_ids=np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(ExportFolderError, match="cannot run on these inputs"):
+        m.run("classifier", pixel_values=np.zeros((1, 3, 7, 7), dtype=np.float32))
