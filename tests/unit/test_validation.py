@@ -434,3 +434,113 @@ def test_a_graph_of_another_model_is_one_error(exported):
         m.run("classifier", input_ids=np.zeros((1, 4), dtype=np.int64))
     with pytest.raises(ExportFolderError, match="cannot run on these inputs"):
         m.run("classifier", pixel_values=np.zeros((1, 3, 7, 7), dtype=np.float32))
+
+
+# -- options that do not apply, caps said once, a diverging loss ---------------------------------------------
+
+class _Result:
+    def __init__(self):
+        from .test_cli_safety import _report
+
+        self.report = _report(hardware=None)
+
+    def save(self, out, overwrite=False):
+        from pathlib import Path
+
+        Path(out).mkdir()
+        (Path(out) / "upop_manifest.json").write_text("{}")
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(upop, "compress", lambda *a, **k: calls.append(k) or _Result())
+    return calls
+
+
+NOT_APPLYING = [
+    (["--distill-weight", "2"], "--distill-weight does not apply to this run (it tunes --distill, which is off)"),
+    (["--distill-temperature", "2"], "--distill-temperature does not apply"),
+    (["--distill", "features", "--distill-temperature", "2"], "--distill features has none"),
+    (["--no-distill-search"], "--distill-search does not apply"),
+    (["--teacher", "demo-vit"], "--teacher does not apply"),
+    (["--k-test", "5"], "--k-test does not apply to this run (only BLIP retrieval uses it; this run is vit classif"),
+    (["--no-momentum"], "--momentum does not apply to this run (only BLIP retrieval uses it"),
+]
+
+
+@pytest.mark.parametrize("flags,match", NOT_APPLYING, ids=[" ".join(f) for f, _m in NOT_APPLYING])
+def test_a_flag_that_does_not_apply_is_refused(run_folder, tmp_path, fake_run, flags, match):
+    model, data = run_folder
+    r = runner.invoke(app, ["compress", "--model", str(model), "--ratio", "0.5", "--data", str(data),
+                            "--out", str(tmp_path / "o"), *flags])
+    _one_line(r, match)
+    assert fake_run == []
+
+
+def test_an_option_from_a_file_that_does_not_apply_is_said_once(run_folder, tmp_path, fake_run):
+    model, data = run_folder
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("distill_weight = 2.0\nk_test = 7\n")
+    r = runner.invoke(app, ["compress", "--model", str(model), "--ratio", "0.5", "--data", str(data),
+                            "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count(f"note: distill_weight from --config {cfg} is not used") == 1, r.output
+    assert r.output.count("note: k_test from") == 1 and len(fake_run) == 1
+
+
+def test_the_batch_is_capped_by_the_split_and_said_once(run_folder, tmp_path):
+    model, data = run_folder
+    r = runner.invoke(app, ["compress", "--model", str(model), "--ratio", "0.5", "--data", str(data), "--out",
+                            str(tmp_path / "o"), "--batch-size", "100000", "--search-epochs", "1", "--retrain-epochs",
+                            "1", "--no-latency", "--json"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("note: batch size 100,000 is more than the 24 training items") == 1, r.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["distributed"]["per_rank_batch"] == 24 and report["distributed"]["effective_batch"] == 24
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_state(run_folder, tmp_path):
+    model, data = run_folder
+    r = runner.invoke(app, ["compress", "--model", str(model), "--ratio", "0.5", "--data", str(data), "--out",
+                            str(tmp_path / "o"), "--batch-size", "4", "--lr", "1e30", "--search-epochs", "3",
+                            "--checkpoint-every", "1", "--no-latency", "--quiet"])
+    _one_line(r, "the search loss is nan at step")
+    assert "(lr 1e+30)" in r.output and "the last good state is kept in" in r.output
+    assert not (tmp_path / "o").exists() and (tmp_path / "o.partial" / "state.pt").is_file()
+    import torch
+
+    state = torch.load(tmp_path / "o.partial" / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["search"]["model"].values() if v.is_floating_point())
+
+
+def test_workers_are_capped_by_cores_and_memory_and_said_once(monkeypatch, capsys):
+    from upop import data as data_mod
+    from upop.safety import forget_notes
+
+    forget_notes()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(data_mod, "_available_memory", lambda: 5 * 2**30 // 2)  # 2.5 GiB: 8 workers' worth
+    assert data_mod.cap_workers(999) == 4 and data_mod.cap_workers(999) == 4 and data_mod.cap_workers(2) == 2
+    monkeypatch.setattr(data_mod, "_available_memory", lambda: 700 << 20)
+    assert data_mod.cap_workers(3) == 2
+    err = capsys.readouterr().err
+    assert err.count("note: --workers 999 capped to 4 (4 core(s) per process") == 1
+    assert "note: --workers 3 capped to 2" in err
+
+
+def test_an_imagefolder_of_tif_images_is_read_and_other_files_are_said(tmp_path, capsys):
+    from PIL import Image
+
+    from upop.datasets.readers import read_classification
+    from upop.safety import forget_notes
+
+    forget_notes()
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "1.tif")
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "2.png")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    items, classes = read_classification(tmp_path)
+    assert sorted(p.name for p, _ in items) == ["1.tif", "1.tif", "2.png", "2.png"] and classes == ["a", "b"]
+    assert "1 file(s) that are not images upop reads (notes.txt) are left out" in capsys.readouterr().err

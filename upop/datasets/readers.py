@@ -23,9 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import DataError  # noqa: F401  (defined with every error, raised and re-exported here)
-from ..safety import MAX_JSON_DEPTH, check_depth
+from ..safety import MAX_JSON_DEPTH, check_depth, say_once
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 
@@ -170,7 +170,12 @@ def read_classification(split_dir: str | Path, classes: list[str] | None = None)
         d = split_dir / name
         if not d.is_dir():
             continue
-        items += [(p, label) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = sorted(p for p in d.iterdir() if not p.name.startswith("."))
+        items += [(p, label) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if skipped:
+            say_once(f"{d}: {len(skipped)} file(s) that are not images upop reads ({', '.join(skipped[:3])}"
+                     f"{', ...' if len(skipped) > 3 else ''}) are left out; images: {', '.join(sorted(IMAGE_SUFFIXES))}")
     if not items:
         raise DataError(f"{split_dir}: the split is empty")
     return items, classes
