@@ -237,10 +237,9 @@ def test_the_summary_table_says_a_missed_target(tmp_path, capsys):
 
 # -- round two: every command that writes goes through the same rule ------------------------------------
 
-from upop.safety import OWNED_RECORD, output_dir  # noqa: E402
-
-
 def _upop_output(path, kind, **files):
+    from upop.safety import output_dir
+
     with output_dir(path, kind) as tmp:
         for name, text in {"x.json": "{}", **files}.items():
             (tmp / name).write_text(text)
@@ -433,7 +432,7 @@ def test_datasets_shapes_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
     r = runner.invoke(app, ["datasets", "shapes", "--out", str(tmp_path / "s"), "--train", "2", "--val", "2",
                             "--test", "2", "--quiet"])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "s" / "retrieval_train.json").is_file() and (tmp_path / "s" / OWNED_RECORD).is_file()
+    assert (tmp_path / "s" / "retrieval_train.json").is_file() and (tmp_path / "s" / ".upop-owned.json").is_file()
 
 
 @pytest.mark.parametrize("delay", [0.05, 0.5, 1.5, 4.0])

@@ -287,3 +287,26 @@ def test_deeply_nested_json_is_one_line(depth):
     with pytest.raises(CheckpointError, match="x.json is nested more than 64 levels deep"):
         load_json("[" * depth + "]" * depth, "x.json", CheckpointError)
     assert load_json("[" * 60 + "]" * 60, "x.json", CheckpointError) is not None
+
+
+def test_a_slim_checkpoint_and_latest_json_get_the_users_umask(tmp_path):
+    """They were 0600 (a temporary file's mode): a teammate on a shared cluster could not read the model."""
+    import upop
+    from upop.adapters import get_adapter
+    from upop_cli.latest import write_latest
+
+    from ..conftest import batches_for, build_tiny
+
+    model = build_tiny("vit", "ViTForImageClassification")
+    cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=1, update_every=1),
+                              retrain=upop.RetrainConfig(epochs=0))
+    res = upop.compress(model, cfg, batches=batches_for(get_adapter("vit"), model, n=1))
+    old = os.umask(0o002)
+    try:
+        out = res.save(tmp_path / "upop-out" / "slim")
+        record = write_latest(out, "m")
+    finally:
+        os.umask(old)
+    for f in (out / "model.safetensors", out / "upop_manifest.json", out / "report.json", record):
+        assert f.stat().st_mode & 0o777 == 0o664, f
+    assert out.stat().st_mode & 0o777 == 0o775
