@@ -47,10 +47,30 @@ class _Inputs:
 
     @property
     def tokens(self) -> dict[str, int]:
-        return self.model.manifest.get("tokens", {})
+        return _Tokens(self.model.manifest.get("tokens", {}), self.model.dir)
+
+
+class _Tokens(dict):
+    """``export.json``'s token ids; one it lacks (an edited task, another model's file) is one line."""
+
+    def __init__(self, ids: dict[str, int], folder: Path):
+        super().__init__(ids)
+        self.folder = folder
+
+    def __missing__(self, key: str) -> int:
+        from upop.errors import ExportFolderError
+
+        raise ExportFolderError(f"{self.folder}/export.json has no {key} under tokens: the task it names "
+                                "does not match its graphs")
+
+
+def _no_text(x: _Inputs, task: str) -> None:
+    if x.texts:
+        raise ConfigError(f"--text does not apply to a {task} model (it reads only the image): drop it")
 
 
 def _classify(x: _Inputs) -> list[str]:
+    _no_text(x, "classification")
     (logits,) = x.model.run("classifier", pixel_values=x.pixels)
     probs = _softmax(logits[0])
     labels = x.model.manifest.get("labels", {})
@@ -58,6 +78,7 @@ def _classify(x: _Inputs) -> list[str]:
 
 
 def _caption(x: _Inputs) -> list[str]:
+    _no_text(x, "captioning")
     return [x.decode(x.model.greedy_caption(x.pixels, x.tokens["bos_token_id"], x.tokens["sep_token_id"]))]
 
 

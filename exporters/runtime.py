@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from upop.safety import member
+from upop.safety import check_depth, member
 
 from .sessions import ort_session
 from upop.errors import ExportFolderError  # noqa: F401  (defined with every error, raised and re-exported here)
@@ -35,9 +35,11 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise ExportFolderError(f"{export_dir} is not a upop export folder (no export.json)")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = check_depth(json.loads(mpath.read_text(encoding="utf-8")), mpath, ExportFolderError)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ExportFolderError(f"{mpath} is damaged (not valid JSON: {str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ExportFolderError(f"{mpath} is damaged (nested deeper than any export.json)") from None
     graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
     if not isinstance(graphs, list) or not graphs or not isinstance(manifest.get("task"), str):
         raise ExportFolderError(f"{mpath} is damaged (no task or no list of graphs)")
@@ -83,8 +85,16 @@ class OrtModel:
         if graph not in self.sessions:
             raise ExportFolderError(f"this export has no graph {graph!r} (it has {', '.join(self.sessions)})")
         sess = self.sessions[graph]
-        feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
-        return sess.run(None, feed)
+        wanted = [i.name for i in sess.get_inputs()]
+        if set(wanted) - set(inputs):
+            raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
+                                    f"{self.manifest['task']} export gives it: the graph is not this export's")
+        try:
+            return sess.run(None, {name: inputs[name] for name in wanted})
+        except _session_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportFolderError(f"{self.dir}: graph {graph} cannot run on these inputs (not this export's "
+                                    f"graph?): {first[:200]}") from None
 
     # ---- task loops --------------------------------------------------------------------------
     def greedy_caption(self, pixel_values: np.ndarray, bos: int, eos: int, max_new_tokens: int = 30,

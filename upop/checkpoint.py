@@ -11,11 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from torch import nn
 from ._version import __version__
 from .adapters import Adapter, get_adapter
 from .errors import CheckpointError, UnsupportedModelError
-from .safety import SLIM_MANIFEST, check_replace, member
+from .safety import SLIM_MANIFEST, check_config_dict, check_replace, load_json, member, output_dir
 from .slim import slim_model
 
 FORMAT = "upop-slim"
@@ -96,37 +92,8 @@ def build_structure(info: SlimInfo) -> tuple[nn.Module, Adapter]:
     return model, adapter
 
 
-def make_temp_dir(final: Path) -> Path:
-    """A temporary sibling of ``final`` with the permissions a normal mkdir would give it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-@contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; renamed onto ``final`` (replacing it) only on success."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(final)
-    try:
-        yield tmp
-        _commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+#: A temporary sibling folder to fill, published onto the final path only on success (``upop.safety``).
+atomic_dir = output_dir
 
 
 def save_slim(
@@ -141,8 +108,8 @@ def save_slim(
 ) -> Path:
     """Write a slim checkpoint folder atomically (a temp folder renamed into place)."""
     out_dir = Path(out_dir)
-    check_replace(out_dir, overwrite=overwrite)  # only a folder upop wrote is ever replaced
-    with atomic_dir(out_dir) as tmp:
+    check_replace(out_dir, overwrite=overwrite, kind="slim")  # only a slim checkpoint upop wrote is ever replaced
+    with atomic_dir(out_dir, kind="slim") as tmp:
         save_model(model, str(tmp / WEIGHTS))
         if processor is not None:
             processor.save_pretrained(str(tmp))
@@ -186,10 +153,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CheckpointError(f"{path} is not a upop slim checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{mpath} is not valid JSON: {exc}") from None
+    manifest = load_json(mpath.read_bytes(), mpath, CheckpointError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} is not a upop slim manifest")
     version = manifest.get("format_version")
@@ -265,8 +229,8 @@ def stored_elements(wfile: Path) -> int:
         if size < 8 or n > size - 8:
             raise bad
         try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
+            header = load_json(f.read(n), wfile, CheckpointError)
+        except CheckpointError:
             raise bad from None
     if not isinstance(header, dict):
         raise bad
@@ -313,6 +277,7 @@ def load_slim(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[st
         )
     try:
         info = info_from_manifest(manifest)
+        check_config_dict(info.base_config, path / MANIFEST, CheckpointError, stored_elements(wfile))
         _check_sizes(info, wfile)
         model, _adapter = build_structure(info)
     except (KeyError, TypeError, ValueError, IndexError) as exc:

@@ -285,8 +285,40 @@ class _Feed:
         return iter(self.items)
 
 
+#: What one decoding worker process costs in memory (a forked Python with torch and PIL: measured ~300 MiB).
+WORKER_BYTES = 300 << 20
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cap_workers(workers: int) -> int:
+    """At most one worker per core of this rank and as many as the free memory holds (said once when
+    capped): ``--workers 999`` would fork 999 processes of ~300 MiB each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    memory = _available_memory()
+    by_memory = memory // WORKER_BYTES if memory is not None else workers
+    capped = max(0, min(workers, per_rank, by_memory))
+    if capped < workers:
+        from .safety import say_once
+
+        free = f", {memory / 2**30:.1f} GiB free at about {WORKER_BYTES >> 20} MiB each" if memory is not None else ""
+        say_once(f"--workers {workers} capped to {capped} ({per_rank} core(s) per process{free})")
+    return capped
+
+
 def make_loader(dataset: PixelDataset, sampler: Iterable[Any], workers: int) -> torch.utils.data.DataLoader:
     kw: dict[str, Any] = {}
+    workers = cap_workers(workers) if workers > 0 else 0
     if workers > 0:
         kw = {"prefetch_factor": PREFETCH, "persistent_workers": True, "worker_init_fn": _worker_cache}
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_keep, num_workers=workers,

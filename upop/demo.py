@@ -10,7 +10,6 @@ is how the shipped ones were made.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from .adapters import get_adapter
 from .datasets import shapes as make_shapes
 from .datasets.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES
 from .checkpoint import atomic_dir
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OutputError
+from .safety import cache_root, check_replace
 
 SHAPES_VERSION = "shapes-v2"  # v2 adds nlvr_<split>.json; every other file is as in v1
 DEMO_ROOT = Path(__file__).resolve().parent / "demo_models"
@@ -62,16 +62,22 @@ DEMOS = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("UPOP_CACHE", Path.home() / ".cache" / "upop"))
+    return cache_root()
 
 
 def shapes_dir() -> Path:
-    """The default demo data: the shapes set with the default seed, written on first use."""
+    """The default demo data: the shapes set with the default seed, written on first use. A folder of
+    that name that upop did not write completely is the user's: refused, never replaced."""
     out = cache_dir() / SHAPES_VERSION
     if not (out / ".complete").is_file():
-        with atomic_dir(out) as tmp:
-            make_shapes(tmp)
-            (tmp / ".complete").write_text("")
+        try:
+            check_replace(out, overwrite=True, kind="shapes", in_cache=True)
+            with atomic_dir(out, kind="shapes") as tmp:
+                make_shapes(tmp)
+                (tmp / ".complete").write_text("")
+        except OSError as exc:
+            raise OutputError(f"cannot write the demo data to upop's cache {out.parent} (UPOP_CACHE): "
+                              f"{exc.strerror or exc}") from None
     return out
 
 
@@ -183,7 +189,7 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
                "best_epoch": res.best_epoch, "train_seconds": round(seconds, 1), "seed": seed,
                "data": SHAPES_VERSION, "epochs": epochs or spec.epochs, "lr": lr or spec.lr,
                "continued_from": previous}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="demo") as tmp:
         _write_demo(tmp, model, prep, summary)
     log(f"{name}: test {json.dumps({k: round(v, 2) for k, v in test.items()})} in {seconds:.0f}s")
     return summary

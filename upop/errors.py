@@ -48,6 +48,10 @@ class ProfileMismatch(UpopError):
     """A calibrated profile measured other blocks than this model has."""
 
 
+class DivergedError(UpopError):
+    """The training loss became NaN or infinite: the run stops (its last good state is kept)."""
+
+
 class MaskDivergenceError(UpopError):
     """Ranks hold different masks: they would slim the model differently."""
 

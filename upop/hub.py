@@ -6,6 +6,7 @@ Code from a model folder is never run: every ``from_pretrained`` passes ``trust_
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,44 @@ def network_rule(*names: str | os.PathLike[str] | None) -> bool:
     return False
 
 
+def _stored_values(folder: Path) -> int | None:
+    """Values the folder's safetensors files hold (read from their headers), None when it has none."""
+    from .checkpoint import stored_elements
+    from .errors import CheckpointError
+
+    files = sorted(folder.glob("*.safetensors"))
+    try:
+        return sum(stored_elements(f) for f in files) if files else None
+    except (CheckpointError, OSError) as exc:
+        raise ModelLoadError(f"{folder}: {exc}") from None
+
+
+def check_folder(path: Path, source: str) -> None:
+    """A local model folder before transformers reads it: its config.json (depth-limited JSON, sizes in
+    range and near what the weights hold, no custom code, a known model_type) and safetensors weights
+    (a folder whose only weights are a pickle is refused: upop never unpickles a user's file)."""
+    from .safety import check_config_dict, read_json
+
+    raw = read_json(path / "config.json", ModelLoadError)
+    stored = _stored_values(path)
+    check_config_dict(raw, path / "config.json", ModelLoadError, stored)
+    model_type = raw.get("model_type")  # type: ignore[union-attr]
+    if not isinstance(model_type, str) or not _known_type(model_type):
+        raise ModelLoadError(f"{path / 'config.json'}: model_type {model_type!r} is not an architecture upop "
+                             "knows (it compresses blip, clip, siglip, vit and deit)")
+    if stored is None and any(path.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{source} holds its weights only as pytorch_model.bin, a pickle, which upop never "
+                             "loads: save the model with safetensors (model.save_pretrained) and try again")
+
+
+def _known_type(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    from . import models  # noqa: F401  (registers upop's own architectures)
+
+    return model_type in CONFIG_MAPPING
+
+
 def load_config(source: str) -> Any:
     import transformers
 
@@ -123,6 +162,7 @@ def load_config(source: str) -> Any:
             raise ModelLoadError(f"{source} is a file; a model is a folder with a config.json")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{source} is not a model folder (no config.json)")
+        check_folder(path, source)
     elif _looks_like_path(source):
         raise ModelLoadError(f"model path {source} does not exist")
     try:
@@ -132,7 +172,8 @@ def load_config(source: str) -> Any:
                                                       local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if path.exists():
-            raise ModelLoadError(f"could not read the config of {source}: {exc}") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelLoadError(f"could not read the config of {source}: {first}") from None
         raise ModelLoadError(
             f"could not load {source!r} from the Hugging Face hub (unknown id, or no network); "
             "pass a local model folder or a built-in demo-* model"
@@ -166,7 +207,7 @@ def load_pretrained(name: str, task: str | None = None) -> Loaded:
     try:
         model = cls.from_pretrained(str(path) if path.exists() else source,  # type: ignore[attr-defined]
                                     trust_remote_code=False, local_files_only=local_only)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the weights of {name}: {first}") from None
     return Loaded(model=model, adapter=adapter,

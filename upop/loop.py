@@ -15,6 +15,7 @@ drains for a progress line.
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import signal
 import sys
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ._train import Stream, amp_dtype, autocast, grad_scaler
+from .errors import DivergedError
 from .distributed import current, loss_runner, rng_state, set_rng_state
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -236,6 +238,11 @@ class TrainLoop:
         means = self.dist.all_reduce_mean(stacked.cpu()).tolist()
         speed = self._speed.fields(self.dist.world)
         for (rec, _), vals in zip(self._pending, means):
+            if not math.isfinite(vals[0]):  # every rank sees the same mean: all stop together
+                self._pending.clear()
+                raise DivergedError(f"the {type(self.phase).__name__.removesuffix('Phase').lower()} loss is "
+                                    f"{vals[0]} at step {int(rec['step'])} (lr {self.lr:.3g}): the run stopped before "
+                                    "saving it; a lower --lr trains")
             rec["loss"] = vals[0]
             if self.phase.logs_task_loss:
                 rec["task_loss"] = vals[1]

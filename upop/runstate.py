@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ConfigError, OutputError
-from .safety import STATE_MARKER, is_run_state  # the marker that makes a state folder upop's own (only such a folder is cleared)
+# STATE_MARKER: the marker that makes a state folder upop's own (only such a folder is cleared)
+from .safety import STATE_MARKER, is_run_state, load_tensors
 
 STATE_VERSION = 1
 __all__ = ["STATE_MARKER", "Baseline", "RunState", "StateStore"]
@@ -121,11 +122,7 @@ class StateStore:
         if not self.path.is_file():
             return None
         self.check_owned()
-        try:
-            raw = torch.load(self.path, weights_only=True, map_location="cpu")
-        except Exception as exc:  # any damage (random bytes, truncation, foreign pickle) is the same answer
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{self.path} cannot be read: {first}") from None
+        raw = load_tensors(self.path, CheckpointError, "a run state upop can read")  # damage of any kind: one line
         state = RunState.from_dict(raw, str(self.path))  # its shape (and version) first: untrusted until checked
         if raw.get("config") != self.config:
             raise ConfigError(f"the interrupted run in {self.folder} used other settings; "

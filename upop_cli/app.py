@@ -225,8 +225,8 @@ def export(
     original: Optional[str] = typer.Option(None, "--original", help="An export of the original model: the table's "
                                            "speedups against its FP32 graphs."),
     allow_outside_data: bool = OutsideOpt,
-    batch: str = typer.Option("1:8:32", "--batch", help="TensorRT optimization profile MIN:OPT:MAX; its OPT (or a "
-                                                        "single N) is the table's latency batch."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="TensorRT optimization profile MIN:OPT:MAX (default "
+                                        "1:8:32); its OPT (or a single N) is the deployment table's latency batch."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 14..20."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = QuietOpt,
@@ -309,6 +309,7 @@ def profile(
                                                 "to FILE (--json FILE)."),
     warmup: int = typer.Option(5, "--warmup"),
     runs: int = typer.Option(30, "--runs"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file of --json FILE (a result upop wrote)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Measure latency (p50/p90/p99, throughput) of every deployment graph on this machine.
@@ -318,7 +319,8 @@ def profile(
     """
     from .profile_cmd import run
 
-    guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet))
+    guarded(lambda: run(target, runtime, device, batch or [1, 8], precision, compare, json_out, warmup, runs, quiet,
+                        overwrite))
 
 
 @recipes_app.command("list")

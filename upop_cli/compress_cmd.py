@@ -37,17 +37,71 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     recipe = recipe_options(model, flags.get("data") or opts.get("data"), flags.get("task") or opts.get("task"),
                             flags.get("recipe") or opts.get("recipe"), main)
     o = merge(flags, {**recipe, **opts}, _defaults(model))  # flags > --config > recipe > defaults
+    _unused(o, flags, {"--config " + str(config_file): opts, "the recipe": recipe}, model, main)
     cfg = _config(o)
     out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
                                                               else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
     from upop.hub import network_rule
 
     network_rule(model)  # one probe of the hub at most; demos and local folders never touch it
-    with _output_guard(out, model, o.get("data"), overwrite, main) as partial, outside_data_allowed(allow_outside_data):
+    guard = _output_guard(out, model, o.get("data"), overwrite, main, o.get("teacher"))
+    with guard as partial, outside_data_allowed(allow_outside_data):
         result = _compress(model, cfg, o, out, partial, overwrite, quiet, resume, main, as_json)
     if main:
         _record_latest(out, model)
         _tell(result.report, out, quiet, as_json)
+
+
+def _not_applying(o: dict[str, Any], family: str | None, task: str | None) -> dict[str, str]:
+    """The options this run has no use for, each with why."""
+    out = {}
+    if o.get("distill") == "off":
+        out |= {k: "it tunes --distill, which is off" for k in ("distill_weight", "distill_temperature",
+                                                               "distill_search", "teacher")}
+    elif o.get("distill") == "features":
+        out["distill_temperature"] = "it is the temperature of the logit KL; --distill features has none"
+    if family is not None and task is not None and (family, task) != ("blip", "retrieval"):
+        why = f"only BLIP retrieval uses it; this run is {family} {task}"
+        out |= {"k_test": why, "momentum": why}
+    return out
+
+
+def _family_task(model: str, task: str | None) -> tuple[str | None, str | None]:
+    """The model's family and task from its config or slim manifest (no weights read)."""
+    from upop.checkpoint import is_slim_checkpoint, read_manifest
+    from upop.errors import UpopError
+    from upop.hub import resolve
+
+    from .recipes_cmd import _family_and_task
+
+    source = resolve(model)
+    if not is_slim_checkpoint(source):
+        return _family_and_task(model, task)
+    try:
+        from upop.adapters import get_adapter
+
+        manifest = read_manifest(source)
+        classes = get_adapter(manifest["base_config"].get("model_type", "")).classes
+        return manifest["family"], task or classes.get(manifest["model_class"])
+    except (UpopError, AttributeError):
+        return None, None
+
+
+def _unused(o: dict[str, Any], flags: dict[str, Any], files: dict[str, dict[str, Any]], model: str, main: bool) -> None:
+    """An option that does not apply: a flag is refused in one line; one from a file or recipe is said once."""
+    from upop.errors import ConfigError
+    from upop.safety import say_once
+
+    from .options import flag
+
+    wanted = {k for k in ("k_test", "momentum") if o.get(k) is not None}
+    family, task = _family_task(model, o.get("task")) if wanted else (None, None)
+    for name, why in _not_applying(o, family, task).items():
+        if flags.get(name) is not None:
+            raise ConfigError(f"{flag(name)} does not apply to this run ({why}): drop it")
+        source = next((where for where, values in files.items() if values.get(name) is not None), None)
+        if source is not None and main:
+            say_once(f"{name} from {source} is not used ({why})")
 
 
 def _defaults(model: str) -> dict[str, Any]:
@@ -100,7 +154,8 @@ def _config(o: dict[str, Any]):
 
 
 @contextmanager
-def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main: bool) -> Iterator[Path]:
+def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main: bool,
+                  teacher: str | None = None) -> Iterator[Path]:
     """Everything about the output settled before the run: nothing but upop's own folders is replaced,
     the source is not inside it, ``<out>.partial`` is upop's, the parent can take the run, and no
     other run writes the same output (rank 0 holds the lock until the run ends)."""
@@ -108,7 +163,8 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
     from upop.safety import OutputLock, check_replace, check_room, check_state_folder, weights_bytes
 
     source = resolve(model)
-    check_replace(out, overwrite=overwrite, sources=[source], inputs=[data])
+    sources = [source, resolve(teacher) if teacher else None]
+    check_replace(out, overwrite=overwrite, sources=sources, inputs=[data], kind="slim")
     partial = check_state_folder(out)
     if not main:
         yield partial
@@ -116,7 +172,7 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
     # The run's state holds the weights and two optimizer moments; the checkpoint the weights again.
     check_room(out, 4 * weights_bytes(source))
     with OutputLock(out):
-        check_replace(out, overwrite=overwrite)  # again, now that no other run can change it
+        check_replace(out, overwrite=overwrite, kind="slim")  # again, now that no other run can change it
         yield partial
 
 
@@ -124,6 +180,7 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
               resume: bool, main: bool, as_json: bool = False) -> Any:
     import upop
     from upop.distributed import env_rank
+    from upop.errors import DivergedError
 
     try:
         with Reporter(interactive(quiet, as_json) and main, lines=main and not quiet) as rep:
@@ -143,6 +200,10 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
         # group (--max-restarts) and the restarted ranks resume from the last checkpoint.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerLostError(f"rank {env_rank()}: {first[:200]}") from None
+    except DivergedError as exc:
+        kept = (f"; the last good state is kept in {partial} (--resume continues from it)"
+                if (partial / "state.pt").is_file() else "")
+        raise DivergedError(f"{exc}{kept}") from None
     except KeyboardInterrupt:
         if not main:  # rank 0 and the launcher say it once
             raise typer.Exit(130) from None
@@ -192,10 +253,13 @@ def _record_latest(out: Path, model: str) -> None:
     itself succeeded: a record that cannot be written is a warning, not a failure."""
     from .latest import write_latest
 
+    from upop.errors import UpopError
+
     try:
         write_latest(out, model)
-    except OSError as exc:
-        typer.echo(f"warning: could not record {out} as the last compress output: {exc.strerror or exc}", err=True)
+    except (OSError, UpopError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        typer.echo(f"warning: could not record {out} as the last compress output: {reason}", err=True)
 
 
 def _tell(report: Any, out: Path, quiet: bool = False, as_json: bool = False) -> None:

@@ -19,7 +19,7 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
 
     out_dir = Path(out)
     check("--head-dim", head_dim, "an integer >= 1", at_least(1))
-    check_replace(out_dir, overwrite=overwrite, sources=[checkpoint])
+    check_replace(out_dir, overwrite=overwrite, sources=[checkpoint], kind="convert")
     model = convert_nlvr_checkpoint(checkpoint, head_dim=head_dim, enc_token_id=enc_token_id)
     model.config.architectures = [type(model).__name__]
     proc = None
@@ -30,7 +30,7 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
         proc = Preprocessor.from_pretrained(processor)  # its image processor and tokenizer, each checked
         if proc.tokenizer is None:
             raise ModelLoadError(f"{processor} has no tokenizer to copy")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="convert") as tmp:
         model.save_pretrained(tmp)
         if proc is not None:
             proc.save_pretrained(tmp)

@@ -6,6 +6,7 @@ Known errors (``UpopError``) print one line on stderr and exit 2; Ctrl-C exits 1
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +27,17 @@ def debug() -> bool:
     return os.environ.get("UPOP_DEBUG", "") not in ("", "0", "false", "no")
 
 
-def guarded(fn: Callable[[], Any]) -> Any:
-    """Run a command body; known errors become one line and an exit code."""
+def guarded(fn: Callable[[], Any], arm: bool = True) -> Any:
+    """Run a command body; known errors become one line and an exit code. ``arm``: Ctrl-C raises
+    ``KeyboardInterrupt`` inside it (a run saves its state); elsewhere it leaves at once (``upop_cli.interrupt``)."""
+    from upop.safety import forget_notes
+
+    from .interrupt import armed, said
+
+    forget_notes()
     try:
-        return fn()
+        with armed() if arm else contextlib.nullcontext():
+            return fn()
     except UpopError as exc:
         if debug():
             raise
@@ -38,6 +46,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except (KeyboardInterrupt, Interrupted) as exc:
         if debug():
             raise
+        said()
         typer.echo(str(exc) if isinstance(exc, Interrupted) else "interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
@@ -45,7 +54,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Process entry point: the exit status of ``fn`` (a Typer app or a command body)."""
     try:
-        guarded(fn)
+        guarded(fn, arm=False)
     except typer.Exit as exc:
         return int(exc.exit_code)
     except SystemExit as exc:

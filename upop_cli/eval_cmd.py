@@ -6,7 +6,11 @@ from pathlib import Path
 from .out import console
 from rich.table import Table
 
-from .options import at_least, check
+from .options import MAX_SEED, at_least, check
+
+#: Beyond these the shapes set is no demo: an image of 4096² pixels is 48 MiB decoded, a split of 10⁶ images hours.
+MAX_SHAPES_SIZE = 4096
+MAX_IMAGES = 1_000_000
 
 
 def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
@@ -41,15 +45,19 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
 def run_datasets_shapes(out: Path, train: int, val: int, test: int, seed: int, image_size: int, quiet: bool) -> None:
     from upop.datasets import shapes
     from upop.errors import OutputExistsError
+    from upop.safety import check_replace, output_dir
 
     for name, value in (("--train", train), ("--val", val), ("--test", test)):
-        check(name, value, "an integer >= 1", at_least(1))
-    check("--seed", seed, "an integer >= 0", at_least(0))
-    check("--image-size", image_size, "an integer >= 16 (pixels)", at_least(16))
-    if out.exists() and not out.is_dir():
+        check(name, value, f"an integer in 1..{MAX_IMAGES}", lambda v: at_least(1)(v) and v <= MAX_IMAGES)
+    check("--seed", seed, f"an integer in 0..{MAX_SEED}", lambda v: at_least(0)(v) and v <= MAX_SEED)
+    check("--image-size", image_size, f"an integer in 16..{MAX_SHAPES_SIZE} (pixels)",
+          lambda v: at_least(16)(v) and v <= MAX_SHAPES_SIZE)
+    if out.exists() and not out.is_dir() and not out.is_symlink():
         raise OutputExistsError(f"--out {out} is a file; the shapes set is a folder: choose another --out")
-    if out.exists() and any(out.iterdir()):
+    check_replace(out, overwrite=True, kind="shapes")  # a link, the cache, anything upop did not write: refused
+    if out.is_dir() and any(out.iterdir()):
         raise OutputExistsError(f"{out} exists and is not empty; choose another --out")
-    shapes(out, train=train, val=val, test=test, seed=seed, image_size=image_size)
+    with output_dir(out, kind="shapes") as tmp:  # a failure or Ctrl-C leaves no half-written folder
+        shapes(tmp, train=train, val=val, test=test, seed=seed, image_size=image_size)
     if not quiet:
         console().print(f"wrote the shapes set to {out} (train {train}, val {val}, test {test}, seed {seed})")

@@ -57,21 +57,38 @@ def precision_options(source: str, fp16: bool, batch: str, q: QuantArgs) -> Any:
     return opts
 
 
-def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str, opset: int, overwrite: bool,
-        quiet: bool, as_json: bool = False, quant: QuantArgs | None = None) -> None:
-    import json
+DEFAULT_TRT_BATCH = "1:8:32"
 
+
+def _batch_option(fmt: str, batch: str | None, precision: str | None) -> str:
+    """``--batch``: TensorRT's optimization profile, and the deployment table's latency batch. An ONNX export
+    without a precision has neither (its graphs take any batch): there it is refused rather than ignored."""
+    if fmt != "trt" and batch is not None and precision is None:
+        raise ConfigError(f"--batch {batch} is TensorRT's optimization profile or the latency batch of --precision's "
+                          f"table: it does not apply to a plain --format {fmt} export (its graphs take any batch size); drop it")
+    if fmt == "trt":
+        from upop.exporters.tensorrt import ShapeRange
+
+        ShapeRange.parse(batch or DEFAULT_TRT_BATCH)
+    return batch or DEFAULT_TRT_BATCH
+
+
+def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | None, opset: int, overwrite: bool,
+        quiet: bool, as_json: bool = False, quant: QuantArgs | None = None) -> None:
     from upop.datasets.readers import outside_data_allowed
     from upop.exporters import get
     from upop.hub import network_rule
+    from upop.safety import check_replace, read_json
 
     exporter = get(fmt)
+    q = quant or QuantArgs()
+    batch = _batch_option(fmt, batch, "fp16" if fp16 else q.precision)
     source = source_or_latest(source, "export")
     network_rule(source)
     out_dir = Path(out) if out else Path("upop-export") / f"{Path(source.rstrip('/')).name}-{fmt}"
+    check_replace(out_dir, overwrite=overwrite, sources=[source], kind="export")
     log = console(stderr=True, quiet=quiet)
     kwargs: dict[str, Any] = {"opset": opset, "overwrite": overwrite, "progress": lambda m: log.print(m)}
-    q = quant or QuantArgs()
     if fmt == "trt":
         mode = _trt_precision(fp16, q)
         kwargs.update(batch=batch, fp16=mode == "fp16",
@@ -81,8 +98,10 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str, o
     with outside_data_allowed(q.allow_outside_data):
         manifest = exporter(source, out_dir, **kwargs)
     if as_json:
+        from upop.errors import ExportFolderError
+
         record = out_dir / "export.json"
-        data = json.loads(record.read_text()) if record.is_file() else manifest
+        data = read_json(record, ExportFolderError) if record.is_file() else manifest
         print_json({**data, "out": str(out_dir.resolve())})
     if quiet:
         return

@@ -8,9 +8,7 @@ atomically: a reader sees the old record or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,27 +24,23 @@ def write_latest(out: Path, model: str) -> Path | None:
     Only an output root named like upop's own (``upop-out``) gets a record: ``--out`` elsewhere is a folder of
     the user's, where upop adds nothing (and the record is only ever read from ``./upop-out``); nor is a
     ``latest.json`` there replaced unless it is a record upop wrote."""
+    from upop.safety import write_file
+
     out = Path(out).resolve()
     record = out.parent / RECORD
-    if out.parent.name != DEFAULT_ROOT.name or (record.exists() and not _is_record(record)):
+    if out.parent.name != DEFAULT_ROOT.name or record.is_symlink() or (record.exists() and not _is_record(record)):
         return None
     data = {"path": str(out), "model": model, "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    fd, tmp = tempfile.mkstemp(prefix=f".{RECORD}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, record)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return record
+    return write_file(record, json.dumps(data, indent=2) + "\n", kind="latest", overwrite=True, recognise=_is_record)
 
 
 def _is_record(path: Path) -> bool:
+    from upop.errors import UpopError
+    from upop.safety import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path, UpopError)
+    except UpopError:
         return False
     return isinstance(data, dict) and {"path", "model", "written"} <= set(data)
 
@@ -58,9 +52,11 @@ def read_latest(command: str, root: Path = DEFAULT_ROOT) -> Path:
     if not record.is_file():
         raise ConfigError(f"no path given and no earlier `upop compress` output in {root}/: {hint}, "
                           "or run upop compress first")
+    from upop.safety import read_json
+
     try:
-        path = Path(json.loads(record.read_text())["path"])
-    except (OSError, ValueError, KeyError, TypeError):
+        path = Path(read_json(record, ConfigError)["path"])  # type: ignore[index]
+    except (KeyError, TypeError):
         raise ConfigError(f"{record} is not a record written by upop compress: {hint}") from None
     if not path.is_dir():
         raise ConfigError(f"the last compress output {path} (from {record}) no longer exists: {hint}")

@@ -57,8 +57,13 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != ""
 
 
+#: Integers beyond these overflow what they feed (a seed: numpy's 32 bits; the rest: C ints in torch).
+MAX_SEED = 2**32 - 1
+MAX_INT = 2**31 - 1
+
+
 def at_least(lo: int) -> Callable[[Any], bool]:
-    return lambda v: _is_int(v) and v >= lo
+    return lambda v: _is_int(v) and lo <= v <= MAX_INT
 
 
 #: What every option of ``upop compress`` (flag or TOML key) must be: (description, test).
@@ -77,7 +82,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "update_every": ("an integer >= 1", at_least(1)),
     "eval_limit": ("an integer >= 1", at_least(1)),
     "device": ("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
-    "seed": ("an integer >= 0", at_least(0)),
+    "seed": (f"an integer in 0..{MAX_SEED}", lambda v: _is_int(v) and 0 <= v <= MAX_SEED),
     "out": ("a folder", _text),
     "lambda_attn": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
     "lambda_mlp": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
@@ -112,6 +117,8 @@ def check_values(values: dict[str, Any], label: Callable[[str], str] = flag) -> 
         if value is None or name not in RULES:
             continue
         what, ok = RULES[name]
+        if _is_int(value) and value > MAX_INT and what.startswith("an integer >="):
+            what = f"at most {MAX_INT}"
         if not ok(value):
             raise ConfigError(f"{label(name)} must be {what}, got {value!r}")
 
@@ -119,6 +126,8 @@ def check_values(values: dict[str, Any], label: Callable[[str], str] = flag) -> 
 def check(name: str, value: Any, what: str, ok: Callable[[Any], bool]) -> None:
     """One option of another command: ``name`` is its flag."""
     if value is not None and not ok(value):
+        if _is_int(value) and value > MAX_INT and what.startswith("an integer >="):
+            what = f"at most {MAX_INT}"
         raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 

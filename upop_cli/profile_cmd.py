@@ -22,7 +22,7 @@ def _profile(target: str, runtime: str, device: str, batches: list[int], precisi
     is_export = (Path(target) / "export.json").is_file()
     if runtime == "ort":
         if is_export:
-            return profile_ort(target, target, batches, device, precision, warmup, runs)
+            return _profile_export(target, batches, device, precision, warmup, runs)
         from upop.exporters import get
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -34,6 +34,37 @@ def _profile(target: str, runtime: str, device: str, batches: list[int], precisi
         raise ConfigError(f"{target} is an ONNX export: profile it with --runtime ort")
     src = _open(target, None)
     return profile_torch(src.model, src.adapter, target, batches, resolve_device(device), precision, warmup, runs)
+
+
+def _profile_export(target: str, batches: list[int], device: str, precision: str, warmup: int, runs: int):
+    """An export folder may come from anywhere: its ``export.json`` is checked and every graph loaded once
+    (one line for a damaged one) before it is timed."""
+    from upop.exporters.runtime import OrtModel
+    from upop.exporters.timing import profile_ort
+
+    OrtModel(target, fp16=precision == "fp16", providers=["CPUExecutionProvider"])
+    return profile_ort(target, target, batches, device, precision, warmup, runs)
+
+
+def _is_profile_result(path: Path) -> bool:
+    from upop.errors import UpopError
+    from upop.safety import read_json
+
+    try:
+        data = read_json(path, UpopError)
+    except UpopError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("runs"), list) and "speedup" in data
+
+
+def _is_calibrated_profile(path: Path) -> bool:
+    from upop.errors import UpopError
+    from upop.profiles import read_file
+
+    try:
+        return read_file(path).latency_model == "table"
+    except (UpopError, OSError, ValueError):
+        return False
 
 
 RUNTIMES, PRECISIONS, DEVICES = ("torch", "ort", "trt"), ("fp32", "fp16"), ("cpu", "cuda")
@@ -51,17 +82,25 @@ def check_profile_options(runtime: str, device: str, batches: list[int], precisi
 
 
 def run(target: str | None, runtime: str, device: str, batches: list[int], precision: str, compare: str | None,
-        json_out: str | Path | None, warmup: int, runs: int, quiet: bool) -> None:
-    """``json_out``: ``"-"`` prints the runs alone on stdout (the table then goes to stderr), a path writes them."""
+        json_out: str | Path | None, warmup: int, runs: int, quiet: bool, overwrite: bool = False) -> None:
+    """``json_out``: ``"-"`` prints the runs alone on stdout (the table then goes to stderr), a path writes them
+    (upop's own result file only with ``overwrite``, never another file)."""
     from upop.errors import ConfigError
     from upop.hub import network_rule
     from upop.latency import speedup
+    from upop.safety import check_file, write_file
 
     check_profile_options(runtime, device, batches, precision, warmup, runs)
     to_stdout = json_out == "-"
     if json_out is not None and not to_stdout and Path(json_out).is_dir():
         raise ConfigError(f"--json {json_out} is a folder: give a file to write, or --json alone for stdout "
                           "(the target goes first: upop profile TARGET --json)")
+    if overwrite and (json_out is None or to_stdout):
+        raise ConfigError("--overwrite replaces the file of --json FILE; there is none here: drop it")
+    file_rule = {"kind": "profile-json", "overwrite": overwrite, "recognise": _is_profile_result,
+                 "sources": [target, compare]}
+    if json_out is not None and not to_stdout:
+        check_file(json_out, **file_rule)  # before the measurement, not after it
     target = source_or_latest(target, "profile")
     network_rule(target, compare)  # one probe at most for both; demos and local folders never touch the hub
 
@@ -72,12 +111,7 @@ def run(target: str | None, runtime: str, device: str, batches: list[int], preci
     if to_stdout:
         print_json(data)
     elif json_out is not None:
-        try:
-            Path(json_out).write_text(json.dumps(data, indent=2))
-        except OSError as exc:
-            from upop.errors import OutputError
-
-            raise OutputError(f"could not write --json {json_out}: {exc.strerror or exc}") from None
+        write_file(json_out, json.dumps(data, indent=2), **file_rule)
     if quiet:
         return
     table = Table(title=f"latency, {runtime} on {device} ({precision})")
@@ -126,15 +160,13 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
                        quiet: bool, overwrite: bool = False) -> None:
     from upop.api import _open, resolve_device
     from upop.calibrate import calibrate, to_toml
-    from upop.errors import OutputExistsError
     from upop.profiles import load, read_file
+    from upop.safety import check_file, write_file
 
     check("--runtime", runtime, " or ".join(RUNTIMES), lambda v: v in RUNTIMES)
     check("--granularity", granularity, "dim or head", lambda v: v in ("dim", "head"))
-    if out.is_dir():
-        raise OutputExistsError(f"--out {out} is a folder; a profile is a .toml file")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    file_rule = {"kind": "profile", "overwrite": overwrite, "recognise": _is_calibrated_profile, "sources": [model]}
+    check_file(out, **file_rule)
     if runtime == "trt":
         from upop.exporters.tensorrt import require_tensorrt
 
@@ -149,9 +181,6 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
     dev, base_profile = resolve_device(device), load(base)
     prof = calibrate(src.model, src.adapter, base_profile, device=dev, granularity=granularity, runtime=runtime,
                      timer=block_timer(runtime, dev, base_profile.precision), log=lambda m: log.print(m))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(to_toml(prof))
-    read_file(tmp)  # what was written loads back as a valid profile
-    tmp.replace(out)
+    write_file(out, to_toml(prof), verify=read_file, **file_rule)  # what is written loads back as a valid profile
     log.print(f"wrote {out}: {len(prof.table['blocks'])} measured block(s), rest of the model "
                   f"{prof.table['rest_ms']:.3f} ms")

@@ -1,6 +1,7 @@
 """`upop compress` loses nothing: foreign folders, the run state, a full disk, two runs on one output."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_a_run_holds_the_lock_and_releases_it(run_folder, tmp_path, monkeypatch)
     seen = []
 
     def fake(*args, **kwargs):
-        seen.append((tmp_path / "r.lock").read_text().strip())
+        seen.append((tmp_path / "r.lock").read_text().split()[-1])
         return FakeResult()
 
     monkeypatch.setattr(upop, "compress", fake)
@@ -232,3 +233,221 @@ def test_the_summary_table_says_a_missed_target(tmp_path, capsys):
     assert "target latency missed: predicted 2.500 ms" in capsys.readouterr().out
     print_summary(_latency_report(3.0, 2.5), tmp_path)
     assert "missed" not in capsys.readouterr().out.lower()
+
+
+# -- round two: every command that writes goes through the same rule ------------------------------------
+
+def _upop_output(path, kind, **files):
+    from upop.safety import output_dir
+
+    with output_dir(path, kind) as tmp:
+        for name, text in {"x.json": "{}", **files}.items():
+            (tmp / name).write_text(text)
+    return path
+
+
+def _nlvr_pth(tmp_path):
+    import torch
+
+    path = tmp_path / "nlvr.pth"
+    torch.save({"visual_encoder.pos_embed": torch.zeros(1, 5, 48)}, path)
+    return path
+
+
+#: command → (its output kind, argv writing to OUT, whether it has --overwrite)
+FOLDER_COMMANDS = {
+    "compress": ("slim", lambda m, d, t, out: ["compress", "--model", m, "--ratio", "0.5", "--data", d, "--out", out], True),
+    "export": ("export", lambda m, d, t, out: ["export", m, "--out", out], True),
+    "convert": ("convert", lambda m, d, t, out: ["convert", "nlvr", str(_nlvr_pth(t)), "--out", out], True),
+    "datasets shapes": ("shapes", lambda m, d, t, out: ["datasets", "shapes", "--out", out, "--train", "2"], False),
+}
+
+
+def _run(name, run_folder, tmp_path, out, overwrite=True):
+    kind, argv, has_overwrite = FOLDER_COMMANDS[name]
+    model, data = run_folder
+    return runner.invoke(app, [*argv(str(model), str(data), tmp_path, str(out)),
+                               *(["--overwrite"] if overwrite and has_overwrite else [])])
+
+
+@pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
+def test_a_link_as_out_is_never_replaced_by_any_command(run_folder, tmp_path, no_run, command):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link2").symlink_to(tmp_path / "empty")
+    r = _run(command, run_folder, tmp_path, tmp_path / "link2")
+    _one_line(r)
+    assert "is a symbolic link; upop never replaces a link" in r.output
+    assert (tmp_path / "link2").is_symlink() and not [p for p in tmp_path.iterdir() if ".old" in p.name]
+
+
+@pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
+def test_a_file_the_user_added_to_an_output_survives_every_command(run_folder, tmp_path, no_run, command):
+    out = _upop_output(tmp_path / "o", FOLDER_COMMANDS[command][0])
+    (out / "NOTES.md").write_text("mine")
+    r = _run(command, run_folder, tmp_path, out)
+    _one_line(r)
+    assert "holds NOTES.md, which upop did not write" in r.output and (out / "NOTES.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
+def test_no_command_replaces_another_kind_of_output(run_folder, tmp_path, no_run, command):
+    other = "export" if FOLDER_COMMANDS[command][0] != "export" else "slim"
+    out = _upop_output(tmp_path / "o", other)
+    r = _run(command, run_folder, tmp_path, out)
+    _one_line(r)
+    assert "one kind of output never replaces another" in r.output and (out / "x.json").is_file()
+
+
+def test_export_over_a_finished_slim_checkpoint_is_refused(run_folder, tmp_path):
+    """The hostile run's case: a compress output (of an older upop: no record) is not replaced by an export."""
+    model, _ = run_folder
+    slim = tmp_path / "slim"
+    slim.mkdir()
+    (slim / "upop_manifest.json").write_text("{}")
+    (slim / "model.safetensors").write_text("w")
+    r = runner.invoke(app, ["export", str(model), "--out", str(slim), "--overwrite"])
+    _one_line(r)
+    assert "is a upop slim checkpoint and this command writes a export" in r.output
+    assert sorted(p.name for p in slim.iterdir()) == ["model.safetensors", "upop_manifest.json"]
+
+
+def test_out_equal_to_the_teacher_is_refused(run_folder, tmp_path, no_run):
+    model, data = run_folder
+    teacher = _upop_output(tmp_path / "teacher", "slim", **{"upop_manifest.json": "{}"})
+    r = _compress(model, data, teacher, "--overwrite", "--distill", "logits", "--teacher", teacher)
+    _one_line(r)
+    assert "is the source" in r.output and no_run == [] and (teacher / "upop_manifest.json").is_file()
+
+
+def test_a_users_lock_file_is_refused_and_kept(run_folder, tmp_path, no_run):
+    model, data = run_folder
+    (tmp_path / "r.lock").write_text("my lock notes")
+    r = _compress(model, data, tmp_path / "r")
+    _one_line(r)
+    assert "r.lock exists and is not a upop lock" in r.output and no_run == []
+    assert (tmp_path / "r.lock").read_text() == "my lock notes"
+
+
+def test_a_lock_that_links_to_a_users_file_is_never_written(run_folder, tmp_path, no_run):
+    model, data = run_folder
+    (tmp_path / "precious").write_text("keep")
+    (tmp_path / "r.lock").symlink_to(tmp_path / "precious")
+    r = _compress(model, data, tmp_path / "r")
+    _one_line(r)
+    assert (tmp_path / "precious").read_text() == "keep" and (tmp_path / "r.lock").is_symlink()
+
+
+FILE_COMMANDS = {
+    "profile --json": lambda m, out: ["profile", m, "--json", out, "--runs", "1", "--batch", "1"],
+    "profiles calibrate": lambda m, out: ["profiles", "calibrate", "--model", m, "--out", out],
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("command", list(FILE_COMMANDS))
+def test_a_users_file_is_never_replaced_by_a_file_output(run_folder, tmp_path, monkeypatch, command, overwrite):
+    import upop.calibrate
+    import upop.exporters.timing
+
+    monkeypatch.setattr(upop.exporters.timing, "profile_torch", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(upop.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    model, _ = run_folder
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "results"}')
+    r = runner.invoke(app, [*FILE_COMMANDS[command](str(model), str(mine)), *(["--overwrite"] if overwrite else [])])
+    _one_line(r)
+    assert "exists and is not a" in r.output and "written by upop" in r.output
+    assert mine.read_text() == '{"my": "results"}'
+    (tmp_path / "l.json").symlink_to(mine)
+    r = runner.invoke(app, [*FILE_COMMANDS[command](str(model), str(tmp_path / "l.json")), "--overwrite"])
+    _one_line(r)
+    assert "symbolic link" in r.output and mine.read_text() == '{"my": "results"}'
+
+
+def test_profile_json_replaces_its_own_file_only_with_overwrite(run_folder, tmp_path):
+    model, _ = run_folder
+    res = tmp_path / "sub" / "r.json"  # the missing folder is made
+    argv = ["profile", str(model), "--json", str(res), "--runs", "1", "--warmup", "0", "--batch", "1", "--quiet"]
+    assert runner.invoke(app, argv).exit_code == 0
+    _one_line(runner.invoke(app, argv))
+    r = runner.invoke(app, [*argv, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(res.read_text())["runs"]
+
+
+def test_calibrate_into_a_missing_folder_makes_it(tmp_path, monkeypatch):
+    import dataclasses
+
+    import upop.calibrate
+    from upop.profiles import load
+
+    table = {"blocks": [], "rest_ms": 1.0, "granularity": "dim", "device": "cpu"}
+    monkeypatch.setattr(upop.calibrate, "calibrate",
+                        lambda *a, **k: dataclasses.replace(load("cpu-x86"), latency_model="table", table=table))
+    out = tmp_path / "missing" / "p.toml"
+    r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+
+
+def test_a_foreign_shapes_folder_in_the_cache_is_kept(run_folder, tmp_path, monkeypatch):
+    from upop.demo import shapes_dir
+    from upop.errors import OutputError
+
+    monkeypatch.setenv("UPOP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "shapes-v2").mkdir(parents=True)
+    (tmp_path / "cache" / "shapes-v2" / "mine.txt").write_text("keep")
+    with pytest.raises(OutputError, match="not written by upop"):
+        shapes_dir()
+    assert (tmp_path / "cache" / "shapes-v2" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("cache", ["file", "read-only"])
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, cache):
+    if cache == "file":
+        (tmp_path / "c").write_text("x")
+    else:  # as on a read-only file system (root writes into a 0500 folder, so the error is raised here)
+        import upop.safety
+
+        def read_only(final):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(final))
+
+        monkeypatch.setattr(upop.safety, "make_temp_dir", read_only)
+    monkeypatch.setenv("UPOP_CACHE", str(tmp_path / "c"))
+    r = runner.invoke(app, ["eval", "demo-vit", "--limit", "2"])
+    _one_line(r)
+    assert "cannot write the demo data to upop's cache" in r.output
+
+
+def test_datasets_shapes_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    shapes_mod = sys.modules["upop.datasets.shapes"]
+
+    def boom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(shapes_mod, "draw", boom)
+    r = runner.invoke(app, ["datasets", "shapes", "--out", str(tmp_path / "s"), "--train", "2"])
+    assert r.exit_code != 0 and not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    r = runner.invoke(app, ["datasets", "shapes", "--out", str(tmp_path / "s"), "--train", "2", "--val", "2",
+                            "--test", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "retrieval_train.json").is_file() and (tmp_path / "s" / ".upop-owned.json").is_file()
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.5, 1.5, 4.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(run_folder, tmp_path, delay):
+    """From Python's first imports to the middle of the search: never a traceback."""
+    import signal
+
+    model, data = run_folder
+    exe = os.path.join(os.path.dirname(sys.executable), "upop")
+    proc = subprocess.Popen([exe, "compress", "--model", str(model), "--ratio", "0.5", "--data", str(data),
+                             "--batch-size", "4", "--search-epochs", "50", "--out", str(tmp_path / "r"), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.lock").exists()

@@ -23,8 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import DataError  # noqa: F401  (defined with every error, raised and re-exported here)
+from ..safety import MAX_JSON_DEPTH, check_depth, say_once
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 
@@ -72,15 +73,19 @@ def _load_records(path: Path) -> list[Any]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: broken JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        return data
+        except RecursionError:
+            raise DataError(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep: not a file upop reads") from None
+        return check_depth(data, path, DataError)
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(check_depth(json.loads(line), path, DataError))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: broken JSON on line {lineno}: {exc.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep: not a file upop reads") from None
     return records
 
 
@@ -165,7 +170,12 @@ def read_classification(split_dir: str | Path, classes: list[str] | None = None)
         d = split_dir / name
         if not d.is_dir():
             continue
-        items += [(p, label) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = sorted(p for p in d.iterdir() if not p.name.startswith("."))
+        items += [(p, label) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if skipped:
+            say_once(f"{d}: {len(skipped)} file(s) that are not images upop reads ({', '.join(skipped[:3])}"
+                     f"{', ...' if len(skipped) > 3 else ''}) are left out; images: {', '.join(sorted(IMAGE_SUFFIXES))}")
     if not items:
         raise DataError(f"{split_dir}: the split is empty")
     return items, classes

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..safety import load_tensors
 from .blip_nlvr import BlipNlvrConfig, BlipNlvrForVisualReasoning
 
 #: BLIP's tokenizer adds [DEC] then [ENC] after bert-base-uncased's 30522 tokens.
@@ -58,11 +59,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
-    try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch raise many kinds; all mean "unreadable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p} is not a readable torch checkpoint (read with weights_only=True): {first}") from None
+    data = load_tensors(p, CheckpointError, "a readable torch checkpoint (read with weights_only=True)")
     state = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{p} holds no state dict (expected tensors by name, or {{'model': state dict}})")

@@ -210,6 +210,12 @@ class Batches:
 
     def __init__(self, n_items: int, batch_size: int, make, seed: int = 0, drop_last: bool = False,
                  images: ImageStore | None = None):
+        if 0 < n_items < batch_size:  # the batch trained (and reported) is the whole split, not the number asked for
+            from ..safety import say_once
+
+            say_once(f"batch size {batch_size:,} is more than the {n_items:,} training items: each batch holds all "
+                     f"{n_items:,} (the effective batch reported)")
+            batch_size = n_items
         self.n, self.bs, self.make, self.seed, self.drop_last = n_items, batch_size, make, seed, drop_last
         self.images = images
         self.epoch = 0
@@ -217,7 +223,7 @@ class Batches:
         self.position: dict[str, Any] = {"epoch": 0, "index": 0, "rng": None}
 
     def shard(self, rank: int, world: int) -> "Batches":
-        out = Batches(self.n, self.bs, self.make, self.seed, self.drop_last, self.images)
+        out = Batches(self.n, min(self.bs, max(1, -(-self.n // world))), self.make, self.seed, self.drop_last, self.images)
         out.rank, out.world = rank, world
         return out
 
