@@ -135,12 +135,11 @@ def test_two_runs_on_one_output_one_is_refused_at_once(run_folder, tmp_path):
         deadline = time.time() + 60
         while not (tmp_path / "r.lock").is_file() and time.time() < deadline:
             time.sleep(0.2)
-        t0 = time.perf_counter()
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         assert f"another upop run (pid {first.pid}) is writing" in second.stderr
-        assert second.stderr.count("\n") == 1 and time.perf_counter() - t0 < 30
-        assert first.poll() is None  # the first run goes on
+        assert second.stderr.count("\n") == 1
+        assert first.poll() is None  # refused while the first still runs (no wall-clock bound: CI machines are loaded)
     finally:
         first.kill()
         first.wait()
