@@ -9,6 +9,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..data import CaptionPairs
 from ..datasets.readers import read_retrieval, read_vqa
 from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
@@ -49,13 +50,18 @@ class BlipCaption(Task):
     reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
+        """An epoch is every (image, caption) pair once, as the reference's (pairs / batch steps, the last
+        partial batch dropped as its loader does)."""
         recs = self._records("train")
+        pairs = CaptionPairs(len(r.captions) for r in recs)
 
         def make(idx, rng: random.Random):
-            return {"pixel_values": Images(tuple(recs[i].image for i in idx)),
-                    "captions": [rng.choice(recs[i].captions) for i in idx]}
+            at = [pairs[k] for k in idx]
+            return {"pixel_values": Images(tuple(recs[r].image for r, _c in at)),
+                    "captions": [recs[r].captions[c] for r, c in at]}
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
+        n = len(pairs)
+        return Batches(n, self.batch_size, make, seed=self.seed, drop_last=n > self.batch_size, images=self.images)
 
     def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         ids, mask, labels = _decoder_ids(self, model, batch["captions"])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data import CaptionPairs
 from ..datasets.readers import read_retrieval
 from ..distributed import current
 from ..errors import ConfigError
@@ -32,17 +33,22 @@ class _RetrievalData(Task):
     reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
+        """An epoch is every (image, caption) pair once, as the reference's (pairs / batch steps). Each item
+        carries its image's index (``image_id``: another caption of the same image in the batch is a positive,
+        never a negative) and its pair's (``pair_id``: what keys the batch's random draws)."""
         recs = self._records("train")
+        pairs = CaptionPairs(len(r.captions) for r in recs)
 
         def make(idx, rng: random.Random):
-            # One caption per image per batch: every image in a batch is a distinct positive.
-            texts = [rng.choice(recs[i].captions) for i in idx]
-            batch: dict = {"pixel_values": Images(tuple(recs[i].image for i in idx))}
-            batch.update(self.prep.text(texts))
+            at = [pairs[k] for k in idx]
+            batch: dict = {"pixel_values": Images(tuple(recs[r].image for r, _c in at))}
+            batch.update(self.prep.text([recs[r].captions[c] for r, c in at]))
+            batch["image_id"] = torch.tensor([r for r, _c in at], dtype=torch.long)
+            batch["pair_id"] = torch.tensor(idx, dtype=torch.long)
             return batch
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed, drop_last=len(recs) > self.batch_size,
-                       images=self.images)
+        n = len(pairs)
+        return Batches(n, self.batch_size, make, seed=self.seed, drop_last=n > self.batch_size, images=self.images)
 
     def k_test(self, split: str) -> int:
         """ITM re-ranking depth: the ``k_test`` option, else the reference's for the dataset the split's
@@ -177,18 +183,6 @@ class BlipRetrieval(_RetrievalData):
         self._momentum: Momentum | None = None
         self._steps = 0  # optimizer steps of this phase: with the batch, it keys the hard-negative draws
 
-    def train_batches(self) -> Batches:
-        """The batches with each record's index (``image_id``): the momentum targets count a queued feature of
-        the same image as a positive."""
-        batches = super().train_batches()
-        make = batches.make
-
-        def with_ids(idx, rng):
-            return {**make(idx, rng), "image_id": torch.tensor(idx, dtype=torch.long)}
-
-        batches.make = with_ids
-        return batches
-
     # -- the momentum model (BLIP's --momentum): hooks the training loop calls ---------------------------
 
     def momentum_on(self) -> bool:
@@ -205,7 +199,7 @@ class BlipRetrieval(_RetrievalData):
             self._momentum = None
             return
         if self._momentum is None:
-            n = len(self._records("train"))
+            n = sum(len(r.captions) for r in self._records("train"))  # the epoch's (image, caption) pairs
             size = self.options.get("queue_size", QUEUE_SIZE)
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ConfigError(f"queue_size must be an integer >= 1, not {size!r}")
@@ -236,11 +230,13 @@ class BlipRetrieval(_RetrievalData):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        key = tuple(batch["image_id"].tolist()) if "image_id" in batch else ()
+        key = tuple(tuple(batch[k].tolist()) for k in ("pair_id", "image_id") if k in batch)
         batch = self.on_device(batch, model)
         temp = float(self.options.get("temperature", 0.07))
         seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
-        out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset}
+        same = _same_image(batch, offset, len(img_all))
+        out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset,
+               "itc_targets": same.float() / same.sum(1, keepdim=True)}
         mom = self._momentum
         if guide is None and mom is not None and mom.ready() and "image_id" in batch:
             out.update(self._momentum_itc(mom, model, batch, img, txt, temp, key))
@@ -249,7 +245,7 @@ class BlipRetrieval(_RetrievalData):
         if guide is not None:  # a teacher scores the student's pairs
             neg_img, neg_txt = guide["neg_img"], guide["neg_txt"]
         else:
-            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset, self._draws(key, offset.device))
+            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], same, self._draws(key, offset.device))
         dist = current()
         seq_all, _ = dist.cat_with_grad(seq)
         ids_all = dist.cat_padded(batch["input_ids"])
@@ -288,9 +284,8 @@ class BlipRetrieval(_RetrievalData):
     def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "mom_i2t" in out:
             itc = (_soft_ce(out["mom_i2t"], out["mom_i2t_targets"]) + _soft_ce(out["mom_t2i"], out["mom_t2i_targets"])) / 2
-        else:
-            target = _diag_targets(len(out["i2t"]), out["offset"], out["i2t"].device)
-            itc = (F.cross_entropy(out["i2t"], target) + F.cross_entropy(out["t2i"], target)) / 2
+        else:  # every column of the row's image is a positive (BLIP's idx-based targets)
+            itc = (_soft_ce(out["i2t"], out["itc_targets"]) + _soft_ce(out["t2i"], out["itc_targets"])) / 2
         if "itm" not in out:
             return itc
         b = len(out["i2t"])
@@ -350,17 +345,33 @@ class BlipRetrieval(_RetrievalData):
         return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
 
 
-def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor,
+def _same_image(batch: dict[str, torch.Tensor], offset: torch.Tensor, columns: int) -> torch.Tensor:
+    """[local rows, every rank's columns] bool: the columns of the row's own image. With ``image_id`` (the
+    training batches), every caption of the image in the gathered batch; without, the row's own column."""
+    if "image_id" in batch:
+        ids = batch["image_id"]
+        return ids[:, None] == current().cat(ids)[None, :]
+    rows = torch.arange(len(batch["input_ids"]), device=offset.device)
+    return rows[:, None] + offset == torch.arange(columns, device=offset.device)[None, :]
+
+
+def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, same: torch.Tensor,
                     gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each local text a negative image, for each local image a negative text (indices into every rank's
-    rows), drawn from the softmax of the similarities over all ranks' columns with the positive left out."""
+    rows), drawn from the softmax of the similarities over all ranks' columns with every column of the row's
+    own image (``same``) left out. A row whose gathered batch holds nothing but its own image (possible
+    only when one image has more captions than the gathered batch) draws uniformly: it has no negative."""
     with torch.no_grad():
-        rows = torch.arange(len(t2i), device=t2i.device)
-        pos = torch.zeros(t2i.shape, dtype=torch.bool, device=t2i.device)
-        pos[rows, rows + offset.to(t2i.device)] = True
-        w_t2i = F.softmax(t2i.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
-        w_i2t = F.softmax(i2t.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
+        w_t2i, w_i2t = _negative_weights(t2i, same), _negative_weights(i2t, same)
         return torch.multinomial(w_t2i, 1, generator=gen).squeeze(1), torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)
+
+
+def _negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """BLIP's draw weights: softmax of the row's similarities, 0 on its own image's columns; a floor of 1e-9
+    elsewhere keeps a row whose softmax underflows drawable."""
+    pos = same.to(sim.device)
+    floor = 1e-9 * (~pos | pos.all(1, keepdim=True))
+    return F.softmax(sim.float(), dim=1).masked_fill(pos, 0) + floor
 
 
 def _pairs(top: torch.Tensor, first: int, rows_are_images: bool, keep: range | None = None) -> torch.Tensor:

@@ -2,9 +2,11 @@
 the dual encoders' own losses with their learnable scale, BLIP's hard negatives, k_test, distillation terms."""
 
 import shutil
+from collections import Counter
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import upop
 from upop.adapters import get_adapter
@@ -151,7 +153,7 @@ def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
     task = _task("blip", model, data, batch_size=4)
     task.train_begin(model, None)
     mom = task._momentum
-    assert mom.mu == 0.995 and mom.queue.size == 8  # capped at the 8 training records
+    assert mom.mu == 0.995 and mom.queue.size == 24  # capped at the 24 training pairs (8 images, 3 captions each)
     before = {n: p.detach().clone() for n, p in mom.model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -162,7 +164,8 @@ def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
         assert torch.allclose(p, 0.995 * before[n] + 0.005 * theta, atol=1e-6), n
     # the loop calls the hooks: after two steps two batches' momentum features are queued and α has risen
     retrain(model, task.loss, task.train_batches(), upop.RetrainConfig(epochs=1, steps_per_epoch=2, lr=1e-3))
-    assert task._momentum.batches == 2 and task._momentum.queue.filled == 8 and task._momentum.alpha == 0.4
+    # α rises over the first epoch: 24 pairs / batch 4 = 6 steps
+    assert task._momentum.batches == 2 and task._momentum.queue.filled == 8 and task._momentum.alpha == pytest.approx(0.4 * 2 / 6)
     out = task.forward(model, next(iter(task.train_batches())))
     assert out["mom_i2t"].shape == (4, 4 + 8)  # the batch's momentum features, then the queue
     assert torch.allclose(out["mom_i2t_targets"].sum(1), torch.ones(4), atol=1e-5)
@@ -257,3 +260,82 @@ def test_demo_blip_reranks_its_own_depth_with_or_without_a_data_folder():
     for data in (None, shapes_dir()):  # the benchmarks pass the shapes folder; compress leaves it to the demo
         assert setup_task(src, None, data, None, 8, 0).task.k_test("test") == 16
     assert setup_task(src, None, None, None, 8, 0, k_test=4).task.k_test("test") == 4  # the caller's wins
+
+
+# ---- the reference's epoch and its in-batch duplicates (independent ports of sdc17/UPop's formulas) ------------
+def _reference_epoch(annotation: list[tuple[int, str]], batch_size: int, seed: int) -> list[list[int]]:
+    """The reference's training loader: its dataset is the annotation list (one item per (image, caption)
+    pair), shuffled by a DistributedSampler and cut into batches with drop_last=True."""
+    sampler = torch.utils.data.DistributedSampler(range(len(annotation)), num_replicas=1, rank=0, shuffle=True, seed=seed)
+    loader = torch.utils.data.DataLoader(range(len(annotation)), batch_size=batch_size, sampler=sampler, drop_last=True)
+    return [b.tolist() for b in loader]
+
+
+@pytest.mark.parametrize("task_name,class_name", [("retrieval", "BlipForImageTextRetrieval"),
+                                                  ("caption", "BlipForConditionalGeneration")])
+def test_an_epoch_is_every_image_caption_pair_once(data, task_name, class_name):
+    import json
+
+    model = build_tiny("blip", class_name, vocab=99)
+    adapter = get_adapter("blip")
+    prep = Preprocessor(build_tokenizer(), adapter.image_processor(32))
+    task = make_task(adapter, task_name, prep, data, model=model, batch_size=5)
+    annotation = [(r["image"], r["caption"]) for r in json.loads((data / "retrieval_train.json").read_text())]
+    assert len(annotation) == 24  # 8 images, 3 captions each
+    batches = task.train_batches()
+    assert len(batches) == len(_reference_epoch(annotation, 5, 0)) == 24 // 5
+    if task_name == "caption":  # 20 of the 24 captions, none more often than the file holds it
+        seen = Counter(c for b in batches for c in b["captions"])
+        assert sum(seen.values()) == 20 and not seen - Counter(c for _i, c in annotation)
+    else:  # every pair once: its (image, caption) never twice, and only pairs of the file
+        pairs = []
+        for b in task.train_batches():
+            pairs += list(zip(b["image_id"].tolist(), b["pair_id"].tolist()))
+        assert len(pairs) == 20 and len({p for _i, p in pairs}) == 20
+        recs = task._records("train")
+        for image, pair in pairs:
+            assert annotation[pair][0] == recs[image].image.relative_to(data).as_posix()
+
+
+def _reference_itc(sim_i2t, sim_t2i, idx, idx_all):
+    """BLIP's ITC targets and loss (models/blip_retrieval.py): every column of the same idx is a positive."""
+    idx = idx.view(-1, 1)
+    pos_idx = torch.eq(idx, idx_all.view(1, -1)).float()
+    sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_targets, dim=1).mean()
+    return sim_targets, (loss_i2t + loss_t2i) / 2
+
+
+def _reference_negative_weights(sim, idx, idxs):
+    """BLIP's hard-negative weights: softmax over the gathered batch, 0 where the idx is the row's own."""
+    mask = torch.eq(idx.view(-1, 1), idxs.view(1, -1))
+    return F.softmax(sim, dim=1).masked_fill(mask, 0)
+
+
+def test_in_batch_captions_of_one_image_are_itc_positives_and_never_hard_negatives(data):
+    from upop.tasks.retrieval import _negative_weights
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    task = _task("blip", model, data, momentum=False)
+    task.train_begin(model, None)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2])
+    batch = {**_batch(task, model, n=6), "image_id": ids, "pair_id": torch.arange(6)}
+    out = task.forward(model, batch)
+    targets, ref_itc = _reference_itc(out["i2t"], out["t2i"], ids, ids)
+    assert torch.allclose(out["itc_targets"], targets)
+    labels = torch.cat([torch.ones(6), torch.zeros(12)]).long()
+    assert torch.allclose(task.loss_from(out, batch), ref_itc + F.cross_entropy(out["itm"], labels), atol=1e-6)
+    same = ids[:, None] == ids[None, :]
+    for sim in (out["i2t"], out["t2i"]):
+        assert torch.allclose(_negative_weights(sim, same), _reference_negative_weights(sim, ids, ids), atol=1e-8)
+    for step in range(20):
+        task._steps = step
+        drawn = task.forward(model, batch)
+        assert not (ids[drawn["neg_img"]] == ids).any() and not (ids[drawn["neg_txt"]] == ids).any()
+    # without duplicates the targets are the diagonal: the plain cross-entropy of before
+    distinct = {**batch, "image_id": torch.arange(6)}
+    out = task.forward(model, distinct)
+    diag = torch.arange(6)
+    itc = (F.cross_entropy(out["i2t"], diag) + F.cross_entropy(out["t2i"], diag)) / 2
+    assert torch.allclose(task.loss_from(out, distinct), itc + F.cross_entropy(out["itm"], labels), atol=1e-6)
