@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ K_TEST_FALLBACK = 256
 #: BLIP's retrieval fine-tuning: the momentum model's EMA decay, the queue length (capped at the training set),
 #: and the weight α of the momentum model's distribution in the ITC targets (raised from 0 over the first epoch)
 MOMENTUM_DECAY, QUEUE_SIZE, ALPHA = 0.995, 57600, 0.4
+#: the ITM re-ranking score: BLIP's raw positive-class logit (the default), or its softmax probability
+RERANK_RULES = ("logit", "prob")
 
 
 class _RetrievalData(Task):
@@ -253,7 +256,7 @@ class BlipRetrieval(_RetrievalData):
         width = ids_all.shape[1]
         ids, mask = (F.pad(batch[k], (0, width - batch[k].shape[1])) for k in ("input_ids", "attention_mask"))
         out["itm"] = self.adapter.itm_logits(model, torch.cat([seq, seq_all[neg_img], seq]),
-                                             torch.cat([ids, ids, ids_all[neg_txt]]),
+                                             self._itm_ids(torch.cat([ids, ids, ids_all[neg_txt]])),
                                              torch.cat([mask, mask, mask_all[neg_txt]]))
         out["neg_img"], out["neg_txt"] = neg_img, neg_txt
         return out
@@ -342,7 +345,46 @@ class BlipRetrieval(_RetrievalData):
         return out
 
     def _itm(self, model, seq, ids, mask) -> torch.Tensor:
-        return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
+        """The re-ranking score added to the ITC similarity: the ITM head's positive-class logit (``rerank``
+        "logit", BLIP's evaluation) or its softmax probability ("prob")."""
+        logits = self.adapter.itm_logits(model, seq, self._itm_ids(ids), mask).float()
+        return logits[:, 1] if self.rerank() == "logit" else F.softmax(logits, dim=1)[:, 1]
+
+    def rerank(self) -> str:
+        rule = self.options.get("rerank", "logit")
+        if rule not in RERANK_RULES:
+            raise ConfigError(f"rerank must be one of {', '.join(RERANK_RULES)}, not {rule!r}")
+        return rule
+
+    def _itm_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ITM input: BLIP's ITM head was trained with [ENC] as the first text token (its ITC encoder reads
+        [CLS]); where the tokenizer has no [ENC], the ids as they are ([CLS]), said once."""
+        if not hasattr(self, "_enc"):  # looked up once: the vocabulary is 30k entries
+            self._enc = enc_token_id(self.prep.tokenizer)
+        enc = self._enc
+        if enc is None:
+            _say_once("note: the tokenizer has no [ENC] token; BLIP's ITM reads [CLS] as its first text token")
+            return ids
+        out = ids.clone()
+        out[:, 0] = enc
+        return out
+
+
+def enc_token_id(tokenizer: Any) -> int | None:
+    """The id of BLIP's [ENC] token in ``tokenizer``, or None where it has none."""
+    if tokenizer is None or "[ENC]" not in tokenizer.get_vocab():
+        return None
+    return int(tokenizer.convert_tokens_to_ids("[ENC]"))
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    """One line on stderr, once per process (rank 0 only: every rank would say the same)."""
+    if line not in _SAID and current().rank == 0:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
 
 
 def _same_image(batch: dict[str, torch.Tensor], offset: torch.Tensor, columns: int) -> torch.Tensor:

@@ -339,3 +339,64 @@ def test_in_batch_captions_of_one_image_are_itc_positives_and_never_hard_negativ
     diag = torch.arange(6)
     itc = (F.cross_entropy(out["i2t"], diag) + F.cross_entropy(out["t2i"], diag)) / 2
     assert torch.allclose(task.loss_from(out, distinct), itc + F.cross_entropy(out["itm"], labels), atol=1e-6)
+
+
+def _reference_itm_score(model, image_embeds, input_ids, attention_mask):
+    """BLIP's evaluation score of one (image, text) pair before the ITC similarity is added
+    (models/blip_retrieval.py evaluation): the ITM head's positive-class output, no softmax."""
+    image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long)
+    output = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                encoder_attention_mask=image_atts, return_dict=True)
+    return model.itm_head(output.last_hidden_state[:, 0, :])[:, 1]
+
+
+def _enc_tokenizer():
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})  # as BLIP's init_tokenizer adds it
+    return tok
+
+
+@pytest.mark.parametrize("rule", ["logit", "prob", None])
+@pytest.mark.parametrize("with_enc", [True, False], ids=["enc", "no-enc"])
+def test_reranking_adds_the_raw_itm_logit_by_default_with_enc_as_the_first_token(data, rule, with_enc):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    adapter = get_adapter("blip")
+    tok = _enc_tokenizer() if with_enc else build_tokenizer()
+    prep = Preprocessor(tok, adapter.image_processor(32))
+    task = make_task(adapter, "retrieval", prep, data, model=model, **({} if rule is None else {"rerank": rule}))
+    recs = task._records("test")
+    texts = [c for r in recs for c in r.captions]
+    tokens = prep.text(texts)
+    with torch.no_grad():
+        seq, img = adapter.encode_image(model, task.images.get([r.image for r in recs]))
+        sim = img @ adapter.encode_text(model, **tokens).t()
+        pairs = torch.tensor([[0, 0], [1, 4], [5, 2], [3, 17]])
+        got = task._rerank(model, sim, seq, tokens, pairs, 0)
+        ids = tokens["input_ids"].clone()
+        if with_enc:  # encoder_input_ids[:, 0] = tokenizer.enc_token_id
+            ids[:, 0] = tok.convert_tokens_to_ids("[ENC]")
+        for i, t in pairs.tolist():
+            score = _reference_itm_score(model, seq[i : i + 1], ids[t : t + 1], tokens["attention_mask"][t : t + 1])
+            if rule == "prob":
+                logits = adapter.itm_logits(model, seq[i : i + 1], ids[t : t + 1], tokens["attention_mask"][t : t + 1])
+                score = F.softmax(logits, dim=1)[:, 1]
+            assert torch.allclose(got[i, t], score[0] + sim[i, t], atol=1e-5), (i, t)
+    assert float(got[0, 1]) == -1e4  # a pair outside the top-k
+
+
+def test_itm_training_input_starts_with_enc_where_the_tokenizer_has_it(data):
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    adapter = get_adapter("blip")
+    task = make_task(adapter, "retrieval", Preprocessor(_enc_tokenizer(), adapter.image_processor(32)), data, model=model,
+                     momentum=False)
+    seen = []
+    real = adapter.itm_logits
+    adapter.itm_logits = lambda m, seq, ids, mask: seen.append(ids) or real(m, seq, ids, mask)
+    try:
+        task.forward(model, _batch(task, model, n=4))
+    finally:
+        del adapter.itm_logits
+    enc = task.prep.tokenizer.convert_tokens_to_ids("[ENC]")
+    assert len(seen) == 1 and (seen[0][:, 0] == enc).all() and seen[0].shape[0] == 12
+    with pytest.raises(ConfigError, match="rerank must be one of logit, prob"):
+        make_task(adapter, "retrieval", task.prep, data, model=model, rerank="softmax").rerank()
