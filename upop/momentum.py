@@ -1,8 +1,9 @@
 """A momentum (EMA) copy of the model and a queue of its features: BLIP's ITC distillation (``--momentum``).
 
-The copy follows the model after every optimizer step (m ← μ·m + (1 − μ)·θ) and never trains. While the
-search's masks are on the model, the same ζ tensors are hooked into the copy (``MaskSet.attach``), so its
-features are those of the pruned student it follows. A training phase that starts afresh starts the copy
+The copy follows the model after every optimizer step (m ← μ·m + (1 − μ)·θ) and never trains. During the
+search it is dense by default, as the reference's (its momentum encoder is built without masks: the EMA of the
+student's weights, computing the unpruned function); with ``masked`` the search's ζ tensors are hooked into
+the copy too (``MaskSet.attach``), so its features are those of the pruned student it follows. A training phase that starts afresh starts the copy
 from the model as it then is (UPop's reference copies the slim student into its momentum encoder before the
 retrain) and empties the queue; its state (weights, queue, batch count) is part of the run state, so a
 resumed run continues exactly.
@@ -80,8 +81,8 @@ class Momentum:
     """The momentum model, its feature queue, and the α of the distillation targets (raised linearly from 0 over
     the first ``warmup_batches`` batches of a phase, as BLIP does over its first epoch)."""
 
-    def __init__(self, mu: float, queue_size: int, alpha: float, warmup_batches: int):
-        self.mu, self.alpha_max, self.warmup = mu, alpha, max(1, warmup_batches)
+    def __init__(self, mu: float, queue_size: int, alpha: float, warmup_batches: int, masked: bool = False):
+        self.mu, self.alpha_max, self.warmup, self.masked = mu, alpha, max(1, warmup_batches), masked
         self.queue = FeatureQueue(queue_size)
         self.model: nn.Module | None = None
         self.batches = 0
@@ -102,9 +103,9 @@ class Momentum:
         return self.model is not None
 
     def model_for(self, student: nn.Module) -> nn.Module:
-        """The copy, masked with the student's ζ while the search's masks are on the student."""
+        """The copy: dense, or (``masked``) masked with the student's ζ while the search's masks are on it."""
         assert self.model is not None
-        masks = masks_of(student)
+        masks = masks_of(student) if self.masked else None
         if masks is not None and masks_of(self.model) is not masks:
             masks.attach(self.model)
         self.model.train(student.training)

@@ -208,8 +208,11 @@ class BlipRetrieval(_RetrievalData):
                 raise ConfigError(f"queue_size must be an integer >= 1, not {size!r}")
             # A queue longer than the training set would hold the same images' stale features many times over.
             per_epoch = max(1, -(-n // (self.batch_size * current().world)))
+            masked = self.options.get("momentum_masked", False)
+            if not isinstance(masked, bool):
+                raise ConfigError(f"momentum_masked must be true or false, not {masked!r}")
             self._momentum = Momentum(float(self.options.get("momentum_decay", MOMENTUM_DECAY)), min(size, max(1, n)),
-                                      float(self.options.get("alpha", ALPHA)), per_epoch)
+                                      float(self.options.get("alpha", ALPHA)), per_epoch, masked=masked)
         self._momentum.begin(model, state if "model" in state else None)
 
     def train_after_step(self, model: nn.Module) -> None:

@@ -171,7 +171,7 @@ def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
     assert torch.allclose(out["mom_i2t_targets"].sum(1), torch.ones(4), atol=1e-5)
 
 
-def test_momentum_model_is_masked_with_the_same_zeta_and_rebuilt_from_the_slim_student(data):
+def test_momentum_model_is_masked_with_the_same_zeta_on_request_and_rebuilt_from_the_slim_student(data):
     from upop.masks import MaskSet, masks_of
     from upop.search import search
     from upop.slim import slim_model
@@ -179,7 +179,7 @@ def test_momentum_model_is_masked_with_the_same_zeta_and_rebuilt_from_the_slim_s
     model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
     adapter = get_adapter("blip")
     specs = adapter.modules(model)
-    task = _task("blip", model, data, batch_size=4)
+    task = _task("blip", model, data, batch_size=4, momentum_masked=True)
     masks = MaskSet(model, specs, "dim")
     task.train_begin(model, None)
     copy = task._momentum.model_for(model)
@@ -400,3 +400,45 @@ def test_itm_training_input_starts_with_enc_where_the_tokenizer_has_it(data):
     assert len(seen) == 1 and (seen[0][:, 0] == enc).all() and seen[0].shape[0] == 12
     with pytest.raises(ConfigError, match="rerank must be one of logit, prob"):
         make_task(adapter, "retrieval", task.prep, data, model=model, rerank="softmax").rerank()
+
+
+def test_the_search_momentum_encoder_is_dense_and_the_ema_of_the_students_weights(data):
+    """The reference builds its momentum encoder without masks: during the search it computes the unpruned
+    function of m, where m_0 = θ_0 and m_t = 0.995·m_(t−1) + 0.005·θ_t after every optimizer step."""
+    from upop.masks import MaskSet, masks_of
+    from upop.search import search
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    adapter = get_adapter("blip")
+    specs = adapter.modules(model)
+    task = _task("blip", model, data, batch_size=4)
+    thetas = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+    real = task.train_after_step
+    task.train_after_step = lambda m: thetas.append({n: p.detach().clone() for n, p in m.named_parameters()}) or real(m)
+    seen = []
+    real_itc = task._momentum_itc
+
+    def spy(mom, student, *args):
+        copy = mom.model_for(student)
+        seen.append((masks_of(student) is not None, masks_of(copy)))
+        return real_itc(mom, student, *args)
+
+    task._momentum_itc = spy
+    search(model, specs, task.loss, task.train_batches(), _search_cfg(5))
+    assert len(seen) == 5 and all(student_masked and copy_masks is None for student_masked, copy_masks in seen)
+    ema = dict(thetas[0])
+    for theta in thetas[1:]:
+        ema = {n: 0.995 * ema[n] + 0.005 * theta[n] for n in ema}
+    assert len(thetas) == 6
+    for n, p in task._momentum.model.named_parameters():
+        assert torch.allclose(p, ema[n], atol=1e-6), n
+    # with the student's masks on (a fresh search), the copy still computes the dense function of its weights
+    masks = MaskSet(model, specs, "dim")
+    with torch.no_grad():
+        masks[specs[1].name].zero_()
+        copy = task._momentum.model_for(model)
+        px = torch.randn(2, 3, 32, 32)
+        dense = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+        dense.load_state_dict(copy.state_dict())
+        assert torch.allclose(adapter.encode_image(copy.eval(), px)[1], adapter.encode_image(dense, px)[1], atol=1e-6)
+    masks.remove()
