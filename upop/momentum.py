@@ -1,12 +1,12 @@
 """A momentum (EMA) copy of the model and a queue of its features: BLIP's ITC distillation (``--momentum``).
 
 The copy follows the model after every optimizer step (m ← μ·m + (1 − μ)·θ) and never trains. During the
-search it is dense by default, as the reference's (its momentum encoder is built without masks: the EMA of the
-student's weights, computing the unpruned function); with ``masked`` the search's ζ tensors are hooked into
-the copy too (``MaskSet.attach``), so its features are those of the pruned student it follows. A training phase that starts afresh starts the copy
-from the model as it then is (UPop's reference copies the slim student into its momentum encoder before the
-retrain) and empties the queue; its state (weights, queue, batch count) is part of the run state, so a
-resumed run continues exactly.
+search it is dense by default, as the reference's (its momentum encoder is built without masks: the EMA of
+the student's weights, computing the unpruned function); with ``masked`` the search's ζ tensors are hooked
+into the copy too (``MaskSet.attach``), so its features are those of the pruned student it follows. A
+training phase that starts afresh starts the copy from the model as it then is (UPop's reference copies the
+slim student into its momentum encoder before the retrain) and a fresh queue; its state (weights, queue,
+batch count) is part of the run state, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
