@@ -35,7 +35,8 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
         raise ConfigError("--model is required (an alias, hub id, local folder, or demo-blip / demo-clip / demo-vit)")
     main = env_rank() == 0  # under torchrun only rank 0 draws, writes, locks and prints
     recipe = recipe_options(model, flags.get("data") or opts.get("data"), flags.get("task") or opts.get("task"),
-                            flags.get("recipe") or opts.get("recipe"), main)
+                            flags.get("recipe") or opts.get("recipe"), main,
+                            flags.get("ratio") if flags.get("ratio") is not None else opts.get("ratio"))
     o = merge(flags, {**recipe, **opts}, _defaults(model))  # flags > --config > recipe > defaults
     cfg = _config(o)
     out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
