@@ -150,3 +150,15 @@ def test_the_ratio_picks_the_recipe_row(blip_dir, coco, tmp_path, seen):
     r = _invoke("compress", "--model", blip_dir, "--ratio", 0.75, "--data", coco, "--recipe", "blip-coco-retrieval",
                 "--search-epochs", 2, "--out", tmp_path / "o")
     assert seen["cfg"].search.epochs == 2 and seen["cfg"].retrain.epochs == 9  # a flag still wins over the row
+
+
+def test_rerank_and_cost_weights_reach_the_run_and_are_checked(blip_dir, coco, tmp_path, seen):
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, "--rerank", "prob",
+                "--cost-weights", "paper", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "stop here" in r.output
+    assert seen["task_options"]["rerank"] == "prob" and seen["cfg"].search.cost_weights == "paper"
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, "--out", tmp_path / "o")
+    assert "rerank" not in seen["task_options"] and seen["cfg"].search.cost_weights == "true"  # the defaults
+    for flag, bad in (("--rerank", "softmax"), ("--cost-weights", "flops")):
+        r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, flag, bad, "--out", tmp_path / "o")
+        assert r.exit_code == 2 and f"{flag} must be one of" in r.output and r.output.strip().count("\n") == 0

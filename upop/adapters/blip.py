@@ -146,6 +146,8 @@ class BlipAdapter(Adapter, BlipModels):
     model_types = ("blip",)
     classes = {name: c.task for name, c in BLIP_CLASSES.items()}
     tasks = {"retrieval": "blip-retrieval", "caption": "blip-caption", "vqa": "blip-vqa"}
+    #: the reference weighs an attention dimension as 36 MLP neurons ("12 heads × q, k, v"): --cost-weights paper
+    paper_attn_weight = 36.0
     augment_policy = "blip-randaugment"  # BLIP's fine-tuning transform (also NLVR's and VQA's: each image flipped)
     towers = {"vision_model": "vision", "text_encoder": "text", "text_decoder": "decoder",
               "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
