@@ -15,7 +15,7 @@ from ..data import CaptionPairs
 from ..datasets.readers import read_retrieval
 from ..distributed import current
 from ..errors import ConfigError
-from ..momentum import Momentum
+from ..momentum import QUEUE_INITS, Momentum
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
@@ -208,11 +208,14 @@ class BlipRetrieval(_RetrievalData):
                 raise ConfigError(f"queue_size must be an integer >= 1, not {size!r}")
             # A queue longer than the training set would hold the same images' stale features many times over.
             per_epoch = max(1, -(-n // (self.batch_size * current().world)))
-            masked = self.options.get("momentum_masked", False)
+            masked, init = self.options.get("momentum_masked", False), self.options.get("queue_init", "random")
             if not isinstance(masked, bool):
                 raise ConfigError(f"momentum_masked must be true or false, not {masked!r}")
+            if init not in QUEUE_INITS:
+                raise ConfigError(f"queue_init must be one of {', '.join(QUEUE_INITS)}, not {init!r}")
             self._momentum = Momentum(float(self.options.get("momentum_decay", MOMENTUM_DECAY)), min(size, max(1, n)),
-                                      float(self.options.get("alpha", ALPHA)), per_epoch, masked=masked)
+                                      float(self.options.get("alpha", ALPHA)), per_epoch, masked=masked,
+                                      queue_init=init, seed=self.seed)
         self._momentum.begin(model, state if "model" in state else None)
 
     def train_after_step(self, model: nn.Module) -> None:

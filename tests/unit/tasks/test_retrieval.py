@@ -165,9 +165,11 @@ def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
     # the loop calls the hooks: after two steps two batches' momentum features are queued and α has risen
     retrain(model, task.loss, task.train_batches(), upop.RetrainConfig(epochs=1, steps_per_epoch=2, lr=1e-3))
     # α rises over the first epoch: 24 pairs / batch 4 = 6 steps
-    assert task._momentum.batches == 2 and task._momentum.queue.filled == 8 and task._momentum.alpha == pytest.approx(0.4 * 2 / 6)
+    mom = task._momentum
+    assert mom.batches == 2 and mom.queue.filled == 24 and mom.alpha == pytest.approx(0.4 * 2 / 6)
+    assert (mom.queue.ids >= 0).sum() == 8  # two batches' features replaced 8 of the queue's random rows
     out = task.forward(model, next(iter(task.train_batches())))
-    assert out["mom_i2t"].shape == (4, 4 + 8)  # the batch's momentum features, then the queue
+    assert out["mom_i2t"].shape == (4, 4 + 24)  # the batch's momentum features, then the queue
     assert torch.allclose(out["mom_i2t_targets"].sum(1), torch.ones(4), atol=1e-5)
 
 
@@ -442,3 +444,35 @@ def test_the_search_momentum_encoder_is_dense_and_the_ema_of_the_students_weight
         dense.load_state_dict(copy.state_dict())
         assert torch.allclose(adapter.encode_image(copy.eval(), px)[1], adapter.encode_image(dense, px)[1], atol=1e-6)
     masks.remove()
+
+
+def test_the_queue_starts_as_blips_random_unit_vectors_in_the_itc_softmax(data):
+    """BLIP's queue: normalize(randn(embed_dim, queue_size), dim=0), idx −100; at the first step (α = 0) the
+    targets are the idx positives and every queue column is in the softmax."""
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    task = _task("blip", model, data, batch_size=4)
+    task.train_begin(model, None)
+    ids = torch.tensor([0, 0, 1, 2])
+    batch = {**_batch(task, model, n=4), "image_id": ids, "pair_id": torch.arange(4)}
+    out = task.forward(model, batch)
+    q = task._momentum.queue
+    assert q.filled == q.size == 24 and bool((q.ids == -100).all())
+    assert torch.allclose(q.img.norm(dim=1), torch.ones(24)) and torch.allclose(q.txt.norm(dim=1), torch.ones(24))
+    assert not torch.allclose(q.img, q.txt)  # two draws, as BLIP's two buffers
+    with torch.no_grad():  # the reference's loss with the momentum model = the model (no step yet)
+        adapter = task.adapter
+        img = adapter.encode_image(model, batch["pixel_values"])[1]
+        txt = adapter.encode_text(model, batch["input_ids"], batch["attention_mask"])
+        idx_all = torch.cat([ids, torch.full((24,), -100)])
+        targets, _ = _reference_itc(torch.zeros(4, 28), torch.zeros(4, 28), ids, idx_all)
+        sim_i2t = img @ torch.cat([txt, q.txt]).t() / 0.07
+        sim_t2i = txt @ torch.cat([img, q.img]).t() / 0.07
+        ref = (-(F.log_softmax(sim_i2t, 1) * targets).sum(1).mean() - (F.log_softmax(sim_t2i, 1) * targets).sum(1).mean()) / 2
+    assert torch.allclose(out["mom_i2t_targets"], targets, atol=1e-6)
+    labels = torch.cat([torch.ones(4), torch.zeros(8)]).long()
+    assert torch.allclose(task.loss_from(out, batch), ref + F.cross_entropy(out["itm"], labels), atol=1e-5)
+    empty = _task("blip", model, data, batch_size=4, queue_init="empty")
+    empty.train_begin(model, None)
+    assert empty.forward(model, batch)["mom_i2t"].shape == (4, 4)  # the earlier start: an empty queue
+    with pytest.raises(ConfigError, match="queue_init must be one of random, empty"):
+        _task("blip", model, data, queue_init="zeros").train_begin(model, None)
