@@ -25,6 +25,8 @@ K_TEST_FALLBACK = 256
 #: BLIP's retrieval fine-tuning: the momentum model's EMA decay, the queue length (capped at the training set),
 #: and the weight α of the momentum model's distribution in the ITC targets (raised from 0 over the first epoch)
 MOMENTUM_DECAY, QUEUE_SIZE, ALPHA = 0.995, 57600, 0.4
+#: BLIP's ITC temperature: its start and the range it is clamped to while it learns (models/blip_retrieval.py)
+TEMPERATURE, TEMPERATURE_RANGE = 0.07, (0.001, 0.5)
 #: the ITM re-ranking score: BLIP's raw positive-class logit (the default), or its softmax probability
 RERANK_RULES = ("logit", "prob")
 
@@ -177,14 +179,33 @@ class DualEncoderRetrieval(_RetrievalData):
 
 @register_task("blip-retrieval")
 class BlipRetrieval(_RetrievalData):
-    """BLIP fine-tuning losses: ITC (temperature ``temperature``, fixed: the transformers BLIP retrieval model
-    has no learnable temperature) over every rank's features + ITM with hard negatives drawn from the ITC
+    """BLIP fine-tuning losses: ITC over every rank's features, at the learnable temperature BLIP trains (clamped to
+    [0.001, 0.5]; ``learn_temperature=False``: fixed at ``temperature``), + ITM with hard negatives drawn from the ITC
     similarities over every rank's batch; evaluation ranks by ITC, then re-ranks each top-``k_test`` by ITM."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._momentum: Momentum | None = None
         self._steps = 0  # optimizer steps of this phase: with the batch, it keys the hard-negative draws
+        if self.model is not None and self.learns_temperature():  # on the model before its optimizer is built
+            self.adapter.itc_temperature(self.model, float(self.options.get("temperature", TEMPERATURE)))
+
+    def learns_temperature(self) -> bool:
+        on = self.options.get("learn_temperature", True)
+        if not isinstance(on, bool):
+            raise ConfigError(f"learn_temperature must be true or false, not {on!r}")
+        return on
+
+    def _temperature(self, model: nn.Module, clamp: bool) -> torch.Tensor | float:
+        """The ITC temperature: the model's learnable one (clamped to BLIP's range before a training step, as the
+        reference clamps it before each forward), else the fixed ``temperature`` option."""
+        p = getattr(model, "itc_temp", None) if self.learns_temperature() else None
+        if not isinstance(p, nn.Parameter):
+            return float(self.options.get("temperature", TEMPERATURE))
+        if clamp:
+            with torch.no_grad():
+                p.clamp_(*TEMPERATURE_RANGE)
+        return p
 
     # -- the momentum model (BLIP's --momentum): hooks the training loop calls ---------------------------
 
@@ -241,7 +262,7 @@ class BlipRetrieval(_RetrievalData):
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         key = tuple(tuple(batch[k].tolist()) for k in ("pair_id", "image_id") if k in batch)
         batch = self.on_device(batch, model)
-        temp = float(self.options.get("temperature", 0.07))
+        temp = self._temperature(model, clamp=guide is None)
         seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
         same = _same_image(batch, offset, len(img_all))
         out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset,
@@ -268,7 +289,7 @@ class BlipRetrieval(_RetrievalData):
         return out
 
     def _momentum_itc(self, mom: Momentum, model: nn.Module, batch: dict[str, torch.Tensor], img: torch.Tensor,
-                      txt: torch.Tensor, temp: float, key: tuple) -> dict[str, torch.Tensor]:
+                      txt: torch.Tensor, temp: torch.Tensor | float, key: tuple) -> dict[str, torch.Tensor]:
         """BLIP's ITC with momentum distillation: this rank's rows against the momentum features of every rank's
         batch and of the queue; targets α·(the momentum model's own distribution) + (1 − α)·(the positives:
         every column of the same image)."""

@@ -476,3 +476,42 @@ def test_the_queue_starts_as_blips_random_unit_vectors_in_the_itc_softmax(data):
     assert empty.forward(model, batch)["mom_i2t"].shape == (4, 4)  # the earlier start: an empty queue
     with pytest.raises(ConfigError, match="queue_init must be one of random, empty"):
         _task("blip", model, data, queue_init="zeros").train_begin(model, None)
+
+
+def test_blips_itc_temperature_learns_within_its_clamp_and_is_saved_with_the_slim_checkpoint(data, tmp_path):
+    """The reference: ``self.temp = nn.Parameter(0.07 * torch.ones([]))``, ``with torch.no_grad():
+    self.temp.clamp_(0.001, 0.5)`` at the start of each training forward, every similarity divided by it."""
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
+    task = _task("blip", model, data, momentum=False)
+    assert model.itc_temp.item() == pytest.approx(0.07) and model.itc_temp.requires_grad
+    batch = _batch(task, model, n=4)
+    for start, clamped in ((0.9, 0.5), (1e-5, 0.001), (0.2, 0.2)):
+        with torch.no_grad():
+            model.itc_temp.fill_(start)
+        out = task.forward(model, batch)
+        assert model.itc_temp.item() == pytest.approx(clamped)
+        with torch.no_grad():
+            img = task.adapter.encode_image(model, batch["pixel_values"])[1]
+            txt = task.adapter.encode_text(model, batch["input_ids"], batch["attention_mask"])
+        assert torch.allclose(out["i2t"], img @ txt.t() / clamped, atol=1e-4)
+    task.loss_from(out, batch).backward()
+    assert model.itc_temp.grad is not None and float(model.itc_temp.grad) != 0.0
+    fixed = build_tiny("blip", "BlipForImageTextRetrieval", seed=1, vocab=99)
+    del fixed._parameters["itc_temp"]
+    _task("blip", fixed, data, learn_temperature=False)
+    assert not hasattr(fixed, "itc_temp")  # fixed at the temperature option: nothing to learn or save
+
+    def cfg():
+        return upop.CompressConfig(ratio=0.5, search=_search_cfg(3), retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=2,
+                                                                                                lr=1e-2))
+
+    prep = Preprocessor(build_tokenizer(), get_adapter("blip").image_processor(32))
+    res = upop.compress(build_tiny("blip", "BlipForImageTextRetrieval", vocab=99), cfg(), data=data, task="retrieval",
+                        preprocessor=prep, batch_size=4, latency=False)
+    learned = res.model.itc_temp.item()
+    assert learned != pytest.approx(0.07, abs=1e-6) and 0.001 <= learned <= 0.5
+    loaded = upop.load(res.save(tmp_path / "slim"))
+    assert loaded.itc_temp.item() == learned
+    old = {k: v for k, v in loaded.state_dict().items() if k != "itc_temp"}  # weights of an earlier upop
+    loaded.load_state_dict(old, strict=True)
+    assert loaded.itc_temp.item() == pytest.approx(0.07)
