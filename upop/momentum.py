@@ -66,6 +66,7 @@ class FeatureQueue:
     def push(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor) -> None:
         if self.img is None:
             self._allocate(img.shape[1], img)
+        assert self.img is not None and self.txt is not None and self.ids is not None
         img, txt, ids = img[-self.size :], txt[-self.size :], ids[-self.size :]
         pos = (self.ptr + torch.arange(len(ids), device=ids.device)) % self.size
         self.img[pos.to(self.img.device)] = img.to(self.img.dtype)  # type: ignore[index]

@@ -250,8 +250,8 @@ class BlipRetrieval(_RetrievalData):
             out.update(self._momentum.state())
         return out
 
-    def _draws(self, key: tuple[int, ...], device: torch.device) -> torch.Generator:
-        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's images) and by no
+    def _draws(self, key: tuple, device: torch.device) -> torch.Generator:
+        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's pairs) and by no
         state that advances per call: DDP's first-batch probe runs a batch twice, and a resumed run starts the
         data loader (which draws from the global RNG) at another step; both still draw what an uninterrupted
         run draws."""
