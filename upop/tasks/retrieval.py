@@ -155,12 +155,21 @@ class DualEncoderRetrieval(_RetrievalData):
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         batch = self.on_device(batch, model)
         _seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
+        own = _diag_targets(len(img), offset, img.device)
+        others = _same_image(batch, offset, len(img_all))
+        others[torch.arange(len(img), device=img.device), own] = False
         return {"i2t": self.adapter.pair_logits(model, img, txt_all),
-                "t2i": self.adapter.pair_logits(model, txt, img_all), "offset": offset}
+                "t2i": self.adapter.pair_logits(model, txt, img_all), "offset": offset, "others": others}
 
     def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.adapter.pair_loss(out["i2t"], out["t2i"], _diag_targets(len(out["i2t"]), out["offset"],
-                                                                             out["i2t"].device))
+        """The model's own loss, one positive per row; another caption of the row's image in the gathered batch
+        is left out of it (a logit of −inf: no term in the softmax, none in the sigmoid loss) rather than counted
+        as a negative. (The reference's CLIP counts it as a positive, which these losses cannot take.)"""
+        others = out.get("others")
+        i2t, t2i = out["i2t"], out["t2i"]
+        if others is not None:
+            i2t, t2i = i2t.masked_fill(others, float("-inf")), t2i.masked_fill(others, float("-inf"))
+        return self.adapter.pair_loss(i2t, t2i, _diag_targets(len(i2t), out["offset"], i2t.device))
 
     def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                       temperature: float) -> torch.Tensor:

@@ -515,3 +515,30 @@ def test_blips_itc_temperature_learns_within_its_clamp_and_is_saved_with_the_sli
     old = {k: v for k, v in loaded.state_dict().items() if k != "itc_temp"}  # weights of an earlier upop
     loaded.load_state_dict(old, strict=True)
     assert loaded.itc_temp.item() == pytest.approx(0.07)
+
+
+@pytest.mark.parametrize("family,class_name", [("clip", "CLIPModel"), ("siglip", "SiglipModel")])
+def test_dual_encoders_leave_another_caption_of_the_same_image_out_of_their_loss(family, class_name, data):
+    model = build_tiny(family, class_name, vocab=99).train()
+    task = _task(family, model, data)
+    ids = torch.tensor([0, 0, 1, 2])
+    batch = {**_batch(task, model), "image_id": ids, "pair_id": torch.arange(4)}
+    out = task.forward(model, batch)
+    loss = task.loss_from(out, batch)
+    rows = []
+    for i in range(4):  # each row without the columns of its image's other captions
+        keep = [j for j in range(4) if j == i or ids[j] != ids[i]]
+        target = keep.index(i)
+        i2t, t2i = out["i2t"][i, keep], out["t2i"][i, keep]
+        if family == "clip":
+            rows.append((F.cross_entropy(i2t[None], torch.tensor([target])) +
+                         F.cross_entropy(t2i[None], torch.tensor([target]))) / 2)
+        else:
+            sign = -torch.ones(len(keep))
+            sign[target] = 1.0
+            rows.append(-F.logsigmoid(sign * t2i).sum())
+    assert torch.allclose(loss, torch.stack(rows).mean(), atol=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    distinct = {**batch, "image_id": torch.arange(4)}  # no duplicates: the model's own loss, as before
+    assert torch.allclose(task.loss(model, distinct), task.adapter.native_loss(model, _batch(task, model)), atol=1e-5)
