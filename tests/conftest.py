@@ -28,6 +28,8 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name == "itc_temp":  # BLIP's ITC temperature (0.07) is a scale, not a weight
+                continue
             if ("norm" in name.lower()) and name.endswith("weight"):
                 p.copy_(1 + std * torch.randn(p.shape, generator=g))
             else:

@@ -24,6 +24,9 @@ SEARCH_METHODS = ("upop", "unified-once", "uniform-magnitude")
 #: constant: the search trains at ``lr`` throughout (as the reference UPop code; the weights adapt most while
 #: the most is being removed, late in the search); cosine: decays to 0 over the search (upop before 0.2)
 SEARCH_LR_SCHEDULES = ("constant", "cosine")
+#: how a unit's cost is counted when the search fills the ratio: its true parameters, or the reference's weighting
+#: (an attention unit as a fixed number of MLP neurons per family: ``Adapter.paper_attn_weight``)
+COST_WEIGHTS = ("true", "paper")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -60,8 +63,11 @@ class SearchConfig:
     method: str = "upop"
     grad_accum: int = 1  # batches per optimizer step (and per mask-gradient sum)
     max_steps: int | None = None  # cap on the steps (a smoke run of a full-size setup)
+    cost_weights: str = "true"  # one of COST_WEIGHTS
 
     def validate(self) -> None:
+        if self.cost_weights not in COST_WEIGHTS:
+            raise ConfigError(f"cost weights must be one of {', '.join(COST_WEIGHTS)}, got {self.cost_weights!r}")
         if self.method not in SEARCH_METHODS:
             raise ConfigError(f"search method must be one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
         if self.lr_schedule not in SEARCH_LR_SCHEDULES:

@@ -86,6 +86,24 @@ def with_seeds(plan: Any, items: list[int], seed: int, epoch: int) -> Any:
     return out
 
 
+class CaptionPairs:
+    """Every (record, caption) pair of a split as one flat index, the reference's epoch for retrieval and
+    captioning: pair k is caption k − start[r] of record r. Only the records' running caption counts are
+    held (one integer per record), so a 566k-pair COCO epoch costs no list of pairs."""
+
+    def __init__(self, counts: Iterable[int]):
+        self.starts = np.concatenate([[0], np.cumsum(np.fromiter(counts, dtype=np.int64))])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        r = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return r, int(k - self.starts[r])
+
+
 # ---- the model processor's transform, split at uint8 -------------------------------------------
 @dataclass(frozen=True)
 class _PilGeometry:

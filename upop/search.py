@@ -20,6 +20,7 @@ from torch import nn
 from .distributed import current, mask_digest
 from .loop import CheckpointFn, LoopSettings, LossFn, Phase, ProgressFn, TrainLoop
 from .config import SearchConfig
+from .errors import ConfigError
 from .masks import MaskSet
 from .units import ModuleSpec
 
@@ -350,6 +351,31 @@ class SearchPhase(Phase):
                             skipped_steps=self.skipped)
 
 
+def paper_unit_costs(specs: Sequence[ModuleSpec], granularity: str, attn_weight: float | None,
+                     family: str = "this model") -> dict[str, float]:
+    """The reference's cost weighting (``cost_weights = "paper"``): every MLP neuron weighs 1 and every attention
+    dimension ``attn_weight`` (BLIP and CLIP: 36, "12 heads × q, k, v"; DeiT-S: 9234/769), whatever the layer's
+    true parameters; a head unit weighs its ``head_dim`` dimensions."""
+    if attn_weight is None:
+        raise ConfigError(f"cost weights 'paper': the reference has no attention:MLP weighting for {family}")
+    out = {}
+    for s in specs:
+        per_dim = float(attn_weight) if s.kind == "attn" else 1.0
+        out[s.name] = per_dim * (s.head_dim if s.kind == "attn" and granularity == "head" else 1)  # type: ignore[union-attr]
+    return out
+
+
+def _paper_costs_for(model: nn.Module, specs: Sequence[ModuleSpec], config: SearchConfig,
+                     unit_costs: Mapping[str, Sequence[float] | float] | None) -> dict[str, float]:
+    from .adapters import get_adapter
+
+    if unit_costs is not None:
+        raise ConfigError("cost weights 'paper' weigh units as the reference does; a hardware profile weighs them by "
+                          "latency: use one of the two")
+    adapter = get_adapter(model)
+    return paper_unit_costs(specs, config.granularity, getattr(adapter, "paper_attn_weight", None), adapter.family)
+
+
 def search_steps(config: SearchConfig, batches: Iterable[Any]) -> int:
     """Optimizer steps of the search: ``steps``, or ``epochs`` passes of ``grad_accum`` batches per step."""
     if config.steps is not None:
@@ -394,6 +420,8 @@ def search(
     config.validate()
     if not specs:
         raise ValueError("the model has no compressible modules")
+    if config.cost_weights == "paper":
+        unit_costs = _paper_costs_for(model, specs, config, unit_costs)
     total = search_steps(config, batches)
     settings = LoopSettings(total=total, lr=config.lr, weight_decay=config.weight_decay, amp=config.amp,
                             seed=config.seed, schedule=search_lr_schedule(config, total),

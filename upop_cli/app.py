@@ -120,6 +120,11 @@ def compress(
     momentum: Optional[bool] = typer.Option(None, "--momentum/--no-momentum",
                                             help="BLIP retrieval: distil from a momentum encoder and a queue of "
                                                  "its features, as BLIP trains (default on)."),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="BLIP retrieval: the ITM score added to the ITC "
+                                                                "similarity when re-ranking: logit (default, BLIP's) | prob."),
+    cost_weights: Optional[str] = typer.Option(None, "--cost-weights", help="What a unit costs when the search fills "
+                                                                            "the ratio: true (its parameters, default) | "
+                                                                            "paper (the reference's attention:MLP weights)."),
     distill: Optional[str] = typer.Option(None, "--distill", help="Learn from a frozen teacher: off (default) | "
                                                                    "logits (KL) | features (hidden states) | both."),
     distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the distillation "
@@ -153,7 +158,8 @@ def compress(
                  checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
                  cache_gb=cache_gb, latency=latency, weight_decay=weight_decay, augment=augment, recipe=recipe,
                  k_test=k_test, momentum=momentum, distill=distill, distill_weight=distill_weight,
-                 distill_temperature=distill_temperature, distill_search=distill_search, teacher=teacher)
+                 distill_temperature=distill_temperature, distill_search=distill_search, teacher=teacher,
+                 rerank=rerank, cost_weights=cost_weights)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
         from upop.distributed import launched_by_torchrun
 

@@ -35,7 +35,8 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
         raise ConfigError("--model is required (an alias, hub id, local folder, or demo-blip / demo-clip / demo-vit)")
     main = env_rank() == 0  # under torchrun only rank 0 draws, writes, locks and prints
     recipe = recipe_options(model, flags.get("data") or opts.get("data"), flags.get("task") or opts.get("task"),
-                            flags.get("recipe") or opts.get("recipe"), main)
+                            flags.get("recipe") or opts.get("recipe"), main,
+                            flags.get("ratio") if flags.get("ratio") is not None else opts.get("ratio"))
     o = merge(flags, {**recipe, **opts}, _defaults(model))  # flags > --config > recipe > defaults
     _unused(o, flags, {"--config " + str(config_file): opts, "the recipe": recipe}, model, main)
     cfg = _config(o)
@@ -144,7 +145,7 @@ def _config(o: dict[str, Any]):
                                  lr_schedule=o["search_lr_schedule"],
                                  seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"],
                                  grad_accum=o["grad_accum"], max_steps=o.get("max_steps"),
-                                 weight_decay=o["weight_decay"]),
+                                 weight_decay=o["weight_decay"], cost_weights=o.get("cost_weights") or "true"),
         retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"], grad_accum=o["grad_accum"],
                                    max_steps=o.get("max_steps"), weight_decay=o["weight_decay"]),
         distill=upop.DistillConfig(mode=o["distill"], weight=o["distill_weight"], temperature=o["distill_temperature"],
@@ -215,10 +216,10 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
 
 
 def task_options(o: dict[str, Any]) -> dict[str, Any]:
-    """What the task reads: the input pipeline's, the augmentation, and retrieval's k_test and momentum
-    (those two only when set, so a task that has no use for them never sees them)."""
+    """What the task reads: the input pipeline's, the augmentation, and retrieval's k_test, momentum and rerank
+    (those only when set, so a task that has no use for them never sees them)."""
     out = {"workers": o.get("workers"), "cache_gb": o.get("cache_gb"), "augment": o.get("augment")}
-    return out | {k: o[k] for k in ("k_test", "momentum") if o.get(k) is not None}
+    return out | {k: o[k] for k in ("k_test", "momentum", "rerank") if o.get(k) is not None}
 
 
 def _latency(wanted: bool, cfg: Any) -> Any:

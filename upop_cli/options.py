@@ -21,6 +21,7 @@ COMPRESS_KEYS = {
     "checkpoint_every", "grad_accum", "max_steps", "workers", "cache_gb", "latency",
     "search_lr_schedule", "weight_decay", "augment", "recipe", "k_test", "momentum",
     "distill", "distill_weight", "distill_temperature", "distill_search", "teacher",
+    "rerank", "cost_weights",
 }
 
 
@@ -103,6 +104,8 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "distill_temperature": ("a number > 0", lambda v: _is_num(v) and v > 0),
     "distill_search": ("true or false", lambda v: isinstance(v, bool)),
     "teacher": ("a model name or folder", _text),
+    "rerank": ("one of logit, prob", lambda v: v in ("logit", "prob")),
+    "cost_weights": ("one of true, paper", lambda v: v in ("true", "paper")),
 }
 
 

@@ -10,11 +10,15 @@ from rich.table import Table
 from .options import COMPRESS_KEYS, check_values
 from .out import console, print_json
 
-def checked(recipe: Any) -> dict[str, Any]:
-    """The recipe's options, held to the rules of flags and ``--config`` files (one line on a bad value)."""
+def checked(recipe: Any, ratio: float | None = None) -> dict[str, Any]:
+    """The options of the recipe's row nearest ``ratio`` (its [compress] row without one), held to the rules of
+    flags and ``--config`` files (one line on a bad value)."""
     from upop.errors import ConfigError
 
-    opts = {k.replace("-", "_"): v for k, v in recipe.options.items()}
+    for row in recipe.rows:
+        check_values({k.replace("-", "_"): v for k, v in recipe.rows[row].items()},
+                     lambda name, row=row: f"recipe {recipe.name}, row {row:g}: {name}")
+    opts = {k.replace("-", "_"): v for k, v in recipe.options_for(ratio).items()}
     unknown = sorted(set(opts) - COMPRESS_KEYS - {"recipe"})
     if unknown or "recipe" in opts:
         raise ConfigError(f"recipe {recipe.name}: unknown option(s) {', '.join(unknown or ['recipe'])}")
@@ -49,6 +53,9 @@ def recipes_show(name: str, as_json: bool) -> None:
     table.add_column("value", justify="right")
     for k, v in r.options.items():
         table.add_row(k, str(v).lower() if isinstance(v, bool) else str(v))
+    for row, changed in r.rows.items():
+        for k, v in changed.items():
+            table.add_row(f"{k} (ratio {row:g})", str(v).lower() if isinstance(v, bool) else str(v))
     metric = r.paper.get("metric")
     for k, v in r.paper.items():
         if k != "metric":
@@ -58,9 +65,11 @@ def recipes_show(name: str, as_json: bool) -> None:
 
 
 # ---- the recipe of a compress run -----------------------------------------------------------------
-def recipe_options(model: str, data: str | None, task: str | None, name: str | None, main: bool) -> dict[str, Any]:
+def recipe_options(model: str, data: str | None, task: str | None, name: str | None, main: bool,
+                   ratio: float | None = None) -> dict[str, Any]:
     """The options of the run's recipe: ``name`` (``none``: no recipe), else the one the data folder's
-    annotation files identify for the model's family and task (said in one line); the demos use none."""
+    annotation files identify for the model's family and task (said in one line); the demos use none.
+    Of a recipe with rows per ratio, the row nearest ``ratio`` (said in one line)."""
     from upop.demo import DEMOS
     from upop.recipe import NO_RECIPE, detect, load_recipe
 
@@ -85,9 +94,13 @@ def recipe_options(model: str, data: str | None, task: str | None, name: str | N
         if main:
             typer.echo(f"recipe: {recipe.name} ({recipe.dataset} annotations in {data}; --recipe none turns it off)",
                        err=True)
-    opts = checked(recipe)
+    opts = checked(recipe, ratio)
     if main:
         _say_image_size(model, recipe)
+        if recipe.rows:
+            rows = ", ".join(f"{r:g}" for r in sorted([recipe.ratio, *recipe.rows]))
+            typer.echo(f"recipe row: ratio {recipe.row_for(ratio):g} of {recipe.name} (rows {rows}): "
+                       f"{opts['search_epochs']} search and {opts['retrain_epochs']} retrain epochs", err=True)
     return opts
 
 

@@ -137,3 +137,28 @@ def test_demos_use_no_recipe_and_no_augmentation(coco, tmp_path, seen):
 def test_bad_new_options_are_one_line(flag, value, what, tmp_path):
     r = _invoke("compress", "--model", "demo-vit", "--ratio", 0.5, flag, value, "--out", tmp_path / "o")
     assert r.exit_code == 2 and f"{flag} must be {what}" in r.output
+
+
+def test_the_ratio_picks_the_recipe_row(blip_dir, coco, tmp_path, seen):
+    for ratio, epochs in ((0.5, 6), (0.75, 9), (0.8, 9)):
+        r = _invoke("compress", "--model", blip_dir, "--ratio", ratio, "--data", coco, "--recipe", "blip-coco-retrieval",
+                    "--out", tmp_path / "o")
+        assert r.exit_code == 2 and "stop here" in r.output
+        assert seen["cfg"].search.epochs == seen["cfg"].retrain.epochs == epochs
+        row = 0.5 if ratio == 0.5 else 0.75
+        assert f"recipe row: ratio {row:g} of blip-coco-retrieval (rows 0.5, 0.75): {epochs} search" in r.output
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.75, "--data", coco, "--recipe", "blip-coco-retrieval",
+                "--search-epochs", 2, "--out", tmp_path / "o")
+    assert seen["cfg"].search.epochs == 2 and seen["cfg"].retrain.epochs == 9  # a flag still wins over the row
+
+
+def test_rerank_and_cost_weights_reach_the_run_and_are_checked(blip_dir, coco, tmp_path, seen):
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, "--rerank", "prob",
+                "--cost-weights", "paper", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "stop here" in r.output
+    assert seen["task_options"]["rerank"] == "prob" and seen["cfg"].search.cost_weights == "paper"
+    r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, "--out", tmp_path / "o")
+    assert "rerank" not in seen["task_options"] and seen["cfg"].search.cost_weights == "true"  # the defaults
+    for flag, bad in (("--rerank", "softmax"), ("--cost-weights", "flops")):
+        r = _invoke("compress", "--model", blip_dir, "--ratio", 0.5, "--data", coco, flag, bad, "--out", tmp_path / "o")
+        assert r.exit_code == 2 and f"{flag} must be one of" in r.output and r.output.strip().count("\n") == 0

@@ -75,3 +75,42 @@ def test_a_bad_value_in_a_recipe_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "mine.toml").write_text('family = "blip"\n')
     with pytest.raises(ConfigError, match="recipe mine.toml lacks task, dataset, annotations, compress"):
         rc.load_recipe("mine")
+
+
+#: the reference's compress scripts (sdc17/UPop scripts/compress_*_{2x,3x,4x,5x,10x}.sh): --p and --epoch
+REFERENCE_SCRIPTS = {
+    "blip-coco-retrieval": {0.5: 6, 0.75: 9}, "blip-flickr-retrieval": {0.5: 12, 0.75: 18},
+    "blip-coco-caption": {0.5: 5, 0.75: 8}, "blip-vqa": {0.5: 10, 0.75: 15},
+    "blip-nlvr2": {0.5: 15, 0.667: 20, 0.75: 23, 0.8: 24, 0.9: 27},
+    "clip-coco-retrieval": {0.5: 6, 0.75: 9}, "clip-flickr-retrieval": {0.5: 12, 0.75: 18},
+}
+
+
+def _reference_row(script_epochs: dict[float, int], ratio: float) -> int:
+    """The script a user reproducing the paper would run for ``ratio``: the one whose --p is nearest."""
+    p = sorted(script_epochs, key=lambda q: (abs(q - ratio), q))[0]
+    return script_epochs[p]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SCRIPTS))
+def test_recipe_rows_are_chosen_by_ratio(name):
+    r = rc.load_recipe(name)
+    for ratio in (0.3, 0.5, 0.55, 0.6, 0.667, 0.7, 0.75, 0.78, 0.8, 0.85, 0.9, 0.95, *REFERENCE_SCRIPTS[name]):
+        opts = checked(r, ratio)
+        want = _reference_row(REFERENCE_SCRIPTS[name], ratio)
+        assert opts["search_epochs"] == opts["retrain_epochs"] == want, (name, ratio)
+        assert {k: v for k, v in opts.items() if "epochs" not in k} == \
+            {k: v for k, v in r.options.items() if "epochs" not in k}  # a row changes the epochs only
+    assert checked(r)["search_epochs"] == REFERENCE_SCRIPTS[name][0.5]  # no ratio (a latency target): the 2x row
+
+
+def test_deit_has_one_row_and_a_bad_row_is_one_line(tmp_path, monkeypatch):
+    assert rc.load_recipe("deit-imagenet").rows == {}
+    head = 'family = "blip"\ntask = "retrieval"\ndataset = "x"\nannotations = ["a.json"]\n[compress]\nlr = 1e-5\n'
+    monkeypatch.setattr(rc, "RECIPES_DIR", tmp_path)
+    (tmp_path / "mine.toml").write_text(head + '[rows."1.5"]\nsearch_epochs = 2\n')
+    with pytest.raises(ConfigError, match="ratio must be a number strictly between 0 and 1"):
+        rc.load_recipe("mine")
+    (tmp_path / "mine.toml").write_text(head + '[rows."0.75"]\nsearch_epochs = 0\n')
+    with pytest.raises(ConfigError, match=r"^recipe mine, row 0.75: search_epochs must be an integer >= 1, got 0$"):
+        checked(rc.load_recipe("mine"), 0.75)

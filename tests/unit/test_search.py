@@ -184,3 +184,70 @@ def test_unknown_lr_schedule_is_refused():
 
     with pytest.raises(ConfigError, match="lr schedule"):
         SearchConfig(lr_schedule="linear").validate()
+
+
+def _reference_pruned(scores_attn: torch.Tensor, scores_mlp: torch.Tensor, attn_weight: float, pi: float) -> torch.Tensor:
+    """The reference's update_alpha_parameters (compress_retrieval.py): z-score each type, sort all units
+    descending, weigh an attention unit ``attn_weight`` and an MLP unit 1, take the threshold where the weighted
+    cumulative sum is nearest π of the total, and push the units above it (bool over [attention, MLP] units)."""
+    standarlization = lambda x: (x - torch.mean(x)) / torch.std(x)  # noqa: E731
+    alpha_grad = torch.cat([standarlization(scores_attn).view(-1), standarlization(scores_mlp).view(-1)])
+    sorted_alpha_grad, indices = torch.sort(alpha_grad, descending=True)
+    compression_weight = torch.ones_like(indices, dtype=torch.float64)
+    compression_weight[indices < scores_attn.numel()] = attn_weight
+    threshold = sorted_alpha_grad[torch.argmin(torch.abs(torch.cumsum(compression_weight, 0)
+                                                          - torch.sum(compression_weight) * pi))]
+    return ~(alpha_grad <= threshold)
+
+
+@pytest.mark.parametrize("family,class_name,weight", [("blip", "BlipForImageTextRetrieval", 36.0),
+                                                      ("clip", "CLIPModel", 36.0), ("deit", "DeiTForImageClassification",
+                                                                                   9234 / 769)])
+def test_paper_cost_weights_weigh_units_as_the_reference(family, class_name, weight):
+    from upop.adapters import get_adapter
+    from upop.search import paper_unit_costs
+
+    adapter = get_adapter(family)
+    model = build_tiny(family, class_name)
+    specs = adapter.modules(model)
+    costs = paper_unit_costs(specs, "dim", adapter.paper_attn_weight)
+    table = UnitTable.build(model, specs, "dim", costs)
+    assert set(table.cost[table.is_attn].tolist()) == {weight} and set(table.cost[~table.is_attn].tolist()) == {1.0}
+    g = torch.Generator().manual_seed(0)
+    importance = torch.randn(table.cost.numel(), generator=g, dtype=torch.float64)
+    # the reference lists the attention units before the MLP units: the same ranking, reordered
+    order = torch.cat([torch.nonzero(table.is_attn).flatten(), torch.nonzero(~table.is_attn).flatten()])
+    for pi in (0.1, 0.3, 0.5):
+        ours = select_units(unified_scores(importance, table), table, pi)[order]
+        ref = _reference_pruned(importance[table.is_attn], importance[~table.is_attn], weight, pi)
+        # the reference's threshold is the unit whose cumulative weight is nearest π (the one before or the one
+        # where it crosses) and it keeps that unit; ours marks through the crossing unit: the same ranking and
+        # weights, ours the reference's set plus at most those two units
+        assert bool((ours | ~ref).all()) and int((ours & ~ref).sum()) <= 2, pi
+    head = paper_unit_costs(specs, "head", weight)
+    attn = next(s for s in specs if s.kind == "attn")
+    assert head[attn.name] == weight * attn.head_dim
+
+
+def test_paper_cost_weights_in_the_search_and_where_they_do_not_apply():
+    from upop.adapters import get_adapter
+    from upop.errors import ConfigError
+
+    adapter = get_adapter("blip")
+    model = build_tiny("blip", "BlipForImageTextRetrieval")
+    cfg = SearchConfig(ratio=0.5, steps=2, update_every=1, lr=1e-4, cost_weights="paper")
+    res = search(model, adapter.modules(model), adapter.native_loss, batches_for(adapter, model, n=2), cfg)
+    table = UnitTable.build(model, adapter.modules(model), "dim",
+                            {s.name: 36.0 if s.kind == "attn" else 1.0 for s in adapter.modules(model)})
+    removed = sum(float(table.cost[table.offsets[i] + j]) for i, s in enumerate(table.specs)
+                  for j in range(s.num_units("dim")) if j not in res.kept[s.name])
+    assert res.removed_share == pytest.approx(removed / table.total_cost)  # the share counted in the paper's weights
+    with pytest.raises(ConfigError, match="a hardware profile weighs them by latency"):
+        search(model, adapter.modules(model), adapter.native_loss, batches_for(adapter, model), cfg,
+               unit_costs={s.name: 1.0 for s in adapter.modules(model)})
+    vit = build_tiny("vit", "ViTForImageClassification")
+    with pytest.raises(ConfigError, match="no attention:MLP weighting for vit"):
+        search(vit, get_adapter("vit").modules(vit), get_adapter("vit").native_loss, batches_for(get_adapter("vit"), vit),
+               cfg)
+    with pytest.raises(ConfigError, match="cost weights must be one of true, paper"):
+        SearchConfig(cost_weights="flops").validate()

@@ -27,6 +27,26 @@ from .base import NORM_HALF, Adapter, image_size_of, rand_ids, rand_pixels, regi
 from .factories import ModelFactory
 
 
+#: BLIP's learnable ITC temperature (the reference's ``temp``: 0.07 at the start, clamped to [0.001, 0.5] before
+#: every training step). The transformers retrieval model has none: upop adds it to the retrieval models it builds
+#: and trains, as a parameter (the optimizer steps it, the slim checkpoint's weights hold it).
+ITC_TEMP, ITC_TEMP_INIT, ITC_TEMP_RANGE = "itc_temp", 0.07, (0.001, 0.5)
+
+
+def add_itc_temperature(model: nn.Module, value: float = ITC_TEMP_INIT) -> nn.Parameter:
+    """``model``'s ITC temperature parameter, added (at ``value``) where it has none. Weights without it (the
+    transformers checkpoints, slim checkpoints of an earlier upop) load with the fixed 0.07 they were trained at."""
+    if ITC_TEMP not in model._parameters:
+        dev = next(model.parameters()).device
+        model.register_parameter(ITC_TEMP, nn.Parameter(torch.tensor(float(value), device=dev)))
+        model._register_load_state_dict_pre_hook(_default_temperature)
+    return model._parameters[ITC_TEMP]  # type: ignore[return-value]
+
+
+def _default_temperature(state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    state_dict.setdefault(prefix + ITC_TEMP, torch.tensor(ITC_TEMP_INIT))
+
+
 class SlimBlipAttention(BlipAttention):
     """BlipAttention whose heads may be narrower than ``hidden_size // num_heads``."""
 
@@ -146,13 +166,25 @@ class BlipAdapter(Adapter, BlipModels):
     model_types = ("blip",)
     classes = {name: c.task for name, c in BLIP_CLASSES.items()}
     tasks = {"retrieval": "blip-retrieval", "caption": "blip-caption", "vqa": "blip-vqa"}
+    #: the reference weighs an attention dimension as 36 MLP neurons ("12 heads × q, k, v"): --cost-weights paper
+    paper_attn_weight = 36.0
     augment_policy = "blip-randaugment"  # BLIP's fine-tuning transform (also NLVR's and VQA's: each image flipped)
     towers = {"vision_model": "vision", "text_encoder": "text", "text_decoder": "decoder",
-              "vision_proj": "vision", "text_proj": "text", "itm_head": "text"}
+              "vision_proj": "vision", "text_proj": "text", "itm_head": "text", ITC_TEMP: "text"}
     feature_stacks = ("vision_model.encoder.layers", "text_encoder.encoder.layer", "text_decoder.bert.encoder.layer")
 
     def modules(self, model: nn.Module) -> list[ModuleSpec]:
         return [spec for path, mod in model.named_modules() for spec in self.specs_of(path, mod)]
+
+    def build(self, class_name: str, config: Any) -> nn.Module:
+        """A retrieval model carries the ITC temperature its training learns (``add_itc_temperature``)."""
+        model = super().build(class_name, config)
+        if blip_class(class_name).task == "retrieval":
+            add_itc_temperature(model)
+        return model
+
+    def itc_temperature(self, model: nn.Module, value: float = ITC_TEMP_INIT) -> nn.Parameter:
+        return add_itc_temperature(model, value)
 
     def specs_of(self, path: str, mod: nn.Module) -> list[ModuleSpec]:
         """The compressible modules that ``mod`` (at ``path``) is, if any."""

@@ -50,6 +50,7 @@ class CLIPModels(ModelFactory):
 @register
 class CLIPAdapter(QKVOAdapter, CLIPModels):
     family = "clip"
+    paper_attn_weight = 36.0  # compress_retrieval_clip.py's weighting (--cost-weights paper)
     model_types = ("clip",)
     classes = {"CLIPModel": "retrieval"}
     tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}

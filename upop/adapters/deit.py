@@ -21,6 +21,7 @@ class DeiTModels(ViTModels):
 @register
 class DeiTAdapter(ViTAdapter, DeiTModels):
     family = "deit"
+    paper_attn_weight = 9234 / 769  # deit/engine.py's weighting, DeiT-S's true ratio (--cost-weights paper)
     model_types = ("deit",)
     feature_stacks = ("deit.layers",)
     # The distilled "WithTeacher" class is inference-only (no loss), so it cannot be retrained here.

@@ -33,6 +33,7 @@ class SiglipModels(CLIPModels):
 @register
 class SiglipAdapter(CLIPAdapter, SiglipModels):
     family = "siglip"
+    paper_attn_weight = None  # the reference has no SigLIP run to weigh units as (--cost-weights paper)
     model_types = ("siglip",)
     classes = {"SiglipModel": "retrieval"}
     towers = {"vision_model": "vision", "text_model": "text"}

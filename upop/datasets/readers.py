@@ -153,6 +153,33 @@ def read_vqa(path: str | Path, image_root: str | Path | None = None, *,
     return out
 
 
+#: the reference's VQA training files (configs/vqa.yaml train_files): VQAv2 train and val, Visual Genome QA
+VQA_TRAIN_FILES = ("vqa_train", "vqa_val", "vg_qa")
+
+
+def vqa_training_files(data_dir: str | Path) -> list[Path]:
+    """The VQA training files the data folder holds, in the reference's order (``.json``, else ``.jsonl``)."""
+    root, out = Path(data_dir), []
+    for name in VQA_TRAIN_FILES:
+        found = next((root / f"{name}{ext}" for ext in (".json", ".jsonl") if (root / f"{name}{ext}").is_file()), None)
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def read_vqa_training(data_dir: str | Path, image_root: str | Path | None = None, *,
+                      allow_outside: bool | None = None) -> list[VQARecord]:
+    """Every question of every VQA training file present (``VQA_TRAIN_FILES``), as the reference trains:
+    VQAv2 train + val + Visual Genome QA. Every file's image paths are relative to ``image_root`` (default:
+    the data folder), so Visual Genome's images sit where ``vg_qa.json`` names them there."""
+    files = vqa_training_files(data_dir)
+    if not files:
+        raise DataError(f"{data_dir} has no VQA training file (looked for "
+                        f"{', '.join(n + '.json' for n in VQA_TRAIN_FILES)})")
+    root = image_root if image_root is not None else Path(data_dir)
+    return [r for f in files for r in read_vqa(f, root, allow_outside=allow_outside)]
+
+
 def read_classification(split_dir: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """An ImageFolder split: (image, label) pairs and the class names (sorted folder names)."""
     split_dir = Path(split_dir)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..datasets.readers import read_retrieval, read_vqa
+from ..data import CaptionPairs
+from ..datasets.readers import read_retrieval, read_vqa, read_vqa_training
 from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
@@ -49,13 +51,18 @@ class BlipCaption(Task):
     reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
+        """An epoch is every (image, caption) pair once, as the reference's (pairs / batch steps, the last
+        partial batch dropped as its loader does)."""
         recs = self._records("train")
+        pairs = CaptionPairs(len(r.captions) for r in recs)
 
         def make(idx, rng: random.Random):
-            return {"pixel_values": Images(tuple(recs[i].image for i in idx)),
-                    "captions": [rng.choice(recs[i].captions) for i in idx]}
+            at = [pairs[k] for k in idx]
+            return {"pixel_values": Images(tuple(recs[r].image for r, _c in at)),
+                    "captions": [recs[r].captions[c] for r, c in at]}
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed, images=self.images)
+        n = len(pairs)
+        return Batches(n, self.batch_size, make, seed=self.seed, drop_last=n > self.batch_size, images=self.images)
 
     def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         ids, mask, labels = _decoder_ids(self, model, batch["captions"])
@@ -91,7 +98,9 @@ class BlipVQA(Task):
     reader = staticmethod(read_vqa)
 
     def train_batches(self) -> Batches:
-        recs = [r for r in self._records("train") if r.answers]
+        """Every question with an answer of every training file present: VQAv2 train and val and Visual Genome
+        QA (``vqa_train``, ``vqa_val``, ``vg_qa``), as the reference trains."""
+        recs = [r for r in read_vqa_training(self.data_dir, self.options.get("image_root")) if r.answers]
 
         def make(idx, rng: random.Random):
             return {"pixel_values": Images(tuple(recs[i].image for i in idx)),
@@ -115,6 +124,11 @@ class BlipVQA(Task):
         finally:
             hook.remove()
         return _decoded(seen[-1], out.loss, labels.to(dev))
+
+    def image_paths(self, split: str) -> list[Path]:
+        if split != "train":
+            return super().image_paths(split)
+        return [r.image for r in read_vqa_training(self.data_dir, self.options.get("image_root"))]
 
     loss_from = _decoder_loss
     distill_terms = _token_kl

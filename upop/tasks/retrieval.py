@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -12,10 +13,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._train import amp_dtype, autocast
+from ..data import CaptionPairs
 from ..datasets.readers import read_retrieval
 from ..distributed import current
 from ..errors import ConfigError
-from ..momentum import Momentum
+from ..momentum import QUEUE_INITS, Momentum
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
@@ -25,6 +27,10 @@ K_TEST_FALLBACK = 256
 #: BLIP's retrieval fine-tuning: the momentum model's EMA decay, the queue length (capped at the training set),
 #: and the weight α of the momentum model's distribution in the ITC targets (raised from 0 over the first epoch)
 MOMENTUM_DECAY, QUEUE_SIZE, ALPHA = 0.995, 57600, 0.4
+#: BLIP's ITC temperature: its start and the range it is clamped to while it learns (models/blip_retrieval.py)
+TEMPERATURE, TEMPERATURE_RANGE = 0.07, (0.001, 0.5)
+#: the ITM re-ranking score: BLIP's raw positive-class logit (the default), or its softmax probability
+RERANK_RULES = ("logit", "prob")
 
 
 class _RetrievalData(Task):
@@ -34,17 +40,23 @@ class _RetrievalData(Task):
     reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
+        """An epoch is every (image, caption) pair once, as the reference's (pairs / batch steps). Each item
+        carries its image's index (``image_id``: another caption of the same image in the batch is a positive,
+        never a negative) and its pair's (``pair_id``: what keys the batch's random draws)."""
         recs = self._records("train")
+        pairs = CaptionPairs(len(r.captions) for r in recs)
 
         def make(idx, rng: random.Random):
-            # One caption per image per batch: every image in a batch is a distinct positive.
-            texts = [rng.choice(recs[i].captions) for i in idx]
-            batch: dict = {"pixel_values": Images(tuple(recs[i].image for i in idx))}
-            batch.update(self.prep.text(texts))
+            at = [pairs[k] for k in idx]
+            batch: dict = {"pixel_values": Images(tuple(recs[r].image for r, _c in at))}
+            batch.update(self.prep.text([recs[r].captions[c] for r, c in at]))
+            batch["image_id"] = torch.tensor([r for r, _c in at], dtype=torch.long)
+            batch["pair_id"] = torch.tensor(idx, dtype=torch.long)
+            batch["batch_key"] = (tuple(idx), tuple(r for r, _c in at))  # the same ids, on the host
             return batch
 
-        return Batches(len(recs), self.batch_size, make, seed=self.seed, drop_last=len(recs) > self.batch_size,
-                       images=self.images)
+        n = len(pairs)
+        return Batches(n, self.batch_size, make, seed=self.seed, drop_last=n > self.batch_size, images=self.images)
 
     def k_test(self, split: str) -> int:
         """ITM re-ranking depth: the ``k_test`` option, else the reference's for the dataset the split's
@@ -150,12 +162,21 @@ class DualEncoderRetrieval(_RetrievalData):
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         batch = self.on_device(batch, model)
         _seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
+        own = _diag_targets(len(img), offset, img.device)
+        others = _same_image(batch, offset, len(img_all))
+        others[torch.arange(len(img), device=img.device), own] = False
         return {"i2t": self.adapter.pair_logits(model, img, txt_all),
-                "t2i": self.adapter.pair_logits(model, txt, img_all), "offset": offset}
+                "t2i": self.adapter.pair_logits(model, txt, img_all), "offset": offset, "others": others}
 
     def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.adapter.pair_loss(out["i2t"], out["t2i"], _diag_targets(len(out["i2t"]), out["offset"],
-                                                                             out["i2t"].device))
+        """The model's own loss, one positive per row; another caption of the row's image in the gathered batch
+        is left out of it (a logit of −inf: no term in the softmax, none in the sigmoid loss) rather than counted
+        as a negative. (The reference's CLIP counts it as a positive, which these losses cannot take.)"""
+        others = out.get("others")
+        i2t, t2i = out["i2t"], out["t2i"]
+        if others is not None:
+            i2t, t2i = i2t.masked_fill(others, float("-inf")), t2i.masked_fill(others, float("-inf"))
+        return self.adapter.pair_loss(i2t, t2i, _diag_targets(len(i2t), out["offset"], i2t.device))
 
     def distill_terms(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                       temperature: float) -> torch.Tensor:
@@ -174,27 +195,33 @@ class DualEncoderRetrieval(_RetrievalData):
 
 @register_task("blip-retrieval")
 class BlipRetrieval(_RetrievalData):
-    """BLIP fine-tuning losses: ITC (temperature ``temperature``, fixed: the transformers BLIP retrieval model
-    has no learnable temperature) over every rank's features + ITM with hard negatives drawn from the ITC
+    """BLIP fine-tuning losses: ITC over every rank's features, at the learnable temperature BLIP trains (clamped to
+    [0.001, 0.5]; ``learn_temperature=False``: fixed at ``temperature``), + ITM with hard negatives drawn from the ITC
     similarities over every rank's batch; evaluation ranks by ITC, then re-ranks each top-``k_test`` by ITM."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._momentum: Momentum | None = None
         self._steps = 0  # optimizer steps of this phase: with the batch, it keys the hard-negative draws
+        if self.model is not None and self.learns_temperature():  # on the model before its optimizer is built
+            self.adapter.itc_temperature(self.model, float(self.options.get("temperature", TEMPERATURE)))
 
-    def train_batches(self) -> Batches:
-        """The batches with each record's index (``image_id``): the momentum targets count a queued feature of
-        the same image as a positive."""
-        batches = super().train_batches()
-        make = batches.make
+    def learns_temperature(self) -> bool:
+        on = self.options.get("learn_temperature", True)
+        if not isinstance(on, bool):
+            raise ConfigError(f"learn_temperature must be true or false, not {on!r}")
+        return on
 
-        def with_ids(idx, rng):
-            # The ids also as host numbers: the step keys its draws by them without reading the device.
-            return {**make(idx, rng), "image_id": torch.tensor(idx, dtype=torch.long), "image_key": tuple(idx)}
-
-        batches.make = with_ids
-        return batches
+    def _temperature(self, model: nn.Module, clamp: bool) -> torch.Tensor | float:
+        """The ITC temperature: the model's learnable one (clamped to BLIP's range before a training step, as the
+        reference clamps it before each forward), else the fixed ``temperature`` option."""
+        p = getattr(model, "itc_temp", None) if self.learns_temperature() else None
+        if not isinstance(p, nn.Parameter):
+            return float(self.options.get("temperature", TEMPERATURE))
+        if clamp:
+            with torch.no_grad():
+                p.clamp_(*TEMPERATURE_RANGE)
+        return p
 
     # -- the momentum model (BLIP's --momentum): hooks the training loop calls ---------------------------
 
@@ -212,14 +239,20 @@ class BlipRetrieval(_RetrievalData):
             self._momentum = None
             return
         if self._momentum is None:
-            n = len(self._records("train"))
+            n = sum(len(r.captions) for r in self._records("train"))  # the epoch's (image, caption) pairs
             size = self.options.get("queue_size", QUEUE_SIZE)
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ConfigError(f"queue_size must be an integer >= 1, not {size!r}")
             # A queue longer than the training set would hold the same images' stale features many times over.
             per_epoch = max(1, -(-n // (self.batch_size * current().world)))
+            masked, init = self.options.get("momentum_masked", False), self.options.get("queue_init", "random")
+            if not isinstance(masked, bool):
+                raise ConfigError(f"momentum_masked must be true or false, not {masked!r}")
+            if init not in QUEUE_INITS:
+                raise ConfigError(f"queue_init must be one of {', '.join(QUEUE_INITS)}, not {init!r}")
             self._momentum = Momentum(float(self.options.get("momentum_decay", MOMENTUM_DECAY)), min(size, max(1, n)),
-                                      float(self.options.get("alpha", ALPHA)), per_epoch)
+                                      float(self.options.get("alpha", ALPHA)), per_epoch, masked=masked,
+                                      queue_init=init, seed=self.seed)
         self._momentum.begin(model, state if "model" in state else None)
 
     def train_after_step(self, model: nn.Module) -> None:
@@ -233,8 +266,8 @@ class BlipRetrieval(_RetrievalData):
             out.update(self._momentum.state())
         return out
 
-    def _draws(self, key: tuple[int, ...], device: torch.device) -> torch.Generator:
-        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's images) and by no
+    def _draws(self, key: tuple, device: torch.device) -> torch.Generator:
+        """The generator of one batch's hard negatives, keyed by (seed, rank, step, the batch's pairs) and by no
         state that advances per call: DDP's first-batch probe runs a batch twice, and a resumed run starts the
         data loader (which draws from the global RNG) at another step; both still draw what an uninterrupted
         run draws."""
@@ -243,11 +276,14 @@ class BlipRetrieval(_RetrievalData):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        key = tuple(batch.get("image_key") or (batch["image_id"].tolist() if "image_id" in batch else ()))
+        # The key travels on the host (``batch_key``): reading it back from the device would wait on the GPU.
+        key = batch.get("batch_key") or tuple(tuple(batch[k].tolist()) for k in ("pair_id", "image_id") if k in batch)
         batch = self.on_device(batch, model)
-        temp = float(self.options.get("temperature", 0.07))
+        temp = self._temperature(model, clamp=guide is None)
         seq, img, txt, img_all, txt_all, offset = _gathered_features(self.adapter, model, batch)
-        out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset}
+        same = _same_image(batch, offset, len(img_all))
+        out = {"i2t": img @ txt_all.t() / temp, "t2i": txt @ img_all.t() / temp, "offset": offset,
+               "itc_targets": same.float() / same.sum(1, keepdim=True)}
         mom = self._momentum
         if guide is None and mom is not None and mom.ready() and "image_id" in batch:
             out.update(self._momentum_itc(mom, model, batch, img, txt, temp, key))
@@ -256,7 +292,7 @@ class BlipRetrieval(_RetrievalData):
         if guide is not None:  # a teacher scores the student's pairs
             neg_img, neg_txt = guide["neg_img"], guide["neg_txt"]
         else:
-            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], offset, self._draws(key, offset.device))
+            neg_img, neg_txt = _hard_negatives(out["t2i"], out["i2t"], same, self._draws(key, offset.device))
         dist = current()
         seq_all, _ = dist.cat_with_grad(seq, same_rows=True)
         # Gathered at the tokenizer's width, which every rank knows (asking for the widest would stall the host);
@@ -264,15 +300,15 @@ class BlipRetrieval(_RetrievalData):
         width = max(self.prep.max_length, batch["input_ids"].shape[1])
         ids_all, mask_all = (dist.cat_padded(batch[k], width=width, same_rows=True)
                              for k in ("input_ids", "attention_mask"))
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = self._itm_ids(batch["input_ids"]), batch["attention_mask"]
         out["itm"] = torch.cat([self.adapter.itm_logits(model, torch.cat([seq, seq_all[neg_img]]),
                                                         torch.cat([ids, ids]), torch.cat([mask, mask])),
-                                self.adapter.itm_logits(model, seq, ids_all[neg_txt], mask_all[neg_txt])])
+                                self.adapter.itm_logits(model, seq, self._itm_ids(ids_all[neg_txt]), mask_all[neg_txt])])
         out["neg_img"], out["neg_txt"] = neg_img, neg_txt
         return out
 
     def _momentum_itc(self, mom: Momentum, model: nn.Module, batch: dict[str, torch.Tensor], img: torch.Tensor,
-                      txt: torch.Tensor, temp: float, key: tuple) -> dict[str, torch.Tensor]:
+                      txt: torch.Tensor, temp: torch.Tensor | float, key: tuple) -> dict[str, torch.Tensor]:
         """BLIP's ITC with momentum distillation: this rank's rows against the momentum features of every rank's
         batch and of the queue; targets α·(the momentum model's own distribution) + (1 − α)·(the positives:
         every column of the same image)."""
@@ -297,9 +333,8 @@ class BlipRetrieval(_RetrievalData):
     def loss_from(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "mom_i2t" in out:
             itc = (_soft_ce(out["mom_i2t"], out["mom_i2t_targets"]) + _soft_ce(out["mom_t2i"], out["mom_t2i_targets"])) / 2
-        else:
-            target = _diag_targets(len(out["i2t"]), out["offset"], out["i2t"].device)
-            itc = (F.cross_entropy(out["i2t"], target) + F.cross_entropy(out["t2i"], target)) / 2
+        else:  # every column of the row's image is a positive (BLIP's idx-based targets)
+            itc = (_soft_ce(out["i2t"], out["itc_targets"]) + _soft_ce(out["t2i"], out["itc_targets"])) / 2
         if "itm" not in out:
             return itc
         b = len(out["i2t"])
@@ -368,19 +403,66 @@ class BlipRetrieval(_RetrievalData):
         return [_scatter(sim.shape, pairs, _cat_or_none(part)) for (pairs, _), part in zip(sets, scores)]
 
     def _itm(self, model, seq, ids, mask) -> torch.Tensor:
-        return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
+        """The re-ranking score added to the ITC similarity: the ITM head's positive-class logit (``rerank``
+        "logit", BLIP's evaluation) or its softmax probability ("prob")."""
+        logits = self.adapter.itm_logits(model, seq, self._itm_ids(ids), mask).float()
+        return logits[:, 1] if self.rerank() == "logit" else F.softmax(logits, dim=1)[:, 1]
+
+    def rerank(self) -> str:
+        rule = self.options.get("rerank", "logit")
+        if rule not in RERANK_RULES:
+            raise ConfigError(f"rerank must be one of {', '.join(RERANK_RULES)}, not {rule!r}")
+        return rule
+
+    def _itm_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ITM input: BLIP's ITM head was trained with [ENC] as the first text token (its ITC encoder reads
+        [CLS]); where the tokenizer has no [ENC], the ids as they are ([CLS]), said once."""
+        if not hasattr(self, "_enc"):  # looked up once: the vocabulary is 30k entries
+            self._enc = enc_token_id(self.prep.tokenizer)
+        enc = self._enc
+        if enc is None:
+            _say_once("note: the tokenizer has no [ENC] token; BLIP's ITM reads [CLS] as its first text token")
+            return ids
+        out = ids.clone()
+        out[:, 0] = enc
+        return out
 
 
-def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor,
+def enc_token_id(tokenizer: Any) -> int | None:
+    """The id of BLIP's [ENC] token in ``tokenizer``, or None where it has none."""
+    if tokenizer is None or "[ENC]" not in tokenizer.get_vocab():
+        return None
+    return int(tokenizer.convert_tokens_to_ids("[ENC]"))
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    """One line on stderr, once per process (rank 0 only: every rank would say the same)."""
+    if line not in _SAID and current().rank == 0:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
+
+
+def _same_image(batch: dict[str, torch.Tensor], offset: torch.Tensor, columns: int) -> torch.Tensor:
+    """[local rows, every rank's columns] bool: the columns of the row's own image. With ``image_id`` (the
+    training batches), every caption of the image in the gathered batch; without, the row's own column."""
+    if "image_id" in batch:
+        ids = batch["image_id"]
+        return ids[:, None] == current().cat_same(ids)[None, :]  # training batches: equal rows on every rank
+    rows = torch.arange(len(batch["input_ids"]), device=offset.device)
+    return rows[:, None] + offset == torch.arange(columns, device=offset.device)[None, :]
+
+
+def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, same: torch.Tensor,
                     gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each local text a negative image, for each local image a negative text (indices into every rank's
-    rows), drawn from the softmax of the similarities over all ranks' columns with the positive left out."""
+    rows), drawn from the softmax of the similarities over all ranks' columns with every column of the row's
+    own image (``same``) left out. A row whose gathered batch holds nothing but its own image (possible
+    only when one image has more captions than the gathered batch) draws uniformly: it has no negative."""
     with torch.no_grad():
-        rows = torch.arange(len(t2i), device=t2i.device)
-        pos = torch.zeros(t2i.shape, dtype=torch.bool, device=t2i.device)
-        pos[rows, rows + offset.to(t2i.device)] = True
-        w_t2i = F.softmax(t2i.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
-        w_i2t = F.softmax(i2t.float(), dim=1).masked_fill(pos, 0) + 1e-9 * (~pos)
+        w_t2i, w_i2t = _negative_weights(t2i, same), _negative_weights(i2t, same)
         return torch.multinomial(w_t2i, 1, generator=gen).squeeze(1), torch.multinomial(w_i2t, 1, generator=gen).squeeze(1)
 
 
@@ -409,6 +491,14 @@ def _by_image(pairs: torch.Tensor) -> tuple[torch.Tensor, Callable[[int, int], s
         return slice(edges[0], edges[1])
 
     return pairs, bounds
+
+
+def _negative_weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """BLIP's draw weights: softmax of the row's similarities, 0 on its own image's columns; a floor of 1e-9
+    elsewhere keeps a row whose softmax underflows drawable."""
+    pos = same.to(sim.device)
+    floor = 1e-9 * (~pos | pos.all(1, keepdim=True))
+    return F.softmax(sim.float(), dim=1).masked_fill(pos, 0) + floor
 
 
 def _pairs(top: torch.Tensor, first: int, rows_are_images: bool, keep: range | None = None) -> torch.Tensor:

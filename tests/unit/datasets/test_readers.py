@@ -165,3 +165,52 @@ def test_nlvr_reader_names_file_and_record(data, tmp_path, record, message):
         assert [r.label for r in read_nlvr(ok)] == [1, 0, 1, 0]
     finally:
         ok.unlink()
+
+
+def _vqa_folder(root, files):
+    """A data folder with the given VQA training files in BLIP's formats: vqa_train / vqa_val (COCO images, ten
+    annotator answers, "dataset": "vqa"), vg_qa (Visual Genome images, one answer, "dataset": "vg")."""
+    from PIL import Image
+
+    for sub in ("train2014", "val2014", "VG_100K"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / sub / "1.jpg")
+    rec = {"vqa_train": lambda i: {"question_id": i, "image": "train2014/1.jpg", "question": f"q{i}?",
+                                   "answer": ["yes"] * 10, "dataset": "vqa"},
+           "vqa_val": lambda i: {"question_id": 100 + i, "image": "val2014/1.jpg", "question": f"v{i}?",
+                                 "answer": ["no"] * 9 + ["yes"], "dataset": "vqa"},
+           "vg_qa": lambda i: {"image": "VG_100K/1.jpg", "question": f"g{i}?", "answer": ["red"], "dataset": "vg"}}
+    for name, n, lines in files:
+        recs = [rec[name](i) for i in range(n)]
+        text = "\n".join(json.dumps(r) for r in recs) if lines else json.dumps(recs)
+        (root / f"{name}.{'jsonl' if lines else 'json'}").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files", [
+    [("vqa_train", 2, False), ("vqa_val", 3, False), ("vg_qa", 4, False)],
+    [("vqa_train", 2, False), ("vg_qa", 5, True)],
+    [("vqa_val", 3, True)],
+    [("vqa_train", 4, False)],
+], ids=["all", "train+vg", "val-only", "train-only"])
+def test_vqa_training_reads_every_training_file_present(tmp_path, files):
+    from upop.datasets.readers import read_vqa_training, vqa_training_files
+
+    root = _vqa_folder(tmp_path / "vqa", files)
+    assert [p.name.split(".")[0] for p in vqa_training_files(root)] == [f[0] for f in files]
+    recs = read_vqa_training(root)
+    # the reference's dataset: the concatenation of every train file's annotation list
+    reference = [r for name, _n, lines in files
+                 for r in ([json.loads(x) for x in (root / f"{name}.jsonl").read_text().splitlines()] if lines
+                           else json.loads((root / f"{name}.json").read_text()))]
+    assert len(recs) == len(reference) == sum(n for _f, n, _l in files)
+    assert [r.question for r in recs] == [r["question"] for r in reference]
+    assert [r.image.relative_to(root).as_posix() for r in recs] == [r["image"] for r in reference]
+    assert all(r.answers == ref["answer"] for r, ref in zip(recs, reference))
+
+
+def test_vqa_training_without_a_training_file_is_one_line(tmp_path):
+    from upop.datasets.readers import read_vqa_training
+
+    with pytest.raises(DataError, match="has no VQA training file .*vqa_train.json, vqa_val.json, vg_qa.json"):
+        read_vqa_training(tmp_path)

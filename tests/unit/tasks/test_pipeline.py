@@ -107,14 +107,15 @@ def _task(data, workers: int, batch_size: int = 4):
 def _today(task, batch_size: int) -> Batches:
     """The synchronous batches upop built before the pipeline: the processor called in the loop."""
     recs = task._records("train")
+    pairs = [(r, c) for r, rec in enumerate(recs) for c in range(len(rec.captions))]  # an epoch: every pair once
 
     def make(idx, rng):
-        texts = [rng.choice(recs[i].captions) for i in idx]
-        batch = {"pixel_values": task.prep.pixels([open_image(recs[i].image) for i in idx])}
+        texts = [recs[pairs[k][0]].captions[pairs[k][1]] for k in idx]
+        batch = {"pixel_values": task.prep.pixels([open_image(recs[pairs[k][0]].image) for k in idx])}
         batch.update(task.prep.text(texts))
         return batch
 
-    return Batches(len(recs), batch_size, make, seed=task.seed, drop_last=len(recs) > batch_size)
+    return Batches(len(pairs), batch_size, make, seed=task.seed, drop_last=len(pairs) > batch_size)
 
 
 def _assert_same(new: dict, old: dict, store: ImageStore) -> None:
@@ -128,9 +129,9 @@ def _assert_same(new: dict, old: dict, store: ImageStore) -> None:
 def test_loader_batches_are_todays_batches_single_shards_and_resumed(data, workers):
     task = _task(data, workers)
     new, old = task.train_batches(), _today(task, 4)
-    assert len(new) == len(old) == 3
+    assert len(new) == len(old) == 9  # 12 images × 3 captions, 4 a batch
     it_new, it_old = new.endless(), old.endless()
-    for _ in range(7):  # over two pass boundaries
+    for _ in range(19):  # over two pass boundaries
         _assert_same(next(it_new), next(it_old), task.images)
         assert new.position == old.position
     # a run resumed from the position continues with the batches that followed, making none before them

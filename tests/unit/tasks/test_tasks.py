@@ -106,3 +106,20 @@ def test_nlvr_batches_hold_image_pairs_and_val_reads_a_dev_file(data, tmp_path):
     (dev / "nlvr_val.json").rename(dev / "nlvr_dev.json")  # NLVR2 calls its validation split dev
     t2 = make_task(get_adapter("blip_nlvr"), "nlvr", prep_for("blip_nlvr", model), dev, model=model)
     assert t2.evaluate(model, "val")["acc"] == t.evaluate(model, "val")["acc"]
+
+
+def test_vqa_trains_on_every_training_file_present(tmp_path):
+    import shutil
+
+    from ..datasets.test_readers import _vqa_folder
+
+    root = _vqa_folder(tmp_path / "vqa", [("vqa_train", 2, False), ("vqa_val", 3, False), ("vg_qa", 4, True)])
+    shutil.copy(root / "vqa_val.json", root / "vqa_test.json")
+    model = build_tiny("blip", "BlipForQuestionAnswering", vocab=99)
+    adapter = get_adapter("blip")
+    task = make_task(adapter, "vqa", Preprocessor(build_tokenizer(), adapter.image_processor(32)), root, model=model,
+                     batch_size=1)
+    questions = [q for b in task.train_batches() for q in b["questions"]]
+    assert sorted(questions) == sorted([f"q{i}?" for i in range(2)] + [f"v{i}?" for i in range(3)] +
+                                       [f"g{i}?" for i in range(4)])
+    assert root / "VG_100K" / "1.jpg" in task.image_paths("train")  # checked before a run, as the others
