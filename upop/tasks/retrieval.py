@@ -72,13 +72,13 @@ class _RetrievalData(Task):
         bs = self.eval_batch_size
         groups = [[r.image for r in recs[s : min(s + bs, mine.stop)]] for s in range(mine.start, mine.stop, bs)]
         for px in self.images.stream(groups, dev):
-            seq, feat = self.adapter.encode_image(model, px)
+            seq, feat = self.forwards.encode_image(model, px)
             img_feats.add(feat.float())
             if seq is not None:
                 img_seqs.add(seq)  # in the model's compute dtype, on its device
         for s in range(my_texts.start, my_texts.stop, bs):
             tok = to_device(self.prep.text(texts[s : min(s + bs, my_texts.stop)]), dev)
-            txt_feats.add(self.adapter.encode_text(model, **tok).float())
+            txt_feats.add(self.forwards.encode_text(model, **tok).float())
         # Every rank joins every gather, also one whose share is empty (fewer records than ranks).
         img, txt = dist.cat(img_feats.rows(), dev), dist.cat(txt_feats.rows(), dev)
         return recs, texts, text_img, img, img_seqs.rows(), txt
@@ -347,7 +347,7 @@ class BlipRetrieval(_RetrievalData):
         return out
 
     def _itm(self, model, seq, ids, mask) -> torch.Tensor:
-        return F.softmax(self.adapter.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
+        return F.softmax(self.forwards.itm_logits(model, seq, ids, mask).float(), dim=1)[:, 1]
 
 
 def _hard_negatives(t2i: torch.Tensor, i2t: torch.Tensor, offset: torch.Tensor,
