@@ -196,8 +196,12 @@ class TrtModel(GraphModel):
         return list(self.runners[graph].inputs)
 
     def output_names(self, graph: str) -> list[str]:
+        """The ONNX graph's output order (an engine lists its tensors in an order of its own)."""
         self._check_graph(graph)
-        return list(self.runners[graph].outputs)
+        spec = next(g for g in self.manifest["graphs"] if g["name"] == graph).get("outputs")
+        names = [o.get("name") for o in spec] if isinstance(spec, list) and all(isinstance(o, dict) for o in spec) \
+            else []
+        return names if sorted(map(str, names)) == sorted(self.runners[graph].outputs) else list(self.runners[graph].outputs)
 
     def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
         import torch
@@ -208,7 +212,7 @@ class TrtModel(GraphModel):
         runner.run()
         # .cpu() waits on the current stream, the one the engine was enqueued on
         return [outs[name].float().cpu().numpy() if outs[name].is_floating_point() else outs[name].cpu().numpy()
-                for name in runner.outputs]
+                for name in self.output_names(graph)]
 
 
 def read_engines_manifest(engine_dir: str | Path) -> dict[str, Any]:
