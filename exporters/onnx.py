@@ -26,7 +26,7 @@ from upop.checkpoint import atomic_dir
 from upop.errors import ExportError, ParityError  # noqa: F401  (defined with every error, raised and re-exported here)
 from upop.safety import check_replace
 
-from .evaluate import evaluation_record
+from .record import evaluation_record
 from .graphs import export_graphs
 from .registry import register
 from .sessions import ort_session
