@@ -61,7 +61,7 @@ class Artifact:
         return self.model.manifest
 
     def providers(self) -> list[str]:
-        used = getattr(self.model, "providers_used", dict)()
+        used = self.model.providers_used()
         return sorted({p for v in used.values() for p in v[:1]})
 
 

@@ -71,6 +71,10 @@ class GraphModel:
     def output_names(self, graph: str) -> list[str]:
         raise NotImplementedError
 
+    def providers_used(self) -> dict[str, list[str]]:
+        """Per graph, where it runs (first: the provider or runtime that runs it)."""
+        raise NotImplementedError
+
     def graph_names(self) -> list[str]:
         return [g["name"] for g in self.manifest["graphs"]]
 

@@ -20,7 +20,7 @@ from upop.exporters.runtime import OrtModel
 from upop.tasks import Preprocessor
 from upop_cli.app import app
 
-from ...conftest import build_tiny
+from ...conftest import batches_for, build_tiny
 
 LIMIT = 24  # records per evaluation: every metric is computed, in seconds per model
 
@@ -102,18 +102,30 @@ def generation_data(tmp_path_factory):
     return shapes(tmp_path_factory.mktemp("gen") / "shapes", train=4, val=4, test=6, classification_per_class=(1, 1, 1))
 
 
-def _model_folder(root: Path, class_name: str) -> Path:
-    model = build_tiny("blip", class_name, vocab=99)
+def _model_folder(root: Path, class_name: str, ratio: float) -> Path:
+    """A tiny random model folder, or (ratio > 0) a slim checkpoint of it, whose layers kept different widths (the
+    decoder's cache then differs per layer); with the tokenizer and image processor beside it."""
+    import upop
+
     adapter = get_adapter("blip")
-    model.save_pretrained(root / "m")
-    Preprocessor(build_tokenizer(), adapter.image_processor(32)).save_pretrained(root / "m")
-    return root / "m"
+    model = build_tiny("blip", class_name, vocab=99)
+    if ratio:
+        cfg = upop.CompressConfig(ratio=ratio, search=upop.SearchConfig(steps=3, update_every=1, lr=1e-4),
+                                  retrain=upop.RetrainConfig(epochs=0))
+        folder = upop.compress(model, cfg, batches=batches_for(adapter, model, n=2)).save(root / "m")
+    else:
+        folder = root / "m"
+        model.save_pretrained(folder)
+    Preprocessor(build_tokenizer(), adapter.image_processor(32)).save_pretrained(folder)
+    return folder
 
 
 @pytest.mark.parametrize("class_name", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"],
                          ids=["caption", "vqa"])
-def test_fp32_export_of_a_generation_model_decodes_as_pytorch(class_name, generation_data, tmp_path, monkeypatch):
-    folder = _model_folder(tmp_path, class_name)
+@pytest.mark.parametrize("ratio", [0.0, 0.5], ids=["unpruned", "slim"])
+def test_fp32_export_of_a_generation_model_decodes_as_pytorch(class_name, ratio, generation_data, tmp_path,
+                                                              monkeypatch):
+    folder = _model_folder(tmp_path, class_name, ratio)
     get("onnx")(folder, tmp_path / "e")
     decoded: list[list[str]] = []
     real_decode = Preprocessor.decode
