@@ -6,12 +6,14 @@ length); only its ``forwards`` (``upop.tasks.base.Forwards``, the seam every eva
 ``ArtifactForwards``, which run the artifact's graphs: the encoders, BLIP's ITM, the classifier, NLVR's
 reasoning graph, and greedy decoding over the decoder graphs (captioning with its KV cache, VQA).
 
-Tolerance. An fp32 graph reproduces PyTorch's outputs to ~1e-6 (``upop export`` checks every graph to
-``FP32_TOL`` = 1e-4 on random inputs). A metric counts, ranks or decodes those outputs, so it moves only where
-two scores lie within that error of each other (an argmax, a rank, a greedy token flips). ``METRIC_TOL`` allows
-no such flip beyond summation order: the fp32 artifact's metrics must equal PyTorch's to 1e-4 points (tested for
-every task on the demos and the tiny captioning and VQA models, none of which has such a near-tie). An FP16 or
-INT8 artifact moves scores by far more, and its metric is reported, not held to this.
+Tolerance. An fp32 graph reproduces PyTorch's outputs to within ``FP32_TOL`` = 1e-4 (``upop export`` checks
+every graph on random inputs and records the max abs error in ``export.json``). A metric counts ranks, argmaxes
+or greedy tokens of those outputs, so it moves only where two scores lie within that error of each other (a near
+tie flips). ``METRIC_TOL`` = 1e-4 points admits no flip (one record of a 5,000-record split is worth 0.02 points):
+it absorbs float rounding only, and the tests hold every task's fp32 export to it (the demos, and tiny captioning
+and VQA models unpruned and slim, their decoded text compared too). On a large split a near tie may exist; its
+flip moves an accuracy or recall by one record's worth (100/n points) and is not an export error. FP16 and INT8
+artifacts move scores by far more: their metric is reported, not held to this.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from upop.errors import ConfigError, ExportFolderError
+from upop.errors import ConfigError, ExportFolderError, UpopError
 from upop.tasks.base import Forwards
 
 from .record import Record, evaluation_record, read_record
@@ -44,6 +46,8 @@ TASK_GRAPHS = {
     "blip-caption": ("vision_encoder", "decoder_prefill", "decoder_step"),
     "blip-vqa": ("vision_encoder", "question_encoder", "answer_decoder"), "blip-nlvr": ("reasoning",),
 }
+
+
 # ---- the artifact and its forwards ---------------------------------------------------------------
 
 @dataclass
@@ -89,7 +93,7 @@ def open_artifact(export_dir: str | Path, runtime: str = "onnxruntime", device: 
         meta = read_engines_manifest(folder)
         try:
             max_batch = ShapeRange.parse(str(meta.get("batch", "1:8:32"))).max
-        except Exception:
+        except UpopError:
             raise ExportFolderError(f"{folder / 'engines.json'} is damaged (batch is not MIN:OPT:MAX)") from None
         model: GraphModel = TrtModel(folder)
         return Artifact(model, read_record(model.manifest, folder / "onnx" / "export.json"), folder / "onnx",
