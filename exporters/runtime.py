@@ -185,12 +185,17 @@ class TrtModel(GraphModel):
         self.dir = Path(engine_dir)
         self.meta = read_engines_manifest(self.dir)
         self.manifest = read_export_manifest(self.dir / "onnx")
-        self.runners = {e["name"]: EngineRunner(member(self.dir, e["file"], f"engine {e['name']} file",
-                                                       ExportFolderError).read_bytes())
-                        for e in self.meta["engines"]}
+        self.runners = {e["name"]: EngineRunner(self._engine_bytes(e)) for e in self.meta["engines"]}
         missing = sorted(set(self.graph_names()) - set(self.runners))
         if missing:
             raise ExportFolderError(f"{self.dir / 'engines.json'} has no engine for graph(s) {', '.join(missing)}")
+
+    def _engine_bytes(self, entry: dict[str, Any]) -> bytes:
+        path = member(self.dir, entry.get("file"), f"engine {entry['name']} file", ExportFolderError)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ExportFolderError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
 
     def providers_used(self) -> dict[str, list[str]]:
         return {k: ["TensorRT"] for k in self.runners}

@@ -246,6 +246,9 @@ def test_tensorrt_runtime_over_stub_engines(exports, tmp_path, monkeypatch):
     _assert_same(evaluate_export(exports["demo-blip"], limit=LIMIT), got)
     # the ONNX graphs of a TensorRT folder run in ONNX Runtime too
     _assert_same(got, evaluate_export(folder, limit=LIMIT))
+    (folder / "itm.engine").unlink()
+    with pytest.raises(ExportFolderError, match="itm.engine cannot be read"):
+        evaluate_export(folder, runtime="tensorrt")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
@@ -268,7 +271,7 @@ def test_tensorrt_engines_evaluate_as_pytorch(demo, tmp_path):
     ref = _json([demo, "--device", "cpu", "--limit", str(LIMIT)])
     got = _json([str(tmp_path / "t"), "--runtime", "tensorrt", "--limit", str(LIMIT)])
     assert got["providers"] == ["TensorRT"]
-    # TF32 / fused kernels move scores by ~1e-3: the metric is held to one record's worth, not METRIC_TOL
-    for k in ("primary",):
-        assert abs(got["metrics"][k] - ref["metrics"][k]) <= 100.0 / LIMIT + 1e-6
+    # TensorRT builds fp32 networks with TF32 allowed (its default), which moves scores past fp32 rounding: the
+    # metric is held to one record's worth, not METRIC_TOL
+    assert abs(got["metrics"]["primary"] - ref["metrics"]["primary"]) <= 100.0 / LIMIT + 1e-6
     assert np.isfinite(list(got["metrics"].values())).all()
