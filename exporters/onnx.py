@@ -26,6 +26,7 @@ from upop.checkpoint import atomic_dir
 from upop.errors import ExportError, ParityError  # noqa: F401  (defined with every error, raised and re-exported here)
 from upop.safety import check_replace
 
+from .record import evaluation_record
 from .graphs import export_graphs
 from .precision import PrecisionOptions, add_precisions
 from .registry import register
@@ -180,6 +181,7 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
         "machine": platform.machine(), "graphs": [], "task": loaded.adapter.task_of(model),
         "labels": {str(k): v for k, v in (getattr(model.config, "id2label", None) or {}).items()},
         "tokens": _special_tokens(model.config),
+        "evaluation": evaluation_record(source, model, loaded.adapter),  # what `upop eval EXPORT_DIR` needs
     }
     with atomic_dir(out) as tmp:
         for graph in graphs:

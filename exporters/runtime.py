@@ -58,43 +58,32 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-class OrtModel:
-    def __init__(self, export_dir: str | Path, fp16: bool = False, providers: list[str] | None = None):
-        import onnxruntime as ort
+class GraphModel:
+    """The task loops over an export's graphs, for any runtime that implements ``run``, ``input_names`` and
+    ``output_names`` (ONNX Runtime: ``OrtModel``; TensorRT: ``TrtModel``). Arrays in and out (numpy)."""
 
-        self.dir = Path(export_dir)
-        self.manifest = read_export_manifest(export_dir)
-        if fp16 and not all("fp16" in g for g in self.manifest["graphs"]):
-            raise ExportFolderError(f"{export_dir} has no FP16 graphs: export it with --fp16, or run without --fp16")
-        avail = ort.get_available_providers()
-        self.providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail]
-        self.sessions: dict[str, Any] = {}
-        for g in self.manifest["graphs"]:
-            f = g["fp16"]["file"] if fp16 else g["file"]
-            try:
-                self.sessions[g["name"]] = ort_session(self.dir / f, self.providers)
-            except _session_errors() as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ExportFolderError(f"{self.dir / f} cannot be loaded (damaged or not an ONNX graph): "
-                                        f"{first[:200]}") from None
-
-    def providers_used(self) -> dict[str, list[str]]:
-        return {k: s.get_providers() for k, s in self.sessions.items()}
+    manifest: dict[str, Any]
 
     def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
-        if graph not in self.sessions:
-            raise ExportFolderError(f"this export has no graph {graph!r} (it has {', '.join(self.sessions)})")
-        sess = self.sessions[graph]
-        wanted = [i.name for i in sess.get_inputs()]
-        if set(wanted) - set(inputs):
-            raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
-                                    f"{self.manifest['task']} export gives it: the graph is not this export's")
-        try:
-            return sess.run(None, {name: inputs[name] for name in wanted})
-        except _session_errors() as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportFolderError(f"{self.dir}: graph {graph} cannot run on these inputs (not this export's "
-                                    f"graph?): {first[:200]}") from None
+        """The graph's outputs, in its output order, from the inputs it reads (others are ignored)."""
+        raise NotImplementedError
+
+    def input_names(self, graph: str) -> list[str]:
+        raise NotImplementedError
+
+    def output_names(self, graph: str) -> list[str]:
+        raise NotImplementedError
+
+    def providers_used(self) -> dict[str, list[str]]:
+        """Per graph, where it runs (first: the provider or runtime that runs it)."""
+        raise NotImplementedError
+
+    def graph_names(self) -> list[str]:
+        return [g["name"] for g in self.manifest["graphs"]]
+
+    def _check_graph(self, graph: str) -> None:
+        if graph not in self.graph_names():
+            raise ExportFolderError(f"this export has no graph {graph!r} (it has {', '.join(self.graph_names())})")
 
     # ---- task loops --------------------------------------------------------------------------
     def greedy_caption(self, pixel_values: np.ndarray, bos: int, eos: int, max_new_tokens: int = 30,
@@ -104,27 +93,22 @@ class OrtModel:
         (emb,) = self.run("vision_encoder", pixel_values=pixel_values)
         batch = emb.shape[0]
         ids = np.full((batch, 1), bos, dtype=np.int64)
-        prefill = self.sessions["decoder_prefill"]
-        outs = prefill.run(None, {k: v for k, v in {"image_embeds": emb, "input_ids": ids,
-                                                     "attention_mask": np.ones_like(ids)}.items()
-                                  if k in {i.name for i in prefill.get_inputs()}})
-        names = [o.name for o in prefill.get_outputs()]
-        state = dict(zip(names, outs))
+        outs = self.run("decoder_prefill", image_embeds=emb, input_ids=ids, attention_mask=np.ones_like(ids))
+        state = dict(zip(self.output_names("decoder_prefill"), outs))
         past = {n.replace("present_", "past_"): v for n, v in state.items() if n.startswith("present_")}
         past.update({f"past_{n}": v for n, v in state.items() if n.startswith("cross_")})
         logits = state["logits"]
         done = np.zeros(batch, dtype=bool)
-        step = self.sessions["decoder_step"]
-        step_outputs = [o.name for o in step.get_outputs()]
+        step_outputs = self.output_names("decoder_step")
         for _ in range(max_new_tokens):
             nxt = np.where(done, pad, logits[:, -1].argmax(-1))
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
             done |= nxt == eos
             if done.all() or ids.shape[1] > max_new_tokens:
                 break
-            feed = {"image_embeds": emb, "input_ids": nxt[:, None].astype(np.int64),
-                    "attention_mask": np.ones_like(ids), **past}
-            res = dict(zip(step_outputs, step.run(None, {i.name: feed[i.name] for i in step.get_inputs()})))
+            res = dict(zip(step_outputs, self.run("decoder_step", image_embeds=emb,
+                                                  input_ids=nxt[:, None].astype(np.int64),
+                                                  attention_mask=np.ones_like(ids), **past)))
             logits = res["logits"]
             past.update({n.replace("present_", "past_"): v for n, v in res.items() if n.startswith("present_")})
         return ids
@@ -154,3 +138,115 @@ class OrtModel:
             if done.all():
                 break
         return ids
+
+
+class OrtModel(GraphModel):
+    def __init__(self, export_dir: str | Path, fp16: bool = False, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        self.manifest = read_export_manifest(export_dir)
+        if fp16 and not all("fp16" in g for g in self.manifest["graphs"]):
+            raise ExportFolderError(f"{export_dir} has no FP16 graphs: export it with --fp16, or run without --fp16")
+        avail = ort.get_available_providers()
+        self.providers = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail]
+        self.sessions: dict[str, Any] = {}
+        for g in self.manifest["graphs"]:
+            f = g["fp16"]["file"] if fp16 else g["file"]
+            try:
+                self.sessions[g["name"]] = ort_session(self.dir / f, self.providers)
+            except _session_errors() as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ExportFolderError(f"{self.dir / f} cannot be loaded (damaged or not an ONNX graph): "
+                                        f"{first[:200]}") from None
+
+    def providers_used(self) -> dict[str, list[str]]:
+        return {k: s.get_providers() for k, s in self.sessions.items()}
+
+    def input_names(self, graph: str) -> list[str]:
+        self._check_graph(graph)
+        return [i.name for i in self.sessions[graph].get_inputs()]
+
+    def output_names(self, graph: str) -> list[str]:
+        self._check_graph(graph)
+        return [o.name for o in self.sessions[graph].get_outputs()]
+
+    def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        wanted = self.input_names(graph)
+        if set(wanted) - set(inputs):
+            raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
+                                    f"{self.manifest['task']} export gives it: the graph is not this export's")
+        try:
+            return self.sessions[graph].run(None, {name: inputs[name] for name in wanted})
+        except _session_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportFolderError(f"{self.dir}: graph {graph} cannot run on these inputs (not this export's "
+                                    f"graph?): {first[:200]}") from None
+
+
+class TrtModel(GraphModel):
+    """The engines of a ``upop export --format trt`` folder (``engines.json``, the ONNX export in ``onnx/``),
+    run with ``EngineRunner`` (TensorRT 10 and 11 API): numpy in, the outputs copied back to the host after
+    each run (the task loops are written over host arrays)."""
+
+    def __init__(self, engine_dir: str | Path):
+        from .tensorrt import EngineRunner, require_tensorrt
+
+        require_tensorrt()
+        self.dir = Path(engine_dir)
+        self.meta = read_engines_manifest(self.dir)
+        self.manifest = read_export_manifest(self.dir / "onnx")
+        self.runners = {e["name"]: EngineRunner(self._engine_bytes(e)) for e in self.meta["engines"]}
+        missing = sorted(set(self.graph_names()) - set(self.runners))
+        if missing:
+            raise ExportFolderError(f"{self.dir / 'engines.json'} has no engine for graph(s) {', '.join(missing)}")
+
+    def _engine_bytes(self, entry: dict[str, Any]) -> bytes:
+        path = member(self.dir, entry.get("file"), f"engine {entry['name']} file", ExportFolderError)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ExportFolderError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+    def providers_used(self) -> dict[str, list[str]]:
+        return {k: ["TensorRT"] for k in self.runners}
+
+    def input_names(self, graph: str) -> list[str]:
+        self._check_graph(graph)
+        return list(self.runners[graph].inputs)
+
+    def output_names(self, graph: str) -> list[str]:
+        """The ONNX graph's output order (an engine lists its tensors in an order of its own)."""
+        self._check_graph(graph)
+        spec = next(g for g in self.manifest["graphs"] if g["name"] == graph).get("outputs")
+        names = [o.get("name") for o in spec] if isinstance(spec, list) and all(isinstance(o, dict) for o in spec) \
+            else []
+        return names if sorted(map(str, names)) == sorted(self.runners[graph].outputs) else list(self.runners[graph].outputs)
+
+    def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        runner = self.runners[graph]
+        outs = runner.bind({name: torch.from_numpy(np.ascontiguousarray(inputs[name]))
+                            for name in self.input_names(graph)})
+        runner.run()
+        # .cpu() waits on the current stream, the one the engine was enqueued on
+        return [outs[name].float().cpu().numpy() if outs[name].is_floating_point() else outs[name].cpu().numpy()
+                for name in self.output_names(graph)]
+
+
+def read_engines_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    """``engines.json`` of a TensorRT export folder, checked like ``export.json``."""
+    folder = Path(engine_dir)
+    path = folder / "engines.json"
+    if not path.is_file():
+        raise ExportFolderError(f"{engine_dir} is not a upop TensorRT export folder (no engines.json)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportFolderError(f"{path} is damaged (not valid JSON: {str(exc).splitlines()[0]})") from None
+    engines = meta.get("engines") if isinstance(meta, dict) else None
+    if not isinstance(engines, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                for e in engines):
+        raise ExportFolderError(f"{path} is damaged (no list of named engines)")
+    return meta

@@ -180,7 +180,7 @@ def compress(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="Model (alias, demo, hub id, folder) or slim checkpoint."),
+    model: str = typer.Argument(..., help="Model (alias, demo, hub id, folder), slim checkpoint, or export folder."),
     task: Optional[str] = TaskOpt,
     data: Optional[str] = DataOpt,
     split: str = typer.Option("test", "--split"),
@@ -189,14 +189,16 @@ def evaluate(
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     allow_outside_data: bool = OutsideOpt,
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="An export folder: run it in onnxruntime "
+                                                                  "(default) or tensorrt (a --format trt folder)."),
 ) -> None:
-    """Evaluate a model or slim checkpoint on a task.
+    """Evaluate a model, slim checkpoint or export folder on a task (an export: every forward by the artifact).
 
-    Example: upop eval demo-blip --split test
+    Example: upop eval demo-blip --split test; upop eval upop-export/demo-blip-onnx --runtime onnxruntime
     """
     from .eval_cmd import run
 
-    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json, allow_outside_data))
+    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json, allow_outside_data, runtime))
 
 
 @app.command()

@@ -13,13 +13,25 @@ MAX_SHAPES_SIZE = 4096
 MAX_IMAGES = 1_000_000
 
 
+def is_export(path: str) -> bool:
+    """A folder written by ``upop export`` (ONNX: export.json; TensorRT: engines.json)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "export.json").is_file() or (p / "engines.json").is_file())
+
+
 def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
-        device: str, as_json: bool, allow_outside_data: bool = False) -> None:
+        device: str, as_json: bool, allow_outside_data: bool = False, runtime: str | None = None) -> None:
     from upop.api import _open, resolve_device, setup_task
     from upop.datasets.readers import outside_data_allowed
+    from upop.errors import ConfigError
 
     check("--batch-size", batch_size, "an integer >= 1", at_least(1))
     check("--limit", limit, "an integer >= 1", at_least(1))
+    if is_export(model):
+        with outside_data_allowed(allow_outside_data):
+            return run_export(model, task, data, split, batch_size, limit, device, as_json, runtime or "onnxruntime")
+    if runtime is not None:
+        raise ConfigError(f"{model} is not an export folder (written by upop export), which --runtime evaluates")
     from upop.hub import network_rule
 
     dev = resolve_device(device)
@@ -33,7 +45,27 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     if as_json:
         print(json.dumps({"model": model, "task": ts.task.name, "split": split, "metrics": metrics}, indent=2))
         return
-    table = Table(title=f"{model}: {ts.task.name} on {split} (primary: {ts.task.primary})")
+    _show(f"{model}: {ts.task.name} on {split} (primary: {ts.task.primary})", metrics)
+
+
+def run_export(export_dir: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
+               device: str, as_json: bool, runtime: str) -> None:
+    """The task metrics of an exported artifact, every forward run by it."""
+    from upop.exporters.evaluate import evaluate_artifact, open_artifact
+
+    artifact = open_artifact(export_dir, runtime, device)
+    metrics = evaluate_artifact(artifact, data=data, split=split, batch_size=batch_size, limit=limit, task=task)
+    name = task or artifact.record.task
+    providers = artifact.providers()
+    if as_json:
+        print(json.dumps({"export": export_dir, "runtime": runtime, "providers": providers, "task": name,
+                          "split": split, "metrics": metrics}, indent=2))
+        return
+    _show(f"{export_dir} ({runtime}: {', '.join(providers)}): {name} on {split}", metrics)
+
+
+def _show(title: str, metrics: dict[str, float]) -> None:
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():

@@ -316,6 +316,32 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class Forwards:
+    """The forward passes a task's evaluation runs, declared in one place. These are PyTorch's; an exported
+    artifact's runtime (``upop.exporters.evaluate``) gives a task its own, so the artifact is evaluated by the
+    same loops, splits and metrics as the model. Tensors in and out; ``model`` is what ``evaluate`` was given."""
+
+    def __init__(self, adapter: Any):
+        self.adapter = adapter
+
+    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self.adapter.encode_image(model, pixel_values)
+
+    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.adapter.encode_text(model, input_ids, attention_mask)
+
+    def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.adapter.itm_logits(model, image_seq, input_ids, attention_mask)
+
+    def logits(self, model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+        return model(**inputs).logits
+
+    def generate(self, model: nn.Module, max_new_tokens: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding: the token ids, [batch, length]."""
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+
+
 class Task:
     """Loss and evaluation of one task on one family, over a data folder."""
 
@@ -335,6 +361,7 @@ class Task:
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.options = options
         self.images = ImageStore(prep, workers, cache_gb, augmenter_for(adapter, options.get("augment")))
+        self.forwards = Forwards(adapter)  # what evaluate() runs; replaced to evaluate an exported artifact
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""

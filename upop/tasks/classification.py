@@ -97,7 +97,7 @@ class Classification(_ClassData):
         mine = dist.share(items)  # under torchrun each rank scores its share
         chunks = [mine[s : s + self.eval_batch_size] for s in range(0, len(mine), self.eval_batch_size)]
         for chunk, px in zip(chunks, self.images.stream([[p for p, _ in c] for c in chunks], dev)):
-            logits.append(model(pixel_values=px).logits.float())
+            logits.append(self.forwards.logits(model, pixel_values=px).float())
             labels += [y for _, y in chunk]
         model.train(was)
         local = torch.cat(logits) if logits else torch.empty(0)
@@ -123,13 +123,13 @@ class ZeroShotClassification(_ClassData):
         was = model.training
         model.eval()
         tok = to_device(self.prep.text([prompt.format(n.replace("_", " ")) for n in names]), dev)
-        txt = self.adapter.encode_text(model, **tok).float()
+        txt = self.forwards.encode_text(model, **tok).float()
         logits = []
         dist = current()
         mine = dist.share(items)
         groups = [[p for p, _ in mine[s : s + self.eval_batch_size]] for s in range(0, len(mine), self.eval_batch_size)]
         for px in self.images.stream(groups, dev):
-            _seq, img = self.adapter.encode_image(model, px)
+            _seq, img = self.forwards.encode_image(model, px)
             logits.append(img.float() @ txt.t())
         model.train(was)
         local = torch.cat(logits) if logits else torch.empty(0)

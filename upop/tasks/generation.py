@@ -79,8 +79,7 @@ class BlipCaption(Task):
         recs = self._records(split, limit)
 
         def caption(chunk, px) -> list[str]:
-            out = model.generate(pixel_values=px, max_new_tokens=int(self.options.get("max_new_tokens", 30)),
-                                 num_beams=1, do_sample=False)
+            out = self.forwards.generate(model, int(self.options.get("max_new_tokens", 30)), pixel_values=px)
             return self.prep.decode(out)
 
         preds = self.predict_all(model, recs, caption, lambda r: [r.image])
@@ -140,9 +139,8 @@ class BlipVQA(Task):
 
         def answer(chunk, px) -> list[str]:
             q = to_device(self.prep.text([r.question for r in chunk]), dev)
-            out = model.generate(pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"],
-                                 max_new_tokens=int(self.options.get("max_new_tokens", 5)), num_beams=1,
-                                 do_sample=False)
+            out = self.forwards.generate(model, int(self.options.get("max_new_tokens", 5)), pixel_values=px,
+                                         input_ids=q["input_ids"], attention_mask=q["attention_mask"])
             return self.prep.decode(out)
 
         preds = self.predict_all(model, recs, answer, lambda r: [r.image])

@@ -52,7 +52,7 @@ class BlipVisualReasoning(Task):
 
         def judge(chunk, px) -> list[int]:
             tok = to_device(self.prep.text([r.sentence for r in chunk]), dev)
-            return model(pixel_values=px.view(len(chunk), 2, *px.shape[1:]), **tok).logits.argmax(-1).tolist()
+            return self.forwards.logits(model, pixel_values=px.view(len(chunk), 2, *px.shape[1:]), **tok).argmax(-1).tolist()
 
         preds = self.predict_all(model, recs, judge, lambda r: r.images)
         correct = sum(int(p == r.label) for p, r in zip(preds, recs))

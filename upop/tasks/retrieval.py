@@ -86,11 +86,11 @@ class _RetrievalData(Task):
         img_feats, txt_feats = _Rows(len(mine)), _Rows(len(my_texts))
         bs = self.eval_batch_size
         for px in self.images.stream(self._groups(recs, mine), dev):
-            _seq, feat = self.adapter.encode_image(model, px)
+            _seq, feat = self.forwards.encode_image(model, px)
             img_feats.add(feat.float())
         for s in range(my_texts.start, my_texts.stop, bs):
             tok = to_device(self.prep.text(texts[s : min(s + bs, my_texts.stop)]), dev)
-            txt_feats.add(self.adapter.encode_text(model, **tok).float())
+            txt_feats.add(self.forwards.encode_text(model, **tok).float())
         # Every rank joins every gather, also one whose share is empty (fewer records than ranks).
         img, txt = dist.cat(img_feats.rows(), dev), dist.cat(txt_feats.rows(), dev)
         return recs, texts, text_img, img, txt
@@ -384,7 +384,7 @@ class BlipRetrieval(_RetrievalData):
         pass, so at most one chunk is held whatever the split's size."""
         first = mine.start
         for px in self.images.stream(self._groups(recs, mine), device_of(model)):
-            seq, _feat = self.adapter.encode_image(model, px)
+            seq, _feat = self.forwards.encode_image(model, px)
             yield first, seq.to(dtype) if dtype is not None else seq
             first += len(seq)
 
@@ -405,7 +405,7 @@ class BlipRetrieval(_RetrievalData):
     def _itm(self, model, seq, ids, mask) -> torch.Tensor:
         """The re-ranking score added to the ITC similarity: the ITM head's positive-class logit (``rerank``
         "logit", BLIP's evaluation) or its softmax probability ("prob")."""
-        logits = self.adapter.itm_logits(model, seq, self._itm_ids(ids), mask).float()
+        logits = self.forwards.itm_logits(model, seq, self._itm_ids(ids), mask).float()
         return logits[:, 1] if self.rerank() == "logit" else F.softmax(logits, dim=1)[:, 1]
 
     def rerank(self) -> str:

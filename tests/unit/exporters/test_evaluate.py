@@ -1,0 +1,277 @@
+"""``upop eval EXPORT_DIR``: the task metric of an exported artifact equals the PyTorch evaluation (within
+``METRIC_TOL``) for every task, and bad input is one line with exit 2."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from upop.adapters import get_adapter
+from upop.datasets import shapes
+from upop.demo import build_tokenizer
+from upop.errors import ConfigError, ExportFolderError
+from upop.exporters import get
+from upop.exporters.evaluate import METRIC_TOL, evaluate_artifact, evaluate_export, open_artifact
+from upop.exporters.runtime import OrtModel
+from upop.tasks import Preprocessor
+from upop_cli.app import app
+
+from ...conftest import batches_for, build_tiny
+
+LIMIT = 24  # records per evaluation: every metric is computed, in seconds per model
+
+
+def _json(args):
+    r = CliRunner().invoke(app, ["eval", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def _one_line(args, match):
+    r = CliRunner().invoke(app, ["eval", *args])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
+    assert match in r.output, r.output
+
+
+def _assert_same(torch_metrics, export_metrics):
+    assert set(export_metrics) == set(torch_metrics) and "primary" in export_metrics
+    for k, v in torch_metrics.items():
+        assert abs(export_metrics[k] - v) <= METRIC_TOL, (k, v, export_metrics[k])
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The four demos exported once (fp32 ONNX)."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for demo in ("demo-vit", "demo-clip", "demo-blip", "demo-blip-nlvr"):
+        get("onnx")(demo, root / demo)
+        out[demo] = root / demo
+    return out
+
+
+@pytest.mark.parametrize("demo", ["demo-vit", "demo-clip", "demo-blip", "demo-blip-nlvr"])
+def test_fp32_export_metric_equals_pytorch(exports, demo):
+    ref = _json([demo, "--device", "cpu", "--limit", str(LIMIT)])
+    got = _json([str(exports[demo]), "--limit", str(LIMIT), "--device", "cpu"])
+    assert got["runtime"] == "onnxruntime" and got["providers"] == ["CPUExecutionProvider"]
+    assert got["task"] == ref["task"]
+    _assert_same(ref["metrics"], got["metrics"])
+    assert ref["metrics"]["primary"] > 0  # the demos are trained: a metric that could differ
+
+
+def test_zero_shot_classification_of_a_dual_encoder_export(exports):
+    """CLIP's export evaluated on another task its graphs serve (zero-shot classification: the text encoder
+    embeds the class prompts), as the task evaluates the PyTorch model."""
+    from upop.demo import shapes_dir
+    from upop.hub import load_pretrained
+    from upop.tasks import make_task
+
+    loaded = load_pretrained("demo-clip")
+    task = make_task(loaded.adapter, "classification", Preprocessor.from_pretrained(loaded.source), shapes_dir())
+    ref = task.evaluate(loaded.model.eval(), "test", LIMIT)
+    artifact = open_artifact(exports["demo-clip"])
+    _assert_same(ref, evaluate_artifact(artifact, limit=LIMIT, task="classification"))
+    assert ref["top5"] > 0
+
+
+def test_the_export_records_what_evaluation_needs(exports):
+    rec = json.loads((exports["demo-blip"] / "export.json").read_text())["evaluation"]
+    assert rec == {"demo": "demo-blip", "task_options": {"k_test": 16}, "preprocessor": {}}
+    metrics = evaluate_export(exports["demo-blip"], limit=LIMIT, batch_size=7)  # the library call
+    assert metrics["k_test"] == 16.0 and metrics["primary"] == metrics["r_mean"]
+
+
+def test_the_metric_is_computed_by_the_artifact(exports, monkeypatch):
+    """A graph whose outputs are wrong gives another metric: the forwards are the artifact's, not PyTorch's."""
+    good = evaluate_export(exports["demo-vit"], limit=LIMIT)
+    real_run = OrtModel.run
+    monkeypatch.setattr(OrtModel, "run", lambda self, graph, **x: [-o for o in real_run(self, graph, **x)])
+    assert evaluate_export(exports["demo-vit"], limit=LIMIT)["top1"] < good["top1"]
+
+
+# ---- the tiny captioning and VQA models (random weights, no demo): their predictions, then the metric ---------
+
+@pytest.fixture(scope="module")
+def generation_data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("gen") / "shapes", train=4, val=4, test=6, classification_per_class=(1, 1, 1))
+
+
+def _model_folder(root: Path, class_name: str, ratio: float) -> Path:
+    """A tiny random model folder, or (ratio > 0) a slim checkpoint of it, whose layers kept different widths (the
+    decoder's cache then differs per layer); with the tokenizer and image processor beside it."""
+    import upop
+
+    adapter = get_adapter("blip")
+    model = build_tiny("blip", class_name, vocab=99)
+    if ratio:
+        cfg = upop.CompressConfig(ratio=ratio, search=upop.SearchConfig(steps=3, update_every=1, lr=1e-4),
+                                  retrain=upop.RetrainConfig(epochs=0))
+        folder = upop.compress(model, cfg, batches=batches_for(adapter, model, n=2)).save(root / "m")
+    else:
+        folder = root / "m"
+        model.save_pretrained(folder)
+    Preprocessor(build_tokenizer(), adapter.image_processor(32)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("class_name", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"],
+                         ids=["caption", "vqa"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5], ids=["unpruned", "slim"])
+def test_fp32_export_of_a_generation_model_decodes_as_pytorch(class_name, ratio, generation_data, tmp_path,
+                                                              monkeypatch):
+    folder = _model_folder(tmp_path, class_name, ratio)
+    get("onnx")(folder, tmp_path / "e")
+    decoded: list[list[str]] = []
+    real_decode = Preprocessor.decode
+
+    def spy(self, ids):
+        decoded[-1] += real_decode(self, ids)
+        return decoded[-1][-len(ids):]
+
+    monkeypatch.setattr(Preprocessor, "decode", spy)
+    decoded.append([])
+    ref = _json([str(folder), "--data", str(generation_data), "--device", "cpu", "--batch-size", "4"])
+    decoded.append([])
+    got = _json([str(tmp_path / "e"), "--data", str(generation_data), "--batch-size", "4"])
+    assert len(decoded[0]) >= 6 and any(decoded[0])  # every record decoded, not to nothing
+    assert decoded[1] == decoded[0]
+    _assert_same(ref["metrics"], got["metrics"])
+
+
+# ---- bad input: one line, exit 2 ---------------------------------------------------------------------------
+
+def test_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "d").mkdir()
+    _one_line([str(tmp_path / "d"), "--runtime", "onnxruntime"], "is not an export folder")
+    with pytest.raises(ExportFolderError, match="not a upop export folder"):
+        evaluate_export(tmp_path / "d")
+    _one_line([str(tmp_path / "nope"), "--runtime", "onnxruntime"], "is not an export folder")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_damaged_graph(exports, tmp_path):
+    e = _copy(exports["demo-vit"], tmp_path / "e")
+    (e / "classifier.onnx").write_bytes(b"not a graph")
+    _one_line([str(e)], "cannot be loaded (damaged or not an ONNX graph)")
+
+
+@pytest.mark.parametrize("demo,edit,match", [
+    ("demo-blip", lambda m: m.update(task="caption"),
+     "says task 'caption', but its model class BlipForImageTextRetrieval does 'retrieval'"),
+    ("demo-vit", lambda m: m.update(task="nlvr"), "a vit export cannot do task 'nlvr'"),
+    ("demo-vit", lambda m: m["evaluation"]["task_options"].update(k_test="16"), "evaluation.task_options k_test='16'"),
+    ("demo-vit", lambda m: m["evaluation"].update(demo="demo-gpt"), "evaluation.demo 'demo-gpt' is not a built-in demo"),
+    ("demo-vit", lambda m: m.update(graphs=[g for g in m["graphs"] if g["name"] != "classifier"] or [
+        {"name": "image_encoder", "file": "classifier.onnx"}]), "needs graph(s) classifier"),
+    ("demo-vit", lambda m: m.update(family="gpt"), "unknown model family 'gpt'"),
+], ids=["task-other-class", "task-other-family", "option-type", "demo", "graphs", "family"])
+def test_an_edited_manifest(exports, tmp_path, demo, edit, match):
+    e = _copy(exports[demo], tmp_path / "e")
+    manifest = json.loads((e / "export.json").read_text())
+    edit(manifest)
+    (e / "export.json").write_text(json.dumps(manifest))
+    _one_line([str(e)], match)
+
+
+def test_bad_values_and_no_data(exports, tmp_path):
+    _one_line([str(exports["demo-vit"]), "--batch-size", "0"], "--batch-size")
+    _one_line([str(exports["demo-vit"]), "--runtime", "tflite"], "--runtime must be one of onnxruntime, tensorrt")
+    _one_line(["demo-vit", "--runtime", "onnxruntime"], "is not an export folder")
+    e = _copy(exports["demo-vit"], tmp_path / "e")
+    manifest = json.loads((e / "export.json").read_text())
+    manifest["evaluation"]["demo"] = None
+    (e / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="no data given"):
+        evaluate_export(e)
+
+
+# ---- TensorRT ------------------------------------------------------------------------------------------
+
+class _FakeEngine:
+    """``EngineRunner``'s interface over an ONNX Runtime session (the "engine" file holds the ONNX graph): what
+    ``TrtModel`` calls, checked here without TensorRT."""
+
+    def __init__(self, engine_bytes):
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(engine_bytes, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()][::-1]  # an engine's order need not be the graph's
+        self.feed = {}
+        self.outs = {}
+
+    def bind(self, feed):
+        assert set(feed) == set(self.inputs) and all(isinstance(v, torch.Tensor) for v in feed.values())
+        self.feed = {k: v.numpy() for k, v in feed.items()}
+        self.outs = {}
+        return self.outs
+
+    def run(self):
+        names = [o.name for o in self.sess.get_outputs()]
+        self.outs.update({n: torch.from_numpy(v) for n, v in zip(names, self.sess.run(None, self.feed))})
+
+
+def _fake_engine_folder(onnx_export: Path, root: Path) -> Path:
+    _copy(onnx_export, root / "onnx")
+    graphs = json.loads((root / "onnx" / "export.json").read_text())["graphs"]
+    for g in graphs:
+        (root / f"{g['name']}.engine").write_bytes((root / "onnx" / g["file"]).read_bytes())
+    meta = {"format": "tensorrt", "batch": "1:4:8", "engines": [{"name": g["name"], "file": f"{g['name']}.engine"}
+                                                                for g in graphs]}
+    (root / "engines.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_tensorrt_runtime_over_stub_engines(exports, tmp_path, monkeypatch):
+    """The TensorRT path (engines.json, the ONNX manifest beside it, batches capped at the profile, outputs by
+    name) with ``EngineRunner`` stubbed by ONNX Runtime: the same metric as the ONNX Runtime path."""
+    import upop.exporters.tensorrt as trt_mod
+
+    monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_mod, "EngineRunner", _FakeEngine)
+    folder = _fake_engine_folder(exports["demo-blip"], tmp_path / "t")
+    got = evaluate_export(folder, runtime="tensorrt", limit=LIMIT, batch_size=64)
+    _assert_same(evaluate_export(exports["demo-blip"], limit=LIMIT), got)
+    # the ONNX graphs of a TensorRT folder run in ONNX Runtime too
+    _assert_same(got, evaluate_export(folder, limit=LIMIT))
+    (folder / "itm.engine").unlink()
+    with pytest.raises(ExportFolderError, match="itm.engine cannot be read"):
+        evaluate_export(folder, runtime="tensorrt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
+                    reason="TensorRT and a GPU are present: the engine test below runs instead")
+def test_tensorrt_runtime_missing_is_one_line(exports, tmp_path):
+    folder = _fake_engine_folder(exports["demo-vit"], tmp_path / "t")
+    r = CliRunner().invoke(app, ["eval", str(folder), "--runtime", "tensorrt"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert ('pip install "upop[trt]"' in r.output) or ("NVIDIA GPU" in r.output)
+    _one_line([str(exports["demo-vit"]), "--runtime", "tensorrt"], "no engines.json")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="needs TensorRT and an NVIDIA GPU")
+@pytest.mark.parametrize("demo", ["demo-vit", "demo-blip"])
+def test_tensorrt_engines_evaluate_as_pytorch(demo, tmp_path):
+    get("trt")(demo, tmp_path / "t")
+    ref = _json([demo, "--device", "cpu", "--limit", str(LIMIT)])
+    got = _json([str(tmp_path / "t"), "--runtime", "tensorrt", "--limit", str(LIMIT)])
+    assert got["providers"] == ["TensorRT"]
+    # TensorRT builds fp32 networks with TF32 allowed (its default), which moves scores past fp32 rounding: the
+    # metric is held to one record's worth, not METRIC_TOL
+    assert abs(got["metrics"]["primary"] - ref["metrics"]["primary"]) <= 100.0 / LIMIT + 1e-6
+    assert np.isfinite(list(got["metrics"].values())).all()
