@@ -33,7 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from upop.exporters.onnx import export_onnx
-from upop.exporters.precision import PrecisionOptions, calibration_task, measure_latency, task_metric
+from upop.exporters.evaluate import task_metric
+from upop.exporters.precision import PrecisionOptions, calibration_task, measure_latency
 from upop.exporters.quantize import Calibration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

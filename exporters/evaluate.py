@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -225,3 +225,12 @@ def evaluate_export(export_dir: str | Path, *, data: str | None = None, split: s
     included), every forward run by the artifact in ``runtime`` on ``device`` (ONNX Runtime: cpu, cuda or auto)."""
     artifact = open_artifact(export_dir, runtime, device)
     return evaluate_artifact(artifact, data=data, split=split, batch_size=batch_size, limit=limit)
+
+
+def task_metric(data: str | None = None, limit: int | None = None, batch_size: int = 32) -> Callable[[Path, str], float]:
+    """``upop export --precision``'s metric of a candidate folder: the primary metric of its evaluation."""
+
+    def metric(export_dir: Path, split: str) -> float:
+        return float(evaluate_export(export_dir, data=data, split=split, batch_size=batch_size, limit=limit)["primary"])
+
+    return metric

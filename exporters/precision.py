@@ -32,7 +32,7 @@ from .quantize import Calibration, CalibrationData, quant_parity, quantize_dynam
 from .sessions import ort_session
 
 __all__ = ["CHOICES", "PRECISIONS", "MetricFn", "PrecisionOptions", "add_precisions", "candidate_view", "choose",
-           "measure_latency", "task_metric"]
+           "measure_latency"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 CHOICES = (*PRECISIONS, "auto")
@@ -74,21 +74,6 @@ class PrecisionOptions:
         """The precisions this export holds: FP32 always, the asked one, every one for ``auto``."""
         wanted = set(PRECISIONS) if self.precision == "auto" else {"fp32", self.precision, *self.also}
         return [p for p in PRECISIONS if p in wanted]
-
-
-def task_metric(data: str | None = None, limit: int | None = None, batch_size: int = 32) -> MetricFn | None:
-    """The metric of an export folder by the task's own evaluation (``upop eval``), or None where that is absent."""
-    import importlib
-
-    try:  # upop eval of an export folder (issue 22, part A), built beside this: a plain import once both are in
-        evaluate_export = importlib.import_module("upop.exporters.evaluate").evaluate_export
-    except ImportError:
-        return None
-
-    def metric(export_dir: Path, split: str) -> float:
-        return float(evaluate_export(export_dir, data=data, split=split, batch_size=batch_size, limit=limit)["primary"])
-
-    return metric
 
 
 # ---- one precision seen as a whole export -----------------------------------------------------------

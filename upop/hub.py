@@ -148,7 +148,7 @@ def check_folder(path: Path, source: str) -> None:
 def _known_type(model_type: str) -> bool:
     from transformers import CONFIG_MAPPING
 
-    from . import models  # noqa: F401  (registers upop's own architectures)
+    from .models import blip_nlvr  # noqa: F401  (registers upop's own architectures)
 
     return model_type in CONFIG_MAPPING
 

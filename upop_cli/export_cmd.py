@@ -37,7 +37,8 @@ def _latency_batch(batch: str) -> int:
 
 def precision_options(source: str, fp16: bool, batch: str, q: QuantArgs) -> Any:
     """``PrecisionOptions`` for the export, or None for a plain FP32 export (no --precision, no --fp16)."""
-    from upop.exporters.precision import PrecisionOptions, calibration_task, task_metric
+    from upop.exporters.evaluate import task_metric
+    from upop.exporters.precision import PrecisionOptions, calibration_task
     from upop.exporters.quantize import Calibration
 
     if fp16 and q.precision not in (None, "fp16"):
