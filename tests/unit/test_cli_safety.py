@@ -283,10 +283,10 @@ def test_a_link_as_out_is_never_replaced_by_any_command(run_folder, tmp_path, no
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
 def test_a_file_the_user_added_to_an_output_survives_every_command(run_folder, tmp_path, no_run, command):
     out = _upop_output(tmp_path / "o", FOLDER_COMMANDS[command][0])
-    (out / "NOTES.md").write_text("mine")
+    (out / "notes.txt").write_text("mine")
     r = _run(command, run_folder, tmp_path, out)
     _one_line(r)
-    assert "holds NOTES.md, which upop did not write" in r.output and (out / "NOTES.md").read_text() == "mine"
+    assert "holds notes.txt, which upop did not write" in r.output and (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
