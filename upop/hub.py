@@ -124,7 +124,7 @@ def _stored_values(folder: Path) -> int | None:
     try:
         return sum(stored_elements(f) for f in files) if files else None
     except (CheckpointError, OSError) as exc:
-        raise ModelLoadError(f"{folder}: {exc}") from None
+        raise ModelLoadError(f"could not load the weights of {folder}: {exc}") from None
 
 
 def check_folder(path: Path, source: str) -> None:

@@ -379,7 +379,13 @@ def _commit_dir(tmp: Path, final: Path, kind: str | None) -> None:
             _check_ours(final, kind)
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, old / "x")
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:  # the earlier output goes back where it was
+            os.replace(old / "x", final)
+            old.rmdir()
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

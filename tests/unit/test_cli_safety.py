@@ -135,11 +135,12 @@ def test_two_runs_on_one_output_one_is_refused_at_once(run_folder, tmp_path):
         deadline = time.time() + 60
         while not (tmp_path / "r.lock").is_file() and time.time() < deadline:
             time.sleep(0.2)
+        t0 = time.perf_counter()
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         assert f"another upop run (pid {first.pid}) is writing" in second.stderr
-        assert second.stderr.count("\n") == 1
-        assert first.poll() is None  # refused while the first still runs (no wall-clock bound: CI machines are loaded)
+        assert second.stderr.count("\n") == 1 and time.perf_counter() - t0 < 30
+        assert first.poll() is None  # the first run goes on
     finally:
         first.kill()
         first.wait()
@@ -282,10 +283,10 @@ def test_a_link_as_out_is_never_replaced_by_any_command(run_folder, tmp_path, no
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
 def test_a_file_the_user_added_to_an_output_survives_every_command(run_folder, tmp_path, no_run, command):
     out = _upop_output(tmp_path / "o", FOLDER_COMMANDS[command][0])
-    (out / "NOTES.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine")
     r = _run(command, run_folder, tmp_path, out)
     _one_line(r)
-    assert "holds NOTES.txt, which upop did not write" in r.output and (out / "NOTES.txt").read_text() == "mine"
+    assert "holds notes.txt, which upop did not write" in r.output and (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("command", list(FOLDER_COMMANDS))
@@ -434,11 +435,9 @@ def test_datasets_shapes_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
     assert (tmp_path / "s" / "retrieval_train.json").is_file() and (tmp_path / "s" / ".upop-owned.json").is_file()
 
 
-@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 4.0])
+@pytest.mark.parametrize("delay", [0.05, 0.5, 1.5, 4.0])
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(run_folder, tmp_path, delay):
-    """From upop's first imports to the middle of the search: never a traceback. (A signal inside the
-    interpreter's own start, ~40 ms on an idle machine before any line of upop runs, is Python's to report:
-    no code of upop's can catch it, so the earliest moment tried is after it.)"""
+    """From Python's first imports to the middle of the search: never a traceback."""
     import signal
 
     model, data = run_folder

@@ -167,13 +167,13 @@ def test_a_file_the_user_added_to_an_output_keeps_it_from_being_replaced(tmp_pat
     if legacy:
         (out / OWNED_RECORD).unlink()
     check_replace(out, overwrite=True, kind="slim")  # upop's own files only: replaceable
-    (out / "NOTES.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine")
     (out / "sub" / "mine.txt").write_text("mine too")
-    with pytest.raises(OutputExistsError, match=r"holds NOTES.txt, sub/mine.txt, which upop did not write"):
+    with pytest.raises(OutputExistsError, match=r"holds notes.txt, sub/mine.txt, which upop did not write"):
         check_replace(out, overwrite=True, kind="slim")
-    with pytest.raises(OutputExistsError, match="NOTES.txt"):  # and at the moment of publishing, too
+    with pytest.raises(OutputExistsError, match="notes.txt"):  # and at the moment of publishing, too
         _written(out, **{"upop_manifest.json": "{}"})
-    assert (out / "NOTES.txt").read_text() == "mine" and foreign_entries(out) == ["NOTES.txt", "sub/mine.txt"]
+    assert (out / "notes.txt").read_text() == "mine" and foreign_entries(out) == ["notes.txt", "sub/mine.txt"]
 
 
 def test_the_record_lists_every_file_and_the_kind(tmp_path):

@@ -210,12 +210,9 @@ class Batches:
 
     def __init__(self, n_items: int, batch_size: int, make, seed: int = 0, drop_last: bool = False,
                  images: ImageStore | None = None):
-        if 0 < n_items < batch_size:  # the batch trained (and reported) is the whole split, not the number asked for
-            from ..safety import say_once
-
-            say_once(f"batch size {batch_size:,} is more than the {n_items:,} training items: each batch holds all "
-                     f"{n_items:,} (the effective batch reported)")
-            batch_size = n_items
+        # The batch trained (and reported) is the whole split, not the number asked for: said when training starts.
+        self.asked = batch_size
+        batch_size = min(batch_size, n_items) if n_items > 0 else batch_size
         self.n, self.bs, self.make, self.seed, self.drop_last = n_items, batch_size, make, seed, drop_last
         self.images = images
         self.epoch = 0
@@ -224,6 +221,7 @@ class Batches:
 
     def shard(self, rank: int, world: int) -> "Batches":
         out = Batches(self.n, min(self.bs, max(1, -(-self.n // world))), self.make, self.seed, self.drop_last, self.images)
+        out.asked = self.asked
         out.rank, out.world = rank, world
         return out
 
@@ -236,6 +234,11 @@ class Batches:
         return self.n // g if self.drop_last else -(-self.n // g)
 
     def _batches(self, rng: random.Random) -> list[list[int]]:
+        if self.asked > self.n > 0:
+            from ..safety import say_once
+
+            say_once(f"batch size {self.asked:,} is more than the {self.n:,} training items: each batch holds all "
+                     f"{self.n:,} (the effective batch reported)")
         order = list(range(self.n))
         rng.shuffle(order)
         if self.world > 1:
