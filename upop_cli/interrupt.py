@@ -16,7 +16,7 @@ EXIT_INTERRUPTED = 130
 _said = False
 
 
-def _leave(signum: int, frame: Any) -> None:
+def leave(signum: int, frame: Any) -> None:
     global _said
     if not _said:
         _said = True
@@ -25,14 +25,6 @@ def _leave(signum: int, frame: Any) -> None:
         except OSError:
             pass
     os._exit(EXIT_INTERRUPTED)
-
-
-def quiet_interrupts() -> None:
-    """From now on (outside ``armed``) Ctrl-C leaves at once with one line."""
-    # An ignored SIGINT (``nohup``, a background job) stays ignored.
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _leave)
 
 
 def said() -> None:
@@ -44,6 +36,8 @@ def said() -> None:
 @contextmanager
 def armed() -> Iterator[None]:
     """Inside a command body Ctrl-C is Python's ``KeyboardInterrupt``, so a run can save its state."""
+    from . import _leave
+
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _leave:
         yield
         return
