@@ -17,6 +17,8 @@ def _leave(signum, frame):  # the first thing installed: no import may stand bef
     leave(signum, frame)
 
 
+_leave.upop_leave = True  # type: ignore[attr-defined]
+
 if (_os.path.basename(_sys.argv[0]) == "upop" or _sys.argv[:1] == ["-m"]) \
         and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # an ignored SIGINT stays ignored
     _signal.signal(_signal.SIGINT, _leave)

@@ -36,14 +36,13 @@ def said() -> None:
 @contextmanager
 def armed() -> Iterator[None]:
     """Inside a command body Ctrl-C is Python's ``KeyboardInterrupt``, so a run can save its state."""
-    from . import _leave
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _leave:
+    leaving = signal.getsignal(signal.SIGINT)  # upop_cli's own first-lines handler, marked there
+    if threading.current_thread() is not threading.main_thread() or not getattr(leaving, "upop_leave", False):
         yield
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, _leave)
+        signal.signal(signal.SIGINT, leaving)
 
