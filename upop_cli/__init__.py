@@ -8,7 +8,17 @@ to save: in the ``upop`` process it prints one line and exits 130 from here on, 
 import os as _os
 import sys as _sys
 
-if _os.path.basename(_sys.argv[0]) == "upop" or _sys.argv[:1] == ["-m"]:
-    from .interrupt import quiet_interrupts
+import signal as _signal
 
-    quiet_interrupts()
+
+def _leave(signum, frame):  # the first thing installed: no import may stand before it
+    from .interrupt import leave
+
+    leave(signum, frame)
+
+
+_leave.upop_leave = True  # type: ignore[attr-defined]
+
+if (_os.path.basename(_sys.argv[0]) == "upop" or _sys.argv[:1] == ["-m"]) \
+        and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # an ignored SIGINT stays ignored
+    _signal.signal(_signal.SIGINT, _leave)

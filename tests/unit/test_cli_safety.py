@@ -449,6 +449,9 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(run_folder, tmp_path, del
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    if proc.returncode == -signal.SIGINT:  # still in Python's own start-up: killed by the signal (a shell says 130)
+        assert err == "", err
+    else:
+        assert proc.returncode == 130, err
+        assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.lock").exists()
