@@ -251,14 +251,16 @@ def stored_elements(wfile: Path) -> int:
 
 def _check_sizes(info: "SlimInfo", wfile: Path) -> None:
     """Before allocating: the structure the manifest describes (built on the meta device, no memory)
-    has no more parameters than the weights file holds."""
+    has about as many parameters as the weights file holds. A guard against an implausible manifest, not the
+    exact check (the strict load is): a parameter that loads with a default where the weights lack it (BLIP's
+    ITC temperature in an earlier checkpoint) is within the slack."""
     import torch
 
     stored = stored_elements(wfile)
     with torch.device("meta"):
         model, _ = build_structure(info)
     wanted = sum(p.numel() for p in model.parameters())
-    if wanted > stored:
+    if wanted > stored + max(1024, stored // 100):
         raise CheckpointError(f"{wfile.parent}: the manifest describes {wanted:,} parameters, the weights file "
                               f"holds {stored:,} values")
 
