@@ -29,7 +29,7 @@ import numpy as np
 from upop.errors import ConfigError, ExportError
 
 from .quantize import Calibration, CalibrationData, quant_parity, quantize_dynamic_graph, quantize_static_graph
-from .sessions import ort_session
+from .sessions import ort_session, synthetic_feed
 
 __all__ = ["CHOICES", "PRECISIONS", "MetricFn", "PrecisionOptions", "add_precisions", "candidate_view", "choose",
            "measure_latency"]
@@ -112,18 +112,7 @@ def _link(src: Path, dest: Path) -> None:
 
 
 # ---- latency ----------------------------------------------------------------------------------------
-def _feeds(entry: dict[str, Any], sess: Any, batch: int) -> dict[str, np.ndarray]:
-    from upop.latency import feed_shape
-
-    feed = {}
-    for inp in sess.get_inputs():
-        spec = next(i for i in entry["inputs"] if i["name"] == inp.name)
-        shape = feed_shape(spec["shape"], batch)
-        if spec["dtype"].startswith("int"):
-            feed[inp.name] = np.ones(shape, dtype=spec["dtype"])
-        else:
-            feed[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
-    return feed
+_feeds = synthetic_feed
 
 
 def measure_latency(sets: dict[str, tuple[Path, dict[str, Any], str]], batches: Sequence[int], rounds: int = 5,

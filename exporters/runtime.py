@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from upop.safety import check_depth, member
+from upop.safety import check_depth, member, read_json
 
 from .sessions import ort_session
 from upop.errors import ExportFolderError  # noqa: F401  (defined with every error, raised and re-exported here)
@@ -241,10 +241,7 @@ def read_engines_manifest(engine_dir: str | Path) -> dict[str, Any]:
     path = folder / "engines.json"
     if not path.is_file():
         raise ExportFolderError(f"{engine_dir} is not a upop TensorRT export folder (no engines.json)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ExportFolderError(f"{path} is damaged (not valid JSON: {str(exc).splitlines()[0]})") from None
+    meta = read_json(path, ExportFolderError)  # depth-limited: the folder may come from anywhere
     engines = meta.get("engines") if isinstance(meta, dict) else None
     if not isinstance(engines, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                 for e in engines):

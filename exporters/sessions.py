@@ -77,3 +77,21 @@ def ort_call(sess: Any, feed: dict[str, Any], device_id: int) -> Callable[[], An
         return values  # kept alive with the binding
 
     return run
+
+
+def synthetic_feed(entry: dict[str, Any], sess: Any, batch: int) -> dict[str, Any]:
+    """Inputs for timing graph ``entry`` (an ``export.json`` graph) in ``sess`` at ``batch``: ones for ids and
+    masks, seeded normal values for floats (the values do not change the time)."""
+    import numpy as np
+
+    from upop.latency import feed_shape
+
+    feed = {}
+    for inp in sess.get_inputs():
+        spec = next(i for i in entry["inputs"] if i["name"] == inp.name)
+        shape = feed_shape(spec["shape"], batch)
+        if spec["dtype"].startswith("int"):
+            feed[inp.name] = np.ones(shape, dtype=spec["dtype"])
+        else:
+            feed[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
+    return feed

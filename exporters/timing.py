@@ -16,11 +16,11 @@ from torch import nn
 
 from upop.calibrate import BlockTimer, runtime_timer, torch_timer
 from upop.errors import ConfigError
-from upop.latency import SEQ, Run, feed_shape, make_run, percentile, time_fn
+from upop.latency import SEQ, Run, make_run, percentile, time_fn
 from upop.measure import Runtime
 
 from .graphs import export_graphs
-from .sessions import CPU_EP, CUDA_EP, cuda_device_id, device_in_use, ort_call, ort_session
+from .sessions import CPU_EP, CUDA_EP, cuda_device_id, device_in_use, ort_call, ort_session, synthetic_feed
 from .static_onnx import export_static_onnx
 
 __all__ = ["block_timer", "ort_runtime", "ort_session", "ort_timer", "profile_ort", "profile_torch", "profile_trt",
@@ -53,7 +53,6 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
                 precision: str = "fp32", warmup: int = 5, runs: int = 30, threads: int | None = None) -> list[Run]:
     import json
 
-    import numpy as np
     import onnxruntime as ort
 
     manifest = json.loads((Path(export_dir) / "export.json").read_text())
@@ -69,15 +68,7 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
         sess = ort_session(path, wanted, threads, device_id=gpu)
         provider, used = sess.get_providers()[0], device_in_use(sess, wanted)
         for b in batches:
-            feed = {}
-            for inp in sess.get_inputs():
-                spec = next(i for i in g["inputs"] if i["name"] == inp.name)
-                shape = feed_shape(spec["shape"], b)
-                if spec["dtype"].startswith("int"):
-                    feed[inp.name] = np.ones(shape, dtype=spec["dtype"])
-                else:
-                    feed[inp.name] = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
-            ms = time_fn(ort_call(sess, feed, gpu), warmup, runs, cuda=False)
+            ms = time_fn(ort_call(sess, synthetic_feed(g, sess, b), gpu), warmup, runs, cuda=False)
             out.append(make_run(target, "ort", device if used == "cuda" else "cpu", precision, g["name"], b, ms,
                                 provider))
     return out

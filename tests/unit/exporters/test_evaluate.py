@@ -275,3 +275,13 @@ def test_tensorrt_engines_evaluate_as_pytorch(demo, tmp_path):
     # metric is held to one record's worth, not METRIC_TOL
     assert abs(got["metrics"]["primary"] - ref["metrics"]["primary"]) <= 100.0 / LIMIT + 1e-6
     assert np.isfinite(list(got["metrics"].values())).all()
+
+
+def test_a_deeply_nested_engines_json_is_one_error(tmp_path):
+    """engines.json comes from anywhere, as export.json does: read with the same depth limit."""
+    from upop.errors import ExportFolderError
+    from upop.exporters.runtime import read_engines_manifest
+
+    (tmp_path / "engines.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ExportFolderError, match="nested more than|damaged"):
+        read_engines_manifest(tmp_path)

@@ -173,7 +173,7 @@ def test_an_optimization_profile_only_for_dynamic_inputs(monkeypatch, tmp_path, 
     trt, log = _fake_trt(shape)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     dims = (1, 3, 32, 32)
-    engine = tensorrt.build_engine(tmp_path / "m.onnx", {"x": (dims, dims, dims)}, fp16=False,
+    engine = tensorrt.build_engine(tmp_path / "m.onnx", {"x": (dims, dims, dims)},
                                    timing_cache=tmp_path / "timing.cache")
     assert engine == b"engine" and log["profiles"] == profiles
 
