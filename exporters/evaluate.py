@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from upop.errors import ConfigError, ExportFolderError, UpopError
+from upop.errors import ConfigError, ExportFolderError, NoEvaluationDataError, UpopError
 from upop.tasks.base import Forwards
 
 from .record import Record, evaluation_record, read_record
@@ -205,7 +205,7 @@ def evaluate_artifact(artifact: Artifact, *, data: str | Path | None = None, spl
     adapter = _task_key(artifact, name)
     if data is None:
         if rec.demo is None:
-            raise ConfigError("no data given: pass the data folder to evaluate on (--data DIR); only exports of the "
+            raise NoEvaluationDataError("no data given: pass the data folder to evaluate on (--data DIR); only exports of the "
                               "demo-* models have built-in data")
         data = shapes_dir()
     prep = Preprocessor.from_pretrained(artifact.folder, **rec.preprocessor)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from upop.errors import ConfigError, ExportError
+from upop.errors import ConfigError, ExportError, NoEvaluationDataError
 
 from .quantize import Calibration, CalibrationData, quant_parity, quantize_dynamic_graph, quantize_static_graph
 from .sessions import ort_session, synthetic_feed
@@ -207,7 +207,15 @@ class _Build:
         if (precision, split) not in self.metrics:
             self.save()
             with candidate_view(self.folder, precision) as view:
-                self.metrics[precision, split] = float(self.opts.metric_fn(view, split))
+                try:
+                    self.metrics[precision, split] = float(self.opts.metric_fn(view, split))
+                except NoEvaluationDataError:
+                    if self.opts.precision == "auto":  # auto chooses by the metric: it cannot go on without one
+                        raise
+                    self.progress("no data to evaluate on (not a demo's export; --data DIR gives it): the table "
+                                  "has parity, no metric")
+                    self.opts.metric_fn = None
+                    return None
         return self.metrics[precision, split]
 
 

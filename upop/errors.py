@@ -13,6 +13,10 @@ class ConfigError(UpopError, ValueError):
     """A setting is out of range or inconsistent."""
 
 
+class NoEvaluationDataError(ConfigError):
+    """An evaluation has no data: not a demo's export, and no ``--data``."""
+
+
 class UnsupportedModelError(UpopError):
     """The architecture has no registered adapter, or the class is not one it handles."""
 

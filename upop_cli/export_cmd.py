@@ -67,7 +67,7 @@ def _batch_option(fmt: str, batch: str | None, precision: str | None) -> str:
     if fmt != "trt" and batch is not None and precision is None:
         raise ConfigError(f"--batch {batch} is TensorRT's optimization profile or the latency batch of --precision's "
                           f"table: it does not apply to a plain --format {fmt} export (its graphs take any batch size); drop it")
-    if fmt == "trt":
+    if fmt == "trt" or (batch is not None and ":" in batch):  # a range is checked wherever it is given
         from upop.exporters.tensorrt import ShapeRange
 
         ShapeRange.parse(batch or DEFAULT_TRT_BATCH)
