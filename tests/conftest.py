@@ -69,3 +69,24 @@ def vit_run_folder(root) -> tuple:
 def batches_for(adapter, model, n: int = 3, batch_size: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [adapter.example_inputs(model, batch_size=batch_size, generator=g) for _ in range(n)]
+
+
+def vit_export(root) -> tuple:
+    """A slim tiny ViT with its image processor, its FP32 ONNX export (through the CLI) and an image:
+    (slim folder, export folder, image)."""
+    import transformers
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import upop
+    from upop_cli.app import app
+
+    model = build_tiny("vit", "ViTForImageClassification")
+    cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=2, update_every=1),
+                              retrain=upop.RetrainConfig(epochs=0))
+    slim = upop.compress(model, cfg, batches=batches_for(get_adapter("vit"), model, n=1)).save(root / "slim")
+    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(slim)
+    r = CliRunner().invoke(app, ["export", str(slim), "--out", str(root / "onnx"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(root / "x.png")
+    return slim, root / "onnx", root / "x.png"

@@ -7,7 +7,7 @@ import upop
 import upop.exporters.timing
 from upop_cli.app import app
 
-from ..conftest import vit_run_folder
+from ..conftest import vit_export, vit_run_folder
 
 runner = CliRunner()
 
@@ -223,23 +223,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A slim tiny ViT with its image processor, and its ONNX export."""
-    import transformers
-    from PIL import Image
-
-    from upop.adapters import get_adapter
-
-    from ..conftest import batches_for, build_tiny
-
-    root = tmp_path_factory.mktemp("exp")
-    model = build_tiny("vit", "ViTForImageClassification")
-    cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=2, update_every=1),
-                              retrain=upop.RetrainConfig(epochs=0))
-    slim = upop.compress(model, cfg, batches=batches_for(get_adapter("vit"), model, n=1)).save(root / "slim")
-    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(slim)
-    r = runner.invoke(app, ["export", str(slim), "--out", str(root / "onnx"), "--quiet"])
-    assert r.exit_code == 0, r.output
-    Image.new("RGB", (40, 40), (10, 200, 10)).save(root / "x.png")
-    return slim, root / "onnx", root / "x.png"
+    return vit_export(tmp_path_factory.mktemp("exp"))
 
 
 def _copy(src, dst):

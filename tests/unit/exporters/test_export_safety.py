@@ -7,14 +7,12 @@ import subprocess
 import sys
 
 import pytest
-import transformers
 from typer.testing import CliRunner
 
 import upop
-from upop.adapters import get_adapter
 from upop_cli.app import app
 
-from ...conftest import batches_for, build_tiny
+from ...conftest import vit_export
 
 runner = CliRunner()
 
@@ -22,19 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A slim tiny ViT with its image processor, and its ONNX export (FP32 only)."""
-    root = tmp_path_factory.mktemp("exp")
-    adapter = get_adapter("vit")
-    model = build_tiny("vit", "ViTForImageClassification")
-    cfg = upop.CompressConfig(ratio=0.5, search=upop.SearchConfig(steps=2, update_every=1),
-                              retrain=upop.RetrainConfig(epochs=0))
-    slim = upop.compress(model, cfg, batches=batches_for(adapter, model, n=1)).save(root / "slim")
-    transformers.ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(slim)
-    r = runner.invoke(app, ["export", str(slim), "--out", str(root / "onnx"), "--quiet"])
-    assert r.exit_code == 0, r.output
-    from PIL import Image
-
-    Image.new("RGB", (40, 40), (10, 200, 10)).save(root / "x.png")
-    return slim, root / "onnx", root / "x.png"
+    return vit_export(tmp_path_factory.mktemp("exp"))
 
 
 def _one_line(r, match):
