@@ -112,9 +112,6 @@ def _link(src: Path, dest: Path) -> None:
 
 
 # ---- latency ----------------------------------------------------------------------------------------
-_feeds = synthetic_feed
-
-
 def measure_latency(sets: dict[str, tuple[Path, dict[str, Any], str]], batches: Sequence[int], rounds: int = 5,
                     runs: int = 6, threads: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """p50/p90 ms of every graph once (summed per round) for each named set ``(folder, manifest, precision)``, timed
@@ -128,7 +125,7 @@ def measure_latency(sets: dict[str, tuple[Path, dict[str, Any], str]], batches: 
         runners[key] = []
         for g in manifest["graphs"]:
             sess = ort_session(folder / graph_file(g, precision), threads=threads)
-            runners[key].append((sess, {b: _feeds(g, sess, b) for b in batches}))
+            runners[key].append((sess, {b: synthetic_feed(g, sess, b) for b in batches}))
             for b in batches:  # warm-up, outside the timings
                 sess.run(None, runners[key][-1][1][b])
     times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in sets}
