@@ -23,7 +23,7 @@ from rich.table import Table
 
 import upop
 from upop.api import _open, setup_task
-from upop.demo import DEMOS, shapes_dir
+from upop.models.demo import DEMOS, shapes_dir
 
 METHODS = ("upop", "unified-once", "uniform-magnitude")
 

@@ -24,8 +24,8 @@ from rich.table import Table
 
 import upop
 from upop.api import _open, setup_task
-from upop.config import DistillConfig
-from upop.demo import DEMOS, shapes_dir
+from upop.run.config import DistillConfig
+from upop.models.demo import DEMOS, shapes_dir
 from upop.errors import UpopError
 
 VARIANTS = {"upop": "off", "logits": "logits", "features": "features", "both": "both"}

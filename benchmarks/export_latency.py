@@ -80,7 +80,7 @@ def main() -> None:
                 slim_dir = res.save(Path(tmp) / "slim", with_report=False)
                 get("onnx")(str(orig_dir), Path(tmp) / "orig-onnx")
                 get("onnx")(slim_dir, Path(tmp) / "slim-onnx")
-                orig_graphs = export_graphs(upop.hub.load_pretrained(str(orig_dir)).model.eval(), adapter)
+                orig_graphs = export_graphs(upop.models.hub.load_pretrained(str(orig_dir)).model.eval(), adapter)
                 slim_graphs = export_graphs(upop.load(slim_dir), adapter)
                 for go, gs in zip(orig_graphs, slim_graphs):
                     for b in args.batches:

@@ -30,9 +30,9 @@ from rich.table import Table
 
 import upop
 from upop.adapters import get_adapter
-from upop.config import SearchConfig
-from upop.latency import percentile, time_fn
-from upop.masks import MaskSet
+from upop.run.config import SearchConfig
+from upop.latency.timing import percentile, time_fn
+from upop.pruning.masks import MaskSet
 
 
 def search_step_times(device: torch.device) -> dict[str, float]:
@@ -80,7 +80,7 @@ def slim_vit(profile: str | None, device: torch.device):
 
 def amp_choice(device: torch.device) -> str:
     """The AMP dtype upop trains in here, and why."""
-    from upop._train import amp_dtype, bf16_native, grad_scaler
+    from upop.training.parts import amp_dtype, bf16_native, grad_scaler
 
     if device.type != "cuda":
         return "none on the CPU"
@@ -112,7 +112,7 @@ def blip_evaluation(device: torch.device, images: int, k_test: int, dry: bool) -
     import tempfile
 
     from upop.datasets import shapes
-    from upop.demo import build_tokenizer
+    from upop.models.demo import build_tokenizer
     from upop.tasks import Preprocessor, make_task
 
     adapter = get_adapter("blip")
@@ -136,7 +136,7 @@ def ort_vs_torch(device: torch.device, batch: int, dry: bool) -> dict[str, objec
     """ViT-B/16 fp32 at ``batch``: PyTorch p50 (CUDA events) and ONNX Runtime p50 (IO binding on CUDA), and
     where ONNX Runtime really ran."""
     from upop.exporters.timing import ort_runtime
-    from upop.measure import time_model, torch_runtime
+    from upop.latency.measure import time_model, torch_runtime
 
     adapter = get_adapter("vit")
     sizes = dict(hidden=32, layers=2, heads=4, image_size=32, patch_size=8) if dry else \

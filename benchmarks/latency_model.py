@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 import upop
-from upop.calibrate import calibrate, measure_forward_ms, to_toml
+from upop.latency.calibrate import calibrate, measure_forward_ms, to_toml
 from upop.exporters.timing import block_timer
-from upop.demo import DEMOS
-from upop.hardware import predicted_latency_ms
-from upop.hub import load_pretrained
+from upop.models.demo import DEMOS
+from upop.latency.hardware import predicted_latency_ms
+from upop.models.hub import load_pretrained
 from upop.profiles import load, read_file
 
 

@@ -15,7 +15,7 @@ from upop.datasets.shapes import COLOURS, COUNT_WORDS, SHAPES
 
 data = Path(sys.argv[1]) if len(sys.argv) > 1 else None
 if data is None:
-    from upop.demo import shapes_dir
+    from upop.models.demo import shapes_dir
 
     data = shapes_dir()
 train, test = read_nlvr(data / "nlvr_train.json"), read_nlvr(data / "nlvr_test.json")

@@ -80,7 +80,7 @@ def base_size(args, root: Path, console: Console) -> list[list[str]]:
     """BLIP-base size: original fp32 → slim 0.5 fp32 → slim 0.5 int8 / int8-dynamic, per graph."""
     import upop
     from upop.adapters import get_adapter
-    from upop.hub import load_pretrained
+    from upop.models.hub import load_pretrained
 
     size = args.base_image_size
     # the dry run: a small BLIP with the same graphs, so it takes seconds
@@ -123,7 +123,7 @@ def base_size(args, root: Path, console: Console) -> list[list[str]]:
 
 def _small_blip(root: Path, size: int) -> Path:
     from upop.adapters import get_adapter
-    from upop.demo import build_tokenizer
+    from upop.models.demo import build_tokenizer
     from upop.tasks import Preprocessor
 
     adapter = get_adapter("blip")

@@ -27,7 +27,7 @@ from rich.table import Table
 
 import upop
 from upop.adapters import get_adapter
-from upop.demo import build_tokenizer
+from upop.models.demo import build_tokenizer
 from upop.tasks import Preprocessor
 
 CLASS = "BlipForImageTextRetrieval"

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from upop.datasets.shapes import facts_hold, parse_caption, scene_from_json
-from upop.demo import shapes_dir
+from upop.models.demo import shapes_dir
 
 
 def main() -> None:

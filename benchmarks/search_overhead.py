@@ -1,7 +1,7 @@
 """Search overhead and what slimming buys, per family, on a mid-size config.
 
 For every registered family: time per training step of the masked model during the search
-(forward + backward + mask-gradient accumulation, as in ``upop.search``) against the plain
+(forward + backward + mask-gradient accumulation, as in ``upop.pruning.search``) against the plain
 model, then parameters and FLOPs (``torch.utils.flop_counter``, eager attention) of the
 original and of the model slimmed at p = 0.5. Random weights and inputs: the numbers are
 about cost, not accuracy.
@@ -20,11 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from upop.adapters import all_adapters
-from upop.config import SearchConfig
-from upop.flops import flops_per_tower
-from upop.masks import MaskSet
-from upop.search import search
-from upop.slim import slim_model
+from upop.run.config import SearchConfig
+from upop.pruning.flops import flops_per_tower
+from upop.pruning.masks import MaskSet
+from upop.pruning.search import search
+from upop.pruning.slim import slim_model
 
 
 def step_time(adapter, model, batch, steps: int, masked: bool) -> float:

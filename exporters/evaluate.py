@@ -194,7 +194,7 @@ def _task_key(artifact: Artifact, task: str) -> Any:
 def evaluate_artifact(artifact: Artifact, *, data: str | Path | None = None, split: str = "test",
                       batch_size: int = 32, limit: int | None = None, task: str | None = None) -> dict[str, float]:
     """The metrics ``upop eval`` computes for the model, computed with the artifact's forwards."""
-    from upop.demo import shapes_dir
+    from upop.models.demo import shapes_dir
     from upop.tasks import Preprocessor, make_task
 
     for name, value in (("--batch-size", batch_size), ("--limit", limit)):

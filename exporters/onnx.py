@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from upop.checkpoint import atomic_dir
+from upop.run.checkpoint import atomic_dir
 from upop.errors import ExportError, ParityError  # noqa: F401  (defined with every error, raised and re-exported here)
-from upop.safety import check_replace
+from upop.run.safety import check_replace
 
 from .record import evaluation_record
 from .graphs import export_graphs
@@ -58,8 +58,8 @@ class Loaded:
 def load_for_export(source: str | Path) -> Loaded:
     import upop
     from upop.adapters import get_adapter
-    from upop.checkpoint import is_slim_checkpoint
-    from upop.hub import load_pretrained
+    from upop.run.checkpoint import is_slim_checkpoint
+    from upop.models.hub import load_pretrained
 
     if is_slim_checkpoint(source):
         model = upop.load(source)
@@ -119,7 +119,7 @@ def check_parity(graph, path: Path, batches: tuple[int, ...], seq: int, tol: flo
 
 def _source_hash(source: str) -> str | None:
     """sha256 of the source's weights: the slim manifest's, or the model folder's safetensors file."""
-    from upop.checkpoint import is_slim_checkpoint, read_manifest, sha256_file
+    from upop.run.checkpoint import is_slim_checkpoint, read_manifest, sha256_file
 
     if is_slim_checkpoint(source):
         return read_manifest(source)["weights"]["sha256"]
@@ -139,7 +139,7 @@ def _copy_preprocessing(source: str, dest: Path) -> None:
     """The tokenizer and image processor files travel with the graphs (a deployment needs them)."""
     src = Path(source)
     if not src.is_dir():
-        from upop.hub import load_processor
+        from upop.models.hub import load_processor
 
         proc = load_processor(source)
         if proc is not None:

@@ -118,7 +118,7 @@ def measure_latency(sets: dict[str, tuple[Path, dict[str, Any], str]], batches: 
     in interleaved rounds: each round times every set in turn, so what the machine does meanwhile falls on all."""
     import time
 
-    from upop.latency import percentile
+    from upop.latency.timing import percentile
 
     runners: dict[str, list[tuple[Any, dict[int, dict[str, np.ndarray]]]]] = {}
     for key, (folder, manifest, precision) in sets.items():
@@ -342,8 +342,8 @@ def add_precisions(folder: Path, manifest: dict[str, Any], graphs: list[Any], op
 
 def calibration_task(source: str | Path, task: str | None = None, data: str | Path | None = None) -> Any:
     """The task of ``source`` over its data folder (the demo's own for demo-* models), read by the same rules as
-    evaluation (``upop.pipeline.setup_task``): what INT8 calibrates on."""
-    from upop.pipeline import open_model, setup_task
+    evaluation (``upop.run.pipeline.setup_task``): what INT8 calibrates on."""
+    from upop.run.pipeline import open_model, setup_task
 
     src = open_model(str(source), task)
     return setup_task(src, task, data, None, batch_size=8, seed=0).task

@@ -21,7 +21,7 @@ _PREP_TYPES: dict[str, type] = {"max_length": int, "pad_to_max_length": bool}
 def evaluation_record(source: str | Path, model: nn.Module, adapter: Any) -> dict[str, Any]:
     """What ``export.json`` records so that the artifact is evaluated as ``upop eval`` evaluates the model: the
     demo it comes from (its data and task options), the task options, and the preprocessor's options."""
-    from upop.demo import DEMOS
+    from upop.models.demo import DEMOS
 
     demo = _demo_name(source, model)
     return {"demo": demo, "task_options": dict(DEMOS[demo].task_options) if demo else {},
@@ -29,7 +29,7 @@ def evaluation_record(source: str | Path, model: nn.Module, adapter: Any) -> dic
 
 
 def _demo_name(source: str | Path, model: nn.Module) -> str | None:
-    from upop.demo import DEMO_ROOT, is_demo
+    from upop.models.demo import DEMO_ROOT, is_demo
 
     info = getattr(model, "_upop_info", None)  # a slim checkpoint: the model it was compressed from
     for name in (str(source), getattr(info, "source", None)):
@@ -65,7 +65,7 @@ def _typed(values: Any, types: dict[str, type], what: str, where: Path) -> dict[
 def read_record(manifest: dict[str, Any], where: Path) -> Record:
     """The evaluation record of a checked ``export.json`` (exports written before it was recorded: the task,
     no demo, no options)."""
-    from upop.demo import is_demo
+    from upop.models.demo import is_demo
 
     rec = manifest.get("evaluation", {})
     if not isinstance(rec, dict):

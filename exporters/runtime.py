@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from upop.safety import check_depth, member, read_json
+from upop.run.safety import check_depth, member, read_json
 
 from .sessions import ort_session
 from upop.errors import ExportFolderError  # noqa: F401  (defined with every error, raised and re-exported here)

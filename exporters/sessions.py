@@ -84,7 +84,7 @@ def synthetic_feed(entry: dict[str, Any], sess: Any, batch: int) -> dict[str, An
     masks, seeded normal values for floats (the values do not change the time)."""
     import numpy as np
 
-    from upop.latency import feed_shape
+    from upop.latency.timing import feed_shape
 
     feed = {}
     for inp in sess.get_inputs():

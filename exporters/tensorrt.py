@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upop.checkpoint import atomic_dir
+from upop.run.checkpoint import atomic_dir
 from upop.errors import UpopError
-from upop.safety import check_replace
+from upop.run.safety import check_replace
 
 from .registry import register
 from upop.errors import TensorRTUnavailable, TensorRTBuildError  # noqa: F401  (defined with every error, raised and re-exported here)
@@ -70,8 +70,8 @@ def trt_major(trt: Any) -> int:
 
 def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
     """(min, opt, max) shapes per input: item axes take ``batch``, token axes ``seq`` (the rule of
-    ``upop.latency.feed_shape``, so profiling feeds fit the profile)."""
-    from upop.latency import is_batch_axis
+    ``upop.latency.timing.feed_shape``, so profiling feeds fit the profile)."""
+    from upop.latency.timing import is_batch_axis
 
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     for inp in io:
@@ -280,7 +280,7 @@ class EngineRunner:
         """Times (ms) of ``run``, by CUDA events recorded on the runner's stream."""
         import torch
 
-        from upop.latency import time_fn
+        from upop.latency.timing import time_fn
 
         with torch.cuda.stream(self.stream):
             return time_fn(self.run, warmup, runs, cuda=True)
@@ -317,7 +317,7 @@ def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup
     """Latency of every engine of a ``upop export --format trt`` folder: one row per engine and batch."""
     import torch
 
-    from upop.latency import feed_shape
+    from upop.latency.timing import feed_shape
 
     require_tensorrt()
     meta = json.loads((Path(engine_dir) / "engines.json").read_text())

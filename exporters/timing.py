@@ -1,7 +1,7 @@
 """Timing the deployment graphs: in PyTorch, as ONNX Runtime sessions and as TensorRT engines.
 
-The core holds the timing pieces (``upop.latency``) and measures calibration tables through a timer it is
-handed (``upop.calibrate.BlockTimer``); the runtimes it must not import live here, beside the
+The core holds the timing pieces (``upop.latency.timing``) and measures calibration tables through a timer it is
+handed (``upop.latency.calibrate.BlockTimer``); the runtimes it must not import live here, beside the
 exporters that make their graphs. ``block_timer`` gives calibration the timer of a runtime.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from upop.calibrate import BlockTimer, runtime_timer, torch_timer
+from upop.latency.calibrate import BlockTimer, runtime_timer, torch_timer
 from upop.errors import ConfigError
-from upop.latency import SEQ, Run, make_run, percentile, time_fn
-from upop.measure import Runtime
+from upop.latency.timing import SEQ, Run, make_run, percentile, time_fn
+from upop.latency.measure import Runtime
 
 from .graphs import export_graphs
 from .sessions import CPU_EP, CUDA_EP, cuda_device_id, device_in_use, ort_call, ort_session, synthetic_feed

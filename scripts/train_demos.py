@@ -5,7 +5,7 @@
 
 import argparse
 
-from upop.demo import DEMOS, train_demo
+from upop.models.demo import DEMOS, train_demo
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("names", nargs="*", default=list(DEMOS))

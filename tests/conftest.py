@@ -19,7 +19,7 @@ FAMILY_CLASSES = [(a.family, c) for a in all_adapters() for c in a.classes]
 def _short_latency_budget(monkeypatch):
     """Every compress report times the model before and after; in-process tests time a few runs, not a
     half-second's worth (tests/unit/test_measure.py checks the measurement itself)."""
-    monkeypatch.setattr("upop.measure.BUDGET_S", 0.005)
+    monkeypatch.setattr("upop.latency.measure.BUDGET_S", 0.005)
 IDS = [c for _f, c in FAMILY_CLASSES]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from upop.distributed import Dist
+from upop.training.distributed import Dist
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__")
 
@@ -137,7 +137,7 @@ def run_ranks(fn: Callable[..., Any], folder: Path, world: int, *args: Any) -> l
 def blip_task(data: str, **options: Any) -> tuple[Any, Any]:
     """A tiny BLIP retrieval model and its task over the shapes set at ``data`` (batches of 2 per rank)."""
     from upop.adapters import get_adapter
-    from upop.demo import build_tokenizer
+    from upop.models.demo import build_tokenizer
     from upop.tasks import Preprocessor, make_task
 
     from .conftest import build_tiny
@@ -154,8 +154,8 @@ def blip_training_reads(data: str, steps: int, log_every: int) -> dict[str, Any]
     """BLIP retrieval (momentum on: its gathers and queue too) trained ``steps`` optimizer steps through the
     loop, with host reads counted and collectives observed. Returns the reads made after the first step (which
     also probes DDP once), the logging windows they fall in, and the collectives seen."""
-    from upop.distributed import current
-    from upop.loop import LoopSettings, Phase, TrainLoop
+    from upop.training.distributed import current
+    from upop.training.loop import LoopSettings, Phase, TrainLoop
 
     model, task = blip_task(data, momentum=True)
     dist = current()

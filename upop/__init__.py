@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .api import CompressResult, compress, load
-from .config import CompressConfig, DistillConfig, RetrainConfig, SearchConfig
+from .run.config import CompressConfig, DistillConfig, RetrainConfig, SearchConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError, UnsupportedModelError, UpopError
 
 __all__ = [

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import info_from_manifest, load_slim
-from .pipeline import (CompressResult, OpenedModel, TaskSetup, compress, load_profile, open_model, resolve_device,
+from .run.checkpoint import info_from_manifest, load_slim
+from .run.pipeline import (CompressResult, OpenedModel, TaskSetup, compress, load_profile, open_model, resolve_device,
                        setup_task)
 
 __all__ = ["CompressResult", "OpenedModel", "TaskSetup", "compress", "load", "open_model", "resolve_device",

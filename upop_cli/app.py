@@ -52,7 +52,7 @@ def _setup() -> None:
     disable_progress_bars()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
-    from upop.safety import never_prompt_for_remote_code
+    from upop.run.safety import never_prompt_for_remote_code
 
     never_prompt_for_remote_code()
 
@@ -161,7 +161,7 @@ def compress(
                  distill_temperature=distill_temperature, distill_search=distill_search, teacher=teacher,
                  rerank=rerank, cost_weights=cost_weights)
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
-        from upop.distributed import launched_by_torchrun
+        from upop.training.distributed import launched_by_torchrun
 
         from .launch import launch, torchrun_args, worker_args
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from upop.datasets.readers import outside_data_allowed
-from upop.report import target_missed as latency_note
+from upop.run.report import target_missed as latency_note
 
 from .options import check_values, merge, read_toml
 from .recipes_cmd import recipe_options
@@ -25,7 +25,7 @@ def default_out(model: str, value: float, kind: str = "p") -> Path:
 
 def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet: bool, resume: bool = False,
         allow_outside_data: bool = False, as_json: bool = False) -> None:
-    from upop.distributed import env_rank
+    from upop.training.distributed import env_rank
     from upop.errors import ConfigError
 
     check_values(flags)
@@ -42,7 +42,7 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
     cfg = _config(o)
     out = Path(o["out"]) if o.get("out") else default_out(model, cfg.ratio if cfg.target_latency_ms is None
                                                               else cfg.target_latency_ms, "ms" if cfg.target_latency_ms else "p")
-    from upop.hub import network_rule
+    from upop.models.hub import network_rule
 
     network_rule(model)  # one probe of the hub at most; demos and local folders never touch it
     guard = _output_guard(out, model, o.get("data"), overwrite, main, o.get("teacher"))
@@ -69,9 +69,9 @@ def _not_applying(o: dict[str, Any], family: str | None, task: str | None) -> di
 
 def _family_task(model: str, task: str | None) -> tuple[str | None, str | None]:
     """The model's family and task from its config or slim manifest (no weights read)."""
-    from upop.checkpoint import is_slim_checkpoint, read_manifest
+    from upop.run.checkpoint import is_slim_checkpoint, read_manifest
     from upop.errors import UpopError
-    from upop.hub import resolve
+    from upop.models.hub import resolve
 
     from .recipes_cmd import _family_and_task
 
@@ -91,7 +91,7 @@ def _family_task(model: str, task: str | None) -> tuple[str | None, str | None]:
 def _unused(o: dict[str, Any], flags: dict[str, Any], files: dict[str, dict[str, Any]], model: str, main: bool) -> None:
     """An option that does not apply: a flag is refused in one line; one from a file or recipe is said once."""
     from upop.errors import ConfigError
-    from upop.safety import say_once
+    from upop.run.safety import say_once
 
     from .options import flag
 
@@ -108,8 +108,8 @@ def _unused(o: dict[str, Any], flags: dict[str, Any], files: dict[str, dict[str,
 def _defaults(model: str) -> dict[str, Any]:
     """The options a flag or the TOML file leaves unset: the config dataclasses' defaults (one place for
     CLI and API), and a demo model's own epochs, learning rate and batch."""
-    from upop.config import DEFAULT_CHECKPOINT_EVERY, CompressConfig, RetrainConfig, SearchConfig
-    from upop.demo import DEMOS
+    from upop.run.config import DEFAULT_CHECKPOINT_EVERY, CompressConfig, RetrainConfig, SearchConfig
+    from upop.models.demo import DEMOS
 
     demo, c, s, r = DEMOS.get(model), CompressConfig(), SearchConfig(), RetrainConfig()
     return {"search_epochs": demo.compress_search_epochs if demo else s.epochs,
@@ -123,7 +123,7 @@ def _defaults(model: str) -> dict[str, Any]:
 
 
 def _distill_defaults() -> dict[str, Any]:
-    from upop.config import DistillConfig
+    from upop.run.config import DistillConfig
 
     d = DistillConfig()
     return {"distill": d.mode, "distill_weight": d.weight, "distill_temperature": d.temperature,
@@ -160,8 +160,8 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
     """Everything about the output settled before the run: nothing but upop's own folders is replaced,
     the source is not inside it, ``<out>.partial`` is upop's, the parent can take the run, and no
     other run writes the same output (rank 0 holds the lock until the run ends)."""
-    from upop.hub import resolve
-    from upop.safety import OutputLock, check_replace, check_room, check_state_folder, weights_bytes
+    from upop.models.hub import resolve
+    from upop.run.safety import OutputLock, check_replace, check_room, check_state_folder, weights_bytes
 
     source = resolve(model)
     sources = [source, resolve(teacher) if teacher else None]
@@ -180,7 +180,7 @@ def _output_guard(out: Path, model: str, data: str | None, overwrite: bool, main
 def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path, overwrite: bool, quiet: bool,
               resume: bool, main: bool, as_json: bool = False) -> Any:
     import upop
-    from upop.distributed import env_rank
+    from upop.training.distributed import env_rank
     from upop.errors import DivergedError
 
     try:
@@ -193,7 +193,7 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
                 _save(result, out, partial, overwrite)
             finish_together()
     except RuntimeError as exc:
-        from upop.distributed import PeerLostError, launched_by_torchrun
+        from upop.training.distributed import PeerLostError, launched_by_torchrun
 
         if not launched_by_torchrun():
             raise
@@ -275,7 +275,7 @@ def _tell(report: Any, out: Path, quiet: bool = False, as_json: bool = False) ->
 def finish_together() -> None:
     """Under torchrun every rank waits for rank 0's files, then leaves the group: the workers of all
     nodes end at once, so no node's agent is still polling the rendezvous when another's shuts it down."""
-    from upop.distributed import current
+    from upop.training.distributed import current
 
     import torch
 
@@ -287,7 +287,7 @@ def finish_together() -> None:
 
 
 def print_summary(report: Any, out: Path, stderr: bool = False) -> None:
-    from upop.report import run_lines, summary_rows
+    from upop.run.report import run_lines, summary_rows
 
     con = console(stderr=stderr)
     table = Table(title=f"{report.model} → {out}  (ratio {report.ratio}, {report.granularity}, "

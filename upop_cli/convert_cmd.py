@@ -11,10 +11,10 @@ from .out import console
 
 def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim: int, enc_token_id: int | None,
                      overwrite: bool) -> None:
-    from upop.checkpoint import atomic_dir
+    from upop.run.checkpoint import atomic_dir
     from upop.errors import ModelLoadError
     from upop.models.convert import convert_nlvr_checkpoint
-    from upop.safety import CONVERT_MARKER, check_replace
+    from upop.run.safety import CONVERT_MARKER, check_replace
     from upop.tasks import Preprocessor
 
     out_dir = Path(out)
@@ -24,7 +24,7 @@ def run_convert_nlvr(checkpoint: str, out: str, processor: str | None, head_dim:
     model.config.architectures = [type(model).__name__]
     proc = None
     if processor is not None:
-        from upop.hub import network_rule
+        from upop.models.hub import network_rule
 
         network_rule(processor)
         proc = Preprocessor.from_pretrained(processor)  # its image processor and tokenizer, each checked

@@ -30,7 +30,7 @@ def debug() -> bool:
 def guarded(fn: Callable[[], Any], arm: bool = True) -> Any:
     """Run a command body; known errors become one line and an exit code. ``arm``: Ctrl-C raises
     ``KeyboardInterrupt`` inside it (a run saves its state); elsewhere it leaves at once (``upop_cli.interrupt``)."""
-    from upop.safety import forget_notes
+    from upop.run.safety import forget_notes
 
     from .interrupt import armed, said
 

@@ -32,7 +32,7 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
             return run_export(model, task, data, split, batch_size, limit, device, as_json, runtime or "onnxruntime")
     if runtime is not None:
         raise ConfigError(f"{model} is not an export folder (written by upop export), which --runtime evaluates")
-    from upop.hub import network_rule
+    from upop.models.hub import network_rule
 
     dev = resolve_device(device)
     network_rule(model)
@@ -77,7 +77,7 @@ def _show(title: str, metrics: dict[str, float]) -> None:
 def run_datasets_shapes(out: Path, train: int, val: int, test: int, seed: int, image_size: int, quiet: bool) -> None:
     from upop.datasets import shapes
     from upop.errors import OutputExistsError
-    from upop.safety import check_replace, output_dir
+    from upop.run.safety import check_replace, output_dir
 
     for name, value in (("--train", train), ("--val", val), ("--test", test)):
         check(name, value, f"an integer in 1..{MAX_IMAGES}", lambda v: at_least(1)(v) and v <= MAX_IMAGES)

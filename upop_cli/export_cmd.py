@@ -78,8 +78,8 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | 
         quiet: bool, as_json: bool = False, quant: QuantArgs | None = None) -> None:
     from upop.datasets.readers import outside_data_allowed
     from upop.exporters import get
-    from upop.hub import network_rule
-    from upop.safety import check_replace, read_json
+    from upop.models.hub import network_rule
+    from upop.run.safety import check_replace, read_json
 
     exporter = get(fmt)
     q = quant or QuantArgs()
@@ -181,7 +181,7 @@ def choice_lines(manifest: dict[str, Any]) -> list[str]:
 
 def run_predict(export_dir: str, images: list[str], texts: list[str], fp16: bool) -> None:
     from upop.exporters.predict import predict
-    from upop.hub import network_rule
+    from upop.models.hub import network_rule
 
     network_rule(export_dir)
     result = predict(export_dir, images, texts, fp16)

@@ -9,10 +9,10 @@ from rich.table import Table
 def run(slim_dir: str, json_out: bool) -> None:
     import upop
     from upop.adapters import get_adapter
-    from upop.checkpoint import read_manifest
-    from upop.flops import flops_per_tower, params_per_tower
+    from upop.run.checkpoint import read_manifest
+    from upop.pruning.flops import flops_per_tower, params_per_tower
 
-    from upop.hub import network_rule
+    from upop.models.hub import network_rule
 
     network_rule(slim_dir)
     manifest = read_manifest(slim_dir)

@@ -24,7 +24,7 @@ def write_latest(out: Path, model: str) -> Path | None:
     Only an output root named like upop's own (``upop-out``) gets a record: ``--out`` elsewhere is a folder of
     the user's, where upop adds nothing (and the record is only ever read from ``./upop-out``); nor is a
     ``latest.json`` there replaced unless it is a record upop wrote."""
-    from upop.safety import write_file
+    from upop.run.safety import write_file
 
     out = Path(out).resolve()
     record = out.parent / RECORD
@@ -36,7 +36,7 @@ def write_latest(out: Path, model: str) -> Path | None:
 
 def _is_record(path: Path) -> bool:
     from upop.errors import UpopError
-    from upop.safety import read_json
+    from upop.run.safety import read_json
 
     try:
         data = read_json(path, UpopError)
@@ -52,7 +52,7 @@ def read_latest(command: str, root: Path = DEFAULT_ROOT) -> Path:
     if not record.is_file():
         raise ConfigError(f"no path given and no earlier `upop compress` output in {root}/: {hint}, "
                           "or run upop compress first")
-    from upop.safety import read_json
+    from upop.run.safety import read_json
 
     try:
         path = Path(read_json(record, ConfigError)["path"])  # type: ignore[index]

@@ -48,7 +48,7 @@ def _profile_export(target: str, batches: list[int], device: str, precision: str
 
 def _is_profile_result(path: Path) -> bool:
     from upop.errors import UpopError
-    from upop.safety import read_json
+    from upop.run.safety import read_json
 
     try:
         data = read_json(path, UpopError)
@@ -86,9 +86,9 @@ def run(target: str | None, runtime: str, device: str, batches: list[int], preci
     """``json_out``: ``"-"`` prints the runs alone on stdout (the table then goes to stderr), a path writes them
     (upop's own result file only with ``overwrite``, never another file)."""
     from upop.errors import ConfigError
-    from upop.hub import network_rule
-    from upop.latency import speedup
-    from upop.safety import check_file, write_file
+    from upop.models.hub import network_rule
+    from upop.latency.timing import speedup
+    from upop.run.safety import check_file, write_file
 
     check_profile_options(runtime, device, batches, precision, warmup, runs)
     to_stdout = json_out == "-"
@@ -159,9 +159,9 @@ def profiles_validate(path: Path) -> None:
 def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: str, granularity: str,
                        quiet: bool, overwrite: bool = False) -> None:
     from upop.api import _open, resolve_device
-    from upop.calibrate import calibrate, to_toml
+    from upop.latency.calibrate import calibrate, to_toml
     from upop.profiles import load, read_file
-    from upop.safety import check_file, write_file
+    from upop.run.safety import check_file, write_file
 
     check("--runtime", runtime, " or ".join(RUNTIMES), lambda v: v in RUNTIMES)
     check("--granularity", granularity, "dim or head", lambda v: v in ("dim", "head"))
@@ -173,7 +173,7 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
         require_tensorrt()
     from upop.exporters.timing import block_timer
 
-    from upop.hub import network_rule
+    from upop.models.hub import network_rule
 
     network_rule(model)
     src = _open(model, None)

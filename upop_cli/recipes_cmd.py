@@ -27,7 +27,7 @@ def checked(recipe: Any, ratio: float | None = None) -> dict[str, Any]:
 
 
 def recipes_list() -> None:
-    from upop.recipe import all_recipes
+    from upop.run.recipe import all_recipes
 
     table = Table(title="Recipes: upop compress --recipe NAME (by default chosen from the data's annotation files)")
     for col in ("name", "family", "task", "dataset", "λ attn / mlp", "lr", "wd", "batch", "epochs s/r", "update every"):
@@ -41,7 +41,7 @@ def recipes_list() -> None:
 
 
 def recipes_show(name: str, as_json: bool) -> None:
-    from upop.recipe import load_recipe
+    from upop.run.recipe import load_recipe
 
     r = load_recipe(name)
     checked(r)
@@ -70,8 +70,8 @@ def recipe_options(model: str, data: str | None, task: str | None, name: str | N
     """The options of the run's recipe: ``name`` (``none``: no recipe), else the one the data folder's
     annotation files identify for the model's family and task (said in one line); the demos use none.
     Of a recipe with rows per ratio, the row nearest ``ratio`` (said in one line)."""
-    from upop.demo import DEMOS
-    from upop.recipe import NO_RECIPE, detect, load_recipe
+    from upop.models.demo import DEMOS
+    from upop.run.recipe import NO_RECIPE, detect, load_recipe
 
     if name == NO_RECIPE or (name is None and (model in DEMOS or data is None)):
         return {}
@@ -108,7 +108,7 @@ def _family_and_task(model: str, task: str | None) -> tuple[str | None, str | No
     """From the model's config alone (no weights); None where it cannot be read (the run says why later)."""
     from upop.adapters import get_adapter
     from upop.errors import UpopError
-    from upop.hub import load_config, network_rule, resolve
+    from upop.models.hub import load_config, network_rule, resolve
 
     network_rule(model)  # the run's own rule, applied first here: at most one probe of the hub
     try:
@@ -132,7 +132,7 @@ def _say_image_size(model: str, recipe: Any) -> None:
 
 def processor_size(model: str) -> int | None:
     """The square side the model's image processor outputs (its crop, else its resize), if it says."""
-    from upop.hub import load_processor, resolve
+    from upop.models.hub import load_processor, resolve
 
     try:
         proc = load_processor(resolve(model))

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from upop.demo import DEMOS, SHAPES_VERSION, build_tokenizer, demo_path
+from upop.models.demo import DEMOS, SHAPES_VERSION, build_tokenizer, demo_path
 from upop_cli.app import app
 
 

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import upop
-from upop.demo import DEMOS
+from upop.models.demo import DEMOS
 from upop_cli.app import app
 
 runner = CliRunner()
@@ -27,7 +27,7 @@ def _compress(source, ratio, out):
     import torch
 
     from upop.adapters import get_adapter
-    from upop.hub import load_pretrained
+    from upop.models.hub import load_pretrained
 
     model = upop.load(source) if Path(source).is_dir() else load_pretrained(source).model
     adapter = get_adapter(model)
@@ -49,7 +49,7 @@ def test_a_demos_slim_checkpoint_evaluates_recompresses_exports_and_predicts(dem
     _has_image_processor(again)
     r = runner.invoke(app, ["export", str(again), "--out", str(tmp_path / "onnx"), "--quiet"])
     assert r.exit_code == 0, r.output
-    from upop.demo import shapes_dir
+    from upop.models.demo import shapes_dir
 
     images = sorted((shapes_dir() / "images" / "test").glob("*.png"))[:2]
     task = DEMOS[demo].task

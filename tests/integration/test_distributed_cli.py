@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from upop.search import pi_schedule
+from upop.pruning.search import pi_schedule
 
 from ..conftest import vit_run_folder
 

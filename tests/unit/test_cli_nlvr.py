@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from upop.datasets import shapes
-from upop.demo import build_tokenizer
+from upop.models.demo import build_tokenizer
 from upop.tasks import Preprocessor
 from upop.adapters import get_adapter
 from upop_cli.app import app

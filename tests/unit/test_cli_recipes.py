@@ -10,7 +10,7 @@ import transformers
 from typer.testing import CliRunner
 
 import upop
-from upop.recipe import load_recipe, recipe_names
+from upop.run.recipe import load_recipe, recipe_names
 from upop_cli.app import app
 
 from ..conftest import build_tiny

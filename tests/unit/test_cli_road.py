@@ -173,7 +173,7 @@ def no_network(monkeypatch):
     import huggingface_hub.constants
     import huggingface_hub.file_download
 
-    from upop import hub
+    from upop.models import hub
 
     attempts = []
 
@@ -221,7 +221,7 @@ def test_a_hub_id_offline_probes_once_and_fails_at_once(no_network):
 
 
 def test_network_rule():
-    from upop.hub import needs_hub
+    from upop.models.hub import needs_hub
 
     assert not needs_hub("demo-blip") and not needs_hub("./somewhere/model") and not needs_hub(None)
     assert needs_hub("Salesforce/blip-itm-base-coco") and needs_hub("openai/clip-vit-base-patch16")

@@ -173,15 +173,15 @@ def test_a_full_disk_keeps_the_state_and_resume_only_writes(run_folder, tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("resume after a failed save must only write")
 
-    monkeypatch.setattr(upop.pipeline, "search", no_training)
-    monkeypatch.setattr(upop.pipeline, "retrain", no_training)
+    monkeypatch.setattr(upop.run.pipeline, "search", no_training)
+    monkeypatch.setattr(upop.run.pipeline, "retrain", no_training)
     r = _compress(model, data, tmp_path / "r", "--resume")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r" / "upop_manifest.json").is_file() and not (tmp_path / "r.partial").exists()
 
 
 def test_the_run_state_clears_only_a_folder_with_its_marker(tmp_path):
-    from upop.runstate import Baseline, RunState, StateStore
+    from upop.run.state import Baseline, RunState, StateStore
 
     foreign = tmp_path / "r.partial"
     foreign.mkdir()
@@ -201,7 +201,7 @@ def _latency_report(target, after):
 
 
 def _report(**fields):
-    from upop.report import Report
+    from upop.run.report import Report
 
     base = dict(model="m", family="vit", model_class="ViTForImageClassification", task=None, ratio=0.4,
                 granularity="dim", profile="t4", removed_cost_share=0.4, metrics={},
@@ -237,7 +237,7 @@ def test_the_summary_table_says_a_missed_target(tmp_path, capsys):
 # -- round two: every command that writes goes through the same rule ------------------------------------
 
 def _upop_output(path, kind, **files):
-    from upop.safety import output_dir
+    from upop.run.safety import output_dir
 
     with output_dir(path, kind) as tmp:
         for name, text in {"x.json": "{}", **files}.items():
@@ -345,11 +345,11 @@ FILE_COMMANDS = {
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("command", list(FILE_COMMANDS))
 def test_a_users_file_is_never_replaced_by_a_file_output(run_folder, tmp_path, monkeypatch, command, overwrite):
-    import upop.calibrate
+    import upop.latency.calibrate
     import upop.exporters.timing
 
     monkeypatch.setattr(upop.exporters.timing, "profile_torch", lambda *a, **k: pytest.fail("measured"))
-    monkeypatch.setattr(upop.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr(upop.latency.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
     model, _ = run_folder
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "results"}')
@@ -377,11 +377,11 @@ def test_profile_json_replaces_its_own_file_only_with_overwrite(run_folder, tmp_
 def test_calibrate_into_a_missing_folder_makes_it(tmp_path, monkeypatch):
     import dataclasses
 
-    import upop.calibrate
+    import upop.latency.calibrate
     from upop.profiles import load
 
     table = {"blocks": [], "rest_ms": 1.0, "granularity": "dim", "device": "cpu"}
-    monkeypatch.setattr(upop.calibrate, "calibrate",
+    monkeypatch.setattr(upop.latency.calibrate, "calibrate",
                         lambda *a, **k: dataclasses.replace(load("cpu-x86"), latency_model="table", table=table))
     out = tmp_path / "missing" / "p.toml"
     r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(out), "--quiet"])
@@ -390,7 +390,7 @@ def test_calibrate_into_a_missing_folder_makes_it(tmp_path, monkeypatch):
 
 
 def test_a_foreign_shapes_folder_in_the_cache_is_kept(run_folder, tmp_path, monkeypatch):
-    from upop.demo import shapes_dir
+    from upop.models.demo import shapes_dir
     from upop.errors import OutputError
 
     monkeypatch.setenv("UPOP_CACHE", str(tmp_path / "cache"))
@@ -406,12 +406,12 @@ def test_a_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, cache
     if cache == "file":
         (tmp_path / "c").write_text("x")
     else:  # as on a read-only file system (root writes into a 0500 folder, so the error is raised here)
-        import upop.safety
+        import upop.run.safety
 
         def read_only(final):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(final))
 
-        monkeypatch.setattr(upop.safety, "make_temp_dir", read_only)
+        monkeypatch.setattr(upop.run.safety, "make_temp_dir", read_only)
     monkeypatch.setenv("UPOP_CACHE", str(tmp_path / "c"))
     r = runner.invoke(app, ["eval", "demo-vit", "--limit", "2"])
     _one_line(r)

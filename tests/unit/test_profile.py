@@ -5,7 +5,7 @@ import transformers
 from typer.testing import CliRunner
 
 import upop
-from upop.latency import Run, percentile, speedup
+from upop.latency.timing import Run, percentile, speedup
 from upop_cli.app import app
 
 from ..conftest import batches_for, build_tiny

@@ -124,7 +124,7 @@ PROFILE = [
 
 @pytest.mark.parametrize("flags,match", PROFILE, ids=[" ".join(f) for f, _m in PROFILE])
 def test_profile_options(run_folder, flags, match, monkeypatch):
-    import upop.latency
+    import upop.latency.timing
 
     monkeypatch.setattr(upop.exporters.timing, "profile_torch", lambda *a, **k: pytest.fail("profiled a bad request"))
     model, _ = run_folder
@@ -184,16 +184,16 @@ def test_datasets_shapes_into_a_file(tmp_path):
 
 
 def test_calibrate_never_replaces_an_existing_file_without_overwrite(tmp_path, monkeypatch):
-    import upop.calibrate
+    import upop.latency.calibrate
 
     (tmp_path / "my.toml").write_text("mine")
-    monkeypatch.setattr(upop.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr(upop.latency.calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
     for extra in ([], ["--overwrite"]):  # a file upop did not write is never replaced
         r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "my.toml"),
                                 *extra])
         _one_line(r, "my.toml exists and is not a hardware profile written by upop")
     assert (tmp_path / "my.toml").read_text() == "mine"
-    from upop.calibrate import to_toml
+    from upop.latency.calibrate import to_toml
     from upop.profiles import load
 
     import dataclasses
@@ -502,8 +502,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_state(run_folder, tmp_
 
 
 def test_workers_are_capped_by_cores_and_memory_and_said_once(monkeypatch, capsys):
-    from upop import data as data_mod
-    from upop.safety import forget_notes
+    from upop.datasets import loading as data_mod
+    from upop.run.safety import forget_notes
 
     forget_notes()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -520,7 +520,7 @@ def test_an_imagefolder_of_tif_images_is_read_and_other_files_are_said(tmp_path,
     from PIL import Image
 
     from upop.datasets.readers import read_classification
-    from upop.safety import forget_notes
+    from upop.run.safety import forget_notes
 
     forget_notes()
     for cls in ("a", "b"):

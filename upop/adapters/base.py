@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
+from ..pruning.units import AttentionSpec, InProj, MLPSpec, ModuleSpec
 
 _REGISTRY: dict[str, "Adapter"] = {}
 
@@ -100,7 +100,7 @@ class Adapter:
     towers: ClassVar[dict[str, str]]
     #: task name -> task implementation key (``upop.tasks``); a task not tied to a class is evaluation-only
     tasks: ClassVar[dict[str, str]]
-    #: the training augmentation under ``--augment default`` (a ``upop.augment.POLICIES`` name; None: none)
+    #: the training augmentation under ``--augment default`` (a ``upop.training.augment.POLICIES`` name; None: none)
     augment_policy: ClassVar[str | None] = None
 
     # ---- model classes -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from transformers import BlipConfig, BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipMLP
 from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextLayer
 
-from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
+from ..pruning.units import AttentionSpec, InProj, MLPSpec, ModuleSpec
 from .base import NORM_HALF, Adapter, image_size_of, rand_ids, rand_pixels, register
 from .factories import ModelFactory
 

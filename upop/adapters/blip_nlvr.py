@@ -18,7 +18,7 @@ from ..models.blip_nlvr import (
     BlipNlvrTextLayer,
     BlipNlvrTwinCrossAttention,
 )
-from ..units import ModuleSpec
+from ..pruning.units import ModuleSpec
 from .base import image_size_of, rand_ids, rand_pixels, register
 from .blip import BlipAdapter, BlipModels
 

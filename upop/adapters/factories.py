@@ -3,7 +3,7 @@
 None of this is part of pruning: a model loaded from a checkpoint never calls it. Each family
 declares its overrides in a small ``ModelFactory`` subclass next to its adapter, and the
 registered adapter class mixes it in (``class ViTAdapter(QKVOAdapter, ViTModels)``), so
-``adapter.random_config(...)`` keeps working for tests, benchmarks and ``upop.demo`` while
+``adapter.random_config(...)`` keeps working for tests, benchmarks and ``upop.models.demo`` while
 ``Adapter`` itself holds only the pruning contract and the task hooks.
 """
 

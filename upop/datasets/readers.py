@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import DataError  # noqa: F401  (defined with every error, raised and re-exported here)
-from ..safety import MAX_JSON_DEPTH, check_depth, say_once
+from ..run.safety import MAX_JSON_DEPTH, check_depth, say_once
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 

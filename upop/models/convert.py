@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..safety import load_tensors
+from ..run.safety import load_tensors
 from .blip_nlvr import BlipNlvrConfig, BlipNlvrForVisualReasoning
 
 #: BLIP's tokenizer adds [DEC] then [ENC] after bert-base-uncased's 30522 tokens.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import (
+from ..datasets.loading import (
     SMALL_SET,
     Images,
     SeededPixels,
@@ -30,7 +30,7 @@ from ..data import (
     make_loader,
     with_seeds,
 )
-from ..augment import Augmenter, augmenter_for
+from ..training.augment import Augmenter, augmenter_for
 from ..datasets.readers import DataError, check_images
 from ..errors import ConfigError
 
@@ -235,7 +235,7 @@ class Batches:
 
     def _batches(self, rng: random.Random) -> list[list[int]]:
         if self.asked > self.n > 0:
-            from ..safety import say_once
+            from ..run.safety import say_once
 
             say_once(f"batch size {self.asked:,} is more than the {self.n:,} training items: each batch holds all "
                      f"{self.n:,} (the effective batch reported)")
@@ -401,7 +401,7 @@ class Task:
         """``run(chunk, pixels)`` over ``records`` in evaluation batches, the model in eval mode; one output per
         record, in order. ``pixels`` are the chunk's ``images(record)`` in order, normalised on the model's device.
         Under torchrun each rank runs its share and the outputs are gathered."""
-        from ..distributed import current
+        from ..training.distributed import current
 
         dist = current()
         mine = dist.share(records)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..datasets.readers import DataError, read_classification
-from ..distributed import current
+from ..training.distributed import current
 from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import topk_accuracy
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import CaptionPairs
+from ..datasets.loading import CaptionPairs
 from ..datasets.readers import read_retrieval, read_vqa, read_vqa_training
 from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._train import amp_dtype, autocast
-from ..data import CaptionPairs
+from ..training.parts import amp_dtype, autocast
+from ..datasets.loading import CaptionPairs
 from ..datasets.readers import read_retrieval
-from ..distributed import current
+from ..training.distributed import current
 from ..errors import ConfigError
-from ..momentum import QUEUE_INITS, Momentum
+from ..training.momentum import QUEUE_INITS, Momentum
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 

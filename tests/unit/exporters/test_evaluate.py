@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from upop.adapters import get_adapter
 from upop.datasets import shapes
-from upop.demo import build_tokenizer
+from upop.models.demo import build_tokenizer
 from upop.errors import ConfigError, ExportFolderError
 from upop.exporters import get
 from upop.exporters.evaluate import METRIC_TOL, evaluate_artifact, evaluate_export, open_artifact
@@ -68,8 +68,8 @@ def test_fp32_export_metric_equals_pytorch(exports, demo):
 def test_zero_shot_classification_of_a_dual_encoder_export(exports):
     """CLIP's export evaluated on another task its graphs serve (zero-shot classification: the text encoder
     embeds the class prompts), as the task evaluates the PyTorch model."""
-    from upop.demo import shapes_dir
-    from upop.hub import load_pretrained
+    from upop.models.demo import shapes_dir
+    from upop.models.hub import load_pretrained
     from upop.tasks import make_task
 
     loaded = load_pretrained("demo-clip")

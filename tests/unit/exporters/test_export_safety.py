@@ -151,7 +151,7 @@ def test_hub_never_runs_a_folders_code_when_asked_on_stdin(exported, tmp_path, m
     """The library itself, without the CLI's guard: load_processor passes trust_remote_code=False."""
     import builtins
 
-    from upop.hub import load_processor
+    from upop.models.hub import load_processor
 
     slim, _, _ = exported
     d = shutil.copytree(slim, tmp_path / "evil-slim")

@@ -163,7 +163,7 @@ def test_tensorrt_engines_build(tmp_path):
 @needs_tensorrt_gpu
 def test_tensorrt_profile_and_calibration(tmp_path):
     from upop.adapters import get_adapter
-    from upop.calibrate import calibrate
+    from upop.latency.calibrate import calibrate
     from upop.exporters.timing import block_timer, profile_trt
     from upop.profiles import load
 

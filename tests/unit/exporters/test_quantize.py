@@ -11,7 +11,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from upop.demo import shapes_dir
+from upop.models.demo import shapes_dir
 from upop.errors import ExportError
 from upop.exporters.onnx import export_onnx
 from upop.exporters.precision import PrecisionOptions, calibration_task, choose

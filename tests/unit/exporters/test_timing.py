@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from upop.exporters import sessions, static_onnx, tensorrt, timing
-from upop.measure import latency_rows
+from upop.latency.measure import latency_rows
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 

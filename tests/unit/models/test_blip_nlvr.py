@@ -11,7 +11,7 @@ import transformers
 
 from upop.adapters import get_adapter
 from upop.errors import CheckpointError
-from upop.hub import load_pretrained
+from upop.models.hub import load_pretrained
 from upop.models import BlipNlvrConfig, BlipNlvrForVisualReasoning
 from upop.models.convert import convert_nlvr_checkpoint, map_key
 

@@ -11,12 +11,12 @@ import torch
 import transformers
 from PIL import Image
 
-from upop import data as pipeline
+from upop.datasets import loading as pipeline
 from upop.adapters import get_adapter
 from upop.datasets import shapes
 from upop.datasets.readers import DataError, open_image
-from upop.demo import build_tokenizer
-from upop.distributed import _compact
+from upop.models.demo import build_tokenizer
+from upop.training.distributed import _compact
 from upop.tasks import Preprocessor, make_task
 from upop.tasks.base import Batches, ImageStore
 

@@ -11,9 +11,9 @@ from torch.nn import functional as F
 import upop
 from upop.adapters import get_adapter
 from upop.datasets import shapes
-from upop.demo import build_tokenizer
+from upop.models.demo import build_tokenizer
 from upop.errors import ConfigError
-from upop.retrain import retrain
+from upop.training.retrain import retrain
 from upop.tasks import Preprocessor, make_task
 
 from ...conftest import build_tiny
@@ -174,9 +174,9 @@ def test_momentum_model_follows_the_ema_rule_and_fills_the_queue(data):
 
 
 def test_momentum_model_is_masked_with_the_same_zeta_on_request_and_rebuilt_from_the_slim_student(data):
-    from upop.masks import MaskSet, masks_of
-    from upop.search import search
-    from upop.slim import slim_model
+    from upop.pruning.masks import MaskSet, masks_of
+    from upop.pruning.search import search
+    from upop.pruning.slim import slim_model
 
     model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
     adapter = get_adapter("blip")
@@ -256,7 +256,7 @@ def test_momentum_options_are_checked_and_off_means_no_momentum_state(data):
 
 def test_demo_blip_reranks_its_own_depth_with_or_without_a_data_folder():
     from upop.api import _open, setup_task
-    from upop.demo import shapes_dir
+    from upop.models.demo import shapes_dir
 
     src = _open("demo-blip", None)
     for data in (None, shapes_dir()):  # the benchmarks pass the shapes folder; compress leaves it to the demo
@@ -458,8 +458,8 @@ def test_itm_training_input_starts_with_enc_where_the_tokenizer_has_it(data):
 def test_the_search_momentum_encoder_is_dense_and_the_ema_of_the_students_weights(data):
     """The reference builds its momentum encoder without masks: during the search it computes the unpruned
     function of m, where m_0 = θ_0 and m_t = 0.995·m_(t−1) + 0.005·θ_t after every optimizer step."""
-    from upop.masks import MaskSet, masks_of
-    from upop.search import search
+    from upop.pruning.masks import MaskSet, masks_of
+    from upop.pruning.search import search
 
     model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).train()
     adapter = get_adapter("blip")

@@ -7,7 +7,7 @@ import upop
 from upop.adapters import get_adapter
 from upop.datasets import shapes
 from upop.datasets.readers import DataError
-from upop.demo import build_tokenizer
+from upop.models.demo import build_tokenizer
 from upop.errors import UnsupportedModelError
 from upop.tasks import Preprocessor, make_task
 

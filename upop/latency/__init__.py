@@ -1,0 +1,1 @@
+"""Latency and hardware: measured timing, the latency model, hardware profiles, calibration."""

@@ -1,0 +1,85 @@
+"""Measured latency of the model before and after compression, for every run's report.
+
+The original is timed before the search and the slim model after the retrain, on the run's device,
+at batch 1 and at the training batch: warm-up runs, then enough timed runs to fill a small time
+budget (CUDA events on a GPU). PyTorch is always measured; other runtimes (ONNX Runtime on the
+exported graph) are handed in as ``Runtime`` objects by the caller, since the core does not import the exporters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .timing import percentile, time_fn
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to run a model in one runtime: ``prepare(model, inputs)`` does the one-off work (an export, a
+    session) and returns a call that runs one forward; ``cuda_events``: time it with CUDA events."""
+
+    prepare: Callable[[nn.Module, dict[str, torch.Tensor]], Callable[[], Any]]
+    cuda_events: bool = False
+
+
+TEXT_TOKENS = 32
+WARMUP = 2
+RUNS = (5, 50)  # at least, at most
+BUDGET_S = 0.5  # timed seconds per model, batch and runtime (the test suite lowers it)
+
+
+def torch_runtime(device: torch.device) -> Runtime:
+    def prepare(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return model(**inputs)
+
+        return run
+
+    return Runtime(prepare, cuda_events=device.type == "cuda")
+
+
+def _runs_for(one_ms: float) -> int:
+    """As many runs as fit the budget, within ``RUNS``: stable percentiles without a long wait on a big model."""
+    return int(min(RUNS[1], max(RUNS[0], BUDGET_S * 1000 / max(one_ms, 1e-3))))
+
+
+def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device, runtime: Runtime) -> dict[str, Any]:
+    """p50 and p90 (ms) of one forward of ``model`` on a batch of the adapter's example inputs, and ``device``
+    where the runtime's call says where it ran (a runtime may fall back to the CPU)."""
+    was_training = model.training
+    model.eval()
+    inputs = adapter.example_inputs(model, batch_size=batch, seq_len=TEXT_TOKENS,
+                                    generator=torch.Generator().manual_seed(0))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    run = runtime.prepare(model, inputs)
+    probe = time_fn(run, WARMUP, 1, runtime.cuda_events)
+    ms = time_fn(run, 0, _runs_for(probe[0]), runtime.cuda_events)
+    model.train(was_training)
+    where = getattr(run, "device", None)
+    return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms)),
+            **({"device": where} if where is not None else {})}
+
+
+def measure(model: nn.Module, adapter: Any, batches: Sequence[int], device: torch.device,
+            runtimes: Mapping[str, Runtime]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{runtime: {batch: {p50_ms, p90_ms, runs}}}`` for every runtime and batch size."""
+    return {name: {b: time_model(model, adapter, b, device, rt) for b in batches} for name, rt in runtimes.items()}
+
+
+def latency_rows(before: dict[str, Any], after: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """The report's rows: one per runtime and batch measured both before and after."""
+    rows = []
+    for runtime, per_batch in after.items():
+        for batch, a in per_batch.items():
+            b = before.get(runtime, {}).get(batch)
+            if b is None:
+                continue
+            rows.append({"runtime": runtime, "device": a.get("device", str(device)), "batch": int(batch),
+                         "before_ms": b["p50_ms"], "after_ms": a["p50_ms"], "before_p90_ms": b["p90_ms"],
+                         "after_p90_ms": a["p90_ms"], "speedup": b["p50_ms"] / a["p50_ms"] if a["p50_ms"] > 0 else 0.0})
+    return rows

@@ -1,0 +1,1 @@
+"""Structured pruning: unit kinds, masks, the search, slimming, parameter and FLOP counts."""

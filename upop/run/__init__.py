@@ -1,0 +1,1 @@
+"""A compress run and its files: the pipeline, settings, recipes, checkpoints, state, report, safety."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop, the retrain, distillation, momentum, torchrun, augmentation."""
