@@ -50,11 +50,11 @@ class CLIPModels(ModelFactory):
 @register
 class CLIPAdapter(QKVOAdapter, CLIPModels):
     family = "clip"
-    paper_attn_weight = 36.0  # compress_retrieval_clip.py's weighting (--cost-weights paper)
+    paper_attn_weight = 36.0  # the UPop paper's attention:MLP weighting for CLIP (--cost-weights paper)
     model_types = ("clip",)
     classes = {"CLIPModel": "retrieval"}
     tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}
-    augment_policy = "blip-randaugment"  # what UPop's CLIP retrieval trains with (its data/__init__.py)
+    augment_policy = "blip-randaugment"  # what the UPop paper trains CLIP retrieval with (BLIP's transform)
     towers = {"vision_model": "vision", "text_model": "text", "visual_projection": "vision",
               "text_projection": "text"}
     feature_stacks = ("vision_model.encoder.layers", "text_model.encoder.layers")

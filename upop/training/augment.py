@@ -222,7 +222,8 @@ def _erase_box(rng: random.Random, h: int, w: int) -> tuple[int, int, int, int] 
 
 
 POLICIES: dict[str, Policy] = {
-    # salesforce/BLIP data/__init__.py + transform/randaugment.py, which sdc17/UPop trains BLIP and CLIP with
+    # BLIP's training transform (random resized crop 0.5–1, flip, RandAugment of 2 ops at magnitude 5), which the
+    # UPop paper trains BLIP and CLIP with
     "blip-randaugment": Policy(
         "blip-randaugment", crop_scale=(0.5, 1.0), magnitude=5,
         ops=("identity", "autocontrast", "brightness", "sharpness", "equalize", "shear_x", "shear_y",
