@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent machine: install what is missing (when it can), run, print one table.
-# What it answers is listed in README.md's GPU section and in benchmarks/gpu_check.py's docstring.
-set -euo pipefail
+# One-shot GPU check for a lent machine (about 10 minutes): install upop, run every GPU check, print the tables.
+# What it answers is listed in README.md's GPU section and in benchmarks/gpu_check.py's docstring. Each step has
+# its own time limit and a failed step says so and lets the next one run: one run answers as much as it can.
+#
+#   bash benchmarks/gpu_check.sh                 # everything
+#   GPU_CHECK_STEPS="checks trt" bash benchmarks/gpu_check.sh    # some steps: checks real ddp trt
+#
+# Steps:
+#   checks  benchmarks/gpu_check.py: AMP search step, FP16 slim latency aligned/unaligned, the AMP dtype, BLIP
+#           retrieval evaluation memory, ONNX Runtime provider and IO binding, TensorRT on its own stream
+#   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory
+#   ddp     a 1-GPU torchrun of `upop compress` (NCCL): it runs, its report says the backend, resume works
+#   trt     TensorRT engines of a slim demo at fp32 / fp16 / int8 (strongly typed, from the ONNX graphs) and
+#           `upop eval --runtime tensorrt` of each: the task metric of the engine next to the ONNX Runtime one
+set -uo pipefail
 cd "$(dirname "$0")/.."
+STEPS="${GPU_CHECK_STEPS:-checks real ddp trt}"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d)}"
 python -c "import torch, transformers" 2>/dev/null || pip install --quiet torch transformers
-pip install --quiet --no-deps -e . 2>/dev/null || true
-# Optional runtimes: a check whose runtime is missing says so in its row.
+pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 || pip install --quiet --no-deps -e . || true
 python - <<'PY'
 import importlib.util
 import torch
 print("CUDA:", torch.cuda.is_available(), torch.version.cuda, "| GPUs:", torch.cuda.device_count())
-for mod in ("onnxruntime", "tensorrt"):
+for mod in ("onnxruntime", "tensorrt", "modelopt"):
     spec = importlib.util.find_spec(mod)
     extra = ""
     if spec and mod == "onnxruntime":
@@ -18,4 +31,54 @@ for mod in ("onnxruntime", "tensorrt"):
         extra = f"providers {onnxruntime.get_available_providers()}"
     print(f"{mod}: {'installed ' + extra if spec else 'not installed'}")
 PY
-python benchmarks/gpu_check.py "$@"
+
+step() {  # step NAME LIMIT_S COMMAND...: run it if asked, with its limit; report how it ended
+    local name="$1" limit="$2"
+    shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
+    echo
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" bash -c '"$@"' _ "$@"
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s$([[ $rc == 124 ]] && echo ' (time limit)')"
+}
+
+trt_road() {  # compress demo-vit at 0.5 (short), export ONNX + TensorRT at three precisions, evaluate each
+    local slim="$WORK/demo-vit-p0.5"
+    python -m upop_cli compress --model demo-vit --ratio 0.5 --out "$slim" --max-steps 40 --overwrite || return 1
+    python -m upop_cli export "$slim" --format onnx --out "$WORK/onnx" --overwrite --quiet || return 1
+    python -m upop_cli eval "$WORK/onnx" --runtime onnxruntime || return 1
+    if ! python -c "import tensorrt; tensorrt.Builder" 2>/dev/null; then
+        echo "TensorRT: not installed here (pip install 'upop[trt]'); engines not built"
+        return 0
+    fi
+    local p
+    for p in fp32 fp16 int8; do
+        python -m upop_cli export "$slim" --format trt --precision "$p" --batch 8 --out "$WORK/trt-$p" --overwrite \
+            || { echo "TensorRT $p: export failed"; continue; }
+        python -m upop_cli eval "$WORK/trt-$p" --runtime tensorrt || echo "TensorRT $p: eval failed"
+    done
+}
+
+ddp_road() {  # one process per GPU under torchrun: the process group is NCCL and a kill-free resume finishes
+    local out="$WORK/ddp"
+    python -m upop_cli compress --model demo-vit --ratio 0.5 --out "$out" --nproc 1 --max-steps 30 --overwrite || return 1
+    python - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+rep = json.loads((Path(sys.argv[1]) / "report.json").read_text())
+dist = rep["distributed"]
+print("report's distributed record:", dist)
+assert dist["backend"] == "nccl", f"expected the NCCL backend on a GPU, got {dist['backend']}"
+PY
+}
+
+export WORK
+export -f trt_road ddp_road
+step checks 300 python benchmarks/gpu_check.py "$@"
+step real 240 python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 10 --workers 8
+step ddp 180 ddp_road
+step trt 300 trt_road
+echo
+echo "work folder: $WORK"
