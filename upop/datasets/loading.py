@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +56,21 @@ class Images:
 
 class SeededPixels(torch.Tensor):
     """uint8 training pixels that carry each image's augmentation seed to the device, where the task's
-    normalisation augments them (a plain tensor otherwise: torch functions return plain tensors)."""
+    normalisation augments them (a plain tensor otherwise: torch functions return plain tensors).
+    ``cropped``: the workers took each image's random crop from its decoded original."""
 
     seeds: tuple[int, ...]
+    cropped: bool
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def of(px: torch.Tensor, seeds: tuple[int, ...]) -> "SeededPixels":
+    def of(px: torch.Tensor, seeds: tuple[int, ...], cropped: bool = False) -> "SeededPixels":
         out = px.as_subclass(SeededPixels)
-        out.seeds = seeds
+        out.seeds, out.cropped = seeds, cropped
         return out
 
     def to(self, *args: Any, **kwargs: Any) -> "SeededPixels":  # type: ignore[override]
-        return SeededPixels.of(torch.Tensor.to(self, *args, **kwargs), self.seeds)
+        return SeededPixels.of(torch.Tensor.to(self, *args, **kwargs), self.seeds, self.cropped)
 
     def plain(self) -> torch.Tensor:
         return self.as_subclass(torch.Tensor)
@@ -198,6 +201,24 @@ class PixelPipeline:
     def _by_processor(self, im: Any) -> torch.Tensor:
         return self.processor(images=[im], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
 
+    @property
+    def out_size(self) -> tuple[int, int] | None:
+        """(height, width) of every image out of the processor, when it is fixed and its geometry is known."""
+        g = self.geometry
+        if g is None:
+            return None
+        return g.crop or g.size
+
+    def load_crop(self, path: Path, box: Callable[[int, int], tuple[int, int, int, int]]) -> torch.Tensor:
+        """uint8 [H, W, 3] at ``out_size``: the crop ``box(height, width)`` of the decoded original, resized
+        with PIL's bicubic filter (antialiased when it shrinks), as a random resized crop of the original."""
+        from PIL import Image
+
+        im = open_image(path)
+        top, left, h, w = box(im.height, im.width)
+        oh, ow = self.out_size  # type: ignore[misc]
+        return torch.from_numpy(np.array(im.crop((left, top, left + w, top + h)).resize((ow, oh), resample=Image.BICUBIC)))
+
     def load(self, path: Path) -> torch.Tensor:
         """uint8 [H, W, 3]; or, for a processor run whole, float32 [3, H, W]."""
         im = open_image(path)
@@ -258,18 +279,30 @@ class _Failed:
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Index: (paths, remember) → the paths' uint8 pixels, [n, 3, H, W] (None for no paths)."""
+    """Index: (paths, remember, seeds) → the paths' uint8 pixels, [n, 3, H, W] (None for no paths). With a
+    ``crop`` policy (``Policy.crop_box``) and seeds (training images), each image is its random crop of the
+    decoded original, never cached (a crop is new each epoch); otherwise the processor's pixels."""
 
-    def __init__(self, pipeline: PixelPipeline, cache: PixelCache):
-        self.pipeline, self.cache = pipeline, cache
+    def __init__(self, pipeline: PixelPipeline, cache: PixelCache, crop: Any = None):
+        self.pipeline, self.cache, self.crop = pipeline, cache, crop
+
+    @property
+    def crops(self) -> bool:
+        """Whether training images are cropped here (a policy, and a processor with a fixed output size)."""
+        return self.crop is not None and self.pipeline.out_size is not None
 
     def __len__(self) -> int:  # items come from the sampler; there is no fixed set to count
         return 0
 
-    def __getitem__(self, item: tuple[tuple[Path, ...], bool]) -> torch.Tensor | _Failed | None:
-        paths, remember = item
+    def __getitem__(self, item: tuple[tuple[Path, ...], bool, tuple[int, ...] | None]) -> torch.Tensor | _Failed | None:
+        paths, remember, seeds = item
         try:
-            return self.pipeline.stack([self.one(p, remember) for p in paths]) if paths else None
+            if not paths:
+                return None
+            if seeds is not None and self.crops:
+                return self.pipeline.stack([self.pipeline.load_crop(p, partial(self.crop.crop_box, s))
+                                            for p, s in zip(paths, seeds)])
+            return self.pipeline.stack([self.one(p, remember) for p in paths])
         except DataError as exc:
             return _Failed(str(exc))
 
@@ -343,32 +376,36 @@ def make_loader(dataset: PixelDataset, sampler: Iterable[Any], workers: int) -> 
                                        pin_memory=torch.cuda.is_available(), **kw)
 
 
-def fill(loader_for, items: Iterable[tuple[Any, Any]], remember: bool) -> Iterator[tuple[Any, Any]]:
+def fill(loader_for, items: Iterable[tuple[Any, Any]], remember: bool, crops: bool = False) -> Iterator[tuple[Any, Any]]:
     """(plan, tag) pairs in order, each plan's ``Images`` replaced by their uint8 pixels.
 
     ``loader_for(sampler)`` gives the DataLoader: it decodes ahead while the caller works. The plans stay
-    in this process (a FIFO, since the loader keeps the sampler's order); only their paths go to the workers.
+    in this process (a FIFO, since the loader keeps the sampler's order); only their paths (and, for seeded
+    training images, their seeds) go to the workers. ``crops``: the loader's dataset crops seeded images.
     """
     pending: deque[tuple[Any, Any, list[tuple[str, Images]]]] = deque()
 
-    def requests() -> Iterator[tuple[tuple[Path, ...], bool]]:
+    def requests() -> Iterator[tuple[tuple[Path, ...], bool, tuple[int, ...] | None]]:
         for plan, tag in items:
             refs = [(k, v) for k, v in plan.items() if isinstance(v, Images)] if isinstance(plan, dict) else []
             pending.append((plan, tag, refs))
-            yield tuple(p for _k, r in refs for p in r.paths), remember
+            seeded = bool(refs) and all(r.seeds is not None for _k, r in refs)
+            seeds = tuple(s for _k, r in refs for s in r.seeds) if seeded else None  # type: ignore[union-attr]
+            yield tuple(p for _k, r in refs for p in r.paths), remember, seeds
 
     for px in loader_for(requests()):
         if isinstance(px, _Failed):
             raise DataError(px.message)
         plan, tag, refs = pending.popleft()
-        yield (_with_pixels(plan, refs, px) if refs else plan), tag
+        seeded = bool(refs) and all(r.seeds is not None for _k, r in refs)
+        yield (_with_pixels(plan, refs, px, crops and seeded) if refs else plan), tag
 
 
-def _with_pixels(plan: dict[str, Any], refs: list[tuple[str, Images]], px: torch.Tensor) -> dict[str, Any]:
+def _with_pixels(plan: dict[str, Any], refs: list[tuple[str, Images]], px: torch.Tensor, cropped: bool) -> dict[str, Any]:
     out, start = dict(plan), 0
     for key, ref in refs:
         part = px[start : start + len(ref.paths)]
         part = part.view(len(ref.paths) // ref.per, ref.per, *part.shape[1:]) if ref.per > 1 else part
-        out[key] = SeededPixels.of(part, ref.seeds) if ref.seeds is not None else part
+        out[key] = SeededPixels.of(part, ref.seeds, cropped) if ref.seeds is not None else part
         start += len(ref.paths)
     return out

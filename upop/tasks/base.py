@@ -143,7 +143,8 @@ class ImageStore:
     @property
     def dataset(self) -> PixelDataset:
         if self._dataset is None:
-            self._dataset = PixelDataset(self.pipeline, PixelCache(cache_bytes(self.cache_gb)))
+            crop = self.augment.policy if self.augment is not None else None
+            self._dataset = PixelDataset(self.pipeline, PixelCache(cache_bytes(self.cache_gb)), crop)
         return self._dataset
 
     def workers_for(self, n_images: int) -> int:
@@ -166,7 +167,7 @@ class ImageStore:
             return self.pipeline.normalize(plain)
         flat = plain.reshape(-1, *plain.shape[-3:])
         draws = self.augment.draws(px.seeds, *flat.shape[-2:])
-        out = self.augment.erase(self.pipeline.normalize(self.augment.pixels(flat, draws)), draws)
+        out = self.augment.erase(self.pipeline.normalize(self.augment.pixels(flat, draws, px.cropped)), draws)
         return out.view(*plain.shape)
 
     def stream(self, groups: Sequence[Sequence[Path]], device: torch.device) -> Iterator[torch.Tensor]:
@@ -191,7 +192,8 @@ class ImageStore:
     def fill(self, items: Iterable[tuple[Any, Any]], n_images: int) -> Iterator[tuple[Any, Any]]:
         """Training plans with their pixels, from a loader of their own (it lives as long as the stream)."""
         workers = self.workers_for(n_images)
-        return fill(lambda requests: make_loader(self.dataset, requests, workers), items, self.remember(n_images))
+        return fill(lambda requests: make_loader(self.dataset, requests, workers), items, self.remember(n_images),
+                    self.dataset.crops)
 
 
 class Batches:

@@ -1,8 +1,13 @@
 """Training augmentation, applied on the device to training batches only (docs/recipes.md).
 
-Where: after the input pipeline (uint8 pixels at the processor's size, decoded by the workers) and
-before the normalising look-up table, so evaluation pixels stay exactly the processor's. Erasing,
-which fills with unit-normal noise in normalised space, runs after the table.
+Where: the random resized crop is taken by the DataLoader workers from the decoded original image and
+resized (PIL bicubic) straight to the processor's output size, as the reference's dataset transforms do:
+cropping the processor's output instead would upsample a crop of an already squashed or centre-cropped
+image and never show its borders. The rest (flip, RandAugment) runs on the device on those uint8 pixels,
+before the normalising look-up table, so evaluation pixels stay exactly the processor's. Erasing, which
+fills with unit-normal noise in normalised space, runs after the table. Where the workers cannot crop
+(a processor without a fixed output size, or one run whole), the crop is taken on the device from the
+processor's pixels, as before.
 
 Which: the adapter names a policy (``Adapter.augment_policy``); the core never names a family.
 
@@ -172,10 +177,15 @@ class Policy:
     fill: tuple[float, float, float] = (128.0, 128.0, 128.0)
     erase_prob: float = 0.0
 
+    def crop_box(self, seed: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The image's random resized crop box (top, left, height, width) in an image of this size: a stream of
+        its own, so the worker that crops the original and the device that flips and augments agree."""
+        return _crop_box(random.Random(f"crop:{seed}"), height, width, self.crop_scale)
+
     def draw(self, seed: int, height: int, width: int) -> "Draw":
         """Every random choice for one image, from its seed alone (on the host: the same on any device)."""
         rng = random.Random(seed)
-        crop = _crop_box(rng, height, width, self.crop_scale)
+        crop = self.crop_box(seed, height, width)
         flip = self.flip and rng.random() < 0.5
         ops = []
         for name in rng.choices(self.ops, k=self.n_ops):
@@ -246,17 +256,20 @@ class Augmenter:
     def draws(self, seeds: Sequence[int], height: int, width: int) -> list[Draw]:
         return [self.policy.draw(s, height, width) for s in seeds]
 
-    def pixels(self, px: torch.Tensor, draws: Sequence[Draw]) -> torch.Tensor:
-        """[n, 3, H, W] uint8 → the augmented uint8 images, same shape and device. In float32 whatever the
-        loss runs in: the loss's autocast would round the pixels' arithmetic to half precision."""
+    def pixels(self, px: torch.Tensor, draws: Sequence[Draw], cropped: bool = False) -> torch.Tensor:
+        """[n, 3, H, W] uint8 → the augmented uint8 images, same shape and device. ``cropped``: the workers
+        already took each image's crop from its original. In float32 whatever the loss runs in: the loss's
+        autocast would round the pixels' arithmetic to half precision."""
         with torch.autocast(px.device.type, enabled=False):
-            return torch.stack([self._one(img, d) for img, d in zip(px, draws)])
+            return torch.stack([self._one(img, d, cropped) for img, d in zip(px, draws)])
 
-    def _one(self, img: torch.Tensor, d: Draw) -> torch.Tensor:
+    def _one(self, img: torch.Tensor, d: Draw, cropped: bool) -> torch.Tensor:
         h, w = img.shape[-2:]
-        top, left, ch, cw = d.crop
-        x = img[:, top : top + ch, left : left + cw].float().unsqueeze(0)
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 255)
+        x = img.float()
+        if not cropped:
+            top, left, ch, cw = d.crop
+            x = x[:, top : top + ch, left : left + cw].unsqueeze(0)
+            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 255)
         if d.flip:
             x = x.flip(-1)
         for name, arg in d.ops:

@@ -163,10 +163,13 @@ def test_without_augmentation_batches_are_plain(data):
 
 
 def test_augmentation_leaves_the_batches_and_texts_as_they_were(data):
+    """The same items and texts in the same order; only the pixels differ (each a crop of the same image)."""
     on, off = _task(data, "default").train_batches().endless(), _task(data, "none").train_batches().endless()
     for a, b in zip(_take(on, 4), _take(off, 4)):
         assert torch.equal(a["input_ids"], b["input_ids"])
-        assert torch.equal(a["pixel_values"].plain(), b["pixel_values"])
+        assert a["pixel_values"].plain().shape == b["pixel_values"].shape
+    with_aug, without = _task(data, "default"), _task(data, "none")
+    assert _first_paths(with_aug) == _first_paths(without)
 
 
 def test_an_item_has_the_same_pixels_across_ranks_accumulation_and_resume(data):
@@ -275,7 +278,8 @@ def test_every_trainable_task_trains_on_augmented_pixels(family, cls, task, data
     batch = next(iter(t.train_batches()))
     calls = []
     real = t.images.augment.pixels
-    monkeypatch.setattr(t.images.augment, "pixels", lambda px, draws: calls.append(len(draws)) or real(px, draws))
+    monkeypatch.setattr(t.images.augment, "pixels",
+                        lambda px, draws, cropped=False: calls.append(len(draws)) or real(px, draws, cropped))
     loss = t.loss(model.train(), batch)
     assert torch.isfinite(loss) and calls == [2 * (2 if task == "nlvr" else 1)]
 
@@ -289,3 +293,50 @@ def test_equalize_reads_nothing_back_from_the_device():
     with SyncCounter() as reads:
         out = aug._equalize(x)
     assert reads.calls == [] and torch.equal(out[1], x[1])
+
+
+# ---- the random crop is taken from the decoded original -----------------------------------------
+def test_training_crops_come_from_the_decoded_original(data):
+    """Each training image is its random resized crop of the ORIGINAL file (box drawn on the original's size,
+    PIL bicubic to the processor's output size), as the reference's dataset transform takes it; not a crop of
+    the processor's already resized pixels."""
+    task = _task(data, "default")
+    batch = next(iter(task.train_batches()))
+    px = batch["pixel_values"]
+    assert isinstance(px, SeededPixels) and px.cropped
+    policy = task.images.augment.policy
+    oh, ow = task.images.pipeline.out_size
+    for i, (path, seed) in enumerate(zip(_first_paths(task), px.seeds)):
+        im = Image.open(path).convert("RGB")
+        top, left, h, w = policy.crop_box(seed, im.height, im.width)
+        want = torch.from_numpy(np.array(im.crop((left, top, left + w, top + h)).resize((ow, oh), Image.BICUBIC)))
+        assert torch.equal(px.plain()[i].permute(1, 2, 0), want)
+    # the device then flips and augments these pixels without cropping them again
+    draws = task.images.augment.draws(px.seeds, oh, ow)
+    assert torch.equal(task.images.augment.pixels(px.plain(), draws, True),
+                       torch.stack([task.images.augment._one(img, d, True) for img, d in zip(px.plain(), draws)]))
+
+
+def _first_paths(task):
+    """The image paths of the first pass's first training batch, planned as ``Batches`` plans it."""
+    b = task.train_batches()
+    rng = random.Random(b.seed * 100003)
+    return b._plan(b._batches(rng)[0], rng, 0)["pixel_values"].paths
+
+
+def test_a_crop_box_on_the_original_covers_its_scale_range():
+    """Boxes are drawn on the original's size: at scale 0.5–1 of a 64×48 original, never smaller than half its
+    area less rounding, and on the same seed the same box every time (worker and device agree)."""
+    policy = aug.POLICIES["blip-randaugment"]
+    boxes = [policy.crop_box(aug.item_seed(0, 0, i), 48, 64) for i in range(200)]
+    assert all(0 <= t and 0 <= lft and t + h <= 48 and lft + w <= 64 for t, lft, h, w in boxes)
+    assert min(h * w for _t, _l, h, w in boxes) >= 0.5 * 48 * 64 * 0.9
+    assert boxes == [policy.crop_box(aug.item_seed(0, 0, i), 48, 64) for i in range(200)]
+
+
+def test_without_a_fixed_output_size_the_device_crops_as_before(data):
+    task = _task(data, "default")
+    task.images.dataset.crop = None  # as for a processor whose output size is not fixed
+    batch = next(iter(task.train_batches()))
+    assert isinstance(batch["pixel_values"], SeededPixels) and not batch["pixel_values"].cropped
+    assert torch.isfinite(_pixels(task, batch)).all()
