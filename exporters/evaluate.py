@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from upop.errors import ConfigError, ExportFolderError, NoEvaluationDataError, UpopError
-from upop.tasks.base import Forwards
+from upop.tasks.base import Decoding, Forwards
 
+from .beam import BeamSettings
 from .record import Record, evaluation_record, read_record
 from .runtime import GraphModel, OrtModel, TrtModel, read_engines_manifest, read_export_manifest
 
@@ -140,15 +141,32 @@ class ArtifactForwards(Forwards):
             raise ExportFolderError(f"export.json has no tokens.{name}, which decoding needs (damaged?)")
         return value
 
-    def generate(self, model: nn.Module, max_new_tokens: int, **inputs: torch.Tensor) -> torch.Tensor:
+    def generate(self, model: nn.Module, decoding: Decoding, **inputs: torch.Tensor) -> torch.Tensor:
+        """``generate()``'s tokens from the artifact's graphs: greedy or beam search, with the task's prompt."""
         bos, eos = self._token("bos_token_id"), self._token("sep_token_id")  # BLIP decodes [DEC] ... [SEP]
         px = _np(inputs["pixel_values"])
-        if "input_ids" in inputs:
+        if "decoder_prefill" not in self.model.graph_names():  # VQA: question encoder, answer decoder
+            if decoding.num_beams != 1 or decoding.max_new_tokens is None:
+                raise ExportFolderError("this export answers questions greedily only (max_new_tokens, one beam)")
             ids = self.model.greedy_answer(px, _np(inputs["input_ids"]), _np(inputs["attention_mask"]), bos, eos,
-                                           max_new_tokens)
-        else:
-            ids = self.model.greedy_caption(px, bos, eos, max_new_tokens, pad=self._token("pad_token_id"))
-        return torch.from_numpy(ids)
+                                           decoding.max_new_tokens)
+            return torch.from_numpy(ids)
+        prompt = None
+        if "input_ids" in inputs:  # as BLIP's generate(): the start token first, the prompt's end token dropped
+            prompt = _np(inputs["input_ids"])[:, :-1].copy()
+            prompt[:, 0] = bos
+        p = 1 if prompt is None else prompt.shape[1]
+        pad = self._token("pad_token_id")
+        if decoding.num_beams == 1:
+            new = decoding.max_new_tokens if decoding.max_length is None else decoding.max_length - p
+            ids = self.model.greedy_caption(px, bos, eos, int(new), pad=pad, prompt=prompt, min_length=decoding.min_length)
+            return torch.from_numpy(ids)
+        if decoding.max_length is None:
+            raise ExportFolderError("beam search needs a max_length (tokens in all)")
+        start = prompt if prompt is not None else np.full((px.shape[0], 1), bos, dtype=np.int64)
+        settings = BeamSettings(decoding.num_beams, decoding.max_length, decoding.min_length, decoding.length_penalty,
+                                decoding.early_stopping)
+        return torch.from_numpy(self.model.beam_caption(px, start, eos, pad, settings))
 
 
 class ArtifactModule(nn.Module):

@@ -15,6 +15,7 @@ import numpy as np
 
 from upop.run.safety import check_depth, member, read_json
 
+from .beam import BeamSettings, beam_search
 from .sessions import ort_session
 from upop.errors import ExportFolderError  # noqa: F401  (defined with every error, raised and re-exported here)
 
@@ -87,12 +88,14 @@ class GraphModel:
 
     # ---- task loops --------------------------------------------------------------------------
     def greedy_caption(self, pixel_values: np.ndarray, bos: int, eos: int, max_new_tokens: int = 30,
-                       pad: int = 0) -> np.ndarray:
-        """Greedy decoding with the KV cache: ``decoder_prefill`` once, then ``decoder_step`` per token.
-        The same tokens as ``generate()`` without sampling (tested)."""
+                       pad: int = 0, prompt: np.ndarray | None = None, min_length: int = 0) -> np.ndarray:
+        """Greedy decoding with the KV cache: ``decoder_prefill`` once (on the start token, or on ``prompt``
+        [B, P] whose first token is the start token), then ``decoder_step`` per token; the end token is
+        forbidden below ``min_length`` tokens in all. The same tokens as ``generate()`` without sampling (tested)."""
         (emb,) = self.run("vision_encoder", pixel_values=pixel_values)
         batch = emb.shape[0]
-        ids = np.full((batch, 1), bos, dtype=np.int64)
+        ids = np.full((batch, 1), bos, dtype=np.int64) if prompt is None else prompt.astype(np.int64)
+        start = ids.shape[1]
         outs = self.run("decoder_prefill", image_embeds=emb, input_ids=ids, attention_mask=np.ones_like(ids))
         state = dict(zip(self.output_names("decoder_prefill"), outs))
         past = {n.replace("present_", "past_"): v for n, v in state.items() if n.startswith("present_")}
@@ -101,10 +104,13 @@ class GraphModel:
         done = np.zeros(batch, dtype=bool)
         step_outputs = self.output_names("decoder_step")
         for _ in range(max_new_tokens):
-            nxt = np.where(done, pad, logits[:, -1].argmax(-1))
+            last = logits[:, -1].copy()
+            if ids.shape[1] < min_length:
+                last[:, eos] = -np.inf
+            nxt = np.where(done, pad, last.argmax(-1))
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
             done |= nxt == eos
-            if done.all() or ids.shape[1] > max_new_tokens:
+            if done.all() or ids.shape[1] - start >= max_new_tokens:
                 break
             res = dict(zip(step_outputs, self.run("decoder_step", image_embeds=emb,
                                                   input_ids=nxt[:, None].astype(np.int64),
@@ -112,6 +118,33 @@ class GraphModel:
             logits = res["logits"]
             past.update({n.replace("present_", "past_"): v for n, v in res.items() if n.startswith("present_")})
         return ids
+
+    def beam_caption(self, pixel_values: np.ndarray, prompt: np.ndarray, eos: int, pad: int,
+                     settings: BeamSettings) -> np.ndarray:
+        """Beam search with the KV cache (``exporters.beam``): ``decoder_prefill`` on the prompt ([B, P], its
+        start token first), then ``decoder_step`` per token with the cache reordered to the surviving beams.
+        The same tokens as ``generate(num_beams=K)`` (tested)."""
+        (emb,) = self.run("vision_encoder", pixel_values=pixel_values)
+        emb = np.repeat(emb, settings.num_beams, axis=0)
+        past: dict[str, np.ndarray] = {}
+        step_outputs = self.output_names("decoder_step")
+
+        def prefill(ids: np.ndarray) -> np.ndarray:
+            outs = self.run("decoder_prefill", image_embeds=emb, input_ids=ids, attention_mask=np.ones_like(ids))
+            state = dict(zip(self.output_names("decoder_prefill"), outs))
+            past.update({n.replace("present_", "past_"): v for n, v in state.items() if n.startswith("present_")})
+            past.update({f"past_{n}": v for n, v in state.items() if n.startswith("cross_")})
+            return state["logits"][:, -1]
+
+        def step(tokens: np.ndarray, rows: np.ndarray, length: int) -> np.ndarray:
+            for n in past:
+                past[n] = past[n][rows]
+            res = dict(zip(step_outputs, self.run("decoder_step", image_embeds=emb, input_ids=tokens[:, None],
+                                                  attention_mask=np.ones((len(tokens), length), np.int64), **past)))
+            past.update({n.replace("present_", "past_"): v for n, v in res.items() if n.startswith("present_")})
+            return res["logits"][:, -1]
+
+        return beam_search(prefill, step, prompt.astype(np.int64), eos, pad, settings)
 
     def greedy_answer(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, bos: int,
                       eos: int, max_new_tokens: int = 10) -> np.ndarray:

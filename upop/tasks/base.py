@@ -342,9 +342,37 @@ class Forwards:
     def logits(self, model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
         return model(**inputs).logits
 
-    def generate(self, model: nn.Module, max_new_tokens: int, **inputs: torch.Tensor) -> torch.Tensor:
-        """Greedy decoding: the token ids, [batch, length]."""
-        return model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+    def generate(self, model: nn.Module, decoding: "Decoding", **inputs: torch.Tensor) -> torch.Tensor:
+        """The token ids, [batch, length] (a prompt's tokens included), decoded as ``decoding`` says."""
+        return model.generate(**inputs, **decoding.generate_kwargs())
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a generative task decodes, in ``generate()``'s terms, so that PyTorch and an exported artifact
+    decode alike: greedy with ``max_new_tokens`` (``num_beams`` 1), or beam search to ``max_length`` tokens in
+    all (the prompt and the start token counted, as ``generate`` counts them), at least ``min_length``.
+    ``prompt``: text the decoder starts from (after its start token); it is stripped from the result."""
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_length: int = 0
+    num_beams: int = 1
+    prompt: str = ""
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"num_beams": self.num_beams, "do_sample": False}
+        if self.max_length is not None:
+            kw["max_length"] = self.max_length
+        else:
+            kw["max_new_tokens"] = self.max_new_tokens
+        if self.min_length:
+            kw["min_length"] = self.min_length
+        if self.num_beams > 1:
+            kw.update(length_penalty=self.length_penalty, early_stopping=self.early_stopping)
+        return kw
 
 
 class Task:

@@ -1,5 +1,6 @@
-"""BLIP captioning (LM loss; BLEU-4 and CIDEr-D on greedy captions) and VQA (generative answers;
-VQA accuracy)."""
+"""BLIP captioning (LM loss after the prompt "a picture of "; BLEU-4 and CIDEr-D on captions decoded as the
+reference decodes them: that prompt, beam search of 3, 5 to 20 tokens) and VQA (generative answers; VQA
+accuracy)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,31 @@ from torch import nn
 
 from ..datasets.loading import CaptionPairs
 from ..datasets.readers import read_retrieval, read_vqa, read_vqa_training
-from .base import Batches, Images, Task, device_of, distill_kl, register_task, to_device
+from .base import Batches, Decoding, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
 
-def _decoder_ids(task: Task, model: nn.Module, texts: list[str], max_length: int | None = None):
-    tok = task.prep.text(texts, max_length=max_length)
+def _decoder_ids(task: Task, model: nn.Module, texts: list[str], max_length: int | None = None, prompt: str = ""):
+    """Decoder inputs and labels; with a ``prompt``, each text follows it and the prompt's tokens are not
+    predicted (their labels are -100), as the reference trains its captioner."""
+    tok = task.prep.text([prompt + t for t in texts], max_length=max_length)
     ids = tok["input_ids"].clone()
     ids[:, 0] = model.config.text_config.bos_token_id  # BLIP decodes from [DEC], not [CLS]
     labels = ids.masked_fill(tok["attention_mask"] == 0, -100)
+    labels[:, : _prompt_length(task, prompt)] = -100
     return ids, tok["attention_mask"], labels
+
+
+def _prompt_ids(task: Task, prompt: str) -> torch.Tensor:
+    """[1, P + 1]: the start token, the prompt's tokens and the end token ``generate`` drops (unpadded)."""
+    if task.prep.tokenizer is None:
+        raise ValueError("the model folder has no tokenizer, which this task needs")
+    return torch.tensor([task.prep.tokenizer(prompt)["input_ids"]], dtype=torch.long)
+
+
+def _prompt_length(task: Task, prompt: str) -> int:
+    """Decoder positions the prompt takes, its start token included (0 without a prompt)."""
+    return _prompt_ids(task, prompt).shape[1] - 1 if prompt else 0
 
 
 def _decoded(logits: torch.Tensor, loss: torch.Tensor | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -64,8 +80,11 @@ class BlipCaption(Task):
         n = len(pairs)
         return Batches(n, self.batch_size, make, seed=self.seed, drop_last=n > self.batch_size, images=self.images)
 
+    #: the reference's caption decoding (its prompt, beam search of 3, 5 to 20 tokens with the prompt)
+    decoding = Decoding(max_length=20, min_length=5, num_beams=3, prompt="a picture of ")
+
     def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        ids, mask, labels = _decoder_ids(self, model, batch["captions"])
+        ids, mask, labels = _decoder_ids(self, model, batch["captions"], prompt=self.decoding.prompt)
         dev = device_of(model)
         out = model(pixel_values=self.images.normalize(batch["pixel_values"], dev), input_ids=ids.to(dev),
                     attention_mask=mask.to(dev), labels=None if guide is not None else labels.to(dev))
@@ -77,10 +96,17 @@ class BlipCaption(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", limit: int | None = None) -> dict[str, float]:
         recs = self._records(split, limit)
+        d = self.decoding
+        prompt = _prompt_ids(self, d.prompt) if d.prompt else None
+        skip = _prompt_length(self, d.prompt)
 
         def caption(chunk, px) -> list[str]:
-            out = self.forwards.generate(model, int(self.options.get("max_new_tokens", 30)), pixel_values=px)
-            return self.prep.decode(out)
+            extra = {}
+            if prompt is not None:
+                ids = prompt.expand(px.shape[0], -1).to(px.device)
+                extra = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            out = self.forwards.generate(model, d, pixel_values=px, **extra)
+            return self.prep.decode(out[:, skip:])
 
         preds = self.predict_all(model, recs, caption, lambda r: [r.image])
         refs = [r.captions for r in recs]
@@ -139,8 +165,8 @@ class BlipVQA(Task):
 
         def answer(chunk, px) -> list[str]:
             q = to_device(self.prep.text([r.question for r in chunk]), dev)
-            out = self.forwards.generate(model, int(self.options.get("max_new_tokens", 5)), pixel_values=px,
-                                         input_ids=q["input_ids"], attention_mask=q["attention_mask"])
+            out = self.forwards.generate(model, Decoding(max_new_tokens=int(self.options.get("max_new_tokens", 5))),
+                                         pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"])
             return self.prep.decode(out)
 
         preds = self.predict_all(model, recs, answer, lambda r: [r.image])
