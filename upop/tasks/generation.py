@@ -103,7 +103,7 @@ class BlipCaption(Task):
         def caption(chunk, px) -> list[str]:
             extra = {}
             if prompt is not None:
-                ids = prompt.expand(px.shape[0], -1).to(px.device)
+                ids = prompt.repeat(px.shape[0], 1).to(px.device)  # generate() writes its start token into it
                 extra = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             out = self.forwards.generate(model, d, pixel_values=px, **extra)
             return self.prep.decode(out[:, skip:])
