@@ -9,13 +9,15 @@ from scratch (the demo models, test fixtures) are in ``factories.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..units import AttentionSpec, InProj, MLPSpec, ModuleSpec
+from ..kinds import AttentionSpec, InProj, MLPSpec, patch_rotary_attention
+from ..units import ModuleSpec
 
 _REGISTRY: dict[str, "Adapter"] = {}
 
@@ -169,6 +171,10 @@ class Adapter:
 
     def patch_mlp(self, model: nn.Module, spec: MLPSpec, width: int) -> None:
         """MLPs read their width from the Linear shapes; nothing to patch by default."""
+
+    def patch_gqa(self, model: nn.Module, spec: Any, kept: Sequence[int], granularity: str) -> None:
+        """Grouped-query attention as transformers' rotary decoders build it (Llama, Qwen2, Mistral)."""
+        patch_rotary_attention(model, spec, kept, granularity)
 
     def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
         """(query tokens, key/value tokens) a module sees at the reference shapes."""
