@@ -182,9 +182,9 @@ def patch_rotary_attention(model: nn.Module, spec: GQASpec, kept: Sequence[int],
     from attributes and take the scaling fixed at construction). Whole groups leave the group size as it was."""
     if granularity != "dim":
         return
-    mod = model.get_submodule(spec.name)
-    mod.head_dim = 2 * len(kept)
-    mod.register_forward_pre_hook(rotary_pre_hook(spec.dims(kept)), with_kwargs=True)
+    mod, dims = model.get_submodule(spec.name), spec.dims(kept)
+    mod.head_dim = int(dims.numel())
+    mod.register_forward_pre_hook(rotary_pre_hook(dims), with_kwargs=True)
 
 
 class _GQA(nn.Module):
