@@ -174,7 +174,7 @@ def plot(report: Report, path: Path) -> None:
         for kind, role in sorted({(r["kind"], r["role"]) for r in rows}, key=lambda kr: (_group_order(kr[0]), kr)):
             sel = [r for r in rows if r["kind"] == kind and r["role"] == role]
             ax.plot(range(len(sel)), [100 * r["kept"] / r["units"] for r in sel], marker=_MARKERS[kind_named(kind).group],
-                    label=f"{kind}" if role in ("self", "mlp") else f"{kind} ({role})")
+                    label=f"{kind}" if role in ("self", MLP) else f"{kind} ({role})")
         ax.set_xticks(range(max(len([r for r in rows if kind_named(r["kind"]).group == MLP]), 1)))
         ax.set_title(f"{tower}: kept share per layer")
         ax.set_xlabel("layer")
