@@ -2,9 +2,10 @@
 
 An adapter is the pruning contract of one family (its classes, compressible modules, size
 patching, example inputs and native loss) plus the task hooks its tasks call (``TaskHooks``).
-Two things that used to sit here live elsewhere: the deployment graphs per model class are
-with the exporters (``upop.exporters.graphs``), and the configs and processors for models built
-from scratch (the demo models, test fixtures) are in ``factories.py``.
+Two capabilities live beside it, each in its own registry or mixin: the deployment graphs per model
+class, which a family registers in its own file (``graphs.py``'s ``graphs_for``; the exporters look them
+up), and the configs and processors for models built from scratch (the demo models, test fixtures) in
+``factories.py``. ``capabilities.py`` names each part of the contract as a Protocol.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def all_adapters() -> list["Adapter"]:
     for a in _REGISTRY.values():
         seen[a.family] = a
     return [seen[k] for k in sorted(seen)]
+
+
+def all_aliases() -> dict[str, str]:
+    """Every registered family's short names for well-known public checkpoints (alias -> hub id)."""
+    return {k: v for a in all_adapters() for k, v in a.aliases.items()}
 
 
 def get_adapter(model_or_config: Any) -> "Adapter":
@@ -102,6 +108,8 @@ class Adapter:
     towers: ClassVar[dict[str, str]]
     #: task name -> task implementation key (``upop.tasks``); a task not tied to a class is evaluation-only
     tasks: ClassVar[dict[str, str]]
+    #: short names for well-known public checkpoints of the family (alias -> hub id)
+    aliases: ClassVar[dict[str, str]] = {}
     #: the training augmentation under ``--augment default`` (a ``upop.augment.POLICIES`` name; None: none)
     augment_policy: ClassVar[str | None] = None
 
