@@ -358,7 +358,7 @@ def _paper_costs_for(model: nn.Module, specs: Sequence[ModuleSpec], config: Sear
         raise ConfigError("cost weights 'paper' weigh units as the reference does; a hardware profile weighs them by "
                           "latency: use one of the two")
     adapter = get_adapter(model)
-    return paper_unit_costs(specs, config.granularity, getattr(adapter, "paper_attn_weight", None), adapter.family)
+    return paper_unit_costs(specs, config.granularity, adapter.paper_attn_weight, adapter.family)
 
 
 def search_steps(config: SearchConfig, batches: Iterable[Any]) -> int:

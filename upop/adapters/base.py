@@ -11,7 +11,7 @@ up), and the configs and processors for models built from scratch (the demo mode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..kinds import AttentionSpec, InProj, MLPSpec, patch_rotary_attention
 from ..units import ModuleSpec
+from .capabilities import RetrievalHooks, TaskHooks
+
+__all__ = ["Adapter", "RetrievalHooks", "TaskHooks", "all_adapters", "get_adapter", "register"]
 
 _REGISTRY: dict[str, "Adapter"] = {}
 
@@ -63,35 +66,6 @@ def get_adapter(model_or_config: Any) -> "Adapter":
     return adapter
 
 
-class RetrievalHooks(Protocol):
-    """What retrieval and zero-shot tasks call to embed images and texts (and re-rank with ITM)."""
-
-    family: str
-
-    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
-
-    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
-
-    def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor: ...
-
-
-class TaskHooks(RetrievalHooks, Protocol):
-    """Everything a task (``upop.tasks``) or the demo trainer may call on its family's adapter.
-
-    ``Adapter`` declares each one; a family without the capability raises a one-line error naming it.
-    """
-
-    tasks: dict[str, str]
-    classes: dict[str, str]
-
-    def preprocessor_options(self, model: nn.Module) -> dict[str, Any]: ...
-
-    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    def init_from(self, source: nn.Module) -> nn.Module: ...
-
-
 class Adapter:
     """One model family: how to find its compressible modules and how to patch them after slimming.
 
@@ -112,6 +86,8 @@ class Adapter:
     aliases: ClassVar[dict[str, str]] = {}
     #: the training augmentation under ``--augment default`` (a ``upop.augment.POLICIES`` name; None: none)
     augment_policy: ClassVar[str | None] = None
+    #: ``--cost-weights paper``: an attention dimension weighs this many MLP neurons (None: the reference has none)
+    paper_attn_weight: ClassVar[float | None] = None
 
     # ---- model classes -------------------------------------------------------------------
     def model_class(self, name: str) -> type[nn.Module]:
@@ -217,6 +193,18 @@ class Adapter:
                    attention_mask: torch.Tensor) -> torch.Tensor:
         """Image-text matching logits (no match, match) of each text against its image's token sequence."""
         raise UnsupportedModelError(f"{self.family} has no image-text matching head")
+
+    def pair_logits(self, model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Image-text logits of every row feature against every column feature (dual-encoder retrieval)."""
+        raise UnsupportedModelError(f"{self.family} has no image-text pair logits")
+
+    def pair_loss(self, i2t: torch.Tensor, t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The contrastive loss of both directions' logits; row i's positive is column ``targets[i]``."""
+        raise UnsupportedModelError(f"{self.family} has no image-text contrastive loss")
+
+    def itc_temperature(self, model: nn.Module, value: float) -> nn.Parameter:
+        """The model's learnable image-text temperature, set to ``value`` (added if the model lacks it)."""
+        raise UnsupportedModelError(f"{self.family} has no image-text temperature")
 
     def init_from(self, source: nn.Module) -> nn.Module:
         """A model of this family initialised from a model of another class (a demo that starts from another)."""

@@ -299,7 +299,7 @@ class _BlipShapes:
     def embeds(self, b: int, s: int) -> dict[str, torch.Tensor]:
         return {"image_embeds": 0.5 * torch.randn(b, self.tokens, self.width)}
 
-    def embeds_andtext(self, b: int, s: int) -> dict[str, torch.Tensor]:
+    def embeds_and_text(self, b: int, s: int) -> dict[str, torch.Tensor]:
         return {**self.embeds(b, s), **self.text(b, s)}
 
 
@@ -310,7 +310,7 @@ def blip_retrieval_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
         ExportGraph("image_encoder", Fn(model, lambda m, px: adapter.encode_image(m, px)), shapes.pixels,
                     ["image_embeds", "image_feat"],
                     {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}, "image_feat": {0: "batch"}}),
-        ExportGraph("text_encoder", Fn(model, lambda m, ids, am: adapter.encodetext(m, ids, am)), shapes.text,
+        ExportGraph("text_encoder", Fn(model, lambda m, ids, am: adapter.encode_text(m, ids, am)), shapes.text,
                     ["text_feat"], {**_seq_axes(), "text_feat": {0: "batch"}}),
         ExportGraph("itm", Fn(model, lambda m, emb, ids, am: adapter.itm_logits(m, emb, ids, am)),
                     shapes.embeds_and_text, ["itm_logits"],
@@ -390,7 +390,7 @@ class _DecoderCache:
         return (out.logits, *self.flat(out.cache.self_attention_cache))
 
     def step_inputs(self, b: int, s: int) -> dict[str, torch.Tensor]:
-        prompt = self.shapes.embeds_andtext(b, s)
+        prompt = self.shapes.embeds_and_text(b, s)
         with torch.no_grad():
             outs = self.prefill(self.model, prompt["image_embeds"], prompt["input_ids"], prompt["attention_mask"])
         kv = dict(zip(self.past_self + [f"past_{n}" for n in self.cross], outs[1:]))

@@ -112,7 +112,7 @@ def dual_encoder_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
     return [
         ExportGraph("image_encoder", Fn(model, lambda m, px: adapter.encode_image(m, px)[1]), pixels,
                     ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
-        ExportGraph("text_encoder", Fn(model, lambda m, ids, am: adapter.encodetext(m, ids, am)), text,
+        ExportGraph("text_encoder", Fn(model, lambda m, ids, am: adapter.encode_text(m, ids, am)), text,
                     ["text_embeds"], {**_seq_axes(), "text_embeds": {0: "batch"}}),
         ExportGraph("joint", Fn(model, joint), _joined(pixels, text), ["logits_per_image"],
                     {"pixel_values": {0: "images"}, "input_ids": {0: "texts", 1: "sequence"},
