@@ -155,8 +155,8 @@ def check_folder(path: Path, source: str) -> None:
 def _known_type(model_type: str) -> bool:
     from transformers import CONFIG_MAPPING
 
-    from .models import blip_nlvr  # noqa: F401  (registers upop's own architectures)
-
+    # upop's own architectures (``upop.models``) are registered with transformers by their family's adapter
+    # module, which ``upop.adapters`` imported with every family
     return model_type in CONFIG_MAPPING
 
 
