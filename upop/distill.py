@@ -174,4 +174,4 @@ class Distiller:
     def training_hooks(self) -> Any:
         """The task's per-run training state (BLIP's momentum model and queue), which the training loop drives
         through the loss it is given (``upop.loop.loss_hooks``): the task's own, or None where it keeps none."""
-        return loss_hooks(self.task.loss)
+        return loss_hooks(self.task)

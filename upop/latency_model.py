@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from .kinds import ATTENTION
 from .units import ModuleSpec
 from .errors import ProfileMismatch  # noqa: F401  (defined with every error, raised and re-exported here)
 
@@ -24,8 +23,8 @@ def signature(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str
     """What a block's latency depends on, besides its kept width."""
     tq, tkv = adapter.module_tokens(model, spec, text_tokens)
     items = adapter.module_items(model, spec)
-    # a block whose kind reads no separate keys/values (an MLP) sees its query tokens twice
-    sig = {**spec.signature(model, granularity), "tq": tq, "tkv": tkv if spec.group == ATTENTION else tq}
+    tq, tkv = spec.block_tokens(tq, tkv)
+    sig = {**spec.signature(model, granularity), "tq": tq, "tkv": tkv}
     if items != 1:  # only then: profiles calibrated before this key existed still match every other block
         sig["items"] = items
     return sig

@@ -123,6 +123,9 @@ class AttentionSpec(UnitKind):
                     if k % alignment.head_dim_multiple == 0 and alignment.head_dim_min <= k <= alignment.head_dim_max]
         return list(range(1, n + 1))  # whole heads keep head_dim as it was
 
+    def block_tokens(self, tq: int, tkv: int) -> tuple[int, int]:
+        return tq, tkv
+
     def signature(self, model: nn.Module, granularity: str) -> dict[str, Any]:
         first = model.get_submodule(self.in_projs[0].name)
         last = model.get_submodule(self.in_projs[-1].name)

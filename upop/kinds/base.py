@@ -111,6 +111,11 @@ class UnitKind(ABC):
     def unit_flops_acts(self, model: nn.Module, granularity: str, tq: int, tkv: int, batch: int) -> tuple[float, float]:
         """(FLOPs, activation elements) one unit accounts for in a forward at these token counts."""
 
+    def block_tokens(self, tq: int, tkv: int) -> tuple[int, int]:
+        """(query, key/value) tokens of the block's latency signature: a block reading only its input (an MLP)
+        sees its query tokens twice."""
+        return tq, tq
+
     @classmethod
     @abstractmethod
     def block(cls, sig: dict[str, Any], width: int) -> nn.Module:

@@ -132,6 +132,9 @@ class GQASpec(UnitKind):
                     and alignment.head_dim_min <= 2 * k <= alignment.head_dim_max]
         return list(range(1, n + 1))
 
+    def block_tokens(self, tq: int, tkv: int) -> tuple[int, int]:
+        return tq, tkv
+
     def signature(self, model: nn.Module, granularity: str) -> dict[str, Any]:
         return {"kind": self.kind, "granularity": granularity, "d_in": model.get_submodule(self.q_proj).in_features,
                 "d_out": model.get_submodule(self.o_proj).out_features, "heads": self.num_heads,
