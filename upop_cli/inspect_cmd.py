@@ -13,6 +13,7 @@ def run(slim_dir: str, json_out: bool) -> None:
     from upop.pruning.flops import flops_per_tower, params_per_tower
 
     from upop.models.hub import network_rule
+    from upop.pruning.kinds import kind_named
 
     network_rule(slim_dir)
     manifest = read_manifest(slim_dir)
@@ -20,12 +21,7 @@ def run(slim_dir: str, json_out: bool) -> None:
     adapter = get_adapter(model)
     rows = []
     for s in adapter.modules(model):
-        row = {"module": s.name, "tower": s.tower, "kind": s.kind, "role": s.role}
-        if s.kind == "attn":
-            row.update(num_heads=s.num_heads, head_dim=s.head_dim)  # type: ignore[union-attr]
-        else:
-            row.update(width=s.width)  # type: ignore[union-attr]
-        rows.append(row)
+        rows.append({"module": s.name, **s.manifest_row()})
     import torch
 
     example = adapter.example_inputs(model, batch_size=1, generator=torch.Generator().manual_seed(0))
@@ -39,7 +35,7 @@ def run(slim_dir: str, json_out: bool) -> None:
     for col in ("tower", "module", "kind", "heads × head_dim / width"):
         table.add_column(col)
     for r in rows:
-        size = f"{r['num_heads']} × {r['head_dim']}" if r["kind"] == "attn" else str(r["width"])
+        size = kind_named(r["kind"]).shape_text(r)
         table.add_row(r["tower"], r["module"], f"{r['kind']} ({r['role']})", size)
     con.print(table)
     totals = Table(title="per tower")

@@ -199,3 +199,51 @@ def test_the_core_is_grouped_by_concern():
     assert top == ["__init__.py", "_version.py", "api.py", "errors.py"], top
     for folder in ("pruning", "training", "latency", "run", "models", "datasets", "tasks", "adapters"):
         assert (ROOT / "upop" / folder / "__init__.py").is_file(), folder
+
+
+def _kind_switches(path: Path, names: set[str], classes: set[str]) -> list[str]:
+    """Where ``path`` compares something with a unit kind's name or asks isinstance of a concrete kind."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                hits = [i.value for i in items if isinstance(i, ast.Constant) and i.value in names]
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}: compares with kind {h!r}" for h in hits]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass") \
+                and len(node.args) == 2:
+            used = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} | \
+                   {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: isinstance of kind {c}" for c in sorted(used & classes)]
+    return found
+
+
+def _kind_names_and_classes() -> tuple[set[str], set[str]]:
+    from upop.pruning.kinds import KINDS
+
+    return set(KINDS), {cls.__name__ for cls in KINDS.values()}
+
+
+def test_no_module_outside_the_kinds_switches_on_a_unit_kind():
+    """The core iterates unit kinds: a comparison with a kind's name (``== "attn"``) or an isinstance of a
+    concrete kind outside ``upop/kinds`` is a switch a new kind would have to edit."""
+    names, classes = _kind_names_and_classes()
+    offenders = [hit for folder in ("upop", "upop_cli", "exporters", "profiles")
+                 for path in (ROOT / folder).rglob("*.py") if "kinds" not in path.relative_to(ROOT).parts
+                 for hit in _kind_switches(path, names, classes)]
+    assert not offenders, offenders
+
+
+def test_the_kind_switch_check_sees_a_planted_switch(tmp_path):
+    names, classes = _kind_names_and_classes()
+    planted = tmp_path / "planted.py"
+    planted.write_text('def f(s, sig):\n    if s.kind == "attn" or sig["kind"] in ("mlp", "x"):\n        pass\n'
+                       '    return isinstance(s, (AttentionSpec, int)) or isinstance(s, kinds.GQASpec)\n')
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        hits = _kind_switches(planted, names, classes)
+    finally:
+        ROOT = saved
+    assert len(hits) == 4, hits
+

@@ -2,20 +2,26 @@
 
 An adapter is the pruning contract of one family (its classes, compressible modules, size
 patching, example inputs and native loss) plus the task hooks its tasks call (``TaskHooks``).
-Two things that used to sit here live elsewhere: the deployment graphs per model class are
-with the exporters (``upop.exporters.graphs``), and the configs and processors for models built
-from scratch (the demo models, test fixtures) are in ``factories.py``.
+Two capabilities live beside it, each in its own registry or mixin: the deployment graphs per model
+class, which a family registers in its own file (``graphs.py``'s ``graphs_for``; the exporters look them
+up), and the configs and processors for models built from scratch (the demo models, test fixtures) in
+``factories.py``. ``capabilities.py`` names each part of the contract as a Protocol.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..pruning.units import AttentionSpec, InProj, MLPSpec, ModuleSpec
+from ..pruning.kinds import AttentionSpec, InProj, MLPSpec, patch_rotary_attention
+from ..pruning.units import ModuleSpec
+from .capabilities import RetrievalHooks, TaskHooks
+
+__all__ = ["Adapter", "RetrievalHooks", "TaskHooks", "all_adapters", "get_adapter", "register"]
 
 _REGISTRY: dict[str, "Adapter"] = {}
 
@@ -38,6 +44,11 @@ def all_adapters() -> list["Adapter"]:
     return [seen[k] for k in sorted(seen)]
 
 
+def all_aliases() -> dict[str, str]:
+    """Every registered family's short names for well-known public checkpoints (alias -> hub id)."""
+    return {k: v for a in all_adapters() for k, v in a.aliases.items()}
+
+
 def get_adapter(model_or_config: Any) -> "Adapter":
     """The adapter for a model, a config, or a ``model_type`` string."""
     if isinstance(model_or_config, str):
@@ -53,35 +64,6 @@ def get_adapter(model_or_config: Any) -> "Adapter":
     if isinstance(model_or_config, nn.Module):
         adapter.check_class(model_or_config)
     return adapter
-
-
-class RetrievalHooks(Protocol):
-    """What retrieval and zero-shot tasks call to embed images and texts (and re-rank with ITM)."""
-
-    family: str
-
-    def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
-
-    def encode_text(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
-
-    def itm_logits(self, model: nn.Module, image_seq: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor: ...
-
-
-class TaskHooks(RetrievalHooks, Protocol):
-    """Everything a task (``upop.tasks``) or the demo trainer may call on its family's adapter.
-
-    ``Adapter`` declares each one; a family without the capability raises a one-line error naming it.
-    """
-
-    tasks: dict[str, str]
-    classes: dict[str, str]
-
-    def preprocessor_options(self, model: nn.Module) -> dict[str, Any]: ...
-
-    def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    def init_from(self, source: nn.Module) -> nn.Module: ...
 
 
 class Adapter:
@@ -100,8 +82,12 @@ class Adapter:
     towers: ClassVar[dict[str, str]]
     #: task name -> task implementation key (``upop.tasks``); a task not tied to a class is evaluation-only
     tasks: ClassVar[dict[str, str]]
+    #: short names for well-known public checkpoints of the family (alias -> hub id)
+    aliases: ClassVar[dict[str, str]] = {}
     #: the training augmentation under ``--augment default`` (a ``upop.training.augment.POLICIES`` name; None: none)
     augment_policy: ClassVar[str | None] = None
+    #: ``--cost-weights paper``: an attention dimension weighs this many MLP neurons (None: the reference has none)
+    paper_attn_weight: ClassVar[float | None] = None
 
     # ---- model classes -------------------------------------------------------------------
     def model_class(self, name: str) -> type[nn.Module]:
@@ -170,6 +156,10 @@ class Adapter:
     def patch_mlp(self, model: nn.Module, spec: MLPSpec, width: int) -> None:
         """MLPs read their width from the Linear shapes; nothing to patch by default."""
 
+    def patch_gqa(self, model: nn.Module, spec: Any, kept: Sequence[int], granularity: str) -> None:
+        """Grouped-query attention as transformers' rotary decoders build it (Llama, Qwen2, Mistral)."""
+        patch_rotary_attention(model, spec, kept, granularity)
+
     def module_tokens(self, model: nn.Module, spec: ModuleSpec, text_tokens: int) -> tuple[int, int]:
         """(query tokens, key/value tokens) a module sees at the reference shapes."""
         if spec.tower == "vision":
@@ -203,6 +193,18 @@ class Adapter:
                    attention_mask: torch.Tensor) -> torch.Tensor:
         """Image-text matching logits (no match, match) of each text against its image's token sequence."""
         raise UnsupportedModelError(f"{self.family} has no image-text matching head")
+
+    def pair_logits(self, model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Image-text logits of every row feature against every column feature (dual-encoder retrieval)."""
+        raise UnsupportedModelError(f"{self.family} has no image-text pair logits")
+
+    def pair_loss(self, i2t: torch.Tensor, t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The contrastive loss of both directions' logits; row i's positive is column ``targets[i]``."""
+        raise UnsupportedModelError(f"{self.family} has no image-text contrastive loss")
+
+    def itc_temperature(self, model: nn.Module, value: float) -> nn.Parameter:
+        """The model's learnable image-text temperature, set to ``value`` (added if the model lacks it)."""
+        raise UnsupportedModelError(f"{self.family} has no image-text temperature")
 
     def init_from(self, source: nn.Module) -> nn.Module:
         """A model of this family initialised from a model of another class (a demo that starts from another)."""

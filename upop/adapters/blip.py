@@ -25,6 +25,8 @@ from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipT
 from ..pruning.units import AttentionSpec, InProj, MLPSpec, ModuleSpec
 from .base import NORM_HALF, Adapter, image_size_of, rand_ids, rand_pixels, register
 from .factories import ModelFactory
+from .graphs import ExportGraph, Fn, graphs_for
+from .graphs import image_size as _image_size, pixels as _pixels, seq_axes as _seq_axes, text as _text
 
 
 #: BLIP's learnable ITC temperature (the reference's ``temp``: 0.07 at the start, clamped to [0.001, 0.5] before
@@ -164,6 +166,8 @@ class BlipModels(ModelFactory):
 class BlipAdapter(Adapter, BlipModels):
     family = "blip"
     model_types = ("blip",)
+    aliases = {"blip": "Salesforce/blip-itm-base-coco", "blip-caption": "Salesforce/blip-image-captioning-base",
+               "blip-vqa": "Salesforce/blip-vqa-base"}
     classes = {name: c.task for name, c in BLIP_CLASSES.items()}
     tasks = {"retrieval": "blip-retrieval", "caption": "blip-caption", "vqa": "blip-vqa"}
     #: the reference weighs an attention dimension as 36 MLP neurons ("12 heads × q, k, v"): --cost-weights paper
@@ -277,3 +281,134 @@ class BlipAdapter(Adapter, BlipModels):
 
     def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.behaviour(model).outputs(model, batch)
+
+
+# ---- export graphs (``upop.exporters`` looks them up by class name) -------------------------------------
+class _BlipShapes:
+    """Example-input makers at a BLIP model's sizes (special ids stay out of the random text)."""
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        size = _image_size(cfg.vision_config)
+        self.tokens = (size // cfg.vision_config.patch_size) ** 2 + 1
+        self.width = cfg.vision_config.hidden_size
+        self.pixels = _pixels(size)
+        self.vocab_high = cfg.text_config.vocab_size - 2
+        self.text = _text(self.vocab_high)
+
+    def embeds(self, b: int, s: int) -> dict[str, torch.Tensor]:
+        return {"image_embeds": 0.5 * torch.randn(b, self.tokens, self.width)}
+
+    def embeds_and_text(self, b: int, s: int) -> dict[str, torch.Tensor]:
+        return {**self.embeds(b, s), **self.text(b, s)}
+
+
+@graphs_for("BlipForImageTextRetrieval")
+def blip_retrieval_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
+    shapes = _BlipShapes(model)
+    return [
+        ExportGraph("image_encoder", Fn(model, lambda m, px: adapter.encode_image(m, px)), shapes.pixels,
+                    ["image_embeds", "image_feat"],
+                    {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}, "image_feat": {0: "batch"}}),
+        ExportGraph("text_encoder", Fn(model, lambda m, ids, am: adapter.encode_text(m, ids, am)), shapes.text,
+                    ["text_feat"], {**_seq_axes(), "text_feat": {0: "batch"}}),
+        ExportGraph("itm", Fn(model, lambda m, emb, ids, am: adapter.itm_logits(m, emb, ids, am)),
+                    shapes.embeds_and_text, ["itm_logits"],
+                    {"image_embeds": {0: "batch"}, **_seq_axes(), "itm_logits": {0: "batch"}}),
+    ]
+
+
+def _blip_vision_graph(model: nn.Module, shapes: _BlipShapes) -> ExportGraph:
+    return ExportGraph("vision_encoder", Fn(model, lambda m, px: m.vision_model(pixel_values=px).last_hidden_state),
+                       shapes.pixels, ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+
+
+@graphs_for("BlipForQuestionAnswering")
+def blip_vqa_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
+    shapes = _BlipShapes(model)
+    qwidth = model.config.text_config.hidden_size
+
+    def question(m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        att = torch.ones(emb.shape[:-1], dtype=torch.long, device=emb.device)
+        return m.text_encoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
+                              encoder_attention_mask=att).last_hidden_state
+
+    def answer(m: nn.Module, q: torch.Tensor, qm: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        return m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=q,
+                              encoder_attention_mask=qm, use_cache=False).logits
+
+    def answer_inputs(b: int, s: int) -> dict[str, torch.Tensor]:
+        return {"question_embeds": 0.5 * torch.randn(b, s, qwidth), "question_mask": torch.ones(b, s, dtype=torch.long),
+                **_text(shapes.vocab_high, "decoder_")(b, max(1, s // 2))}
+
+    return [
+        _blip_vision_graph(model, shapes),
+        ExportGraph("question_encoder", Fn(model, question), shapes.embeds_and_text, ["question_embeds"],
+                    {"image_embeds": {0: "batch"}, **_seq_axes(), "question_embeds": {0: "batch", 1: "sequence"}}),
+        ExportGraph("answer_decoder", Fn(model, answer), answer_inputs, ["logits"],
+                    {"question_embeds": {0: "batch", 1: "sequence"}, "question_mask": {0: "batch", 1: "sequence"},
+                     "decoder_input_ids": {0: "batch", 1: "answer"}, "decoder_attention_mask": {0: "batch", 1: "answer"},
+                     "logits": {0: "batch", 1: "answer"}}),
+    ]
+
+
+@graphs_for("BlipForConditionalGeneration")
+def blip_caption_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
+    shapes = _BlipShapes(model)
+    return [_blip_vision_graph(model, shapes), *_DecoderCache(model, shapes).graphs()]
+
+
+class _DecoderCache:
+    """Captioning decoder as two graphs with a per-layer KV cache (its shapes differ per layer
+    after slimming): ``decoder_prefill`` over the prompt, then ``decoder_step`` for one token."""
+
+    def __init__(self, model: nn.Module, shapes: _BlipShapes):
+        self.model, self.shapes = model, shapes
+        self.n = n = model.config.text_config.num_hidden_layers
+        self.past_self = [f"past_self_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+        self.present_self = [f"present_self_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+        self.cross = [f"cross_{kv}_{i}" for i in range(n) for kv in ("key", "value")]
+
+    def flat(self, cache: Any) -> list[torch.Tensor]:
+        return [t for i in range(self.n) for t in (cache.layers[i].keys, cache.layers[i].values)]
+
+    def prefill(self, m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        out = m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
+                             cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True)
+        return (out.logits, *self.flat(out.cache.self_attention_cache), *self.flat(out.cache.cross_attention_cache))
+
+    def step(self, m: nn.Module, emb: torch.Tensor, ids: torch.Tensor, am: torch.Tensor,
+             *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers.cache_utils import EncoderDecoderCache
+
+        n = self.n
+        data = [(past[2 * i], past[2 * i + 1], past[2 * n + 2 * i], past[2 * n + 2 * i + 1]) for i in range(n)]
+        out = m.text_decoder(input_ids=ids, attention_mask=am, encoder_hidden_states=emb,
+                             cache=EncoderDecoderCache(data), use_cache=True)
+        return (out.logits, *self.flat(out.cache.self_attention_cache))
+
+    def step_inputs(self, b: int, s: int) -> dict[str, torch.Tensor]:
+        prompt = self.shapes.embeds_and_text(b, s)
+        with torch.no_grad():
+            outs = self.prefill(self.model, prompt["image_embeds"], prompt["input_ids"], prompt["attention_mask"])
+        kv = dict(zip(self.past_self + [f"past_{n}" for n in self.cross], outs[1:]))
+        return {"image_embeds": prompt["image_embeds"], "input_ids": torch.randint(1, 90, (b, 1)),
+                "attention_mask": torch.ones(b, s + 1, dtype=torch.long), **kv}
+
+    def graphs(self) -> list[ExportGraph]:
+        prefill_axes = {"image_embeds": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"},
+                        "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+                        **{n: {0: "batch", 2: "sequence"} for n in self.present_self},
+                        **{n: {0: "batch"} for n in self.cross}}
+        step_axes = {"image_embeds": {0: "batch"}, "input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "total"},
+                     **{n: {0: "batch", 2: "past"} for n in self.past_self},
+                     **{f"past_{n}": {0: "batch"} for n in self.cross}, "logits": {0: "batch"},
+                     **{n: {0: "batch", 2: "total"} for n in self.present_self}}
+        return [
+            ExportGraph("decoder_prefill", Fn(self.model, self.prefill), self.shapes.embeds_and_text,
+                        ["logits", *self.present_self, *self.cross], prefill_axes),
+            ExportGraph("decoder_step", Fn(self.model, self.step), self.step_inputs, ["logits", *self.present_self],
+                        step_axes),
+        ]

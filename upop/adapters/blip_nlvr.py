@@ -21,6 +21,8 @@ from ..models.blip_nlvr import (
 from ..pruning.units import ModuleSpec
 from .base import image_size_of, rand_ids, rand_pixels, register
 from .blip import BlipAdapter, BlipModels
+from .graphs import ExportGraph, Fn, graphs_for
+from .graphs import image_size as _image_size, text as _text
 
 
 class BlipNlvrModels(BlipModels):
@@ -53,6 +55,7 @@ class BlipNlvrModels(BlipModels):
 class BlipNlvrAdapter(BlipAdapter, BlipNlvrModels):
     family = "blip_nlvr"
     model_types = ("blip_nlvr",)
+    aliases: dict[str, str] = {}
     classes = {"BlipNlvrForVisualReasoning": "nlvr"}
     tasks = {"nlvr": "blip-nlvr"}
     towers = {"vision_model": "vision", "text_encoder": "text", "cls_head": "text"}
@@ -95,3 +98,20 @@ class BlipNlvrAdapter(BlipAdapter, BlipNlvrModels):
 
     def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"logits": model(**batch).logits}
+
+
+# ---- export graphs (``upop.exporters`` looks them up by class name) -------------------------------------
+@graphs_for("BlipNlvrForVisualReasoning")
+def blip_nlvr_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
+    size = _image_size(model.config.vision_config)
+    text = _text(model.config.text_config.vocab_size - 2)
+
+    def inputs(b: int, s: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.randn(b, 2, 3, size, size), **text(b, s)}
+
+    def run(m: nn.Module, px: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        return m(pixel_values=px, input_ids=ids, attention_mask=am).logits
+
+    return [ExportGraph("reasoning", Fn(model, run), inputs, ["logits"],
+                        {"pixel_values": {0: "batch"}, "input_ids": {0: "batch", 1: "sequence"},
+                         "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}})]

@@ -11,6 +11,8 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
 from .base import NORM_HALF, QKVOAdapter, image_size_of, rand_ids, rand_pixels, register
 from .factories import ModelFactory
+from .graphs import ExportGraph, Fn, graphs_for
+from .graphs import image_size as _image_size, joined as _joined, pixels as _pixels, seq_axes as _seq_axes, text as _text
 
 
 class CLIPModels(ModelFactory):
@@ -52,6 +54,7 @@ class CLIPAdapter(QKVOAdapter, CLIPModels):
     family = "clip"
     paper_attn_weight = 36.0  # the UPop paper's attention:MLP weighting for CLIP (--cost-weights paper)
     model_types = ("clip",)
+    aliases = {"clip": "openai/clip-vit-base-patch16"}
     classes = {"CLIPModel": "retrieval"}
     tasks = {"retrieval": "dual-retrieval", "classification": "zero-shot"}
     augment_policy = "blip-randaugment"  # what the UPop paper trains CLIP retrieval with (BLIP's transform)
@@ -95,3 +98,23 @@ class CLIPAdapter(QKVOAdapter, CLIPModels):
         out = model(**batch)
         return {"logits_per_image": out.logits_per_image, "image_embeds": out.image_embeds,
                 "text_embeds": out.text_embeds}
+
+
+# ---- export graphs (``upop.exporters`` looks them up by class name) -------------------------------------
+@graphs_for("CLIPModel")
+def dual_encoder_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
+    pixels = _pixels(_image_size(model.config.vision_config))
+    text = _text(model.config.text_config.vocab_size)
+
+    def joint(m: nn.Module, px: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        return m(pixel_values=px, input_ids=ids, attention_mask=am).logits_per_image
+
+    return [
+        ExportGraph("image_encoder", Fn(model, lambda m, px: adapter.encode_image(m, px)[1]), pixels,
+                    ["image_embeds"], {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
+        ExportGraph("text_encoder", Fn(model, lambda m, ids, am: adapter.encode_text(m, ids, am)), text,
+                    ["text_embeds"], {**_seq_axes(), "text_embeds": {0: "batch"}}),
+        ExportGraph("joint", Fn(model, joint), _joined(pixels, text), ["logits_per_image"],
+                    {"pixel_values": {0: "images"}, "input_ids": {0: "texts", 1: "sequence"},
+                     "attention_mask": {0: "texts", 1: "sequence"}, "logits_per_image": {0: "images", 1: "texts"}}),
+    ]

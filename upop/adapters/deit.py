@@ -9,7 +9,8 @@ from transformers import DeiTConfig
 from transformers.models.deit.modeling_deit import DeiTAttention, DeiTMLP
 
 from .base import register
-from .vit import ViTAdapter, ViTModels
+from .graphs import graphs_for
+from .vit import ViTAdapter, ViTModels, classifier_graphs
 
 
 class DeiTModels(ViTModels):
@@ -23,6 +24,7 @@ class DeiTAdapter(ViTAdapter, DeiTModels):
     family = "deit"
     paper_attn_weight = 9234 / 769  # deit/engine.py's weighting, DeiT-S's true ratio (--cost-weights paper)
     model_types = ("deit",)
+    aliases = {"deit": "facebook/deit-small-patch16-224"}
     feature_stacks = ("deit.layers",)
     # The distilled "WithTeacher" class is inference-only (no loss), so it cannot be retrained here.
     classes = {"DeiTForImageClassification": "classification"}
@@ -33,3 +35,6 @@ class DeiTAdapter(ViTAdapter, DeiTModels):
 
     attention_types = (DeiTAttention,)
     mlp_types = (DeiTMLP,)
+
+
+graphs_for("DeiTForImageClassification")(classifier_graphs)  # the same graphs as vit's

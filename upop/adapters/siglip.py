@@ -15,7 +15,8 @@ from transformers import SiglipConfig, SiglipImageProcessorPil
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
 from .base import NORM_HALF, register
-from .clip import CLIPAdapter, CLIPModels
+from .clip import CLIPAdapter, CLIPModels, dual_encoder_graphs
+from .graphs import graphs_for
 
 
 class SiglipModels(CLIPModels):
@@ -35,6 +36,7 @@ class SiglipAdapter(CLIPAdapter, SiglipModels):
     family = "siglip"
     paper_attn_weight = None  # the reference has no SigLIP run to weigh units as (--cost-weights paper)
     model_types = ("siglip",)
+    aliases = {"siglip": "google/siglip-base-patch16-224"}
     classes = {"SiglipModel": "retrieval"}
     towers = {"vision_model": "vision", "text_model": "text"}
 
@@ -62,3 +64,6 @@ class SiglipAdapter(CLIPAdapter, SiglipModels):
         sign = -torch.ones_like(t2i)
         sign[torch.arange(len(t2i), device=t2i.device), targets] = 1.0
         return -nn.functional.logsigmoid(sign * t2i).sum(1).mean()
+
+
+graphs_for("SiglipModel")(dual_encoder_graphs)  # the same graphs as clip's

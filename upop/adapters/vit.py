@@ -11,6 +11,8 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
 
 from .base import NORM_HALF, QKVOAdapter, image_size_of, rand_pixels, register
 from .factories import ModelFactory
+from .graphs import ExportGraph, Fn, graphs_for
+from .graphs import image_size as _image_size, pixels as _pixels
 
 
 class ViTModels(ModelFactory):
@@ -39,6 +41,7 @@ class ViTModels(ModelFactory):
 class ViTAdapter(QKVOAdapter, ViTModels):
     family = "vit"
     model_types = ("vit",)
+    aliases = {"vit": "google/vit-base-patch16-224"}
     classes = {"ViTForImageClassification": "classification"}
     tasks = {"classification": "classification"}
     augment_policy = "deit-randaugment"
@@ -62,3 +65,11 @@ class ViTAdapter(QKVOAdapter, ViTModels):
 
     def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"logits": model(**batch).logits}
+
+
+# ---- export graphs (``upop.exporters`` looks them up by class name) -------------------------------------
+@graphs_for("ViTForImageClassification")
+def classifier_graphs(model: nn.Module, adapter: Any) -> list[ExportGraph]:
+    return [ExportGraph("classifier", Fn(model, lambda m, px: m(pixel_values=px).logits),
+                        _pixels(_image_size(model.config)), ["logits"],
+                        {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})]

@@ -1,7 +1,7 @@
 """Calibrate a hardware profile on this machine: measured block latencies instead of a roofline.
 
-For every distinct compressible block of a model (kind, input widths, heads, token counts at the
-profile's reference shapes), an equivalent stand-alone block (the same Linears and attention, random
+For every distinct compressible block of a model (unit kind, input widths, heads, token counts at the
+profile's reference shapes), its kind's stand-alone block (the same Linears and attention, random
 weights) is timed across a sweep of kept widths. The rest of the model (embeddings, norms, heads),
 which slimming does not change, is the full model's measured forward minus the blocks' sum. The
 result is a profile whose latency model is that table: a unit costs the measured slope of its
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..pruning.kinds import kind_named
 from .timing import percentile, time_fn
 from .model import interpolate, predicted_latency_ms, signature
 from .measure import Runtime, torch_runtime
@@ -26,36 +26,8 @@ from .measure import Runtime, torch_runtime
 __all__ = ["calibrate", "interpolate", "measure_forward_ms", "signature", "time_block", "to_toml"]
 
 
-class _Attention(nn.Module):
-    def __init__(self, d_q: int, d_kv: int, d_out: int, heads: int, head_dim: int, scale: float):
-        super().__init__()
-        self.heads, self.head_dim, self.scale = heads, head_dim, scale
-        self.q, self.o = nn.Linear(d_q, heads * head_dim), nn.Linear(heads * head_dim, d_out)
-        self.k, self.v = nn.Linear(d_kv, heads * head_dim), nn.Linear(d_kv, heads * head_dim)
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, -1).transpose(1, 2)
-        k = self.k(kv).view(b, kv.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.v(kv).view(b, kv.shape[1], self.heads, -1).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.o(a.transpose(1, 2).reshape(b, t, -1))
-
-
-class _MLP(nn.Module):
-    def __init__(self, d_in: int, width: int, d_out: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_in, width), nn.Linear(width, d_out)
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # kv unused: same signature as _Attention
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 def _block(sig: dict[str, Any], width: int) -> nn.Module:
-    if sig["kind"] == "mlp":
-        return _MLP(sig["d_in"], width, sig["d_out"])
-    heads, hd = (sig["heads"], width) if sig["granularity"] == "dim" else (width, sig["head_dim"])
-    return _Attention(sig["d_q"], sig["d_kv"], sig["d_out"], heads, hd, sig["head_dim"] ** -0.5)
+    return kind_named(sig["kind"]).block(sig, width)
 
 
 def _sweep(full: int, points: int) -> list[int]:
@@ -87,8 +59,9 @@ def time_block(sig: dict[str, Any], width: int, batch: int, device: torch.device
                timer: BlockTimer | None = None) -> float:
     block = _block(sig, width).to(device).eval()
     batch *= sig.get("items", 1)
-    x = torch.randn(batch, sig["tq"], sig["d_q"] if sig["kind"] == "attn" else sig["d_in"], device=device)
-    kv = torch.randn(batch, sig["tkv"], sig["d_kv"], device=device) if sig["kind"] == "attn" else x
+    d_x, d_kv = kind_named(sig["kind"]).block_widths(sig)
+    x = torch.randn(batch, sig["tq"], d_x, device=device)
+    kv = torch.randn(batch, sig["tkv"], d_kv, device=device) if d_kv is not None else x
     return (timer or torch_timer(device))(block, {"x": x, "kv": kv}, warmup, runs, None)
 
 
@@ -115,8 +88,7 @@ def calibrate(model: nn.Module, adapter: Any, base: Any, *, device: torch.device
         ms = [time_block(sig, w, batch, device, warmup, runs, timer) for w in widths]
         blocks.append({**sig, "widths": widths, "ms": ms})
         if log:
-            log(f"{sig['kind']} {sig.get('d_q', sig.get('d_in'))}→{sig['d_out']} tokens {sig['tq']}: "
-                + ", ".join(f"{w}:{m:.3f}" for w, m in zip(widths, ms)))
+            log(kind_named(sig["kind"]).log_text(sig) + ": " + ", ".join(f"{w}:{m:.3f}" for w, m in zip(widths, ms)))
     table = {"blocks": blocks, "rest_ms": 0.0, "granularity": granularity, "device": str(device),
              "runtime": runtime}
     profile = dataclasses.replace(base, latency_model="table", table=table, name=f"{base.name}-calibrated",

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .model import ProfileMismatch, predicted_latency_ms, unit_latency_costs
-from ..pruning.units import AttentionSpec, ModuleSpec
+from ..pruning.units import ModuleSpec
 
 __all__ = ["HardwarePlan", "ProfileMismatch", "allowed_sizes", "plan_hardware", "predicted_latency_ms",
            "unit_latency_costs"]
@@ -28,15 +28,7 @@ def allowed_sizes(specs: Sequence[ModuleSpec], granularity: str, profile: Any) -
     al = profile.alignment
     out: dict[str, list[int]] = {}
     for s in specs:
-        n = s.num_units(granularity)
-        if isinstance(s, AttentionSpec) and granularity == "dim":
-            sizes = [k for k in range(1, n + 1)
-                     if k % al.head_dim_multiple == 0 and al.head_dim_min <= k <= al.head_dim_max]
-        elif isinstance(s, AttentionSpec):
-            sizes = list(range(1, n + 1))  # whole heads keep head_dim as it was
-        else:
-            sizes = [k for k in range(al.mlp_multiple, n + 1, al.mlp_multiple)]
-        out[s.name] = sorted(set(sizes) | {n})
+        out[s.name] = sorted(set(s.allowed_sizes(granularity, al)) | {s.num_units(granularity)})
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..pruning.units import AttentionSpec, ModuleSpec
+from ..pruning.units import ModuleSpec
 from ..errors import ProfileMismatch  # noqa: F401  (defined with every error, raised and re-exported here)
 
 
@@ -23,15 +23,8 @@ def signature(model: nn.Module, adapter: Any, spec: ModuleSpec, granularity: str
     """What a block's latency depends on, besides its kept width."""
     tq, tkv = adapter.module_tokens(model, spec, text_tokens)
     items = adapter.module_items(model, spec)
-    if isinstance(spec, AttentionSpec):
-        first = model.get_submodule(spec.in_projs[0].name)
-        last = model.get_submodule(spec.in_projs[-1].name)
-        sig = {"kind": "attn", "granularity": granularity, "d_q": first.in_features, "d_kv": last.in_features,
-               "d_out": model.get_submodule(spec.out_proj).out_features, "heads": spec.num_heads,
-               "head_dim": spec.head_dim, "tq": tq, "tkv": tkv}
-    else:
-        fc1, fc2 = model.get_submodule(spec.fc1), model.get_submodule(spec.fc2)
-        sig = {"kind": "mlp", "d_in": fc1.in_features, "d_out": fc2.out_features, "tq": tq, "tkv": tq}
+    tq, tkv = spec.block_tokens(tq, tkv)
+    sig = {**spec.signature(model, granularity), "tq": tq, "tkv": tkv}
     if items != 1:  # only then: profiles calibrated before this key existed still match every other block
         sig["items"] = items
     return sig
@@ -52,24 +45,7 @@ def interpolate(widths: Sequence[int], ms: Sequence[float], w: float) -> float:
 
 def _unit_flops_bytes(model: nn.Module, spec: ModuleSpec, granularity: str, tokens: tuple[int, int], batch: int,
                       bytes_per_param: int) -> tuple[float, float]:
-    tq, tkv = tokens
-    if isinstance(spec, AttentionSpec):
-        width = spec.num_heads if granularity == "dim" else spec.head_dim
-        flops = 0.0
-        for i, proj in enumerate(spec.in_projs):
-            lin = model.get_submodule(proj.name)
-            if proj.segments == 3:  # fused qkv on the query tokens
-                flops += 3 * 2 * batch * tq * lin.in_features
-            else:
-                flops += 2 * batch * (tq if i == 0 else tkv) * lin.in_features
-        flops += 2 * batch * tq * model.get_submodule(spec.out_proj).out_features
-        flops += 2 * 2 * batch * tq * tkv  # q·kᵀ and p·v, per head dimension
-        acts = batch * (2 * tq + 2 * tkv)
-        flops, acts = flops * width, acts * width
-    else:
-        fc1, fc2 = model.get_submodule(spec.fc1), model.get_submodule(spec.fc2)
-        flops = 2 * batch * tq * (fc1.in_features + fc2.out_features)
-        acts = 2 * batch * tq
+    flops, acts = spec.unit_flops_acts(model, granularity, tokens[0], tokens[1], batch)
     params = spec.unit_cost(model, granularity)
     return flops, (params + acts) * bytes_per_param
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,24 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
+from ..adapters.base import all_aliases
 from ..errors import ModelLoadError, UnsupportedModelError
 
-#: Short names for well-known public checkpoints.
-ALIASES: dict[str, str] = {
-    "blip": "Salesforce/blip-itm-base-coco",
-    "blip-caption": "Salesforce/blip-image-captioning-base",
-    "blip-vqa": "Salesforce/blip-vqa-base",
-    "clip": "openai/clip-vit-base-patch16",
-    "siglip": "google/siglip-base-patch16-224",
-    "vit": "google/vit-base-patch16-224",
-    "deit": "facebook/deit-small-patch16-224",
-}
+class _Aliases(Mapping[str, str]):
+    """Short names for well-known public checkpoints, as the registered families declare them (read at each
+    use, so a family registered later is included)."""
+
+    def __getitem__(self, name: str) -> str:
+        return all_aliases()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(all_aliases())
+
+    def __len__(self) -> int:
+        return len(all_aliases())
+
+
+ALIASES: Mapping[str, str] = _Aliases()
 
 
 @dataclass
@@ -148,8 +155,8 @@ def check_folder(path: Path, source: str) -> None:
 def _known_type(model_type: str) -> bool:
     from transformers import CONFIG_MAPPING
 
-    from . import blip_nlvr  # noqa: F401  (registers upop's own architectures)
-
+    # upop's own architectures (``upop.models``) are registered with transformers by their family's adapter
+    # module, which ``upop.adapters`` imported with every family
     return model_type in CONFIG_MAPPING
 
 

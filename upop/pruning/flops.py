@@ -31,11 +31,10 @@ def params_per_tower(model: nn.Module, adapter: Adapter) -> dict[str, int]:
 
 
 def compressible_params(model: nn.Module, adapter: Adapter) -> int:
-    """Parameters inside the compressible Linears (q/k/v/out and fc1/fc2)."""
+    """Parameters inside the compressible Linears (each unit kind's ``linears``)."""
     total = 0
     for s in adapter.modules(model):
-        names = [p.name for p in s.in_projs] + [s.out_proj] if s.kind == "attn" else [s.fc1, s.fc2]  # type: ignore[union-attr]
-        for n in names:
+        for n in s.linears():
             total += sum(p.numel() for p in model.get_submodule(n).parameters())
     return total
 

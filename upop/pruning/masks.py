@@ -2,9 +2,8 @@
 
 The masks live outside the model's parameters, so an optimizer built on
 ``model.parameters()`` never steps them; the search reads their gradients instead.
-Attention masks scale q, k and v right after the projections (broadcast over heads for
-``dim`` units, over head_dim for ``head`` units); MLP masks scale fc1's output, before
-the activation (docs/method.md).
+Where a mask multiplies in is its unit kind's business (``upop.pruning.kinds``): attention masks scale q, k and v
+right after the projections, MLP masks the hidden layer before the activation (docs/method.md).
 """
 
 from __future__ import annotations
@@ -15,7 +14,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .units import AttentionSpec, MLPSpec, ModuleSpec
+from .kinds import mask_last_axis
+from .units import ModuleSpec
+
+__all__ = ["MaskSet", "mask_last_axis", "masks_of"]
 
 
 #: the MaskSet whose hooks are on a model, while they are (a companion model, such as a momentum copy, is
@@ -61,13 +63,7 @@ class MaskSet(nn.Module):
 
     def _attach(self, model: nn.Module) -> None:
         for spec in self.specs:
-            zeta = self.zeta[_key(spec.name)]
-            if isinstance(spec, AttentionSpec):
-                for proj in spec.in_projs:
-                    hook = _attention_hook(spec, zeta, proj.segments, self.granularity)
-                    self._handles.append(model.get_submodule(proj.name).register_forward_hook(hook))
-            elif isinstance(spec, MLPSpec):
-                self._handles.append(model.get_submodule(spec.fc1).register_forward_hook(_mlp_hook(zeta)))
+            self._handles += spec.attach(model, self.zeta[_key(spec.name)], self.granularity)
 
     def attach(self, other: nn.Module) -> None:
         """Masks ``other`` (a model of the same structure, e.g. a momentum copy) with these same ζ tensors,
@@ -86,58 +82,16 @@ class MaskSet(nn.Module):
             if m is not None and _ACTIVE.get(m) is self:
                 del _ACTIVE[m]
 
-    def parameters_by_kind(self, kind: str) -> list[nn.Parameter]:
-        return [z for s, z in self.items() if s.kind == kind]
+    def parameters_by_group(self, group: str) -> list[nn.Parameter]:
+        """The masks of every kind in sparsity ``group`` (``upop.pruning.kinds.ATTENTION`` or ``MLP``)."""
+        return [z for s, z in self.items() if s.group == group]
 
-    def sparsity(self, kind: str) -> torch.Tensor:
-        return sum((z.abs().sum() for z in self.parameters_by_kind(kind)), torch.zeros((), device=self._device()))
+    def sparsity(self, group: str) -> torch.Tensor:
+        """‖ζ‖₁ over the masks of one sparsity group (the term its λ multiplies)."""
+        return sum((z.abs().sum() for z in self.parameters_by_group(group)), torch.zeros((), device=self._device()))
 
     def _device(self) -> torch.device:
         return next(iter(self.zeta.values())).device
 
     def values(self) -> dict[str, list[float]]:
         return {s.name: z.detach().cpu().tolist() for s, z in self.items()}
-
-
-class _Masked(torch.autograd.Function):
-    """``x * m`` over the last axis, with the mask's gradient computed and summed in fp32.
-
-    Under fp16 autocast, ``grad · x`` can overflow fp16 (its range ends at 65504, and the grad scaler
-    multiplies the gradients by up to 2^16) while the weights' gradients do not: that importance would
-    be lost. The product is formed in fp32 for fp16 inputs, and every sum accumulates in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, m)
-        return x * m.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        x, m = ctx.saved_tensors
-        wide = torch.float32 if grad.dtype == torch.float16 else grad.dtype
-        prod = grad.to(wide) * x.to(wide)
-        grad_m = prod.reshape(-1, prod.shape[-1]).sum(0, dtype=torch.float32).to(m.dtype)
-        return grad * m.to(grad.dtype), grad_m
-
-
-def mask_last_axis(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``x`` scaled by ``m`` along its last axis (the mask's gradient in fp32 whatever x's dtype)."""
-    return _Masked.apply(x, m)
-
-
-def _attention_hook(spec: AttentionSpec, zeta: nn.Parameter, segments: int, granularity: str):
-    def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        m = spec.expand_mask(zeta, granularity)
-        if segments > 1:
-            m = m.repeat(segments)
-        return mask_last_axis(output, m)
-
-    return hook
-
-
-def _mlp_hook(zeta: nn.Parameter):
-    def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-        return mask_last_axis(output, zeta)
-
-    return hook

@@ -21,6 +21,7 @@ from ..training.distributed import current, mask_digest
 from ..training.loop import CheckpointFn, LoopSettings, LossFn, Phase, ProgressFn, TrainLoop
 from ..run.config import SearchConfig
 from ..errors import ConfigError
+from .kinds import ATTENTION, MLP
 from .masks import MaskSet
 from .units import ModuleSpec
 
@@ -60,7 +61,7 @@ class UnitTable:
             offsets.append(start)
             start += n
             mod.extend([i] * n)
-            attn.extend([spec.kind == "attn"] * n)
+            attn.extend([spec.group == ATTENTION] * n)
             if unit_costs is not None and spec.name in unit_costs:
                 c = unit_costs[spec.name]
                 cost.extend([float(c)] * n if isinstance(c, (int, float)) else [float(x) for x in c])
@@ -156,19 +157,7 @@ def magnitude_marks(model: nn.Module, table: UnitTable, ratio: float) -> torch.T
     marked = torch.zeros(table.cost.numel(), dtype=torch.bool)
     for i, spec in enumerate(table.specs):
         n = spec.num_units(table.granularity)
-        if spec.kind == "attn":
-            width = spec.num_heads * spec.head_dim  # type: ignore[union-attr]
-            per_feat = torch.zeros(width, dtype=torch.float64)
-            for proj in spec.in_projs:  # type: ignore[union-attr]
-                w = model.get_submodule(proj.name).weight.detach().abs().sum(1).double().cpu()
-                per_feat += w.view(proj.segments, width).sum(0)
-            per_feat += model.get_submodule(spec.out_proj).weight.detach().abs().sum(0).double().cpu()  # type: ignore[union-attr]
-            grid = per_feat.view(spec.num_heads, spec.head_dim)  # type: ignore[union-attr]
-            score = grid.sum(0) if table.granularity == "dim" else grid.sum(1)
-        else:
-            fc1 = model.get_submodule(spec.fc1).weight.detach().abs().sum(1)  # type: ignore[union-attr]
-            fc2 = model.get_submodule(spec.fc2).weight.detach().abs().sum(0)  # type: ignore[union-attr]
-            score = (fc1 + fc2).double().cpu()
+        score = spec.magnitude(model, table.granularity)
         k = min(n - 1, int(round(ratio * n)))
         if k > 0:
             drop = torch.argsort(score, stable=True)[:k]
@@ -280,7 +269,7 @@ class SearchPhase(Phase):
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return task_loss.float() + c.lambda_attn * self.masks.sparsity("attn") + c.lambda_mlp * self.masks.sparsity("mlp")
+        return task_loss.float() + c.lambda_attn * self.masks.sparsity(ATTENTION) + c.lambda_mlp * self.masks.sparsity(MLP)
 
     def after_backward(self, scaler: torch.amp.GradScaler | None) -> None:
         grads = []
@@ -358,11 +347,7 @@ def paper_unit_costs(specs: Sequence[ModuleSpec], granularity: str, attn_weight:
     true parameters; a head unit weighs its ``head_dim`` dimensions."""
     if attn_weight is None:
         raise ConfigError(f"cost weights 'paper': the reference has no attention:MLP weighting for {family}")
-    out = {}
-    for s in specs:
-        per_dim = float(attn_weight) if s.kind == "attn" else 1.0
-        out[s.name] = per_dim * (s.head_dim if s.kind == "attn" and granularity == "head" else 1)  # type: ignore[union-attr]
-    return out
+    return {s.name: s.paper_cost(attn_weight, granularity) for s in specs}
 
 
 def _paper_costs_for(model: nn.Module, specs: Sequence[ModuleSpec], config: SearchConfig,
@@ -373,7 +358,7 @@ def _paper_costs_for(model: nn.Module, specs: Sequence[ModuleSpec], config: Sear
         raise ConfigError("cost weights 'paper' weigh units as the reference does; a hardware profile weighs them by "
                           "latency: use one of the two")
     adapter = get_adapter(model)
-    return paper_unit_costs(specs, config.granularity, getattr(adapter, "paper_attn_weight", None), adapter.family)
+    return paper_unit_costs(specs, config.granularity, adapter.paper_attn_weight, adapter.family)
 
 
 def search_steps(config: SearchConfig, batches: Iterable[Any]) -> int:

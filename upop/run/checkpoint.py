@@ -114,14 +114,7 @@ def save_slim(
         if processor is not None:
             processor.save_pretrained(str(tmp))
         adapter = get_adapter(model)
-        modules = {}
-        for s in adapter.modules(model):
-            d: dict[str, Any] = {"kind": s.kind, "tower": s.tower, "role": s.role}
-            if s.kind == "attn":
-                d.update(num_heads=s.num_heads, head_dim=s.head_dim)  # type: ignore[union-attr]
-            else:
-                d.update(width=s.width)  # type: ignore[union-attr]
-            modules[s.name] = d
+        modules = {s.name: s.manifest_row() for s in adapter.modules(model)}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

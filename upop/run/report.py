@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..pruning.kinds import GROUPS, MLP, kind_named
+
 REPORT_VERSION = 1
+#: plot marker per sparsity group
+_MARKERS = {GROUPS[0]: "o", MLP: "s"}
+
+
+def _group_order(kind: str) -> int:
+    return GROUPS.index(kind_named(kind).group)
 
 
 @dataclass
@@ -58,11 +66,8 @@ def module_rows(specs: Any, kept: dict[str, list[int]], granularity: str) -> lis
     rows = []
     for s in specs:
         n_kept = len(kept[s.name])
-        row: dict[str, Any] = {"module": s.name, "tower": s.tower, "kind": s.kind, "role": s.role,
-                               "units": s.num_units(granularity), "kept": n_kept}
-        if s.kind == "attn":
-            row["num_heads"], row["head_dim"] = s.kept_shape(n_kept, granularity)
-        rows.append(row)
+        rows.append({"module": s.name, "tower": s.tower, "kind": s.kind, "role": s.role,
+                     "units": s.num_units(granularity), "kept": n_kept, **s.kept_fields(n_kept, granularity)})
     return rows
 
 
@@ -149,7 +154,7 @@ def to_markdown(report: Report) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
     lines += ["", "## Kept units per module", "", "| tower | module | kind | kept / units | shape |", "|---|---|---|---|---|"]
     for r in report.modules:
-        shape = f"{r['num_heads']} × {r['head_dim']}" if r["kind"] == "attn" else f"{r['kept']}"
+        shape = kind_named(r["kind"]).shape_text(r)
         lines.append(f"| {r['tower']} | {r['module']} | {r['kind']} ({r['role']}) | {r['kept']} / {r['units']} | {shape} |")
     lines += ["", "![where the compression went](compression.png)", ""]
     return "\n".join(lines)
@@ -166,12 +171,11 @@ def plot(report: Report, path: Path) -> None:
     fig, axes = plt.subplots(1, len(towers) + 1, figsize=(4.5 * (len(towers) + 1), 4.2))
     for ax, tower in zip(axes, towers):
         rows = [r for r in mods if r["tower"] == tower]
-        for kind, marker in (("attn", "o"), ("mlp", "s")):
-            for role in sorted({r["role"] for r in rows if r["kind"] == kind}):
-                sel = [r for r in rows if r["kind"] == kind and r["role"] == role]
-                ax.plot(range(len(sel)), [100 * r["kept"] / r["units"] for r in sel], marker=marker,
-                        label=f"{kind}" if role in ("self", "mlp") else f"{kind} ({role})")
-        ax.set_xticks(range(max(len([r for r in rows if r["kind"] == "mlp"]), 1)))
+        for kind, role in sorted({(r["kind"], r["role"]) for r in rows}, key=lambda kr: (_group_order(kr[0]), kr)):
+            sel = [r for r in rows if r["kind"] == kind and r["role"] == role]
+            ax.plot(range(len(sel)), [100 * r["kept"] / r["units"] for r in sel], marker=_MARKERS[kind_named(kind).group],
+                    label=f"{kind}" if role in ("self", MLP) else f"{kind} ({role})")
+        ax.set_xticks(range(max(len([r for r in rows if kind_named(r["kind"]).group == MLP]), 1)))
         ax.set_title(f"{tower}: kept share per layer")
         ax.set_xlabel("layer")
         ax.set_ylabel("% of units kept")

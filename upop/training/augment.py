@@ -23,12 +23,16 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..adapters.capabilities import TaskHooks
 
 #: ``--augment`` values: none, or the reference augmentation of the model's family
 CHOICES = ("none", "default")
@@ -292,11 +296,11 @@ class Augmenter:
         return px
 
 
-def augmenter_for(adapter: object, choice: str | None) -> Augmenter | None:
+def augmenter_for(adapter: "TaskHooks", choice: str | None) -> Augmenter | None:
     """The adapter's policy under ``default``; nothing under ``none`` (or None) or when it names none."""
     if choice is None or choice == "none":
         return None
     if choice != "default":
         raise ConfigError(f"augment must be one of {', '.join(CHOICES)}, got {choice!r}")
-    name = getattr(adapter, "augment_policy", None)
+    name = adapter.augment_policy
     return Augmenter(POLICIES[name]) if name else None

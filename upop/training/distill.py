@@ -20,6 +20,7 @@ from torch import nn
 from .parts import bf16_native
 from ..run.config import DistillConfig
 from ..errors import UnsupportedModelError
+from .loop import loss_hooks
 
 Features = dict[str, list[torch.Tensor]]
 
@@ -170,9 +171,7 @@ class Distiller:
         task_loss, kd = self.terms(model, batch)
         return task_loss.float() + self.config.weight * kd
 
-    def __getattr__(self, name: str) -> Any:
-        # The training loop finds a task's per-run state (BLIP's momentum model and queue) through these hooks on
-        # the loss it is given: the wrapper exposes the task's own, and only where the task has them.
-        if name in ("train_begin", "train_after_step", "train_state"):
-            return getattr(self.task, name)
-        raise AttributeError(name)
+    def training_hooks(self) -> Any:
+        """The task's per-run training state (BLIP's momentum model and queue), which the training loop drives
+        through the loss it is given (``upop.training.loop.loss_hooks``): the task's own, or None where it keeps none."""
+        return loss_hooks(self.task)

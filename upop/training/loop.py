@@ -164,6 +164,8 @@ def loss_hooks(loss_fn: Any) -> Any:
     interrupted run, else None), ``train_after_step(model)`` (after each optimizer step) and ``train_state()``
     (saved with the loop's state, so a resumed run continues it)."""
     owner = getattr(loss_fn, "__self__", loss_fn)
+    if callable(getattr(owner, "training_hooks", None)):  # a wrapper (``Distiller``) forwards its task's
+        return owner.training_hooks()
     return owner if callable(getattr(owner, "train_state", None)) else None
 
 

@@ -316,3 +316,24 @@ def test_toml_keys_are_checked_like_the_flags(tmp_path):
 def test_the_teacher_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert teacher_dtype(torch.device("cuda"), True) == torch.float16
+
+
+def test_the_distiller_forwards_its_tasks_training_hooks_and_only_those():
+    from upop.training.loop import loss_hooks
+
+    class WithState:
+        def loss(self, model, batch):
+            return 0
+
+        def train_state(self):
+            return {}
+
+    class Without:
+        def loss(self, model, batch):
+            return 0
+
+    teacher = torch.nn.Linear(1, 1)
+    with_state = WithState()
+    assert loss_hooks(Distiller(with_state, teacher, DistillConfig(mode="logits"), [])) is with_state
+    assert loss_hooks(Distiller(Without(), teacher, DistillConfig(mode="logits"), [])) is None
+    assert not hasattr(Distiller(Without(), teacher, DistillConfig(mode="logits"), []), "train_state")
