@@ -89,19 +89,31 @@ def typer_option(opt: Option) -> Any:
 
 def with_options(options: Callable[[], tuple[Option, ...]]):
     """A command whose leading parameters are the table's options: ``fn(values, **rest)`` gets them as one dict
-    (name → value or None) and its own parameters as they are."""
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        table = [o for o in options() if o.flagged]
-        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "values"]
-        params = [inspect.Parameter(o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=typer_option(o),
-                                    annotation=Optional[o.type]) for o in table] + own
+    (name → value or None) and its own parameters as they are. The table is read each time the command line is
+    parsed, so an option a task declares after this module was imported is a flag too."""
+    return lambda fn: TableCommand(fn, options)
 
-        @functools.wraps(fn)
-        def command(**kw: Any) -> Any:
-            return fn({o.name: kw.pop(o.name) for o in table}, **kw)
 
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
+class TableCommand:
+    """The callable Typer registers: its signature (Typer's parameters) is built from the table when asked."""
 
-    return deco
+    def __init__(self, fn: Callable[..., Any], options: Callable[[], tuple[Option, ...]]):
+        functools.update_wrapper(self, fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+        self.fn, self.options = fn, options
+
+    def table(self) -> list[Option]:
+        return [o for o in self.options() if o.flagged]
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        own = [p for name, p in inspect.signature(self.fn).parameters.items() if name != "values"]
+        return inspect.Signature([inspect.Parameter(o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                    default=typer_option(o), annotation=Optional[o.type])
+                                  for o in self.table()] + own)
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # type: ignore[override]
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **kw: Any) -> Any:
+        return self.fn({o.name: kw.pop(o.name, None) for o in self.table()}, **kw)
