@@ -58,7 +58,7 @@ def get_adapter(model_or_config: Any) -> "Adapter":
 class RetrievalHooks(Protocol):
     """What retrieval and zero-shot tasks call to embed images and texts (and re-rank with ITM)."""
 
-    family: str
+    family: ClassVar[str]
 
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
@@ -74,10 +74,16 @@ class TaskHooks(RetrievalHooks, Protocol):
     ``Adapter`` declares each one; a family without the capability raises a one-line error naming it.
     """
 
-    tasks: dict[str, str]
-    classes: dict[str, str]
+    tasks: ClassVar[dict[str, str]]
+    classes: ClassVar[dict[str, str]]
 
     def preprocessor_options(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def pair_logits(self, model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor: ...
+
+    def pair_loss(self, i2t: torch.Tensor, t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def itc_temperature(self, model: nn.Module, value: float = ...) -> nn.Parameter: ...
 
     def native_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
