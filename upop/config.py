@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .options import DEVICE, GRANULARITY, RATIO, compress_options
+from .options import DEFAULT_CHECKPOINT_EVERY, DEVICE, GRANULARITY, RATIO, compress_options  # noqa: F401
 
 CONFIG_VERSION = 1
-#: steps between the run's periodic checkpoints (CLI and API alike; 0: only at the ends of the phases)
-DEFAULT_CHECKPOINT_EVERY = 200
 GRANULARITIES = ("dim", "head")
 #: upop: unified + progressive (the method). The other two are the ablation baselines:
 #: unified ranking applied once at the end, and uniform per-module pruning by weight magnitude.
@@ -242,6 +240,21 @@ class CompressConfig:
                 else:
                     nested[head] = values[opt.name]
         return cls.from_dict(nested)
+
+    @staticmethod
+    def option_defaults() -> dict[str, Any]:
+        """Each option's default: a run-level option's own, else the dataclass default of the field it sets
+        (declared once, there); None ones left out."""
+        fields, out = CompressConfig().to_dict(), {}
+        for opt in compress_options():
+            value = opt.default
+            if value is None and opt.into and opt.defaulted:
+                value = fields
+                for part in opt.into[0].split("."):
+                    value = value[part]
+            if value is not None:
+                out[opt.name] = value
+        return out
 
     @classmethod
     def from_json(cls, text: str) -> "CompressConfig":

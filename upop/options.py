@@ -17,6 +17,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+#: steps between the run's periodic checkpoints (CLI and API alike; 0: only at the ends of the phases)
+DEFAULT_CHECKPOINT_EVERY = 200
 #: Integers beyond these overflow what they feed (a seed: numpy's 32 bits; the rest: C ints in torch).
 MAX_SEED = 2**32 - 1
 MAX_INT = 2**31 - 1
@@ -76,7 +78,8 @@ GRANULARITY = one_of("dim", "head")
 class Option:
     """One option: a flag of ``upop compress`` and a key of its TOML files.
 
-    ``into``: the ``CompressConfig`` fields it sets (dotted: ``search.lr``); none for the run's own options.
+    ``into``: the ``CompressConfig`` fields it sets (dotted: ``search.lr``), whose dataclass default is the
+    option's (unless ``defaulted`` is false: the run must name it); ``default``: a run-level option's default.
     ``task``: the task reads it (``task_options``); given only when set unless ``always``.
     """
 
@@ -90,6 +93,8 @@ class Option:
     task: bool = False
     always: bool = False
     flagged: bool = True  # False: a key of TOML files and recipes only, no flag
+    default: Any = None
+    defaulted: bool = True
 
     @property
     def flag(self) -> str:
@@ -110,7 +115,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("model", _named("a model name or folder"), short="-m",
            help="Alias (blip, clip, vit, ...), demo-blip/demo-clip/demo-vit/demo-blip-nlvr, hub id, local folder or "
                 "slim checkpoint."),
-    Option("ratio", RATIO, float, "Share of compressible cost to remove, in (0,1).", "-p", into=("ratio",)),
+    Option("ratio", RATIO, float, "Share of compressible cost to remove, in (0,1).", "-p", into=("ratio",),
+           defaulted=False),
     Option("task", _named("a task name"),
            help="retrieval | caption | vqa | classification | nlvr (default: the model's)."),
     Option("data", TEXT, help="Data folder (default for demo models: the built-in shapes set)."),
@@ -120,7 +126,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "ms under --profile; sets the ratio.", into=("target_latency_ms",)),
     Option("search_epochs", at_least(1), int, into=("search.epochs",)),
     Option("retrain_epochs", at_least(0), int, into=("retrain.epochs",)),
-    Option("batch_size", at_least(1), int),
+    Option("batch_size", at_least(1), int, default=32),
     Option("lr", number(0), float, into=("search.lr", "retrain.lr")),
     Option("update_every", at_least(1), int, "K: search steps between mask updates.", into=("search.update_every",)),
     Option("search_lr_schedule", one_of("constant", "cosine"),
@@ -133,7 +139,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("out", TEXT, help="Output folder (default upop-out/<model>-p<ratio>).", short="-o"),
     Option("checkpoint_every", at_least(0), int,
            "Write the run's state every N steps and after each retrain epoch (default 200; 0: only at the end of "
-           "the search and on Ctrl-C)."),
+           "the search and on Ctrl-C).", default=DEFAULT_CHECKPOINT_EVERY),
     Option("grad_accum", at_least(1), int, "Batches per optimizer step: effective batch = processes × batch × K.",
            into=("search.grad_accum", "retrain.grad_accum")),
     Option("max_steps", at_least(1), int, "Cap the search and the retrain at N steps each (a quick check of a "
@@ -143,11 +149,13 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("cache_gb", number(0, what="a number of GiB >= 0"), float,
            "Cap of the decoded-image cache per process (default: 1 GiB for small sets, else none).",
            task=True, always=True),
-    Option("latency", SWITCH, bool, "Measure the latency before and after in the report (default on).", switch=True),
+    Option("latency", SWITCH, bool, "Measure the latency before and after in the report (default on).", switch=True,
+           default=True),
     Option("weight_decay", number(0), float, "AdamW weight decay of the search and the retrain (default 0.05).",
            into=("search.weight_decay", "retrain.weight_decay")),
     Option("augment", one_of("none", "default"), help="Training augmentation: default (the family's reference; the "
-                                                      "demos: none) | none.", task=True, always=True),
+                                                      "demos: none) | none.", task=True, always=True,
+           default="default"),
     Option("recipe", _named("a recipe name (upop recipes list) or none"),
            help="Reference hyperparameters (upop recipes list); default: chosen from the data's annotation files; "
                 "none: no recipe."),

@@ -122,28 +122,17 @@ def _unused(o: dict[str, Any], flags: dict[str, Any], files: dict[str, dict[str,
 
 
 def _defaults(model: str) -> dict[str, Any]:
-    """The options a flag or the TOML file leaves unset: the config dataclasses' defaults (one place for
-    CLI and API), and a demo model's own epochs, learning rate and batch."""
-    from upop.config import DEFAULT_CHECKPOINT_EVERY, CompressConfig, RetrainConfig, SearchConfig
+    """The options a flag or the TOML file leaves unset: the table's defaults (the config dataclasses', one place
+    for CLI and API), and a demo model's own epochs, learning rate and batch."""
+    from upop.config import CompressConfig
     from upop.demo import DEMOS
 
-    demo, c, s, r = DEMOS.get(model), CompressConfig(), SearchConfig(), RetrainConfig()
-    return {"search_epochs": demo.compress_search_epochs if demo else s.epochs,
-            "retrain_epochs": demo.compress_retrain_epochs if demo else r.epochs,
-            "lr": demo.compress_lr if demo else s.lr, "batch_size": demo.batch_size if demo else 32,
-            "granularity": c.granularity, "device": c.device, "seed": s.seed, "lambda_attn": s.lambda_attn,
-            "lambda_mlp": s.lambda_mlp, "checkpoint_every": DEFAULT_CHECKPOINT_EVERY, "grad_accum": s.grad_accum,
-            "latency": True, "search_lr_schedule": s.lr_schedule, "weight_decay": s.weight_decay,
-            # the tiny demos on their synthetic shapes train best without augmentation (docs/recipes.md)
-            "augment": "none" if demo else "default", **_distill_defaults()}
-
-
-def _distill_defaults() -> dict[str, Any]:
-    from upop.config import DistillConfig
-
-    d = DistillConfig()
-    return {"distill": d.mode, "distill_weight": d.weight, "distill_temperature": d.temperature,
-            "distill_search": d.search}
+    out = CompressConfig.option_defaults()
+    demo = DEMOS.get(model)
+    if demo:  # the tiny demos on their synthetic shapes train best without augmentation (docs/recipes.md)
+        out |= {"search_epochs": demo.compress_search_epochs, "retrain_epochs": demo.compress_retrain_epochs,
+                "lr": demo.compress_lr, "batch_size": demo.batch_size, "augment": "none"}
+    return out
 
 
 def _config(o: dict[str, Any]):
