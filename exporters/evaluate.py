@@ -188,18 +188,19 @@ class ArtifactModule(nn.Module):
 def _task_key(artifact: Artifact, task: str) -> Any:
     """The adapter of the artifact's family, checked against the task and the graphs the export holds."""
     from upop.adapters import get_adapter
-    from upop.tasks.base import task_class
+    from upop.tasks import trains
+    from upop.tasks.base import family_tasks, implementation, task_class
 
     rec = artifact.record
     try:
         adapter = get_adapter(rec.family)
     except Exception:
         raise ExportFolderError(f"export.json names an unknown model family {rec.family!r} (damaged?)") from None
-    key = adapter.tasks.get(task)
+    key = implementation(adapter, task)
     if key is None:
-        raise ConfigError(f"a {rec.family} export cannot do task {task!r}; it does: {', '.join(sorted(adapter.tasks))}")
+        raise ConfigError(f"a {rec.family} export cannot do task {task!r}; it does: {', '.join(family_tasks(adapter))}")
     own = adapter.classes.get(rec.model_class)
-    if task_class(key).trainable and own != task:
+    if not trains(adapter, task_class(key), rec.model_class):
         raise ExportFolderError(f"export.json says task {task!r}, but its model class {rec.model_class} does "
                                 f"{own!r} (the file was edited?)")
     missing = [g for g in TASK_GRAPHS.get(key, ()) if g not in artifact.model.graph_names()]

@@ -117,22 +117,50 @@ def _score(x: _Inputs) -> list[str]:
     return [f"cosine {sim[i]:.3f}  {txt}" for i, txt in enumerate(x.texts)]
 
 
-_BY_TASK: dict[str, Callable[[_Inputs], list[str]]] = {
+#: task name -> what ``upop predict`` shows for it (a task without one: image-text scores)
+PRESENTERS: dict[str, Callable[[Any], list[str]]] = {
     "classification": _classify, "caption": _caption, "nlvr": _reason, "vqa": _answer}
 
 
-def predict(export_dir: str | Path, images: list[str | Path], texts: list[str], fp16: bool = False) -> Prediction:
-    """Runs the export's graphs on ``images`` (two for a reasoning model) and ``texts``."""
+def presenter(task: str):
+    """Registers what ``upop predict`` shows for ``task``: ``fn(inputs)`` gets the export's graphs
+    (``inputs.model.run(graph, **feeds)``), the image pixels (``inputs.pixels``), the texts and the processor, and
+    returns the lines a person reads."""
+    def deco(fn: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
+        PRESENTERS[task] = fn
+        return fn
+
+    return deco
+
+
+def _images_per_record(manifest: dict[str, Any], task: str) -> int:
+    """How many images one record of the task holds (the task's declaration; 1 where the export names no known
+    family or the family cannot do the task, which the presenter then says)."""
+    from upop.adapters import get_adapter
+    from upop.errors import UpopError
+    from upop.tasks.base import implementation, task_class
+
+    try:
+        key = implementation(get_adapter(str(manifest.get("family", ""))), task)
+    except UpopError:
+        return 1
+    return task_class(key).images_per_record if key is not None else 1
+
+
+def predict(export_dir: str | Path, images: list[str | Path], texts: list[str], fp16: bool = False,
+            task: str | None = None) -> Prediction:
+    """Runs the export's graphs on ``images`` (two for a reasoning model) and ``texts``, shown as ``task`` (default:
+    the task its model class does)."""
     from upop.datasets.readers import open_image
     from upop.tasks import Preprocessor
 
     model = OrtModel(export_dir, fp16=fp16)
-    task = model.manifest["task"]
-    wanted = 2 if task == "nlvr" else 1
+    task = task or model.manifest["task"]
+    wanted = _images_per_record(model.manifest, task)
     if len(images) != wanted:
         raise ConfigError(f"a {task} model takes {wanted} --image, not {len(images)}")
     prep = Preprocessor.from_pretrained(export_dir)
     pixels = prep.pixels([open_image(Path(i)) for i in images]).numpy()
-    lines = _BY_TASK.get(task, _score)(_Inputs(model, prep, pixels, list(texts)))
+    lines = PRESENTERS.get(task, _score)(_Inputs(model, prep, pixels, list(texts)))
     providers = sorted({p for v in model.providers_used().values() for p in v[:1]})
     return Prediction(task, lines, providers)

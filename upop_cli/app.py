@@ -12,6 +12,7 @@ from typer.core import TyperCommand
 from upop.errors import ConfigError
 
 from .errors import guarded, run_guarded
+from .options import compress_table, typer_option, with_options
 
 app = typer.Typer(
     name="upop",
@@ -29,11 +30,8 @@ app.add_typer(profiles_app, name="profiles")
 convert_app = typer.Typer(help="Convert checkpoints that transformers cannot read.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Alias (blip, clip, vit, ...), demo-blip/demo-clip/demo-vit/demo-blip-nlvr, "
-                                                     "hub id, local folder or slim checkpoint.")
-TaskOpt = typer.Option(None, "--task", help="retrieval | caption | vqa | classification | nlvr (default: the model's).")
-DataOpt = typer.Option(None, "--data", help="Data folder (default for demo models: the built-in shapes set).")
-DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
+_RUN = {o.name: o for o in compress_table()}
+TaskOpt, DataOpt = typer_option(_RUN["task"]), typer_option(_RUN["data"])  # upop eval and export share them
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 JsonOpt = typer.Option(False, "--json", help="Print only the machine-readable result on stdout (the rest on stderr).")
 OutsideOpt = typer.Option(False, "--allow-outside-data",
@@ -66,76 +64,18 @@ def version() -> None:
 
 
 @app.command()
+@with_options(compress_table)
 def compress(
-    model: Optional[str] = ModelOpt,
-    ratio: Optional[float] = typer.Option(None, "--ratio", "-p", help="Share of compressible cost to remove, in (0,1)."),
-    task: Optional[str] = TaskOpt,
-    data: Optional[str] = DataOpt,
-    granularity: Optional[str] = typer.Option(None, "--granularity", help="dim (UPop) | head (whole heads)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="Hardware profile name or file."),
-    target_latency: Optional[float] = typer.Option(None, "--target-latency", help="ms under --profile; sets the ratio."),
-    search_epochs: Optional[int] = typer.Option(None, "--search-epochs"),
-    retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    update_every: Optional[int] = typer.Option(None, "--update-every", help="K: search steps between mask updates."),
-    search_lr_schedule: Optional[str] = typer.Option(None, "--search-lr-schedule",
-                                                     help="constant (default, as UPop's reference) | cosine to 0."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on at most N records."),
-    device: Optional[str] = DeviceOpt,
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-out/<model>-p<ratio>)."),
+    values: dict[str, Any],
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped, crashed or killed run from its last "
                                                          "checkpoint (state in <out>.partial)."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
-                                                   help="Write the run's state every N steps and after each retrain "
-                                                        "epoch (default 200; 0: only at the end of the search "
-                                                        "and on Ctrl-C)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node: launches torchrun."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes, with --rdzv-endpoint (run the same command on each)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous."),
     rdzv_id: str = typer.Option("upop", "--rdzv-id", help="Job id shared by the nodes."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Elastic restarts after a worker fails; the "
                                                                 "restarted group resumes from the last checkpoint."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Batches per optimizer step: effective "
-                                                                         "batch = processes × batch × K."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Cap the search and the retrain at N steps "
-                                                                       "each (a quick check of a full-size setup)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes per GPU "
-                                                                   "(default: a share of the cores; 0: in-process)."),
-    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="Cap of the decoded-image cache per process "
-                                                                       "(default: 1 GiB for small sets, else none)."),
-    latency: Optional[bool] = typer.Option(None, "--latency/--no-latency", help="Measure the latency before and "
-                                                                                  "after in the report (default on)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay of the search "
-                                                                              "and the retrain (default 0.05)."),
-    augment: Optional[str] = typer.Option(None, "--augment", help="Training augmentation: default (the family's "
-                                                                  "reference; the demos: none) | none."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Reference hyperparameters (upop recipes list); "
-                                                                "default: chosen from the data's annotation files; "
-                                                                "none: no recipe."),
-    k_test: Optional[int] = typer.Option(None, "--k-test", help="Retrieval: ITM re-ranking depth at evaluation "
-                                                                 "(default 256 for COCO, 128 for Flickr30k, else 256)."),
-    momentum: Optional[bool] = typer.Option(None, "--momentum/--no-momentum",
-                                            help="BLIP retrieval: distil from a momentum encoder and a queue of "
-                                                 "its features, as BLIP trains (default on)."),
-    rerank: Optional[str] = typer.Option(None, "--rerank", help="BLIP retrieval: the ITM score added to the ITC "
-                                                                "similarity when re-ranking: logit (default, BLIP's) | prob."),
-    cost_weights: Optional[str] = typer.Option(None, "--cost-weights", help="What a unit costs when the search fills "
-                                                                            "the ratio: true (its parameters, default) | "
-                                                                            "paper (the reference's attention:MLP weights)."),
-    distill: Optional[str] = typer.Option(None, "--distill", help="Learn from a frozen teacher: off (default) | "
-                                                                   "logits (KL) | features (hidden states) | both."),
-    distill_weight: Optional[float] = typer.Option(None, "--distill-weight", help="Weight of the distillation "
-                                                                                  "terms (default 1)."),
-    distill_temperature: Optional[float] = typer.Option(None, "--distill-temperature",
-                                                        help="Temperature of the logit KL (default 1)."),
-    distill_search: Optional[bool] = typer.Option(None, "--distill-search/--no-distill-search",
-                                                  help="Distil during the search too, not only the retrain "
-                                                       "(default off)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model of the same family and task "
-                                                                  "(default: the unpruned input model)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same options; flags win."),
     allow_outside_data: bool = OutsideOpt,
     quiet: bool = QuietOpt,
@@ -150,16 +90,7 @@ def compress(
     """
     from .compress_cmd import run
 
-    flags = dict(model=model, ratio=ratio, task=task, data=data, granularity=granularity, profile=profile,
-                 target_latency=target_latency,
-                 search_epochs=search_epochs, retrain_epochs=retrain_epochs, batch_size=batch_size, lr=lr,
-                 update_every=update_every, search_lr_schedule=search_lr_schedule,
-                 eval_limit=eval_limit, device=device, seed=seed, out=out,
-                 checkpoint_every=checkpoint_every, grad_accum=grad_accum, max_steps=max_steps, workers=workers,
-                 cache_gb=cache_gb, latency=latency, weight_decay=weight_decay, augment=augment, recipe=recipe,
-                 k_test=k_test, momentum=momentum, distill=distill, distill_weight=distill_weight,
-                 distill_temperature=distill_temperature, distill_search=distill_search, teacher=teacher,
-                 rerank=rerank, cost_weights=cost_weights)
+    flags = values
     if nproc > 1 or nnodes > 1 or max_restarts > 0:
         from upop.training.distributed import launched_by_torchrun
 

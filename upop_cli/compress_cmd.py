@@ -61,10 +61,24 @@ def _not_applying(o: dict[str, Any], family: str | None, task: str | None) -> di
                                                                "distill_search", "teacher")}
     elif o.get("distill") == "features":
         out["distill_temperature"] = "it is the temperature of the logit KL; --distill features has none"
-    if family is not None and task is not None and (family, task) != ("blip", "retrieval"):
-        why = f"only BLIP retrieval uses it; this run is {family} {task}"
-        out |= {"k_test": why, "momentum": why}
+    if family is not None and task is not None:
+        out |= _task_options_unused(family, task)
     return out
+
+
+def _task_options_unused(family: str, task: str) -> dict[str, str]:
+    """The tasks' own options that this run's task does not declare, each with the tasks that use it."""
+    from upop.adapters import get_adapter
+    from upop.errors import UpopError
+    from upop.tasks import task_for
+    from upop.tasks.base import declaring
+
+    try:
+        mine = {o.name for o in task_for(get_adapter(family), task).task_options}
+    except UpopError:  # a task the family cannot do: the run says so itself
+        return {}
+    return {name: f"only {' and '.join(users)} uses it; this run is {family} {task}"
+            for name, users in declaring().items() if name not in mine}
 
 
 def _family_task(model: str, task: str | None) -> tuple[str | None, str | None]:
@@ -95,7 +109,9 @@ def _unused(o: dict[str, Any], flags: dict[str, Any], files: dict[str, dict[str,
 
     from .options import flag
 
-    wanted = {k for k in ("k_test", "momentum") if o.get(k) is not None}
+    from upop.tasks.base import declaring
+
+    wanted = {k for k in declaring() if o.get(k) is not None}
     family, task = _family_task(model, o.get("task")) if wanted else (None, None)
     for name, why in _not_applying(o, family, task).items():
         if flags.get(name) is not None:
@@ -106,50 +122,28 @@ def _unused(o: dict[str, Any], flags: dict[str, Any], files: dict[str, dict[str,
 
 
 def _defaults(model: str) -> dict[str, Any]:
-    """The options a flag or the TOML file leaves unset: the config dataclasses' defaults (one place for
-    CLI and API), and a demo model's own epochs, learning rate and batch."""
-    from upop.run.config import DEFAULT_CHECKPOINT_EVERY, CompressConfig, RetrainConfig, SearchConfig
+    """The options a flag or the TOML file leaves unset: the table's defaults (the config dataclasses', one place
+    for CLI and API), and a demo model's own epochs, learning rate and batch."""
+    from upop.run.config import CompressConfig
     from upop.models.demo import DEMOS
 
-    demo, c, s, r = DEMOS.get(model), CompressConfig(), SearchConfig(), RetrainConfig()
-    return {"search_epochs": demo.compress_search_epochs if demo else s.epochs,
-            "retrain_epochs": demo.compress_retrain_epochs if demo else r.epochs,
-            "lr": demo.compress_lr if demo else s.lr, "batch_size": demo.batch_size if demo else 32,
-            "granularity": c.granularity, "device": c.device, "seed": s.seed, "lambda_attn": s.lambda_attn,
-            "lambda_mlp": s.lambda_mlp, "checkpoint_every": DEFAULT_CHECKPOINT_EVERY, "grad_accum": s.grad_accum,
-            "latency": True, "search_lr_schedule": s.lr_schedule, "weight_decay": s.weight_decay,
-            # the tiny demos on their synthetic shapes train best without augmentation (docs/recipes.md)
-            "augment": "none" if demo else "default", **_distill_defaults()}
-
-
-def _distill_defaults() -> dict[str, Any]:
-    from upop.run.config import DistillConfig
-
-    d = DistillConfig()
-    return {"distill": d.mode, "distill_weight": d.weight, "distill_temperature": d.temperature,
-            "distill_search": d.search}
+    out = CompressConfig.option_defaults()
+    demo = DEMOS.get(model)
+    if demo:  # the tiny demos on their synthetic shapes train best without augmentation (docs/recipes.md)
+        out |= {"search_epochs": demo.compress_search_epochs, "retrain_epochs": demo.compress_retrain_epochs,
+                "lr": demo.compress_lr, "batch_size": demo.batch_size, "augment": "none"}
+    return out
 
 
 def _config(o: dict[str, Any]):
-    import upop
     from upop.api import check_profile
+    from upop.run.config import CompressConfig
     from upop.errors import ConfigError
 
     if o.get("ratio") is None and o.get("target_latency") is None:
         raise ConfigError("--ratio is required (the share of compressible cost to remove, between 0 and 1), "
                           "or --target-latency with --profile")
-    cfg = upop.CompressConfig(
-        ratio=o["ratio"] if o.get("ratio") is not None else 0.5, granularity=o["granularity"],
-        profile=o.get("profile"), device=o["device"], target_latency_ms=o.get("target_latency"),
-        search=upop.SearchConfig(epochs=o["search_epochs"], update_every=o.get("update_every"), lr=o["lr"],
-                                 lr_schedule=o["search_lr_schedule"],
-                                 seed=o["seed"], lambda_attn=o["lambda_attn"], lambda_mlp=o["lambda_mlp"],
-                                 grad_accum=o["grad_accum"], max_steps=o.get("max_steps"),
-                                 weight_decay=o["weight_decay"], cost_weights=o.get("cost_weights") or "true"),
-        retrain=upop.RetrainConfig(epochs=o["retrain_epochs"], lr=o["lr"], seed=o["seed"], grad_accum=o["grad_accum"],
-                                   max_steps=o.get("max_steps"), weight_decay=o["weight_decay"]),
-        distill=upop.DistillConfig(mode=o["distill"], weight=o["distill_weight"], temperature=o["distill_temperature"],
-                                   search=o["distill_search"], teacher=o.get("teacher")))
+    cfg = CompressConfig.from_values(o)
     check_profile(cfg.profile)
     return cfg
 
@@ -216,10 +210,10 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
 
 
 def task_options(o: dict[str, Any]) -> dict[str, Any]:
-    """What the task reads: the input pipeline's, the augmentation, and retrieval's k_test, momentum and rerank
-    (those only when set, so a task that has no use for them never sees them)."""
-    out = {"workers": o.get("workers"), "cache_gb": o.get("cache_gb"), "augment": o.get("augment")}
-    return out | {k: o[k] for k in ("k_test", "momentum", "rerank") if o.get(k) is not None}
+    """What the task reads (``upop.run.options.task_values``)."""
+    from upop.run.options import task_values
+
+    return task_values(o)
 
 
 def _latency(wanted: bool, cfg: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .options import COMPRESS_KEYS, check_values
+from .options import check_values, compress_keys
 from .out import console, print_json
 
 def checked(recipe: Any, ratio: float | None = None) -> dict[str, Any]:
@@ -19,7 +19,7 @@ def checked(recipe: Any, ratio: float | None = None) -> dict[str, Any]:
         check_values({k.replace("-", "_"): v for k, v in recipe.rows[row].items()},
                      lambda name, row=row: f"recipe {recipe.name}, row {row:g}: {name}")
     opts = {k.replace("-", "_"): v for k, v in recipe.options_for(ratio).items()}
-    unknown = sorted(set(opts) - COMPRESS_KEYS - {"recipe"})
+    unknown = sorted(set(opts) - compress_keys() - {"recipe"})
     if unknown or "recipe" in opts:
         raise ConfigError(f"recipe {recipe.name}: unknown option(s) {', '.join(unknown or ['recipe'])}")
     check_values(opts, lambda name: f"recipe {recipe.name}: {name}")

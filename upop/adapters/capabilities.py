@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class ModelBuilding(Protocol):
 class RetrievalHooks(Protocol):
     """What retrieval and zero-shot tasks call to embed images and texts, score pairs and re-rank with ITM."""
 
-    family: str
+    family: ClassVar[str]
 
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
@@ -83,7 +83,7 @@ class RetrievalHooks(Protocol):
 
     def pair_loss(self, i2t: torch.Tensor, t2i: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
-    def itc_temperature(self, model: nn.Module, value: float) -> nn.Parameter: ...
+    def itc_temperature(self, model: nn.Module, value: float = ...) -> nn.Parameter: ...
 
 
 @runtime_checkable
@@ -93,9 +93,9 @@ class TaskHooks(RetrievalHooks, Protocol):
     ``Adapter`` declares each one; a family without the capability raises a one-line error naming it.
     """
 
-    tasks: dict[str, str]
-    classes: dict[str, str]
-    augment_policy: str | None
+    tasks: ClassVar[dict[str, str]]
+    classes: ClassVar[dict[str, str]]
+    augment_policy: ClassVar[str | None]
 
     def preprocessor_options(self, model: nn.Module) -> dict[str, Any]: ...
 

@@ -187,13 +187,23 @@ def load_config(source: str) -> Any:
         ) from None
 
 
+def _task_class(adapter: Any, task: str, archs: list[str]) -> str | None:
+    from ..tasks import model_class_for
+
+    return model_class_for(adapter, task, archs)
+
+
 def load_pretrained(name: str, task: str | None = None) -> Loaded:
     """Load a supported model by alias, hub id or local folder."""
     source = resolve(name)
     config = load_config(source)
     adapter = get_adapter(config)
     archs = [a for a in (getattr(config, "architectures", None) or []) if a in adapter.classes]
-    if task is not None:
+    # a task that names the classes it trains (a task added in a file of its own) picks the class itself
+    claimed = _task_class(adapter, task, archs) if task is not None and task not in adapter.classes.values() else None
+    if claimed is not None:
+        class_name = claimed
+    elif task is not None:
         class_name = adapter.class_for_task(task)
         if archs and adapter.classes[archs[0]] != task:
             raise UnsupportedModelError(

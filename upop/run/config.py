@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from .options import DEFAULT_CHECKPOINT_EVERY, DEVICE, GRANULARITY, RATIO, compress_options  # noqa: F401
 
 CONFIG_VERSION = 1
-#: steps between the run's periodic checkpoints (CLI and API alike; 0: only at the ends of the phases)
-DEFAULT_CHECKPOINT_EVERY = 200
 GRANULARITIES = ("dim", "head")
 #: upop: unified + progressive (the method). The other two are the ablation baselines:
 #: unified ranking applied once at the end, and uniform per-module pruning by weight magnitude.
@@ -73,10 +72,8 @@ class SearchConfig:
         if self.lr_schedule not in SEARCH_LR_SCHEDULES:
             raise ConfigError(f"search lr schedule must be one of {', '.join(SEARCH_LR_SCHEDULES)}, "
                               f"got {self.lr_schedule!r}")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
-            raise ConfigError(f"ratio must be strictly between 0 and 1, got {self.ratio!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        RATIO.check("ratio", self.ratio, required=True)
+        GRANULARITY.check("granularity", self.granularity, required=True)
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ConfigError(f"search epochs must be a positive integer, got {self.epochs!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -153,12 +150,14 @@ class DistillConfig:
             raise ConfigError("a teacher is given (--teacher) but distillation is off; add --distill logits|features|both")
 
 
-@dataclass
+@dataclass(init=False)
 class CompressConfig:
-    """One run of ``upop.compress``: search, slim, retrain."""
+    """One run of ``upop.compress``: search, slim, retrain.
 
-    ratio: float = 0.5
-    granularity: str = "dim"
+    ``ratio`` and ``granularity`` are the search's (stored once, in ``search``); they are given here too since they
+    are the two settings users set.
+    """
+
     profile: str | None = None
     target_latency_ms: float | None = None  # with a profile: the ratio is chosen to meet it
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -167,11 +166,32 @@ class CompressConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     config_version: int = CONFIG_VERSION
 
-    def __post_init__(self) -> None:
-        # The top-level ratio/granularity are the ones users set; the search reads them from here.
-        self.search.ratio = self.ratio
-        self.search.granularity = self.granularity
+    def __init__(self, ratio: float | None = None, granularity: str | None = None, profile: str | None = None,
+                 target_latency_ms: float | None = None, search: SearchConfig | None = None,
+                 retrain: RetrainConfig | None = None, device: str = "auto", distill: DistillConfig | None = None,
+                 config_version: int = CONFIG_VERSION) -> None:
+        self.search = search if search is not None else SearchConfig()
+        self.retrain = retrain if retrain is not None else RetrainConfig()
+        self.distill = distill if distill is not None else DistillConfig()
+        self.profile, self.target_latency_ms, self.device = profile, target_latency_ms, device
+        self.config_version = config_version
+        if ratio is not None:
+            self.search.ratio = ratio
+        if granularity is not None:
+            self.search.granularity = granularity
         self.validate()
+
+    @property
+    def ratio(self) -> float:
+        return self.search.ratio
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        self.search.ratio = value
+
+    @property
+    def granularity(self) -> str:
+        return self.search.granularity
 
     def validate(self) -> None:
         if self.config_version > CONFIG_VERSION:
@@ -182,14 +202,14 @@ class CompressConfig:
             _check_positive("target latency", self.target_latency_ms)
             if self.profile is None:
                 raise ConfigError("--target-latency needs a hardware profile (--profile) to predict latency")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        DEVICE.check("device", self.device, required=True)
         self.search.validate()
         self.retrain.validate()
         self.distill.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The files' layout: ratio and granularity at the top too (as upop has always written them)."""
+        return {**dataclasses.asdict(self), "ratio": self.ratio, "granularity": self.granularity}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -206,6 +226,35 @@ class CompressConfig:
             return cls(search=search, retrain=retrain, distill=distill, **data)
         except TypeError as exc:  # unknown or missing keys
             raise ConfigError(f"invalid compress config: {exc}") from None
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> "CompressConfig":
+        """The config of ``upop compress``'s option values (``upop.run.options``): each set where its option's
+        ``into`` says; a value left unset keeps the dataclass default."""
+        nested: dict[str, Any] = {"search": {}, "retrain": {}, "distill": {}}
+        for opt in compress_options():
+            for path in opt.into if values.get(opt.name) is not None else ():
+                head, _, leaf = path.partition(".")
+                if leaf:
+                    nested[head][leaf] = values[opt.name]
+                else:
+                    nested[head] = values[opt.name]
+        return cls.from_dict(nested)
+
+    @staticmethod
+    def option_defaults() -> dict[str, Any]:
+        """Each option's default: a run-level option's own, else the dataclass default of the field it sets
+        (declared once, there); None ones left out."""
+        fields, out = CompressConfig().to_dict(), {}
+        for opt in compress_options():
+            value = opt.default
+            if value is None and opt.into and opt.defaulted:
+                value = fields
+                for part in opt.into[0].split("."):
+                    value = value[part]
+            if value is not None:
+                out[opt.name] = value
+        return out
 
     @classmethod
     def from_json(cls, text: str) -> "CompressConfig":

@@ -1,18 +1,32 @@
-"""Tasks (loss + metric + batching), chosen per family by the adapter."""
+"""Tasks (loss + metric + batching), chosen per family by the adapter or by the families a task names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from ..adapters.base import TaskHooks
 from ..errors import UnsupportedModelError
 from . import classification, generation, reasoning, retrieval  # noqa: F401  (registration)
-from .base import Preprocessor, Task, task_class
-
-TASK_NAMES = ("retrieval", "caption", "vqa", "classification", "nlvr")
+from .base import Preprocessor, Task, family_tasks, implementation, register_task, task_class, task_names
 
 
-def make_task(adapter: Any, task: str, prep: Preprocessor, data_dir: str | Path, model: Any = None, *,
+def task_for(adapter: TaskHooks, task: str) -> type[Task]:
+    """The implementation of ``task`` for the adapter's family, or one line saying what the family does."""
+    key = implementation(adapter, task)
+    if key is None:
+        raise UnsupportedModelError(
+            f"{adapter.family} models cannot do task {task!r}; they do: {', '.join(family_tasks(adapter))}")
+    return task_class(key)
+
+
+def trains(adapter: TaskHooks, cls: type[Task], model_class: str) -> bool:
+    """Whether a model of ``model_class`` is one the task trains (its adapter maps the class to the task, or
+    the task names the class); evaluation-only tasks take any."""
+    return not cls.trainable or adapter.classes.get(model_class) == cls.name or model_class in cls.model_classes
+
+
+def make_task(adapter: TaskHooks, task: str, prep: Preprocessor, data_dir: str | Path, model: Any = None, *,
               workers: int | None = None, cache_gb: float | None = None, **kw: Any) -> Task:
     """The implementation of ``task`` for the adapter's family (and the model's class, when given).
 
@@ -20,20 +34,27 @@ def make_task(adapter: Any, task: str, prep: Preprocessor, data_dir: str | Path,
     share of the node's cores, none for sets of at most 2000 images). ``cache_gb``: the cap of the uint8
     pixel cache per process, in GiB (0: no cache; None: 1 GiB for sets of at most 2000 images, else none).
     """
-    key = adapter.tasks.get(task)
-    if key is None:
-        raise UnsupportedModelError(
-            f"{adapter.family} models cannot do task {task!r}; they do: {', '.join(sorted(adapter.tasks))}")
-    cls = task_class(key)
-    if model is not None and cls.trainable:
+    cls = task_for(adapter, task)
+    if model is not None and not trains(adapter, cls, type(model).__name__):
         own = adapter.classes.get(type(model).__name__)
-        if own != task:
-            raise UnsupportedModelError(f"{type(model).__name__} cannot do task {task!r}; it does {own!r}")
+        raise UnsupportedModelError(f"{type(model).__name__} cannot do task {task!r}; it does {own!r}")
     return cls(adapter, prep, data_dir, model=model, workers=workers, cache_gb=cache_gb, **kw)
 
 
-def default_task(adapter: Any, model: Any) -> str:
+def default_task(adapter: TaskHooks, model: Any) -> str:
     return adapter.classes[type(model).__name__]
 
 
-__all__ = ["default_task", "make_task", "Preprocessor", "Task", "TASK_NAMES"]
+def model_class_for(adapter: TaskHooks, task: str, archs: list[str]) -> str | None:
+    """The model class to load for a task that names the classes it trains (``Task.model_classes``): the one the
+    model's config names (``archs``) when the task trains it, else the first of the family's it trains; None
+    when there is none (the adapter's own map then decides)."""
+    key = implementation(adapter, task)
+    fits = [name for name in adapter.classes if key is not None and name in task_class(key).model_classes]
+    if archs:
+        return archs[0] if archs[0] in fits else None
+    return fits[0] if fits else None
+
+
+__all__ = ["default_task", "make_task", "model_class_for", "Preprocessor", "register_task", "Task", "task_for",
+           "task_names", "trains"]

@@ -1,7 +1,9 @@
 """What a task is: batches for training, a loss, and an evaluation with a primary metric.
 
-A task is chosen per family by the adapter (``adapter.tasks``): the same task name can map to
-different implementations (BLIP retrieval uses ITC + ITM; CLIP a contrastive loss).
+A task is chosen per family by the adapter (``adapter.tasks``), or names the families it serves when it registers
+(``register_task``): the same task name can map to different implementations (BLIP retrieval uses ITC + ITM; CLIP
+a contrastive loss). A task describes itself: its annotation file names and reader, its options (``upop compress``
+flags, from the declaration), and the model classes it trains.
 """
 
 from __future__ import annotations
@@ -32,24 +34,27 @@ from ..datasets.loading import (
 )
 from ..training.augment import Augmenter, augmenter_for
 from ..datasets.readers import DataError, check_images
+from ..adapters.base import TaskHooks
 from ..errors import ConfigError
+from ..run.options import Option
 
 _TASKS: dict[str, type["Task"]] = {}
-
-#: Annotation file names searched for, per task, in a data folder ({split} is train/val/test).
-ANNOTATION_NAMES = {
-    "retrieval": ("retrieval_{split}.json", "coco_karpathy_{split}.json", "flickr30k_{split}.json", "{split}.json",
-                  "retrieval_{split}.jsonl"),
-    "caption": ("caption_{split}.json", "retrieval_{split}.json", "coco_karpathy_{split}.json",
-                "flickr30k_{split}.json", "{split}.json"),
-    "vqa": ("vqa_{split}.json", "vqa_{split}.jsonl"),
-    "nlvr": ("nlvr_{split}.json", "nlvr2_{split}.json", "nlvr_{split}.jsonl"),
-}
+#: (family, task name) -> implementation key, for tasks that name the families they serve (``register_task``)
+_SERVES: dict[tuple[str, str], str] = {}
 
 
-def register_task(key: str):
+def register_task(key: str, families: Sequence[str] = ()):
+    """Registers a task implementation under ``key``; its options join ``upop compress``'s table.
+
+    ``families``: the model families it serves beyond their adapters' own ``tasks`` maps (a task added in a
+    file of its own names them here, so no adapter is edited)."""
     def deco(cls: type["Task"]) -> type["Task"]:
+        from ..run.options import add_task_options
+
         _TASKS[key] = cls
+        for family in families:
+            _SERVES[(family, cls.name)] = key
+        add_task_options(cls.task_options)
         return cls
 
     return deco
@@ -59,16 +64,43 @@ def task_class(key: str) -> type["Task"]:
     return _TASKS[key]
 
 
-def find_annotation(data_dir: Path, task: str, split: str) -> Path:
+def task_names() -> tuple[str, ...]:
+    """Every registered task name, sorted."""
+    return tuple(sorted({cls.name for cls in _TASKS.values()}))
+
+
+def implementation(adapter: TaskHooks, task: str) -> str | None:
+    """The implementation key of ``task`` for the adapter's family: its own map's, else a registered task's that
+    names the family; None when the family cannot do it."""
+    return adapter.tasks.get(task) or _SERVES.get((adapter.family, task))
+
+
+def family_tasks(adapter: TaskHooks) -> list[str]:
+    """The task names the adapter's family can do."""
+    return sorted(set(adapter.tasks) | {t for f, t in _SERVES if f == adapter.family})
+
+
+def declaring() -> dict[str, list[str]]:
+    """Each task option's name → the titles of the tasks that declare it."""
+    out: dict[str, list[str]] = {}
+    for cls in _TASKS.values():
+        for opt in cls.task_options:
+            users = out.setdefault(opt.name, [])
+            if (cls.title or cls.name) not in users:
+                users.append(cls.title or cls.name)
+    return out
+
+
+def find_annotation(data_dir: Path, task: type["Task"], split: str) -> Path:
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist")
-    names = [n.format(split=split) for n in ANNOTATION_NAMES[task]]
+    names = [n.format(split=split) for n in task.annotation]
     if split == "val":  # NLVR2 and others call it dev
-        names += [n.format(split="dev") for n in ANNOTATION_NAMES[task]]
+        names += [n.format(split="dev") for n in task.annotation]
     for n in names:
         if (data_dir / n).is_file():
             return data_dir / n
-    raise DataError(f"{data_dir} has no {split} split for {task} (looked for {', '.join(names)})")
+    raise DataError(f"{data_dir} has no {split} split for {task.name} (looked for {', '.join(names)})")
 
 
 @dataclass
@@ -326,7 +358,7 @@ class Forwards:
     artifact's runtime (``upop.exporters.evaluate``) gives a task its own, so the artifact is evaluated by the
     same loops, splits and metrics as the model. Tensors in and out; ``model`` is what ``evaluate`` was given."""
 
-    def __init__(self, adapter: Any):
+    def __init__(self, adapter: TaskHooks):
         self.adapter = adapter
 
     def encode_image(self, model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -381,11 +413,20 @@ class Task:
     name: ClassVar[str]
     primary: ClassVar[str]
     trainable: ClassVar[bool] = True
-    #: which ANNOTATION_NAMES entry the split files follow, and the reader for them (JSON-based tasks)
-    annotation: ClassVar[str]
+    #: the split's annotation file names searched for in a data folder ({split}: train/val/test; val also as
+    #: dev), and the reader for them (JSON-based tasks)
+    annotation: ClassVar[tuple[str, ...]] = ()
     reader: ClassVar[Callable[..., list[Any]]]
+    #: the task's own options (``upop compress`` flags and TOML keys, checked by their rules), read from ``options``
+    task_options: ClassVar[tuple[Option, ...]] = ()
+    #: who uses ``task_options``, in the line that refuses one on another run ("BLIP retrieval")
+    title: ClassVar[str] = ""
+    #: images per record (``upop predict`` asks for this many)
+    images_per_record: ClassVar[int] = 1
+    #: the model classes it trains beyond those whose adapter names this task (a task added in a file of its own)
+    model_classes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, adapter: Any, prep: Preprocessor, data_dir: str | Path, batch_size: int = 32,
+    def __init__(self, adapter: TaskHooks, prep: Preprocessor, data_dir: str | Path, batch_size: int = 32,
                  eval_batch_size: int = 64, seed: int = 0, model: nn.Module | None = None, workers: int | None = None,
                  cache_gb: float | None = None, **options: Any):
         self.adapter, self.prep = adapter, prep
@@ -393,12 +434,14 @@ class Task:
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.options = options
+        for opt in self.task_options:  # the rules of upop compress's flags, for callers of the library too
+            opt.rule.check(opt.name, options.get(opt.name))
         self.images = ImageStore(prep, workers, cache_gb, augmenter_for(adapter, options.get("augment")))
         self.forwards = Forwards(adapter)  # what evaluate() runs; replaced to evaluate an exported artifact
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""
-        recs = type(self).reader(find_annotation(self.data_dir, self.annotation, split), self.options.get("image_root"))
+        recs = type(self).reader(find_annotation(self.data_dir, type(self), split), self.options.get("image_root"))
         return recs[:limit] if limit else recs
 
     def image_paths(self, split: str) -> list[Path]:

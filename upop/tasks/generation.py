@@ -63,7 +63,8 @@ def _token_kl(task: Task, student: dict[str, torch.Tensor], teacher: dict[str, t
 class BlipCaption(Task):
     name = "caption"
     primary = "cider"
-    annotation = "caption"
+    annotation = ("caption_{split}.json", "retrieval_{split}.json", "coco_karpathy_{split}.json",
+                  "flickr30k_{split}.json", "{split}.json")
     reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
@@ -119,7 +120,7 @@ class BlipCaption(Task):
 class BlipVQA(Task):
     name = "vqa"
     primary = "vqa_acc"
-    annotation = "vqa"
+    annotation = ("vqa_{split}.json", "vqa_{split}.jsonl")
     reader = staticmethod(read_vqa)
 
     def train_batches(self) -> Batches:

@@ -15,7 +15,8 @@ from .base import Batches, Images, Task, device_of, distill_kl, register_task, t
 class BlipVisualReasoning(Task):
     name = "nlvr"
     primary = "acc"
-    annotation = "nlvr"
+    annotation = ("nlvr_{split}.json", "nlvr2_{split}.json", "nlvr_{split}.jsonl")
+    images_per_record = 2
     reader = staticmethod(read_nlvr)
 
     def train_batches(self) -> Batches:

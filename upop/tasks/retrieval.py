@@ -18,6 +18,7 @@ from ..datasets.readers import read_retrieval
 from ..training.distributed import current
 from ..errors import ConfigError
 from ..training.momentum import QUEUE_INITS, Momentum
+from ..run.options import SWITCH, Option, at_least, one_of
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
@@ -31,12 +32,20 @@ MOMENTUM_DECAY, QUEUE_SIZE, ALPHA = 0.995, 57600, 0.4
 TEMPERATURE, TEMPERATURE_RANGE = 0.07, (0.001, 0.5)
 #: the ITM re-ranking score: BLIP's raw positive-class logit (the default), or its softmax probability
 RERANK_RULES = ("logit", "prob")
+#: the options ``upop compress`` takes for BLIP retrieval (checked by their rules when the task is built)
+K_TEST = Option("k_test", at_least(1), int, "Retrieval: ITM re-ranking depth at evaluation (default 256 for COCO, "
+                                            "128 for Flickr30k, else 256).", task=True)
+MOMENTUM = Option("momentum", SWITCH, bool, "BLIP retrieval: distil from a momentum encoder and a queue of its "
+                                            "features, as BLIP trains (default on).", switch=True, task=True)
+RERANK = Option("rerank", one_of(*RERANK_RULES), help="BLIP retrieval: the ITM score added to the ITC similarity "
+                                                      "when re-ranking: logit (default, BLIP's) | prob.", task=True)
 
 
 class _RetrievalData(Task):
     name = "retrieval"
     primary = "r_mean"
-    annotation = "retrieval"
+    annotation = ("retrieval_{split}.json", "coco_karpathy_{split}.json", "flickr30k_{split}.json", "{split}.json",
+                  "retrieval_{split}.jsonl")
     reader = staticmethod(read_retrieval)
 
     def train_batches(self) -> Batches:
@@ -63,10 +72,8 @@ class _RetrievalData(Task):
         annotation file is named after (COCO 256, Flickr30k 128), else 256 (the caller caps it at the split)."""
         k = self.options.get("k_test")
         if k is None:
-            name = find_annotation(self.data_dir, self.annotation, split).name
+            name = find_annotation(self.data_dir, type(self), split).name
             return next((v for prefix, v in K_TEST_DEFAULTS if name.startswith(prefix)), K_TEST_FALLBACK)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"k_test must be an integer >= 1, not {k!r}")
         return k
 
     @torch.no_grad()
@@ -199,6 +206,9 @@ class BlipRetrieval(_RetrievalData):
     [0.001, 0.5]; ``learn_temperature=False``: fixed at ``temperature``), + ITM with hard negatives drawn from the ITC
     similarities over every rank's batch; evaluation ranks by ITC, then re-ranks each top-``k_test`` by ITM."""
 
+    title = "BLIP retrieval"
+    task_options = (K_TEST, MOMENTUM, RERANK)
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._momentum: Momentum | None = None
@@ -227,8 +237,6 @@ class BlipRetrieval(_RetrievalData):
 
     def momentum_on(self) -> bool:
         on = self.options.get("momentum")
-        if on is not None and not isinstance(on, bool):
-            raise ConfigError(f"momentum must be true or false, not {on!r}")
         return True if on is None else on
 
     def train_begin(self, model: nn.Module, state: dict[str, Any] | None) -> None:
@@ -409,10 +417,7 @@ class BlipRetrieval(_RetrievalData):
         return logits[:, 1] if self.rerank() == "logit" else F.softmax(logits, dim=1)[:, 1]
 
     def rerank(self) -> str:
-        rule = self.options.get("rerank", "logit")
-        if rule not in RERANK_RULES:
-            raise ConfigError(f"rerank must be one of {', '.join(RERANK_RULES)}, not {rule!r}")
-        return rule
+        return self.options.get("rerank") or "logit"
 
     def _itm_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The ITM input: BLIP's ITM head was trained with [ENC] as the first text token (its ITC encoder reads
