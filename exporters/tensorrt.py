@@ -28,7 +28,6 @@ from upop.checkpoint import atomic_dir
 from upop.errors import UpopError
 from upop.safety import check_replace
 
-from .registry import register
 from upop.errors import TensorRTUnavailable, TensorRTBuildError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 
@@ -150,7 +149,6 @@ def has_dynamic_input(network: Any) -> bool:
     return False
 
 
-@register("trt")
 def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, batch: str = "1:8:32",
                seq: str = "1:32:64", opset: int = 17, overwrite: bool = False, progress=None,
                precision: Any = None) -> dict[str, Any]:
