@@ -14,7 +14,8 @@ from typing import Any
 
 from upop.errors import UnknownFormatError
 
-from .registry import _BACKENDS, Backend, canonical, lookup, register
+from . import registry
+from .registry import _BACKENDS, Backend, lookup, register
 
 __all__ = ["Backend", "UnknownFormatError", "backend", "backends", "canonical", "formats", "get", "register"]
 
@@ -44,6 +45,13 @@ def backend(name: str) -> Backend:
     """The runtime of that one name (older spellings are mapped by the CLI with ``canonical``)."""
     _load_backends()
     return lookup(name)
+
+
+def canonical(name: str, what: str = "--runtime") -> str:
+    """The one name of a runtime given by its name or an older spelling (``ort``, ``onnx``, ``trt``): what the
+    CLI maps at its edge."""
+    _load_backends()
+    return registry.canonical(name, what)
 
 
 def formats() -> list[str]:

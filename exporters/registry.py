@@ -62,7 +62,7 @@ class Backend:
                        precision_options: Callable[[bool], Any]) -> dict[str, Any]:
         """The keyword arguments of ``export`` for the CLI's precision flags; ``precision_options(fp16)``
         builds the ``PrecisionOptions`` (calibration data, metric) when they are needed."""
-        if fp16 or precision not in (None, "fp32"):
+        if fp16 or precision is not None:
             raise ConfigError(f"--format {self.name} exports FP32 graphs only, not --precision {precision or 'fp16'}")
         return {}
 

@@ -175,6 +175,6 @@ def test_tensorrt_profile_and_calibration(tmp_path):
     assert built and all(r.batch == 2 for r in built)
     model = build_tiny("vit", "ViTForImageClassification").cuda()
     base = load("h100")
-    prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cuda"), runtime="trt", points=2, warmup=2,
-                     runs=5, timer=block_timer("trt", torch.device("cuda"), base.precision))
-    assert prof.table["runtime"] == "trt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
+    prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cuda"), runtime="tensorrt", points=2, warmup=2,
+                     runs=5, timer=block_timer("tensorrt", torch.device("cuda"), base.precision))
+    assert prof.table["runtime"] == "tensorrt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
