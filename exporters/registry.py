@@ -114,11 +114,19 @@ def canonical(name: str, what: str = "--runtime") -> str:
     for b in _BACKENDS.values():
         if name == b.name or name in b.aliases:
             return b.name
-    known = ", ".join(sorted(_BACKENDS))
     if what == "--format":
-        formats = ", ".join(sorted(b.name for b in _BACKENDS.values() if b.exports))
+        formats = ", ".join(_spelled(b) for b in _sorted() if b.exports)
         raise UnknownFormatError(f"export format {name!r} is not supported; supported formats: {formats}")
-    raise UnknownRuntimeError(f"{what} {name!r} is not a runtime upop knows; known: {known}")
+    raise UnknownRuntimeError(f"{what} {name!r} is not a runtime upop knows; known: "
+                              f"{', '.join(_spelled(b) for b in _sorted())}")
+
+
+def _sorted() -> list[Backend]:
+    return [_BACKENDS[k] for k in sorted(_BACKENDS)]
+
+
+def _spelled(b: Backend) -> str:
+    return f"{b.name} (or {', '.join(b.aliases)})" if b.aliases else b.name
 
 
 def lookup(name: str) -> Backend:

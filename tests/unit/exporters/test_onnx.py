@@ -117,7 +117,7 @@ def test_export_of_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 def test_unknown_format(tmp_path):
     r = CliRunner().invoke(app, ["export", str(tmp_path), "--format", "tflite"])
-    assert r.exit_code == 2 and "supported formats: onnx, trt" in r.output
+    assert r.exit_code == 2 and "supported formats: onnxruntime (or ort, onnx), openvino, tensorrt (or trt)" in r.output
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
