@@ -27,6 +27,7 @@ from rich.table import Table
 import upop
 from upop.exporters import backend
 from upop.exporters.runtimes.openvino import OvSession
+from upop.exporters.runtimes.openvino import _io_names as io_names
 from upop.exporters.sessions import ort_session, synthetic_feed
 from upop.hub import load_pretrained
 from upop.latency import percentile, time_fn
@@ -52,7 +53,7 @@ def sessions(export: Path) -> list[tuple[dict, dict]]:
     """Per graph: its export.json entry and the two runtimes' sessions on the same graph."""
     manifest = json.loads((export / "onnx" / "export.json").read_text())
     ir = {g["name"]: g["file"] for g in json.loads((export / "openvino.json").read_text())["graphs"]}
-    return [(g, {"onnxruntime": ort_session(export / "onnx" / g["file"]), "openvino": OvSession(export / ir[g["name"]])})
+    return [(g, {"onnxruntime": ort_session(export / "onnx" / g["file"]), "openvino": OvSession(export / ir[g["name"]], io_names(g))})
             for g in manifest["graphs"]]
 
 

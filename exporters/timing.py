@@ -76,7 +76,7 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
 
 def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", precision: str = "fp32", warmup: int = 5,
                 runs: int = 30, seq: int = SEQ) -> list[Run]:
-    """TensorRT latency of a ``upop export --format trt`` folder, or of a model whose engines are built
+    """TensorRT latency of a ``upop export --format tensorrt`` folder, or of a model whose engines are built
     first (in a temporary folder, at ``precision``, for the asked batch sizes). Untested here: no TensorRT."""
     import tempfile
 

@@ -261,7 +261,7 @@ def export(
 
 @app.command()
 def predict(
-    export_dir: str = typer.Argument(..., help="A folder written by upop export --format onnx."),
+    export_dir: str = typer.Argument(..., help="A folder written by upop export --format onnxruntime."),
     image: list[str] = typer.Option(..., "--image", "-i", help="Image file (twice for nlvr: left, then right)."),
     text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Caption(s) to score, or the question."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the FP16 graphs."),

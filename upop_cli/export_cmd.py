@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from upop.errors import ConfigError
 
 from .latest import source_or_latest

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,25 @@ class OvSession:
     """One compiled graph, called like an ONNX Runtime session (``get_inputs``, ``run(None, feed)``), so the
     parity check and the synthetic feed of timing serve both."""
 
-    def __init__(self, path: str | Path, device: str = DEVICE):
+    def __init__(self, path: str | Path, names: Iterable[str] = (), device: str = DEVICE):
         import openvino as ov
 
         self.compiled = ov.Core().compile_model(str(path), device, FP32)
         self.request = self.compiled.create_infer_request()
+        self.names = set(names)
+
+    def _name(self, port: Any) -> str:
+        """The port's ONNX name. A port has several (the converter merges an input with the tensor of the node
+        that reads it, e.g. ``/vision_model/embeddings/Cast_output_0``) and ``get_any_name`` picks any."""
+        given = port.get_names()
+        return next((n for n in sorted(given) if n in self.names), None) or \
+            min(given, key=lambda n: (n.startswith("/"), n))
 
     def get_inputs(self) -> list[_Port]:
-        return [_Port(p.get_any_name()) for p in self.compiled.inputs]
+        return [_Port(self._name(p)) for p in self.compiled.inputs]
 
     def get_outputs(self) -> list[_Port]:
-        return [_Port(p.get_any_name()) for p in self.compiled.outputs]
+        return [_Port(self._name(p)) for p in self.compiled.outputs]
 
     def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feed)
@@ -86,10 +94,11 @@ class OvModel(GraphModel):
         self.onnx_dir = self.dir / "onnx" if own else self.dir
         self.manifest = read_export_manifest(self.onnx_dir)
         files = _ir_files(self.dir) if own else {g["name"]: self.dir / g["file"] for g in self.manifest["graphs"]}
+        names = {g["name"]: _io_names(g) for g in self.manifest["graphs"]}
         self.sessions = {}
         for name, path in files.items():
             try:
-                self.sessions[name] = OvSession(path)
+                self.sessions[name] = OvSession(path, names.get(name, []))
             except RuntimeError as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ExportFolderError(f"{path} cannot be loaded by OpenVINO (damaged?): {first[:200]}") from None
@@ -111,6 +120,11 @@ class OvModel(GraphModel):
             raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
                                     f"{self.manifest['task']} export gives it: the graph is not this export's")
         return self.sessions[graph].run(None, {name: inputs[name] for name in wanted})
+
+
+def _io_names(entry: dict[str, Any]) -> list[str]:
+    """The input and output names of an export.json graph."""
+    return [p["name"] for key in ("inputs", "outputs") for p in entry.get(key, []) if isinstance(p, dict) and "name" in p]
 
 
 def _ir_files(folder: Path) -> dict[str, Path]:
@@ -138,17 +152,18 @@ def convert(onnx_dir: Path, manifest: dict[str, Any], dest: Path, progress: Call
     return out
 
 
-def check_ir(source: str | Path, folder: Path, graphs: list[dict[str, Any]]) -> None:
+def check_ir(source: str | Path, folder: Path, graphs: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
     """Each compiled IR against the PyTorch graph it came from, by the ONNX export's own rule and tolerance."""
     from ..graphs import export_graphs
     from ..onnx import FP32_TOL, check_parity, load_for_export
 
     loaded = load_for_export(source)
     modules = {g.name: g for g in export_graphs(loaded.model.float().eval(), loaded.adapter)}
+    names = {g["name"]: _io_names(g) for g in manifest["graphs"]}
     for entry in graphs:
         path = folder / entry["file"]
         entry["parity"] = check_parity(modules[entry["name"]], path, (1, 3), 12, FP32_TOL, relative_to_scale=False,
-                                       sess=OvSession(path))
+                                       sess=OvSession(path, names[entry["name"]]))
 
 
 def time_graphs(folder: str | Path, target: str, batches: list[int], warmup: int, runs: int) -> list[Any]:
@@ -187,7 +202,7 @@ def ov_runtime() -> Any:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             cpu_inputs = export_static_onnx(model, inputs, path, first_tensor)
-            sess = OvSession(path)  # compiled in memory: the file may go
+            sess = OvSession(path, list(cpu_inputs))  # compiled in memory: the file may go
         return sess.call({p.name: cpu_inputs[p.name].numpy() for p in sess.get_inputs()})
 
     return Runtime(prepare, cuda_events=False)
@@ -215,7 +230,7 @@ class OpenVINO(Backend):
             graphs = convert(tmp / "onnx", manifest, tmp, progress)
             if progress:
                 progress("checking the IR against PyTorch")
-            check_ir(source, tmp, graphs)
+            check_ir(source, tmp, graphs, manifest)
             meta = {"format": self.name, "openvino": ov.get_version(), "device": DEVICE, "precision": "fp32",
                     "graphs": graphs, "source": str(source)}
             (tmp / MANIFEST).write_text(json.dumps(meta, indent=2))

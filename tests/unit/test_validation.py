@@ -396,7 +396,7 @@ def test_export_batch_only_applies_to_tensorrt(exported, tmp_path):
     slim = exported[0]
     _one_line(runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e"), "--batch", "64:8:1"]),
               "--batch 64:8:1 is TensorRT's optimization profile or the latency batch of --precision's table: it does "
-              "not apply to a plain --format onnx export")
+              "not apply to a plain --format onnxruntime export")
     _one_line(runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e"), "--precision", "fp16",
                                   "--batch", "64:8:1"]), "--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
     _one_line(runner.invoke(app, ["export", str(slim), "--format", "trt", "--out", str(tmp_path / "e"),

@@ -17,7 +17,7 @@ from upop.exporters.graphs import export_graphs
 from upop.exporters.onnx import FP32_TOL
 from upop_cli.app import app
 
-from ...conftest import batches_for, build_tiny
+from ....conftest import batches_for, build_tiny
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason='needs OpenVINO: pip install "upop[openvino]"')
@@ -102,3 +102,16 @@ def test_without_the_package_each_command_says_how_to_install_it(monkeypatch, tm
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2 and 'pip install "upop[openvino]"' in r.output, r.output
         assert "Traceback" not in r.output
+
+
+def test_a_port_is_called_by_its_onnx_name():
+    """The converter merges a graph input with the tensor of the node reading it; ``get_any_name`` then returns
+    either, and a feed keyed by the other one left the input empty (an output of batch 0 at parity)."""
+    from upop.exporters.runtimes.openvino import OvSession
+
+    port = SimpleNamespace(get_names=lambda: {"/vision_model/embeddings/Cast_output_0", "pixel_values"})
+    sess = OvSession.__new__(OvSession)
+    sess.names = {"pixel_values", "image_embeds"}
+    assert sess._name(port) == "pixel_values"
+    sess.names = set()
+    assert sess._name(port) == "pixel_values"
