@@ -53,8 +53,8 @@ def sessions(export: Path) -> list[tuple[dict, dict]]:
     """Per graph: its export.json entry and the two runtimes' sessions on the same graph."""
     manifest = json.loads((export / "onnx" / "export.json").read_text())
     ir = {g["name"]: g["file"] for g in json.loads((export / "openvino.json").read_text())["graphs"]}
-    return [(g, {"onnxruntime": ort_session(export / "onnx" / g["file"]), "openvino": OvSession(export / ir[g["name"]], io_names(g))})
-            for g in manifest["graphs"]]
+    return [(g, {"onnxruntime": ort_session(export / "onnx" / g["file"]),
+                 "openvino": OvSession(export / ir[g["name"]], io_names(g))}) for g in manifest["graphs"]]
 
 
 #: one timed run of a session on a feed: OpenVINO's sets its input tensors once (what its profile times)
