@@ -73,7 +73,7 @@ def measure(models: dict[str, Path], rounds: int, runs: int, console: Console) -
     for r in range(rounds):
         console.log(f"round {r + 1}/{rounds}: {len(cells)} cells")
         for c in cells:
-            c["ms"] += time_fn(c["fn"], 2, runs, cuda=False)
+            c["ms"] += time_fn(c["fn"], 1, runs, cuda=False)  # one warm-up run per cell and round
     return [{k: v for k, v in c.items() if k != "fn"} | {"p50_ms": percentile(c["ms"], 0.5),
                                                           "p90_ms": percentile(c["ms"], 0.9)} for c in cells]
 

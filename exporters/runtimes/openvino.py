@@ -65,10 +65,12 @@ class OvSession:
         return [np.asarray(result[p]) for p in self.compiled.outputs]
 
     def call(self, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
-        """One timed run: the request's input tensors set once, so a run times the model, not the copies."""
+        """One timed run on a request of its own (several feeds may be timed in turns), its input tensors set
+        once, so a run times the model, not the copies."""
+        request = self.compiled.create_infer_request()
         for name, value in feed.items():
-            self.request.set_tensor(name, _tensor(value))
-        infer = self.request.infer
+            request.set_tensor(name, _tensor(value))
+        infer = request.infer
 
         def run() -> Any:
             return infer()

@@ -115,3 +115,21 @@ def test_a_port_is_called_by_its_onnx_name():
     assert sess._name(port) == "pixel_values"
     sess.names = set()
     assert sess._name(port) == "pixel_values"
+
+
+@needs_openvino
+def test_timed_calls_of_one_graph_keep_their_own_feeds(tmp_path):
+    """The benchmark times batch 1 and batch 8 of one graph in turns: each call runs its own inputs."""
+    from upop.exporters.runtimes.openvino import OvSession
+
+    model = build_tiny("vit", "ViTForImageClassification")
+    graph = export_graphs(model, get_adapter("vit"))[0]
+    path = tmp_path / "g.onnx"
+    inputs = graph.make_inputs(1, 12)
+    torch.onnx.export(graph.module, tuple(inputs.values()), str(path), input_names=list(inputs),
+                      output_names=graph.outputs, dynamic_axes=graph.dynamic, dynamo=False)
+    sess = OvSession(path, list(inputs))
+    small, big = (graph.make_inputs(b, 12) for b in (1, 8))
+    one = sess.call({k: v.numpy() for k, v in small.items()})
+    eight = sess.call({k: v.numpy() for k, v in big.items()})
+    assert next(iter(one().values())).shape[0] == 1 and next(iter(eight().values())).shape[0] == 8
