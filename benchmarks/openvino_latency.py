@@ -10,6 +10,7 @@ BERT-base retrieval, random weights with init std 0.02, ``--base-image-size`` px
 model here is 2 search steps at lr 0 and no retraining: which units are kept does not change the latency.
 
     python benchmarks/openvino_latency.py [--rounds 3] [--runs 10] [--skip-demos] [--skip-base] [--json FILE]
+    python benchmarks/openvino_latency.py --tables FILE   (the tables again, from the rows of --json FILE)
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def table(rows: list[dict], title: str) -> Table:
     return t
 
 
+def totals(rows: list[dict], title: str) -> Table:
+    """Per model, every graph once (the sum of their p50s), what a request through the whole model costs."""
+    t = Table(title=title)
+    for col in ("model", *(f"{rt} batch {b}" for b in BATCHES for rt in ("ORT", "OpenVINO")),
+                *(f"ORT / OpenVINO batch {b}" for b in BATCHES)):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    sums: dict[str, dict[tuple[str, int], float]] = {}
+    for r in rows:
+        cell = sums.setdefault(r["model"], {})
+        cell[(r["runtime"], r["batch"])] = cell.get((r["runtime"], r["batch"]), 0.0) + r["p50_ms"]
+    for model, s in sums.items():
+        t.add_row(model, *(f"{s[(rt, b)]:.2f}" for b in BATCHES for rt in ("onnxruntime", "openvino")),
+                  *(f"{s[('onnxruntime', b)] / s[('openvino', b)]:.2f}×" for b in BATCHES))
+    return t
+
+
 def exports(args, root: Path, console: Console) -> dict[str, Path]:
     ov = backend("openvino")
     sources: dict[str, str | Path] = {}
@@ -120,14 +137,20 @@ def main() -> None:
     ap.add_argument("--skip-base", action="store_true")
     ap.add_argument("--base-image-size", type=int, default=384)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the raw rows here")
+    ap.add_argument("--tables", default=None, help="only print the tables of rows written by --json before")
     args = ap.parse_args()
-    backend("openvino").require()
-    console = Console(stderr=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(exports(args, Path(tmp), console), args.rounds, args.runs, console)
-    title = (f"CPU p50 / p90 ms, ONNX Runtime vs OpenVINO on the same graphs ({torch.get_num_threads()} threads, "
-             f"{args.rounds} interleaved rounds × {args.runs} runs)")
-    Console(width=150).print(table(rows, title))
+    if args.tables:
+        rows = json.loads(Path(args.tables).read_text())
+        how = f"rows of {args.tables}"
+    else:
+        backend("openvino").require()
+        console = Console(stderr=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = measure(exports(args, Path(tmp), console), args.rounds, args.runs, console)
+        how = f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds × {args.runs} runs"
+    out = Console(width=170)
+    out.print(table(rows, f"CPU p50 / p90 ms, ONNX Runtime vs OpenVINO on the same graphs ({how})"))
+    out.print(totals(rows, f"CPU p50 ms of every graph once, ONNX Runtime vs OpenVINO ({how})"))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([{k: v for k, v in r.items() if k != "ms"} for r in rows], indent=1))
 
