@@ -10,7 +10,7 @@ BERT-base retrieval, random weights with init std 0.02, ``--base-image-size`` px
 model here is 2 search steps at lr 0 and no retraining: which units are kept does not change the latency.
 
     python benchmarks/openvino_latency.py [--rounds 3] [--runs 10] [--skip-demos] [--skip-base] [--json FILE]
-    python benchmarks/openvino_latency.py --tables FILE   (the tables again, from the rows of --json FILE)
+    python benchmarks/openvino_latency.py --tables FILE [--markdown]   (the tables again, from the rows of --json FILE)
 """
 
 from __future__ import annotations
@@ -93,20 +93,33 @@ def table(rows: list[dict], title: str) -> Table:
     return t
 
 
-def totals(rows: list[dict], title: str) -> Table:
+def total_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Per model, every graph once (the sum of their p50s), what a request through the whole model costs."""
-    t = Table(title=title)
-    for col in ("model", *(f"{rt} batch {b}" for b in BATCHES for rt in ("ORT", "OpenVINO")),
-                *(f"ORT / OpenVINO batch {b}" for b in BATCHES)):
-        t.add_column(col, justify="left" if col == "model" else "right")
+    head = ["model", *(f"{rt} batch {b}" for b in BATCHES for rt in ("ORT", "OpenVINO")),
+            *(f"ORT / OpenVINO batch {b}" for b in BATCHES)]
     sums: dict[str, dict[tuple[str, int], float]] = {}
     for r in rows:
         cell = sums.setdefault(r["model"], {})
         cell[(r["runtime"], r["batch"])] = cell.get((r["runtime"], r["batch"]), 0.0) + r["p50_ms"]
-    for model, s in sums.items():
-        t.add_row(model, *(f"{s[(rt, b)]:.2f}" for b in BATCHES for rt in ("onnxruntime", "openvino")),
-                  *(f"{s[('onnxruntime', b)] / s[('openvino', b)]:.2f}×" for b in BATCHES))
+    body = [[model, *(f"{s[(rt, b)]:.2f}" for b in BATCHES for rt in ("onnxruntime", "openvino")),
+             *(f"{s[('onnxruntime', b)] / s[('openvino', b)]:.2f}×" for b in BATCHES)] for model, s in sums.items()]
+    return head, body
+
+
+def totals(rows: list[dict], title: str) -> Table:
+    head, body = total_rows(rows)
+    t = Table(title=title)
+    for col in head:
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in body:
+        t.add_row(*r)
     return t
+
+
+def markdown(rows: list[dict]) -> str:
+    """The per-model table as README markdown."""
+    head, body = total_rows(rows)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body)])
 
 
 def exports(args, root: Path, console: Console) -> dict[str, Path]:
@@ -138,6 +151,7 @@ def main() -> None:
     ap.add_argument("--base-image-size", type=int, default=384)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the raw rows here")
     ap.add_argument("--tables", default=None, help="only print the tables of rows written by --json before")
+    ap.add_argument("--markdown", action="store_true", help="the per-model table as markdown too")
     args = ap.parse_args()
     if args.tables:
         rows = json.loads(Path(args.tables).read_text())
@@ -151,6 +165,8 @@ def main() -> None:
     out = Console(width=170)
     out.print(table(rows, f"CPU p50 / p90 ms, ONNX Runtime vs OpenVINO on the same graphs ({how})"))
     out.print(totals(rows, f"CPU p50 ms of every graph once, ONNX Runtime vs OpenVINO ({how})"))
+    if args.markdown:
+        print(markdown(rows))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([{k: v for k, v in r.items() if k != "ms"} for r in rows], indent=1))
 
