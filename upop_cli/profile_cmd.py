@@ -128,9 +128,8 @@ def profiles_show(name: str) -> None:
 
 
 def profiles_validate(path: Path) -> None:
-    from upop.profiles import read_file
-
     from upop.exporters import backends
+    from upop.profiles import read_file
 
     p = read_file(path, runtimes=[b.name for b in backends()])  # the runtimes registered here
     console().print(f"{path}: valid profile {p.name!r} ({p.runtime}, {p.device}, {p.precision})")
