@@ -133,3 +133,19 @@ def test_timed_calls_of_one_graph_keep_their_own_feeds(tmp_path):
     one = sess.call({k: v.numpy() for k, v in small.items()})
     eight = sess.call({k: v.numpy() for k, v in big.items()})
     assert next(iter(one().values())).shape[0] == 1 and next(iter(eight().values())).shape[0] == 8
+
+
+@needs_openvino
+def test_calibration_times_a_block_in_openvino():
+    from upop.exporters.timing import block_timer
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x, kv):
+            return self.lin(x) + kv.mean()
+
+    timer = block_timer("openvino", torch.device("cpu"), "fp32")
+    assert timer(Block(), {"x": torch.randn(2, 4, 16), "kv": torch.randn(2, 4, 16)}, 1, 3, None) > 0
