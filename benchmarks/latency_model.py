@@ -31,10 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demos", nargs="*", default=list(DEMOS))
     ap.add_argument("--mid", action="store_true", help="instead: mid-size random models (hidden 384, 6 layers, 224 px)")
-    ap.add_argument("--runtime", default="torch", help="torch | ort (with --mid)")
+    ap.add_argument("--runtime", default="torch", help="torch | onnxruntime | openvino (with --mid; older spelling ort)")
     args = ap.parse_args()
     if args.mid:
-        return mid_size(args.runtime)
+        from upop.exporters import canonical
+
+        return mid_size(canonical(args.runtime))
     dev = torch.device("cpu")
     table = Table(title=f"calibrated latency model, PyTorch CPU ({torch.get_num_threads()} threads), batch 1")
     for col in ("demo", "search cost", "metric", "measured ms", "predicted ms", "error", "params kept"):

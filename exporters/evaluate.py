@@ -27,17 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from upop.errors import ConfigError, ExportFolderError, NoEvaluationDataError, UpopError
+from upop.errors import ConfigError, ExportFolderError, NoEvaluationDataError
 from upop.tasks.base import Decoding, Forwards
 
 from .beam import BeamSettings
 from .record import Record, evaluation_record, read_record
-from .runtime import GraphModel, OrtModel, TrtModel, read_engines_manifest, read_export_manifest
+from .runtime import GraphModel
 
-__all__ = ["METRIC_TOL", "RUNTIMES", "Artifact", "ArtifactForwards", "evaluate_artifact", "evaluate_export",
+__all__ = ["METRIC_TOL", "Artifact", "ArtifactForwards", "evaluate_artifact", "evaluate_export",
            "evaluation_record", "open_artifact"]
 
-RUNTIMES = ("onnxruntime", "tensorrt")
 #: |metric of the fp32 artifact − metric of the PyTorch model| in points (see the module docstring)
 METRIC_TOL = 1e-4
 #: the graphs each task implementation (``upop.tasks`` key) runs
@@ -70,40 +69,18 @@ class Artifact:
         return sorted({p for v in used.values() for p in v[:1]})
 
 
-def _providers(device: str) -> list[str] | None:
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "auto":
-        return None  # the GPU where ONNX Runtime has one, else the CPU
-    if device.startswith("cuda"):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ConfigError(f"--device must be cpu, cuda or auto, not {device!r}")
-
-
 def open_artifact(export_dir: str | Path, runtime: str = "onnxruntime", device: str = "cpu") -> Artifact:
-    """An ONNX export folder (``export.json``) in ONNX Runtime, or a TensorRT export folder (``engines.json``,
-    its ONNX export in ``onnx/``) in TensorRT; the ONNX graphs of a TensorRT folder also run in ONNX Runtime."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    """An export folder run by ``runtime`` (a registered backend): an ONNX export in ONNX Runtime, a TensorRT
+    folder's engines in TensorRT, ...; the ONNX graphs of another runtime's folder (its ``onnx/``) also run in
+    ONNX Runtime."""
+    from . import backend
+
+    chosen = backend(runtime)
     folder = Path(export_dir)
     if not folder.is_dir():
         raise ExportFolderError(f"{export_dir} is not a folder (an export folder written by upop export)")
-    if runtime == "tensorrt":
-        from .tensorrt import ShapeRange
-
-        meta = read_engines_manifest(folder)
-        try:
-            max_batch = ShapeRange.parse(str(meta.get("batch", "1:8:32"))).max
-        except UpopError:
-            raise ExportFolderError(f"{folder / 'engines.json'} is damaged (batch is not MIN:OPT:MAX)") from None
-        model: GraphModel = TrtModel(folder)
-        return Artifact(model, read_record(model.manifest, folder / "onnx" / "export.json"), folder / "onnx",
-                        runtime, max_batch)
-    onnx_dir = folder / "onnx" if (folder / "engines.json").is_file() and not (folder / "export.json").is_file() \
-        else folder
-    manifest = read_export_manifest(onnx_dir)  # checked before any session is built
-    record = read_record(manifest, onnx_dir / "export.json")
-    return Artifact(OrtModel(onnx_dir, providers=_providers(device)), record, onnx_dir, runtime)
+    model, onnx_dir, max_batch = chosen.open_graphs(folder, device)
+    return Artifact(model, read_record(model.manifest, onnx_dir / "export.json"), onnx_dir, runtime, max_batch)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

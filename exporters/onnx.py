@@ -29,7 +29,6 @@ from upop.run.safety import check_replace
 from .record import evaluation_record
 from .graphs import export_graphs
 from .precision import PrecisionOptions, add_precisions
-from .registry import register
 from .sessions import ort_session
 
 FP32_TOL = 1e-4
@@ -89,9 +88,10 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 
 
 def check_parity(graph, path: Path, batches: tuple[int, ...], seq: int, tol: float, relative_to_scale: bool,
-                 seed: int = 0) -> list[dict[str, Any]]:
-    """Run the ONNX graph and the PyTorch wrapper on the same random inputs; raise on a mismatch."""
-    sess = ort_session(path)
+                 seed: int = 0, sess: Any = None) -> list[dict[str, Any]]:
+    """Run the ONNX graph and the PyTorch wrapper on the same random inputs; raise on a mismatch. ``sess``: the
+    graph in another runtime (anything with ONNX Runtime's ``get_inputs`` and ``run``), else ONNX Runtime's."""
+    sess = sess or ort_session(path)
     wanted = [i.name for i in sess.get_inputs()]  # the exporter drops inputs the graph never reads
     results = []
     for b in batches:
@@ -105,7 +105,7 @@ def check_parity(graph, path: Path, batches: tuple[int, ...], seq: int, tol: flo
             r = r.float().numpy()
             g = np.asarray(g, dtype=np.float32)
             if r.shape != g.shape:
-                raise ExportError(f"graph {graph.name}: output {name} has shape {g.shape} in ONNX Runtime, "
+                raise ExportError(f"graph {graph.name}: output {name} has shape {g.shape} in the runtime, "
                                   f"{r.shape} in PyTorch")
             err = float(np.abs(r - g).max()) if r.size else 0.0
             scale = float(np.abs(r).max()) if r.size else 0.0
@@ -151,7 +151,6 @@ def _copy_preprocessing(source: str, dest: Path) -> None:
             shutil.copy2(f, dest / f.name)
 
 
-@register("onnx")
 def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, opset: int = 17,
                 check_batches: tuple[int, ...] = (1, 3), seq: int = 12, overwrite: bool = False,
                 progress=None, precision: PrecisionOptions | None = None) -> dict[str, Any]:

@@ -218,7 +218,7 @@ class OrtModel(GraphModel):
 
 
 class TrtModel(GraphModel):
-    """The engines of a ``upop export --format trt`` folder (``engines.json``, the ONNX export in ``onnx/``),
+    """The engines of a ``upop export --format tensorrt`` folder (``engines.json``, the ONNX export in ``onnx/``),
     run with ``EngineRunner`` (TensorRT 10 and 11 API): numpy in, the outputs copied back to the host after
     each run (the task loops are written over host arrays)."""
 

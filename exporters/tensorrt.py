@@ -10,7 +10,7 @@ Running engines (``EngineRunner``): inputs and outputs are torch CUDA tensors wh
 given to the execution context; ``execute_async_v3`` runs on a torch stream of the runner's own (on
 the default stream TensorRT adds synchronisations of its own, and warns so), and ``timed`` records
 torch's CUDA events on that stream. ``engine_latency`` builds a fixed-shape engine for one module
-(calibration of hardware profiles with ``--runtime trt``); a network whose inputs are all static gets
+(calibration of hardware profiles with ``--runtime tensorrt``); a network whose inputs are all static gets
 no optimization profile.
 
 Not run on any machine of this project (TensorRT is not installed anywhere here): the module
@@ -28,7 +28,6 @@ from upop.run.checkpoint import atomic_dir
 from upop.errors import UpopError
 from upop.run.safety import check_replace
 
-from .registry import register
 from upop.errors import TensorRTUnavailable, TensorRTBuildError  # noqa: F401  (defined with every error, raised and re-exported here)
 
 
@@ -136,8 +135,8 @@ def _trt_precision(fp16: bool, precision: Any) -> str:
     """fp32, fp16 or int8: the ONNX graphs the engines are built from (``precision``: PrecisionOptions or None)."""
     asked = getattr(precision, "precision", None) or ("fp16" if fp16 else "fp32")
     if asked not in TRT_PRECISIONS:
-        raise UpopError(f"--format trt builds {', '.join(TRT_PRECISIONS)} engines, not {asked} (int8-dynamic is "
-                        "ONNX Runtime's own operators; auto measures in ONNX Runtime: use --format onnx)")
+        raise UpopError(f"--format tensorrt builds {', '.join(TRT_PRECISIONS)} engines, not {asked} (int8-dynamic is "
+                        "ONNX Runtime's own operators; auto measures in ONNX Runtime: use --format onnxruntime)")
     return asked
 
 
@@ -150,7 +149,6 @@ def has_dynamic_input(network: Any) -> bool:
     return False
 
 
-@register("trt")
 def export_trt(source: str | Path, out_dir: str | Path, *, fp16: bool = False, batch: str = "1:8:32",
                seq: str = "1:32:64", opset: int = 17, overwrite: bool = False, progress=None,
                precision: Any = None) -> dict[str, Any]:
@@ -314,7 +312,7 @@ def engine_latency(module: Any, inputs: dict[str, Any], *, fp16: bool, warmup: i
 
 
 def profile_engines(engine_dir: str | Path, batches: list[int], seq: int, warmup: int, runs: int) -> list[dict[str, Any]]:
-    """Latency of every engine of a ``upop export --format trt`` folder: one row per engine and batch."""
+    """Latency of every engine of a ``upop export --format tensorrt`` folder: one row per engine and batch."""
     import torch
 
     from upop.latency.timing import feed_shape

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from upop.latency.calibrate import BlockTimer, runtime_timer, torch_timer
+from upop.latency.calibrate import BlockTimer, runtime_timer
 from upop.errors import ConfigError
 from upop.latency.timing import SEQ, Run, make_run, percentile, time_fn
 from upop.latency.measure import Runtime
@@ -69,14 +69,14 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
         provider, used = sess.get_providers()[0], device_in_use(sess, wanted)
         for b in batches:
             ms = time_fn(ort_call(sess, synthetic_feed(g, sess, b), gpu), warmup, runs, cuda=False)
-            out.append(make_run(target, "ort", device if used == "cuda" else "cpu", precision, g["name"], b, ms,
+            out.append(make_run(target, "onnxruntime", device if used == "cuda" else "cpu", precision, g["name"], b, ms,
                                 provider))
     return out
 
 
 def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", precision: str = "fp32", warmup: int = 5,
                 runs: int = 30, seq: int = SEQ) -> list[Run]:
-    """TensorRT latency of a ``upop export --format trt`` folder, or of a model whose engines are built
+    """TensorRT latency of a ``upop export --format tensorrt`` folder, or of a model whose engines are built
     first (in a temporary folder, at ``precision``, for the asked batch sizes). Untested here: no TensorRT."""
     import tempfile
 
@@ -89,7 +89,7 @@ def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", preci
         raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
 
     def rows(folder: str | Path) -> list[Run]:
-        return [make_run(target, "trt", device, precision, r["graph"], r["batch"], r["ms"], "TensorRT")
+        return [make_run(target, "tensorrt", device, precision, r["graph"], r["batch"], r["ms"], "TensorRT")
                 for r in profile_engines(folder, list(batches), seq, warmup, runs)]
 
     if (Path(target) / "engines.json").is_file():
@@ -119,15 +119,9 @@ def trt_timer(fp16: bool) -> BlockTimer:
 
 def block_timer(runtime: str, device: torch.device, precision: str = "fp32") -> BlockTimer:
     """The timer calibration uses for ``runtime`` (TensorRT builds at the profile's ``precision``)."""
-    if runtime == "torch":
-        return torch_timer(device)
-    if runtime == "ort":
-        return ort_timer(device)
-    if runtime == "trt":
-        if device.type != "cuda":
-            raise ConfigError("TensorRT calibration runs on a CUDA device: --device cuda")
-        return trt_timer(precision == "fp16")
-    raise ConfigError(f"runtime must be torch, ort or trt, got {runtime!r}")
+    from . import backend
+
+    return backend(runtime).block_timer(device, precision)
 
 
 def ort_runtime(device: torch.device) -> Runtime:

@@ -82,7 +82,15 @@ class UnknownFormatError(UpopError):
     """An export format no backend is registered for."""
 
 
-class TensorRTUnavailable(UpopError):
+class UnknownRuntimeError(ConfigError):
+    """A runtime name no backend is registered for."""
+
+
+class RuntimeUnavailable(UpopError):
+    """A runtime's package (or the device it needs) is not installed here."""
+
+
+class TensorRTUnavailable(RuntimeUnavailable):
     """TensorRT (or a CUDA GPU for it) is not installed here."""
 
 

@@ -109,6 +109,14 @@ def compress(
     guarded(lambda: run(flags, config, overwrite, quiet, resume, allow_outside_data, as_json))
 
 
+def _runtimes(exporting: bool = False) -> str:
+    """The registered runtimes for --format / --runtime help (older spellings are accepted too)."""
+    from upop.exporters import backends
+
+    return " | ".join(f"{b.name}{' (' + ', '.join(b.aliases) + ')' if b.aliases else ''}"
+                      f"{'' if b.available() else ' [not installed]'}" for b in backends() if b.exports or not exporting)
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="Model (alias, demo, hub id, folder), slim checkpoint, or export folder."),
@@ -120,12 +128,12 @@ def evaluate(
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     allow_outside_data: bool = OutsideOpt,
-    runtime: Optional[str] = typer.Option(None, "--runtime", help="An export folder: run it in onnxruntime "
-                                                                  "(default) or tensorrt (a --format trt folder)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="An export folder: run it in "
+                                          f"{_runtimes(exporting=True)} (default onnxruntime; the folder's format)."),
 ) -> None:
     """Evaluate a model, slim checkpoint or export folder on a task (an export: every forward by the artifact).
 
-    Example: upop eval demo-blip --split test; upop eval upop-export/demo-blip-onnx --runtime onnxruntime
+    Example: upop eval demo-blip --split test; upop eval upop-export/demo-blip-onnxruntime --runtime onnxruntime
     """
     from .eval_cmd import run
 
@@ -150,7 +158,7 @@ def inspect(
 def export(
     source: Optional[str] = typer.Argument(None, help="Slim checkpoint folder, or a model (folder, hub id, alias) to "
                                                       "export as is (default: the last upop compress output)."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | trt"),
+    fmt: str = typer.Option("onnxruntime", "--format", "-f", help=_runtimes(exporting=True)),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default upop-export/<name>-<format>)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also FP16 graphs (ONNX) / an FP16 engine (TensorRT): --precision fp16."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 | int8-dynamic | auto: "
@@ -173,7 +181,7 @@ def export(
 ) -> None:
     """Export the graphs a deployment needs, each checked against PyTorch.
 
-    Example: upop export upop-out/demo-blip-p0.5 --format onnx --precision auto (no path: the last compress output)
+    Example: upop export upop-out/demo-blip-p0.5 --format onnxruntime --precision auto (no path: the last compress output)
     """
     from .export_cmd import QuantArgs, run
 
@@ -184,7 +192,7 @@ def export(
 
 @app.command()
 def predict(
-    export_dir: str = typer.Argument(..., help="A folder written by upop export --format onnx."),
+    export_dir: str = typer.Argument(..., help="A folder written by upop export --format onnxruntime."),
     image: list[str] = typer.Option(..., "--image", "-i", help="Image file (twice for nlvr: left, then right)."),
     text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="Caption(s) to score, or the question."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the FP16 graphs."),
@@ -238,7 +246,7 @@ class _JsonValueOptional(TyperCommand):
 def profile(
     target: Optional[str] = typer.Argument(None, help="Model, slim checkpoint, or ONNX export folder (default: the "
                                                       "last upop compress output)."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | ort | trt"),
+    runtime: str = typer.Option("torch", "--runtime", help=_runtimes()),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     batch: Optional[list[int]] = typer.Option(None, "--batch", help="Batch size (repeat for several)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16"),
@@ -299,7 +307,7 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name or file."))
 def profiles_calibrate(
     model: str = typer.Option(..., "--model", "-m", help="The model whose blocks to time (alias, demo, folder, slim)."),
     out: Path = typer.Option(..., "--out", "-o", help="Profile file to write."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | ort | trt (TensorRT: a CUDA device)"),
+    runtime: str = typer.Option("torch", "--runtime", help=_runtimes()),
     device: str = typer.Option("cpu", "--device"),
     base: str = typer.Option("cpu-x86", "--base", help="Profile whose alignment and shapes the result keeps."),
     granularity: str = typer.Option("dim", "--granularity"),

@@ -217,17 +217,14 @@ def task_options(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def _latency(wanted: bool, cfg: Any) -> Any:
-    """PyTorch always; ONNX Runtime too when it is installed (the report then has both measurements)."""
+    """PyTorch always; every runtime that is measured in the report too, where it is installed."""
     if not wanted:
         return False
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return True
     from upop.api import resolve_device
-    from upop.exporters.timing import ort_runtime
+    from upop.exporters import backends
 
-    return {"ort": ort_runtime(resolve_device(cfg.device))}
+    device = resolve_device(cfg.device)
+    return {b.name: b.report_runtime(device) for b in backends() if b.in_report and b.available()} or True
 
 
 def _save(result: Any, out: Path, partial: Path, overwrite: bool) -> None:

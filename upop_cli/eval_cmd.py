@@ -14,9 +14,11 @@ MAX_IMAGES = 1_000_000
 
 
 def is_export(path: str) -> bool:
-    """A folder written by ``upop export`` (ONNX: export.json; TensorRT: engines.json)."""
+    """A folder written by ``upop export`` (a folder one of the runtimes says is its export)."""
+    from upop.exporters import backends
+
     p = Path(path)
-    return p.is_dir() and ((p / "export.json").is_file() or (p / "engines.json").is_file())
+    return p.is_dir() and any(b.owns(p) for b in backends())
 
 
 def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
@@ -24,12 +26,13 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     from upop.api import _open, resolve_device, setup_task
     from upop.datasets.readers import outside_data_allowed
     from upop.errors import ConfigError
+    from upop.exporters import canonical
 
     check("--batch-size", batch_size, "an integer >= 1", at_least(1))
     check("--limit", limit, "an integer >= 1", at_least(1))
     if is_export(model):
         with outside_data_allowed(allow_outside_data):
-            return run_export(model, task, data, split, batch_size, limit, device, as_json, runtime or "onnxruntime")
+            return run_export(model, task, data, split, batch_size, limit, device, as_json, canonical(runtime or "onnxruntime"))
     if runtime is not None:
         raise ConfigError(f"{model} is not an export folder (written by upop export), which --runtime evaluates")
     from upop.models.hub import network_rule

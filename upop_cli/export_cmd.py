@@ -4,8 +4,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from upop.errors import ConfigError
 
 from .latest import source_or_latest
@@ -58,44 +56,26 @@ def precision_options(source: str, fp16: bool, batch: str, q: QuantArgs) -> Any:
     return opts
 
 
-DEFAULT_TRT_BATCH = "1:8:32"
-
-
-def _batch_option(fmt: str, batch: str | None, precision: str | None) -> str:
-    """``--batch``: TensorRT's optimization profile, and the deployment table's latency batch. An ONNX export
-    without a precision has neither (its graphs take any batch): there it is refused rather than ignored."""
-    if fmt != "trt" and batch is not None and precision is None:
-        raise ConfigError(f"--batch {batch} is TensorRT's optimization profile or the latency batch of --precision's "
-                          f"table: it does not apply to a plain --format {fmt} export (its graphs take any batch size); drop it")
-    if fmt == "trt" or (batch is not None and ":" in batch):  # a range is checked wherever it is given
-        from upop.exporters.tensorrt import ShapeRange
-
-        ShapeRange.parse(batch or DEFAULT_TRT_BATCH)
-    return batch or DEFAULT_TRT_BATCH
-
-
 def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | None, opset: int, overwrite: bool,
         quiet: bool, as_json: bool = False, quant: QuantArgs | None = None) -> None:
     from upop.datasets.readers import outside_data_allowed
-    from upop.exporters import get
+    from upop.exporters import backend, canonical, get
     from upop.models.hub import network_rule
     from upop.run.safety import check_replace, read_json
 
-    exporter = get(fmt)
+    exporter = get(fmt)  # an unknown format: one line listing the known ones
+    runtime = backend(canonical(fmt, "--format"))
+    runtime.require()  # a missing package is one line naming its extra, before any work
     q = quant or QuantArgs()
-    batch = _batch_option(fmt, batch, "fp16" if fp16 else q.precision)
+    batch = runtime.takes_batch(batch, "fp16" if fp16 else q.precision)
     source = source_or_latest(source, "export")
     network_rule(source)
-    out_dir = Path(out) if out else Path("upop-export") / f"{Path(source.rstrip('/')).name}-{fmt}"
-    check_replace(out_dir, overwrite=overwrite, sources=[source], kind="export")
+    out_dir = Path(out) if out else Path("upop-export") / f"{Path(source.rstrip('/')).name}-{runtime.name}"
+    check_replace(out_dir, overwrite=overwrite, sources=[source], kind=runtime.marker_kind)
     log = console(stderr=True, quiet=quiet)
     kwargs: dict[str, Any] = {"opset": opset, "overwrite": overwrite, "progress": lambda m: log.print(m)}
-    if fmt == "trt":
-        mode = _trt_precision(fp16, q)
-        kwargs.update(batch=batch, fp16=mode == "fp16",
-                      precision=precision_options(source, False, batch, q) if mode == "int8" else None)
-    else:
-        kwargs.update(fp16=fp16, precision=precision_options(source, fp16, batch, q))
+    kwargs.update(runtime.export_options(fp16, q.precision, batch,
+                                         lambda half: precision_options(source, half, batch or "1", q)))
     with outside_data_allowed(q.allow_outside_data):
         manifest = exporter(source, out_dir, **kwargs)
     if as_json:
@@ -107,76 +87,8 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | 
     if quiet:
         return
     con = console(stderr=as_json)
-    if fmt == "onnx":
-        table = Table(title=f"{source} → {out_dir} (ONNX opset {opset}, parity vs PyTorch)")
-        for col in ("graph", "output", "batch", "max abs", "max rel", "tolerance", "fp16 max abs"):
-            table.add_column(col, justify="left" if col in ("graph", "output") else "right")
-        for g in manifest["graphs"]:
-            half = {(p["batch"], p["output"]): p for p in g.get("fp16", {}).get("parity", [])}
-            for p in g["parity"]:
-                h = half.get((p["batch"], p["output"]))
-                table.add_row(g["name"], p["output"], str(p["batch"]), f"{p['max_abs']:.2e}", f"{p['max_rel']:.2e}",
-                              f"{p['tolerance']:.0e}", f"{h['max_abs']:.2e}" if h else "–")
-        con.print(table)
-        if "deployment" in manifest:
-            con.print(deployment_table(manifest))
-            for line in choice_lines(manifest):
-                con.print(line, soft_wrap=True)
-        con.print(f"export: {out_dir}", soft_wrap=True)
-    else:
-        con.print(f"wrote {len(manifest['engines'])} TensorRT engine(s) to {out_dir}", soft_wrap=True)
-
-
-def _trt_precision(fp16: bool, q: QuantArgs) -> str:
-    if fp16 and q.precision not in (None, "fp16"):
-        raise ConfigError(f"--fp16 is --precision fp16: give one of --fp16 and --precision {q.precision}")
-    precision = "fp16" if fp16 else (q.precision or "fp32")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ConfigError(f"--format trt builds fp32, fp16 or int8 engines, not {precision} (int8-dynamic is ONNX "
-                          "Runtime's own operators; auto measures in ONNX Runtime: export --format onnx)")
-    return precision
-
-
-def _ms(row: dict[str, Any], batch: str) -> str:
-    lat = row["latency"][batch]
-    return f"{lat['p50_ms']:.2f} / {lat['p90_ms']:.2f}"
-
-
-def deployment_table(manifest: dict[str, Any]) -> Table:
-    """The deployment table: metric, size, latency and speedups per precision, and its parity."""
-    dep = manifest["deployment"]
-    batches = [str(b) for b in dep["batches"]]
-    chosen = manifest.get("precision")
-    table = Table(title=f"deployment ({dep['runtime']} {dep['device']}; latency p50 / p90 ms, every graph once)")
-    cols = ["precision", "val", "test", "size MB", *(f"batch {b}" for b in batches), f"vs fp32 @{batches[-1]}"]
-    original = any("speedup_vs_original" in r for r in dep["rows"])
-    cols += [f"vs original @{batches[-1]}"] if original else []
-    for col in [*cols, "parity"]:
-        table.add_column(col, justify="left" if col in ("precision", "parity") else "right")
-    for r in dep["rows"]:
-        metric = [f"{r[k]:.2f}" if r.get(k) is not None else "–" for k in ("metric_val", "metric_test")]
-        par = r["parity"]
-        parity = f"cos ≥ {par['min_cosine']:.4f}" if "min_cosine" in par else f"max abs {par['max_abs']:.1e}"
-        cells = [r["precision"] + (" *" if r["precision"] == chosen else ""), *metric, f"{r['size_bytes'] / 1e6:.2f}",
-                 *(_ms(r, b) for b in batches), f"{r['speedup_vs_fp32'][batches[-1]]:.2f}×"]
-        cells += [f"{r['speedup_vs_original'][batches[-1]]:.2f}×"] if original else []
-        table.add_row(*cells, parity)
-    return table
-
-
-def choice_lines(manifest: dict[str, Any]) -> list[str]:
-    lines = []
-    if manifest.get("calibration"):
-        c = manifest["calibration"]
-        lines.append(f"int8 calibrated on {c['count']} {c['split']} items ({c['method']}, seed {c['seed']}, "
-                     f"items {c['items_sha256'][:12]})")
-    if manifest.get("choice"):
-        ch = manifest["choice"]
-        lines.append(f"auto chose {ch['chosen']} ({ch['rule']})")
-        lines += [f"  {why}" for why in ch["reasons"].values()]
-    elif all(r.get("metric_val") is None for r in manifest["deployment"]["rows"]):
-        lines.append("no task metric here (upop eval of an export is not available): parity only")
-    return lines
+    for part in runtime.summary(manifest, source, out_dir, opset):
+        con.print(part, soft_wrap=isinstance(part, str))
 
 
 def run_predict(export_dir: str, images: list[str], texts: list[str], fp16: bool) -> None:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from rich.table import Table
@@ -12,38 +11,9 @@ from .out import console, print_json
 
 
 def _profile(target: str, runtime: str, device: str, batches: list[int], precision: str, warmup: int, runs: int):
-    from upop.api import _open, resolve_device
-    from upop.exporters.timing import profile_ort, profile_torch
+    from upop.exporters import backend
 
-    if runtime == "trt":
-        from upop.exporters.timing import profile_trt
-
-        return profile_trt(target, batches, device, precision, warmup, runs)
-    is_export = (Path(target) / "export.json").is_file()
-    if runtime == "ort":
-        if is_export:
-            return _profile_export(target, batches, device, precision, warmup, runs)
-        from upop.exporters import get
-
-        with tempfile.TemporaryDirectory() as tmp:
-            get("onnx")(target, Path(tmp) / "onnx", fp16=precision == "fp16")
-            return profile_ort(Path(tmp) / "onnx", target, batches, device, precision, warmup, runs)
-    if is_export:
-        from upop.errors import ConfigError
-
-        raise ConfigError(f"{target} is an ONNX export: profile it with --runtime ort")
-    src = _open(target, None)
-    return profile_torch(src.model, src.adapter, target, batches, resolve_device(device), precision, warmup, runs)
-
-
-def _profile_export(target: str, batches: list[int], device: str, precision: str, warmup: int, runs: int):
-    """An export folder may come from anywhere: its ``export.json`` is checked and every graph loaded once
-    (one line for a damaged one) before it is timed."""
-    from upop.exporters.runtime import OrtModel
-    from upop.exporters.timing import profile_ort
-
-    OrtModel(target, fp16=precision == "fp16", providers=["CPUExecutionProvider"])
-    return profile_ort(target, target, batches, device, precision, warmup, runs)
+    return backend(runtime).profile(target, batches, device, precision, warmup, runs)
 
 
 def _is_profile_result(path: Path) -> bool:
@@ -67,12 +37,19 @@ def _is_calibrated_profile(path: Path) -> bool:
         return False
 
 
-RUNTIMES, PRECISIONS, DEVICES = ("torch", "ort", "trt"), ("fp32", "fp16"), ("cpu", "cuda")
+PRECISIONS, DEVICES = ("fp32", "fp16"), ("cpu", "cuda")
+
+
+def runtime_name(runtime: str) -> str:
+    """The one name of ``--runtime`` (older spellings ort and trt map here, at the CLI's edge)."""
+    from upop.exporters import canonical
+
+    return canonical(runtime)
 
 
 def check_profile_options(runtime: str, device: str, batches: list[int], precision: str, warmup: int,
                           runs: int) -> None:
-    check("--runtime", runtime, " or ".join(RUNTIMES), lambda v: v in RUNTIMES)
+    runtime_name(runtime)
     check("--device", device, " or ".join(DEVICES), lambda v: v in DEVICES)
     check("--precision", precision, " or ".join(PRECISIONS), lambda v: v in PRECISIONS)
     for b in batches:
@@ -91,6 +68,7 @@ def run(target: str | None, runtime: str, device: str, batches: list[int], preci
     from upop.run.safety import check_file, write_file
 
     check_profile_options(runtime, device, batches, precision, warmup, runs)
+    runtime = runtime_name(runtime)
     to_stdout = json_out == "-"
     if json_out is not None and not to_stdout and Path(json_out).is_dir():
         raise ConfigError(f"--json {json_out} is a folder: give a file to write, or --json alone for stdout "
@@ -150,9 +128,10 @@ def profiles_show(name: str) -> None:
 
 
 def profiles_validate(path: Path) -> None:
+    from upop.exporters import backends
     from upop.profiles import read_file
 
-    p = read_file(path)
+    p = read_file(path, runtimes=[b.name for b in backends()])  # the runtimes registered here
     console().print(f"{path}: valid profile {p.name!r} ({p.runtime}, {p.device}, {p.precision})")
 
 
@@ -163,15 +142,14 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
     from upop.profiles import load, read_file
     from upop.run.safety import check_file, write_file
 
-    check("--runtime", runtime, " or ".join(RUNTIMES), lambda v: v in RUNTIMES)
+    runtime = runtime_name(runtime)
     check("--granularity", granularity, "dim or head", lambda v: v in ("dim", "head"))
     file_rule = {"kind": "profile", "overwrite": overwrite, "recognise": _is_calibrated_profile, "sources": [model]}
     check_file(out, **file_rule)
-    if runtime == "trt":
-        from upop.exporters.tensorrt import require_tensorrt
-
-        require_tensorrt()
+    from upop.exporters import backend
     from upop.exporters.timing import block_timer
+
+    backend(runtime).require()
 
     from upop.models.hub import network_rule
 

@@ -247,3 +247,56 @@ def test_the_kind_switch_check_sees_a_planted_switch(tmp_path):
         ROOT = saved
     assert len(hits) == 4, hits
 
+
+# -- runtimes: no switch on a runtime's name outside its own file ----------------------------------------
+
+def _runtime_spellings() -> dict[str, Path]:
+    """Every name and older spelling of a registered runtime → the file that defines its backend. PyTorch is
+    the core's own runtime (it trains and measures in it), not one of the exporters' backends."""
+    import sys
+
+    from upop.exporters import backends
+
+    out = {}
+    for b in backends():
+        if b.name != "torch":
+            own = Path(sys.modules[type(b).__module__].__file__).resolve()
+            out |= {n: own for n in (b.name, *b.aliases)}
+    return out
+
+
+def _name_comparisons(path: Path, spellings: dict[str, Path]) -> list[str]:
+    """``x == "tensorrt"``, ``"trt" != x``, ``x in ("ort", "trt")``: a comparison with a runtime's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare) or not all(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                        for op in node.ops):
+            continue
+        for side in (node.left, *node.comparators):
+            items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            for item in items:
+                if isinstance(item, ast.Constant) and item.value in spellings \
+                        and spellings[item.value] != path.resolve():
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_switches_on_a_runtimes_name_outside_its_own_file():
+    """A runtime is one file: code elsewhere asks the registry (``upop.exporters.backends``), never the name."""
+    spellings = _runtime_spellings()
+    assert {"onnxruntime", "tensorrt", "openvino", "ort", "trt"} <= set(spellings)
+    offenders = [hit for folder in ("upop", "upop_cli", "exporters", "profiles", "benchmarks")
+                 for path in sorted((ROOT / folder).rglob("*.py")) for hit in _name_comparisons(path, spellings)]
+    assert not offenders, offenders
+
+
+def test_the_runtime_name_check_sees_a_switch(tmp_path):
+    spellings = _runtime_spellings()
+    bad = ROOT / "exporters" / "_layout_probe.py"  # inside the repository, as a real offender would be
+    try:
+        bad.write_text('def f(fmt):\n    return fmt == "trt" or fmt in ("x", "openvino")\n')
+        assert len(_name_comparisons(bad, spellings)) == 2
+    finally:
+        bad.unlink()
+    own = spellings["openvino"]
+    assert not _name_comparisons(own, spellings)

@@ -111,12 +111,14 @@ def test_export_opset_outside_the_exporters_range(run_folder, tmp_path, opset):
     assert not (tmp_path / "e").exists()
 
 
+UNKNOWN_RUNTIME = ("--runtime 'foo' is not a runtime upop knows; known: onnxruntime (or ort, onnx), openvino, "
+                   "tensorrt (or trt), torch")
 PROFILE = [
     (["--runs", "0"], "--runs must be an integer >= 1, got 0"),
     (["--batch", "0"], "--batch must be an integer >= 1, got 0"),
     (["--batch", "1", "--batch", "-4"], "--batch must be an integer >= 1, got -4"),
     (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
-    (["--runtime", "foo"], "--runtime must be torch or ort or trt, got 'foo'"),
+    (["--runtime", "foo"], UNKNOWN_RUNTIME),
     (["--precision", "int4"], "--precision must be fp32 or fp16, got 'int4'"),
     (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
 ]
@@ -207,7 +209,7 @@ def test_calibrate_never_replaces_an_existing_file_without_overwrite(tmp_path, m
     _one_line(r, "is a folder")
     r = runner.invoke(app, ["profiles", "calibrate", "--model", "demo-vit", "--out", str(tmp_path / "n.toml"),
                             "--runtime", "foo"])
-    _one_line(r, "--runtime must be torch or ort or trt, got 'foo'")
+    _one_line(r, UNKNOWN_RUNTIME)
 
 
 # -- round two: one line for every case that was a traceback -------------------------------------------------
@@ -396,7 +398,7 @@ def test_export_batch_only_applies_to_tensorrt(exported, tmp_path):
     slim = exported[0]
     _one_line(runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e"), "--batch", "64:8:1"]),
               "--batch 64:8:1 is TensorRT's optimization profile or the latency batch of --precision's table: it does "
-              "not apply to a plain --format onnx export")
+              "not apply to a plain --format onnxruntime export")
     _one_line(runner.invoke(app, ["export", str(slim), "--out", str(tmp_path / "e"), "--precision", "fp16",
                                   "--batch", "64:8:1"]), "--batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
     _one_line(runner.invoke(app, ["export", str(slim), "--format", "trt", "--out", str(tmp_path / "e"),

@@ -9,6 +9,9 @@ every problem at once. The shipped profiles are TOML files in the ``upop.profile
 
 from __future__ import annotations
 
+import re
+
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -92,12 +95,16 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "shapes": {"batch": int, "text_tokens": int},
 }
 _REQUIRED = {"": ("name", "runtime", "device", "precision", "peaks"), "peaks": ("fp32_tflops", "fp16_tflops", "memory_gbps")}
-_CHOICES = {"runtime": ("tensorrt", "onnxruntime", "torch"), "device": ("cuda", "cpu"),
+#: A runtime is named, not listed here: the runtimes are registered by the exporters, which the core does not
+#: import; the CLI checks the name against them (``upop profiles validate``), the core only its form.
+RUNTIME_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+_CHOICES = {"device": ("cuda", "cpu"),
             "precision": ("fp32", "fp16", "bf16", "int8"), "latency_model": ("roofline", "table")}
 
 
-def validate(data: dict[str, Any], origin: str = "profile") -> list[str]:
-    """Every problem with a profile mapping (empty when it is valid)."""
+def validate(data: dict[str, Any], origin: str = "profile", runtimes: Collection[str] | None = None) -> list[str]:
+    """Every problem with a profile mapping (empty when it is valid); ``runtimes``: the names registered where it
+    is checked (the CLI passes the exporters'), else only the runtime name's form is checked."""
     errors = []
     for section, schema in _SCHEMA.items():
         block = data if section == "" else data.get(section, {})
@@ -113,6 +120,11 @@ def validate(data: dict[str, Any], origin: str = "profile") -> list[str]:
         for key, typ in schema.items():
             if key in block and (not isinstance(block[key], typ) or (typ is int and isinstance(block[key], bool))):
                 errors.append(f"{where}{key} must be {getattr(typ, '__name__', 'a number')}, got {block[key]!r}")
+    if isinstance(data.get("runtime"), str) and runtimes is not None and data["runtime"] not in runtimes:
+        errors.append(f"runtime must be one of {', '.join(sorted(runtimes))}, got {data['runtime']!r}")
+    elif isinstance(data.get("runtime"), str) and not RUNTIME_NAME.fullmatch(data["runtime"]):
+        errors.append(f"runtime must be a runtime's name (lowercase, as upop export --format names it), got "
+                      f"{data['runtime']!r}")
     for key, choices in _CHOICES.items():
         if key in data and data[key] not in choices:
             errors.append(f"{key} must be one of {', '.join(choices)}, got {data[key]!r}")
@@ -135,8 +147,8 @@ def validate(data: dict[str, Any], origin: str = "profile") -> list[str]:
     return [f"{origin}: {e}" for e in errors]
 
 
-def parse(data: dict[str, Any], origin: str = "profile") -> Profile:
-    errors = validate(data, origin)
+def parse(data: dict[str, Any], origin: str = "profile", runtimes: Collection[str] | None = None) -> Profile:
+    errors = validate(data, origin, runtimes)
     if errors:
         raise ProfileError("invalid profile:\n  " + "\n  ".join(errors))
     return Profile(
@@ -147,7 +159,7 @@ def parse(data: dict[str, Any], origin: str = "profile") -> Profile:
         table=data.get("table", {}))
 
 
-def read_file(path: str | Path) -> Profile:
+def read_file(path: str | Path, runtimes: Collection[str] | None = None) -> Profile:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -155,7 +167,7 @@ def read_file(path: str | Path) -> Profile:
         raise ProfileError(f"cannot read profile {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path} is not valid TOML: {exc}") from None
-    return parse(data, str(path))
+    return parse(data, str(path), runtimes)
 
 
 def available() -> list[str]:

@@ -151,9 +151,10 @@ def marker_kind(folder: str | Path) -> str | None:
                        (DEMO_MARKER, "demo")):
         if (folder / name).is_file():
             return kind
-    # export.json and engines.json are common names: only upop's own content counts.
+    # export.json is a common name: only upop's own content counts. A runtime's folder built on the ONNX graphs
+    # (TensorRT's engines, OpenVINO's IR) holds upop's ONNX export in onnx/: that marks it, whatever the runtime.
     if _json_field(folder / EXPORT_MANIFEST, "upop_version") is not None \
-            or _json_field(folder / ENGINES_MANIFEST, "format") == "tensorrt":
+            or _json_field(folder / "onnx" / EXPORT_MANIFEST, "upop_version") is not None:
         return "export"
     return None
 

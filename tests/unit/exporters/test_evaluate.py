@@ -187,7 +187,7 @@ def test_an_edited_manifest(exports, tmp_path, demo, edit, match):
 
 def test_bad_values_and_no_data(exports, tmp_path):
     _one_line([str(exports["demo-vit"]), "--batch-size", "0"], "--batch-size")
-    _one_line([str(exports["demo-vit"]), "--runtime", "tflite"], "--runtime must be one of onnxruntime, tensorrt")
+    _one_line([str(exports["demo-vit"]), "--runtime", "tflite"], "--runtime 'tflite' is not a runtime upop knows")
     _one_line(["demo-vit", "--runtime", "onnxruntime"], "is not an export folder")
     e = _copy(exports["demo-vit"], tmp_path / "e")
     manifest = json.loads((e / "export.json").read_text())

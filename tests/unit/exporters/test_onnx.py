@@ -187,7 +187,7 @@ def test_export_of_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 def test_unknown_format(tmp_path):
     r = CliRunner().invoke(app, ["export", str(tmp_path), "--format", "tflite"])
-    assert r.exit_code == 2 and "supported formats: onnx, trt" in r.output
+    assert r.exit_code == 2 and "supported formats: onnxruntime (or ort, onnx), openvino, tensorrt (or trt)" in r.output
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
@@ -245,6 +245,6 @@ def test_tensorrt_profile_and_calibration(tmp_path):
     assert built and all(r.batch == 2 for r in built)
     model = build_tiny("vit", "ViTForImageClassification").cuda()
     base = load("h100")
-    prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cuda"), runtime="trt", points=2, warmup=2,
-                     runs=5, timer=block_timer("trt", torch.device("cuda"), base.precision))
-    assert prof.table["runtime"] == "trt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
+    prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cuda"), runtime="tensorrt", points=2, warmup=2,
+                     runs=5, timer=block_timer("tensorrt", torch.device("cuda"), base.precision))
+    assert prof.table["runtime"] == "tensorrt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])

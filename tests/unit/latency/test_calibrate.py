@@ -77,7 +77,7 @@ def test_cli_calibrate(tmp_path):
                                  str(tmp_path / "q.toml"), "--runtime", "ort", "--quiet"])
     assert r.exit_code == 0, r.output
     prof = read_file(tmp_path / "q.toml")
-    assert prof.table["runtime"] == "ort" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
+    assert prof.table["runtime"] == "onnxruntime" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
     r = CliRunner().invoke(app, ["profiles", "calibrate", "--model", str(tmp_path / "m"), "--out",
                                  str(tmp_path / "t.toml"), "--runtime", "trt"])
     assert r.exit_code == 2 and ("TensorRT" in r.output or "NVIDIA" in r.output)

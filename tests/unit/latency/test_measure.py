@@ -61,8 +61,8 @@ def test_onnx_runtime_measures_the_exported_forward():
     pytest.importorskip("onnxruntime")
     from upop.exporters.timing import ort_runtime
 
-    report = _compress(latency={"ort": ort_runtime(torch.device("cpu"))}).report
-    ort_rows = [r for r in report.latency if r["runtime"] == "ort"]
+    report = _compress(latency={"onnxruntime": ort_runtime(torch.device("cpu"))}).report
+    ort_rows = [r for r in report.latency if r["runtime"] == "onnxruntime"]
     assert {r["batch"] for r in ort_rows} == {1, 3} and all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in ort_rows)
 
 

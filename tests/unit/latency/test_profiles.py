@@ -24,12 +24,12 @@ def test_every_shipped_profile_validates():
 
 
 def test_a_broken_profile_lists_every_error(tmp_path):
-    bad = {"name": "x", "runtime": "tpu", "device": "cuda", "precision": "fp8", "speed": 3,
+    bad = {"name": "x", "runtime": "TPU v4", "device": "cuda", "precision": "fp8", "speed": 3,
            "peaks": {"fp32_tflops": "fast", "memory_gbps": -1},
            "alignment": {"mlp_multiple": 0, "head_dim_min": 64, "head_dim_max": 16, "colour": "red"}}
     errors = validate(bad, "bad.toml")
     joined = "\n".join(errors)
-    for expected in ("unknown key 'speed'", "runtime must be one of", "precision must be one of",
+    for expected in ("unknown key 'speed'", "runtime must be a runtime's name", "precision must be one of",
                      "[peaks] missing key 'fp16_tflops'", "[peaks] fp32_tflops must be", "memory_gbps must be > 0",
                      "[alignment] unknown key 'colour'", "mlp_multiple must be >= 1", "head_dim_min is above"):
         assert expected in joined, expected

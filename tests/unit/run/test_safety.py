@@ -26,7 +26,10 @@ def test_owned_folders_are_recognised_by_upops_own_marker(tmp_path):
     assert owned_by_upop(_folder(tmp_path / "exp", **{"export.json": json.dumps({"upop_version": "0.1"})}))
     assert not owned_by_upop(_folder(tmp_path / "other-exp", **{"export.json": json.dumps({"rows": 3})}))
     assert not owned_by_upop(_folder(tmp_path / "damaged-exp", **{"export.json": "{not json"}))
-    assert owned_by_upop(_folder(tmp_path / "trt", **{"engines.json": json.dumps({"format": "tensorrt"})}))
+    trt = _folder(tmp_path / "trt", **{"engines.json": json.dumps({"format": "tensorrt"})})
+    assert not owned_by_upop(trt)  # a common name: upop's own ONNX export beside it marks a runtime's folder
+    _folder(trt / "onnx", **{"export.json": json.dumps({"upop_version": "0.1"})})
+    assert owned_by_upop(trt)
     assert owned_by_upop(_folder(tmp_path / "run", **{STATE_MARKER: ""}))
     assert owned_by_upop(_folder(tmp_path / "conv", **{"upop_convert.json": "{}"}))
     assert not owned_by_upop(_folder(tmp_path / "proj", **{"notes.txt": "mine"}))
