@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ATTENTION, UnitKind, keep_cols, keep_rows, output_mask_hook, row_cost
+from .base import ATTENTION, UnitKind, keep_cols, keep_rows, linear, output_mask_hook, row_cost
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class AttentionSpec(UnitKind):
     def unit_cost(self, model: nn.Module, granularity: str) -> float:
         """A ``dim`` unit is one row per head in every q/k/v segment and the matching input columns of
         the output projection; a ``head`` unit is ``head_dim`` of those."""
-        per_feature = sum(p.segments * row_cost(model.get_submodule(p.name)) for p in self.in_projs)
-        per_feature += model.get_submodule(self.out_proj).out_features
+        per_feature = sum(p.segments * row_cost(linear(model, p.name)) for p in self.in_projs)
+        per_feature += linear(model, self.out_proj).out_features
         width = self.num_heads if granularity == "dim" else self.head_dim
         return float(width * per_feature)
 
@@ -75,7 +75,7 @@ class AttentionSpec(UnitKind):
         return [p.name for p in self.in_projs] + [self.out_proj]
 
     def attach(self, model: nn.Module, zeta: nn.Parameter, granularity: str) -> list[Any]:
-        return [model.get_submodule(p.name).register_forward_hook(
+        return [linear(model, p.name).register_forward_hook(
                     output_mask_hook(lambda s=p.segments: self.expand_mask(zeta, granularity).repeat(s)))
                 for p in self.in_projs]
 
@@ -87,8 +87,8 @@ class AttentionSpec(UnitKind):
         for proj in self.in_projs:
             idx = torch.cat([feat + s * width for s in range(proj.segments)])
             scale = feat_scale.repeat(proj.segments) if feat_scale is not None else None
-            keep_rows(model.get_submodule(proj.name), idx, scale)
-        keep_cols(model.get_submodule(self.out_proj), feat)
+            keep_rows(linear(model, proj.name), idx, scale)
+        keep_cols(linear(model, self.out_proj), feat)
         heads, head_dim = self.kept_shape(len(keep), granularity)
         patcher.patch_attention(model, self, heads, head_dim)
 
@@ -96,9 +96,9 @@ class AttentionSpec(UnitKind):
         width = self.num_heads * self.head_dim
         per_feat = torch.zeros(width, dtype=torch.float64)
         for proj in self.in_projs:
-            w = model.get_submodule(proj.name).weight.detach().abs().sum(1).double().cpu()
+            w = linear(model, proj.name).weight.detach().abs().sum(1).double().cpu()
             per_feat += w.view(proj.segments, width).sum(0)
-        per_feat += model.get_submodule(self.out_proj).weight.detach().abs().sum(0).double().cpu()
+        per_feat += linear(model, self.out_proj).weight.detach().abs().sum(0).double().cpu()
         grid = per_feat.view(self.num_heads, self.head_dim)
         return grid.sum(0) if granularity == "dim" else grid.sum(1)
 
@@ -127,22 +127,22 @@ class AttentionSpec(UnitKind):
         return tq, tkv
 
     def signature(self, model: nn.Module, granularity: str) -> dict[str, Any]:
-        first = model.get_submodule(self.in_projs[0].name)
-        last = model.get_submodule(self.in_projs[-1].name)
+        first = linear(model, self.in_projs[0].name)
+        last = linear(model, self.in_projs[-1].name)
         return {"kind": self.kind, "granularity": granularity, "d_q": first.in_features, "d_kv": last.in_features,
-                "d_out": model.get_submodule(self.out_proj).out_features, "heads": self.num_heads,
+                "d_out": linear(model, self.out_proj).out_features, "heads": self.num_heads,
                 "head_dim": self.head_dim}
 
     def unit_flops_acts(self, model: nn.Module, granularity: str, tq: int, tkv: int, batch: int) -> tuple[float, float]:
         width = self.num_heads if granularity == "dim" else self.head_dim
         flops = 0.0
         for i, proj in enumerate(self.in_projs):
-            lin = model.get_submodule(proj.name)
+            lin = linear(model, proj.name)
             if proj.segments == 3:  # fused qkv on the query tokens
                 flops += 3 * 2 * batch * tq * lin.in_features
             else:
                 flops += 2 * batch * (tq if i == 0 else tkv) * lin.in_features
-        flops += 2 * batch * tq * model.get_submodule(self.out_proj).out_features
+        flops += 2 * batch * tq * linear(model, self.out_proj).out_features
         flops += 2 * 2 * batch * tq * tkv  # q·kᵀ and p·v, per head dimension
         acts = batch * (2 * tq + 2 * tkv)
         return flops * width, acts * width

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
@@ -153,6 +153,11 @@ def from_dict(data: dict[str, Any]) -> UnitKind:
 
 
 # ---- Linear surgery and masking shared by the kinds -----------------------------------------------------
+def linear(model: nn.Module, name: str) -> nn.Linear:
+    """The Linear at ``name`` (a kind's projections are Linears by contract)."""
+    return cast(nn.Linear, model.get_submodule(name))
+
+
 def keep_rows(lin: nn.Linear, idx: torch.Tensor, scale: torch.Tensor | None) -> None:
     """Keep output rows ``idx`` of ``lin``, each multiplied by ``scale`` (ζ·(Wx + b) = (ζW)x + ζb)."""
     idx = idx.to(lin.weight.device)
@@ -181,11 +186,11 @@ def row_cost(lin: nn.Linear) -> int:
 
 
 def row_l1(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight.detach().abs().sum(1).double().cpu()
+    return linear(model, name).weight.detach().abs().sum(1).double().cpu()
 
 
 def col_l1(model: nn.Module, name: str) -> torch.Tensor:
-    return model.get_submodule(name).weight.detach().abs().sum(0).double().cpu()
+    return linear(model, name).weight.detach().abs().sum(0).double().cpu()
 
 
 class _Masked(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import MLP, UnitKind, col_l1, keep_cols, keep_rows, output_mask_hook, row_cost, row_l1
+from .base import MLP, UnitKind, col_l1, keep_cols, keep_rows, linear, output_mask_hook, row_cost, row_l1
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,20 @@ class GatedMLPSpec(UnitKind):
         return self.width
 
     def unit_cost(self, model: nn.Module, granularity: str) -> float:
-        gate, up, down = (model.get_submodule(n) for n in (self.gate, self.up, self.down))
+        gate, up, down = (linear(model, n) for n in (self.gate, self.up, self.down))
         return float(row_cost(gate) + row_cost(up) + down.out_features)
 
     def linears(self) -> list[str]:
         return [self.gate, self.up, self.down]
 
     def attach(self, model: nn.Module, zeta: nn.Parameter, granularity: str) -> list[Any]:
-        return [model.get_submodule(self.up).register_forward_hook(output_mask_hook(lambda: zeta))]
+        return [linear(model, self.up).register_forward_hook(output_mask_hook(lambda: zeta))]
 
     def slim(self, model: nn.Module, keep: list[int], granularity: str, fold: torch.Tensor | None, patcher: Any) -> None:
         idx = torch.tensor(keep, dtype=torch.long)
-        keep_rows(model.get_submodule(self.gate), idx, None)
-        keep_rows(model.get_submodule(self.up), idx, fold)
-        keep_cols(model.get_submodule(self.down), idx)
+        keep_rows(linear(model, self.gate), idx, None)
+        keep_rows(linear(model, self.up), idx, fold)
+        keep_cols(linear(model, self.down), idx)
         patcher.patch_mlp(model, self, len(keep))
 
     def magnitude(self, model: nn.Module, granularity: str) -> torch.Tensor:
@@ -60,11 +60,11 @@ class GatedMLPSpec(UnitKind):
         return list(range(alignment.mlp_multiple, self.width + 1, alignment.mlp_multiple))
 
     def signature(self, model: nn.Module, granularity: str) -> dict[str, Any]:
-        return {"kind": self.kind, "d_in": model.get_submodule(self.up).in_features,
-                "d_out": model.get_submodule(self.down).out_features}
+        return {"kind": self.kind, "d_in": linear(model, self.up).in_features,
+                "d_out": linear(model, self.down).out_features}
 
     def unit_flops_acts(self, model: nn.Module, granularity: str, tq: int, tkv: int, batch: int) -> tuple[float, float]:
-        d_in, d_out = model.get_submodule(self.up).in_features, model.get_submodule(self.down).out_features
+        d_in, d_out = linear(model, self.up).in_features, linear(model, self.down).out_features
         return 2 * batch * tq * (2 * d_in + d_out), 3 * batch * tq
 
     @classmethod

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ATTENTION, UnitKind, keep_cols, keep_rows, output_mask_hook, row_cost
+from .base import ATTENTION, UnitKind, keep_cols, keep_rows, linear, output_mask_hook, row_cost
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class GQASpec(UnitKind):
         return zeta.repeat_interleave(self.groups * self.head_dim), zeta.repeat_interleave(self.head_dim)
 
     def unit_cost(self, model: nn.Module, granularity: str) -> float:
-        q, k, v, o = (model.get_submodule(n) for n in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        q, k, v, o = (linear(model, n) for n in (self.q_proj, self.k_proj, self.v_proj, self.o_proj))
         per_q_dim, per_kv_dim = row_cost(q) + o.out_features, row_cost(k) + row_cost(v)
         if granularity == "dim":
             return float(2 * (self.num_heads * per_q_dim + self.num_kv_heads * per_kv_dim))
@@ -84,22 +84,22 @@ class GQASpec(UnitKind):
     def attach(self, model: nn.Module, zeta: nn.Parameter, granularity: str) -> list[Any]:
         q_hook = output_mask_hook(lambda: self.expand_mask(zeta, granularity)[0])
         kv_hook = output_mask_hook(lambda: self.expand_mask(zeta, granularity)[1])
-        return [model.get_submodule(self.q_proj).register_forward_hook(q_hook),
-                model.get_submodule(self.k_proj).register_forward_hook(kv_hook),
-                model.get_submodule(self.v_proj).register_forward_hook(kv_hook)]
+        return [linear(model, self.q_proj).register_forward_hook(q_hook),
+                linear(model, self.k_proj).register_forward_hook(kv_hook),
+                linear(model, self.v_proj).register_forward_hook(kv_hook)]
 
     def slim(self, model: nn.Module, keep: list[int], granularity: str, fold: torch.Tensor | None, patcher: Any) -> None:
         q_idx, kv_idx = self.feature_index(keep, granularity)
         q_scale, kv_scale = self.expand_mask(fold, granularity) if fold is not None else (None, None)
-        keep_rows(model.get_submodule(self.q_proj), q_idx, q_scale)
-        keep_rows(model.get_submodule(self.k_proj), kv_idx, kv_scale)
-        keep_rows(model.get_submodule(self.v_proj), kv_idx, kv_scale)
-        keep_cols(model.get_submodule(self.o_proj), q_idx)
+        keep_rows(linear(model, self.q_proj), q_idx, q_scale)
+        keep_rows(linear(model, self.k_proj), kv_idx, kv_scale)
+        keep_rows(linear(model, self.v_proj), kv_idx, kv_scale)
+        keep_cols(linear(model, self.o_proj), q_idx)
         patcher.patch_gqa(model, self, keep, granularity)
 
     def magnitude(self, model: nn.Module, granularity: str) -> torch.Tensor:
         def l1(name: str, axis: int, heads: int) -> torch.Tensor:
-            w = model.get_submodule(name).weight.detach().abs().sum(axis).double().cpu()
+            w = linear(model, name).weight.detach().abs().sum(axis).double().cpu()
             return w.view(heads, self.head_dim)
 
         q = l1(self.q_proj, 1, self.num_heads) + l1(self.o_proj, 0, self.num_heads)
@@ -136,12 +136,12 @@ class GQASpec(UnitKind):
         return tq, tkv
 
     def signature(self, model: nn.Module, granularity: str) -> dict[str, Any]:
-        return {"kind": self.kind, "granularity": granularity, "d_in": model.get_submodule(self.q_proj).in_features,
-                "d_out": model.get_submodule(self.o_proj).out_features, "heads": self.num_heads,
+        return {"kind": self.kind, "granularity": granularity, "d_in": linear(model, self.q_proj).in_features,
+                "d_out": linear(model, self.o_proj).out_features, "heads": self.num_heads,
                 "kv_heads": self.num_kv_heads, "head_dim": self.head_dim}
 
     def unit_flops_acts(self, model: nn.Module, granularity: str, tq: int, tkv: int, batch: int) -> tuple[float, float]:
-        d_in, d_out = model.get_submodule(self.q_proj).in_features, model.get_submodule(self.o_proj).out_features
+        d_in, d_out = linear(model, self.q_proj).in_features, linear(model, self.o_proj).out_features
         # per head dimension of one query head (projections in and out, q·kᵀ and p·v) and of one KV head
         q_flops, kv_flops = 2 * batch * tq * (d_in + d_out) + 4 * batch * tq * tkv, 2 * 2 * batch * tkv * d_in
         q_acts, kv_acts = 2 * batch * tq, 2 * batch * tkv
@@ -185,7 +185,7 @@ def patch_rotary_attention(model: nn.Module, spec: GQASpec, kept: Sequence[int],
     from attributes and take the scaling fixed at construction). Whole groups leave the group size as it was."""
     if granularity != "dim":
         return
-    mod, dims = model.get_submodule(spec.name), spec.dims(kept)
+    mod, dims = model.get_submodule(spec.name), spec.dims(kept)  # the attention module, not a Linear
     mod.head_dim = int(dims.numel())
     mod.register_forward_pre_hook(rotary_pre_hook(dims), with_kwargs=True)
 

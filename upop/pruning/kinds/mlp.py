@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import MLP, UnitKind, keep_cols, keep_rows, output_mask_hook, row_cost
+from .base import MLP, UnitKind, keep_cols, keep_rows, linear, output_mask_hook, row_cost
 
 
 @dataclass(frozen=True)
@@ -29,23 +29,23 @@ class MLPSpec(UnitKind):
         return self.width
 
     def unit_cost(self, model: nn.Module, granularity: str) -> float:
-        return float(row_cost(model.get_submodule(self.fc1)) + model.get_submodule(self.fc2).out_features)
+        return float(row_cost(linear(model, self.fc1)) + linear(model, self.fc2).out_features)
 
     def linears(self) -> list[str]:
         return [self.fc1, self.fc2]
 
     def attach(self, model: nn.Module, zeta: nn.Parameter, granularity: str) -> list[Any]:
-        return [model.get_submodule(self.fc1).register_forward_hook(output_mask_hook(lambda: zeta))]
+        return [linear(model, self.fc1).register_forward_hook(output_mask_hook(lambda: zeta))]
 
     def slim(self, model: nn.Module, keep: list[int], granularity: str, fold: torch.Tensor | None, patcher: Any) -> None:
         idx = torch.tensor(keep, dtype=torch.long)
-        keep_rows(model.get_submodule(self.fc1), idx, fold)
-        keep_cols(model.get_submodule(self.fc2), idx)
+        keep_rows(linear(model, self.fc1), idx, fold)
+        keep_cols(linear(model, self.fc2), idx)
         patcher.patch_mlp(model, self, len(keep))
 
     def magnitude(self, model: nn.Module, granularity: str) -> torch.Tensor:
-        fc1 = model.get_submodule(self.fc1).weight.detach().abs().sum(1)
-        fc2 = model.get_submodule(self.fc2).weight.detach().abs().sum(0)
+        fc1 = linear(model, self.fc1).weight.detach().abs().sum(1)
+        fc2 = linear(model, self.fc2).weight.detach().abs().sum(0)
         return (fc1 + fc2).double().cpu()
 
     def shape(self) -> dict[str, int]:
@@ -55,11 +55,11 @@ class MLPSpec(UnitKind):
         return list(range(alignment.mlp_multiple, self.width + 1, alignment.mlp_multiple))
 
     def signature(self, model: nn.Module, granularity: str) -> dict[str, Any]:
-        fc1, fc2 = model.get_submodule(self.fc1), model.get_submodule(self.fc2)
+        fc1, fc2 = linear(model, self.fc1), linear(model, self.fc2)
         return {"kind": self.kind, "d_in": fc1.in_features, "d_out": fc2.out_features}
 
     def unit_flops_acts(self, model: nn.Module, granularity: str, tq: int, tkv: int, batch: int) -> tuple[float, float]:
-        fc1, fc2 = model.get_submodule(self.fc1), model.get_submodule(self.fc2)
+        fc1, fc2 = linear(model, self.fc1), linear(model, self.fc2)
         return 2 * batch * tq * (fc1.in_features + fc2.out_features), 2 * batch * tq
 
     @classmethod
