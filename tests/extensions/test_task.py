@@ -105,6 +105,20 @@ def write_counts(data: Path) -> None:
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _unregistered_after():
+    """The toy task leaves no trace in the registries for the tests that run after this file."""
+    yield
+    from upop.run import options
+    from upop.exporters import predict
+    from upop.tasks import base
+
+    base._TASKS.pop("vit-count")
+    base._SERVES.pop(("vit", "count"))
+    options._TASK_OPTIONS.pop("max_count")
+    predict.PRESENTERS.pop("count")
+
+
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     model, data = vit_run_folder(tmp_path_factory.mktemp("count"))
@@ -118,6 +132,7 @@ def _ok(r) -> str:
 
 
 def test_a_task_in_one_file_compresses_exports_evaluates_and_predicts(run_folder, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export is evaluated and run with ONNX Runtime (extra cpu)")
     from upop.exporters.predict import predict
     from upop_cli.app import app
 

@@ -13,19 +13,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from .options import DEFAULT_CHECKPOINT_EVERY, DEVICE, GRANULARITY, RATIO, compress_options  # noqa: F401
+from .options import (  # noqa: F401  (the constants: where the fields are)
+    COST_WEIGHTS,
+    DEFAULT_CHECKPOINT_EVERY,
+    DISTILL_MODES,
+    GRANULARITIES,
+    RUN_OPTIONS,
+    SEARCH_LR_SCHEDULES,
+    Rule,
+    at_least,
+    compress_options,
+)
 
 CONFIG_VERSION = 1
-GRANULARITIES = ("dim", "head")
 #: upop: unified + progressive (the method). The other two are the ablation baselines:
 #: unified ranking applied once at the end, and uniform per-module pruning by weight magnitude.
 SEARCH_METHODS = ("upop", "unified-once", "uniform-magnitude")
-#: constant: the search trains at ``lr`` throughout (as the reference UPop code; the weights adapt most while
-#: the most is being removed, late in the search); cosine: decays to 0 over the search (upop before 0.2)
-SEARCH_LR_SCHEDULES = ("constant", "cosine")
-#: how a unit's cost is counted when the search fills the ratio: its true parameters, or the reference's weighting
-#: (an attention unit as a fixed number of MLP neurons per family: ``Adapter.paper_attn_weight``)
-COST_WEIGHTS = ("true", "paper")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -35,11 +38,15 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _check_steps(grad_accum: int, max_steps: int | None) -> None:
-    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ConfigError(f"grad_accum must be a positive integer, got {grad_accum!r}")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
-        raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
+def _rule(option: str) -> Rule:
+    """The rule of ``upop compress``'s option of that name (``upop.run.options``): one rule for flag and field."""
+    return next(o.rule for o in RUN_OPTIONS if o.name == option)
+
+
+def _check(fields: tuple[tuple[str, str, Any], ...], optional: tuple[str, ...] = ()) -> None:
+    """(label in the error, option whose rule applies, value); a value may be None only for ``optional`` options."""
+    for label, option, value in fields:
+        _rule(option).check(label, value, required=option not in optional)
 
 
 @dataclass
@@ -65,26 +72,16 @@ class SearchConfig:
     cost_weights: str = "true"  # one of COST_WEIGHTS
 
     def validate(self) -> None:
-        if self.cost_weights not in COST_WEIGHTS:
-            raise ConfigError(f"cost weights must be one of {', '.join(COST_WEIGHTS)}, got {self.cost_weights!r}")
+        _check((("cost weights", "cost_weights", self.cost_weights), ("ratio", "ratio", self.ratio),
+                ("search lr schedule", "search_lr_schedule", self.lr_schedule),
+                ("granularity", "granularity", self.granularity), ("search epochs", "search_epochs", self.epochs),
+                ("update_every", "update_every", self.update_every), ("grad_accum", "grad_accum", self.grad_accum),
+                ("max_steps", "max_steps", self.max_steps), ("lambda_attn", "lambda_attn", self.lambda_attn),
+                ("lambda_mlp", "lambda_mlp", self.lambda_mlp), ("search lr", "lr", self.lr),
+                ("weight_decay", "weight_decay", self.weight_decay)), optional=("update_every", "max_steps"))
         if self.method not in SEARCH_METHODS:
             raise ConfigError(f"search method must be one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
-        if self.lr_schedule not in SEARCH_LR_SCHEDULES:
-            raise ConfigError(f"search lr schedule must be one of {', '.join(SEARCH_LR_SCHEDULES)}, "
-                              f"got {self.lr_schedule!r}")
-        RATIO.check("ratio", self.ratio, required=True)
-        GRANULARITY.check("granularity", self.granularity, required=True)
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigError(f"search epochs must be a positive integer, got {self.epochs!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(f"search steps must be a positive integer, got {self.steps!r}")
-        if self.update_every is not None and (not isinstance(self.update_every, int) or self.update_every < 1):
-            raise ConfigError(f"update_every must be a positive integer, got {self.update_every!r}")
-        _check_steps(self.grad_accum, self.max_steps)
-        _check_positive("lambda_attn", self.lambda_attn, allow_zero=True)
-        _check_positive("lambda_mlp", self.lambda_mlp, allow_zero=True)
-        _check_positive("search lr", self.lr, allow_zero=True)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        at_least(1).check("search steps", self.steps)
 
 
 @dataclass
@@ -103,20 +100,15 @@ class RetrainConfig:
     max_steps: int | None = None  # cap on the steps over all epochs (a smoke run)
 
     def validate(self) -> None:
-        _check_steps(self.grad_accum, self.max_steps)
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ConfigError(f"retrain epochs must be an integer >= 0, got {self.epochs!r}")
-        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
-            raise ConfigError(f"steps_per_epoch must be a positive integer, got {self.steps_per_epoch!r}")
-        _check_positive("retrain lr", self.lr, allow_zero=True)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check((("grad_accum", "grad_accum", self.grad_accum), ("max_steps", "max_steps", self.max_steps),
+                ("retrain epochs", "retrain_epochs", self.epochs), ("retrain lr", "lr", self.lr),
+                ("weight_decay", "weight_decay", self.weight_decay)), optional=("max_steps",))
+        at_least(1).check("steps_per_epoch", self.steps_per_epoch)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         _check_positive("max_grad_norm", self.max_grad_norm)
 
 
-#: what the slim model learns from the teacher: nothing, its outputs (KL), its hidden states (MSE), or both
-DISTILL_MODES = ("off", "logits", "features", "both")
 
 
 @dataclass
@@ -138,14 +130,10 @@ class DistillConfig:
         return self.mode != "off"
 
     def validate(self) -> None:
-        if self.mode not in DISTILL_MODES:
-            raise ConfigError(f"distill must be one of {', '.join(DISTILL_MODES)}, got {self.mode!r}")
-        _check_positive("distill weight", self.weight, allow_zero=True)
-        _check_positive("distill temperature", self.temperature)
-        if not isinstance(self.search, bool):
-            raise ConfigError(f"distill search must be true or false, got {self.search!r}")
-        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher.strip()):
-            raise ConfigError(f"teacher must be a model name or folder, got {self.teacher!r}")
+        _check((("distill", "distill", self.mode), ("distill weight", "distill_weight", self.weight),
+                ("distill temperature", "distill_temperature", self.temperature),
+                ("distill search", "distill_search", self.search), ("teacher", "teacher", self.teacher)),
+               optional=("teacher",))
         if self.teacher is not None and not self.enabled:
             raise ConfigError("a teacher is given (--teacher) but distillation is off; add --distill logits|features|both")
 
@@ -199,10 +187,10 @@ class CompressConfig:
                 f"config_version {self.config_version} is newer than this upop understands ({CONFIG_VERSION}); upgrade upop"
             )
         if self.target_latency_ms is not None:
-            _check_positive("target latency", self.target_latency_ms)
+            _check((("target latency", "target_latency", self.target_latency_ms),))
             if self.profile is None:
                 raise ConfigError("--target-latency needs a hardware profile (--profile) to predict latency")
-        DEVICE.check("device", self.device, required=True)
+        _check((("device", "device", self.device),))
         self.search.validate()
         self.retrain.validate()
         self.distill.validate()

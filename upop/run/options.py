@@ -2,9 +2,9 @@
 
 One table (``compress_options``) yields the flags of ``upop compress`` (``upop_cli`` builds its Typer options
 from it), the checks of a ``--config`` TOML file and of a recipe (type, range, choices, unknown keys) and the
-typed ``CompressConfig`` the library takes (``config_from``). The config dataclasses check their fields with the
-same ``Rule`` objects, so a rule is written in one place. A task's own options (``Task.task_options``) join the
-table from the task's declaration.
+typed ``CompressConfig`` the library takes (``CompressConfig.from_values``; the defaults: ``option_defaults``).
+The config dataclasses check their fields with the same ``Rule`` objects, so a rule is written in one place. A
+task's own options (``Task.task_options``) join the table when the task registers.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from ..errors import ConfigError
 
 #: steps between the run's periodic checkpoints (CLI and API alike; 0: only at the ends of the phases)
 DEFAULT_CHECKPOINT_EVERY = 200
+GRANULARITIES = ("dim", "head")
+#: constant: the search trains at ``lr`` throughout (as the reference UPop code; the weights adapt most while
+#: the most is being removed, late in the search); cosine: decays to 0 over the search (upop before 0.2)
+SEARCH_LR_SCHEDULES = ("constant", "cosine")
+#: how a unit's cost is counted when the search fills the ratio: its true parameters, or the reference's weighting
+#: (an attention unit as a fixed number of MLP neurons per family: ``Adapter.paper_attn_weight``)
+COST_WEIGHTS = ("true", "paper")
+#: what the slim model learns from the teacher: nothing, its outputs (KL), its hidden states (MSE), or both
+DISTILL_MODES = ("off", "logits", "features", "both")
 #: Integers beyond these overflow what they feed (a seed: numpy's 32 bits; the rest: C ints in torch).
 MAX_SEED = 2**32 - 1
 MAX_INT = 2**31 - 1
@@ -71,7 +80,7 @@ SWITCH = Rule("true or false", lambda v: isinstance(v, bool))
 RATIO = Rule("strictly between 0 and 1", lambda v: is_num(v) and 0 < v < 1)
 SEED = Rule(f"an integer in 0..{MAX_SEED}", lambda v: is_int(v) and 0 <= v <= MAX_SEED)
 DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)))
-GRANULARITY = one_of("dim", "head")
+GRANULARITY = one_of(*GRANULARITIES)
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", at_least(1), int, default=32),
     Option("lr", number(0), float, into=("search.lr", "retrain.lr")),
     Option("update_every", at_least(1), int, "K: search steps between mask updates.", into=("search.update_every",)),
-    Option("search_lr_schedule", one_of("constant", "cosine"),
+    Option("search_lr_schedule", one_of(*SEARCH_LR_SCHEDULES),
            help="constant (default, as UPop's reference) | cosine to 0.", into=("search.lr_schedule",)),
     Option("lambda_attn", number(0), float, into=("search.lambda_attn",), flagged=False),
     Option("lambda_mlp", number(0), float, into=("search.lambda_mlp",), flagged=False),
@@ -159,10 +168,10 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("recipe", _named("a recipe name (upop recipes list) or none"),
            help="Reference hyperparameters (upop recipes list); default: chosen from the data's annotation files; "
                 "none: no recipe."),
-    Option("cost_weights", one_of("true", "paper"),
+    Option("cost_weights", one_of(*COST_WEIGHTS),
            help="What a unit costs when the search fills the ratio: true (its parameters, default) | paper (the "
                 "reference's attention:MLP weights).", into=("search.cost_weights",)),
-    Option("distill", one_of("off", "logits", "features", "both"),
+    Option("distill", one_of(*DISTILL_MODES),
            help="Learn from a frozen teacher: off (default) | logits (KL) | features (hidden states) | both.",
            into=("distill.mode",)),
     Option("distill_weight", number(0), float, "Weight of the distillation terms (default 1).",
