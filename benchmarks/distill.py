@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import upop
-from upop.api import _open, setup_task
+from upop.api import open_model, setup_task
 from upop.run.config import DistillConfig
 from upop.models.demo import DEMOS, shapes_dir
 from upop.errors import UpopError
@@ -65,7 +65,7 @@ def main() -> None:
     rows, raw = [], []
     for demo in args.demos:
         spec = DEMOS[demo]
-        src = _open(demo, None)
+        src = open_model(demo, None)
         base = setup_task(src, None, shapes_dir(), None, spec.batch_size, 0).report_fn(src.model)["primary"]
         for ratio in args.ratios:
             cells: dict[str, list[dict]] = {}

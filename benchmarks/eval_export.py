@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from upop.api import _open, setup_task
+from upop.api import open_model, setup_task
 from upop.exporters import get
 from upop.exporters.evaluate import evaluate_export
 
@@ -28,7 +28,7 @@ DEMOS = ["demo-vit", "demo-clip", "demo-blip", "demo-blip-nlvr"]
 
 def _pytorch(model: str, data: str | None, split: str, limit: int | None,
              batch_size: int) -> tuple[str, str, dict[str, float]]:
-    src = _open(model)
+    src = open_model(model)
     src.model.to(torch.device("cpu"))
     ts = setup_task(src, None, data, None, batch_size, 0, limit)
     ts.task.eval_batch_size = batch_size

@@ -47,14 +47,14 @@ def check_opset(opset: Any) -> None:
 
 
 @dataclass
-class Loaded:
+class ExportSource:
     model: nn.Module
     adapter: Any
     source: str
     slim: bool
 
 
-def load_for_export(source: str | Path) -> Loaded:
+def load_for_export(source: str | Path) -> ExportSource:
     import upop
     from upop.adapters import get_adapter
     from upop.run.checkpoint import is_slim_checkpoint
@@ -62,13 +62,13 @@ def load_for_export(source: str | Path) -> Loaded:
 
     if is_slim_checkpoint(source):
         model = upop.load(source)
-        return Loaded(model, get_adapter(model), str(source), True)
+        return ExportSource(model, get_adapter(model), str(source), True)
     path = Path(source)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ExportError(f"{source} is neither a upop slim checkpoint nor a model folder")
     loaded = load_pretrained(str(source))
     # The resolved folder (a demo name becomes its installed folder): its processor files are copied from there.
-    return Loaded(loaded.model, loaded.adapter, str(loaded.source), False)
+    return ExportSource(loaded.model, loaded.adapter, str(loaded.source), False)
 
 
 def _io_spec(model_proto) -> dict[str, list[dict[str, Any]]]:

@@ -73,7 +73,7 @@ class Backend:
     # ---- measurement ----------------------------------------------------------------------------------
     def profile(self, target: str, batches: list[int], device: str, precision: str, warmup: int,
                 runs: int) -> list[Any]:
-        """``upop profile --runtime NAME``: ``upop.latency.timing.Run`` rows of every graph at every batch."""
+        """``upop profile --runtime NAME``: ``upop.latency.timing.Timing`` rows of every graph at every batch."""
         raise ConfigError(f"{self.title} cannot profile here")
 
     def block_timer(self, device: Any, precision: str) -> Any:

@@ -16,7 +16,7 @@ from torch import nn
 
 from upop.latency.calibrate import BlockTimer, runtime_timer
 from upop.errors import ConfigError
-from upop.latency.timing import SEQ, Run, make_run, percentile, time_fn
+from upop.latency.timing import SEQ, Timing, make_run, percentile, time_fn
 from upop.latency.measure import Runtime
 
 from .graphs import export_graphs
@@ -28,7 +28,7 @@ __all__ = ["block_timer", "ort_runtime", "ort_session", "ort_timer", "profile_or
 
 
 def profile_torch(model: torch.nn.Module, adapter: Any, target: str, batches: Sequence[int], device: torch.device,
-                  precision: str = "fp32", warmup: int = 5, runs: int = 30) -> list[Run]:
+                  precision: str = "fp32", warmup: int = 5, runs: int = 30) -> list[Timing]:
     """PyTorch latency of every deployment graph of ``model``, so it compares graph by graph with the runtimes."""
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
@@ -50,7 +50,7 @@ def profile_torch(model: torch.nn.Module, adapter: Any, target: str, batches: Se
 
 
 def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], device: str = "cpu",
-                precision: str = "fp32", warmup: int = 5, runs: int = 30, threads: int | None = None) -> list[Run]:
+                precision: str = "fp32", warmup: int = 5, runs: int = 30, threads: int | None = None) -> list[Timing]:
     import json
 
     import onnxruntime as ort
@@ -75,7 +75,7 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
 
 
 def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", precision: str = "fp32", warmup: int = 5,
-                runs: int = 30, seq: int = SEQ) -> list[Run]:
+                runs: int = 30, seq: int = SEQ) -> list[Timing]:
     """TensorRT latency of a ``upop export --format tensorrt`` folder, or of a model whose engines are built
     first (in a temporary folder, at ``precision``, for the asked batch sizes). Untested here: no TensorRT."""
     import tempfile
@@ -88,7 +88,7 @@ def profile_trt(target: str, batches: Sequence[int], device: str = "cuda", preci
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"precision must be fp32 or fp16, got {precision!r}")
 
-    def rows(folder: str | Path) -> list[Run]:
+    def rows(folder: str | Path) -> list[Timing]:
         return [make_run(target, "tensorrt", device, precision, r["graph"], r["batch"], r["ms"], "TensorRT")
                 for r in profile_engines(folder, list(batches), seq, warmup, runs)]
 

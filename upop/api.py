@@ -13,8 +13,6 @@ from .run.pipeline import (CompressResult, OpenedModel, TaskSetup, compress, loa
 __all__ = ["CompressResult", "OpenedModel", "TaskSetup", "compress", "load", "open_model", "resolve_device",
            "setup_task", "check_profile"]
 
-# Kept for callers written against the earlier private name.
-_open = open_model
 
 
 def check_profile(profile: str | None) -> None:

@@ -23,7 +23,7 @@ def is_export(path: str) -> bool:
 
 def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
         device: str, as_json: bool, allow_outside_data: bool = False, runtime: str | None = None) -> None:
-    from upop.api import _open, resolve_device, setup_task
+    from upop.api import open_model, resolve_device, setup_task
     from upop.datasets.readers import outside_data_allowed
     from upop.errors import ConfigError
     from upop.exporters import canonical
@@ -39,7 +39,7 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
 
     dev = resolve_device(device)
     network_rule(model)
-    src = _open(model, task)
+    src = open_model(model, task)
     src.model.to(dev)
     with outside_data_allowed(allow_outside_data):
         ts = setup_task(src, task, data, None, batch_size, 0, limit)

@@ -65,7 +65,6 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | 
 
     exporter = get(fmt)  # an unknown format: one line listing the known ones
     runtime = backend(canonical(fmt, "--format"))
-    runtime.require()  # a missing package is one line naming its extra, before any work
     q = quant or QuantArgs()
     batch = runtime.takes_batch(batch, "fp16" if fp16 else q.precision)
     source = source_or_latest(source, "export")
@@ -76,6 +75,7 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | 
     kwargs: dict[str, Any] = {"opset": opset, "overwrite": overwrite, "progress": lambda m: log.print(m)}
     kwargs.update(runtime.export_options(fp16, q.precision, batch,
                                          lambda half: precision_options(source, half, batch or "1", q)))
+    runtime.require()  # after the flags' own checks: a missing package is one line naming its extra
     with outside_data_allowed(q.allow_outside_data):
         manifest = exporter(source, out_dir, **kwargs)
     if as_json:

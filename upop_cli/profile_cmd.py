@@ -137,7 +137,7 @@ def profiles_validate(path: Path) -> None:
 
 def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: str, granularity: str,
                        quiet: bool, overwrite: bool = False) -> None:
-    from upop.api import _open, resolve_device
+    from upop.api import open_model, resolve_device
     from upop.latency.calibrate import calibrate, to_toml
     from upop.profiles import load, read_file
     from upop.run.safety import check_file, write_file
@@ -154,7 +154,7 @@ def profiles_calibrate(model: str, out: Path, runtime: str, device: str, base: s
     from upop.models.hub import network_rule
 
     network_rule(model)
-    src = _open(model, None)
+    src = open_model(model, None)
     log = console(stderr=True, quiet=quiet)
     dev, base_profile = resolve_device(device), load(base)
     prof = calibrate(src.model, src.adapter, base_profile, device=dev, granularity=granularity, runtime=runtime,

@@ -16,7 +16,7 @@ class Torch(Backend):
 
     def profile(self, target: str, batches: list[int], device: str, precision: str, warmup: int,
                 runs: int) -> list[Any]:
-        from upop.api import _open, resolve_device
+        from upop.api import open_model, resolve_device
 
         from .. import backends
         from ..timing import profile_torch
@@ -24,7 +24,7 @@ class Torch(Backend):
         owner = next((b for b in backends() if b.owns(Path(target))), None)
         if owner is not None:
             raise ConfigError(f"{target} is a {owner.title} export: profile it with --runtime {owner.name}")
-        src = _open(target, None)
+        src = open_model(target, None)
         return profile_torch(src.model, src.adapter, target, batches, resolve_device(device), precision, warmup, runs)
 
     def block_timer(self, device: Any, precision: str) -> Any:

@@ -5,7 +5,7 @@ import transformers
 from typer.testing import CliRunner
 
 import upop
-from upop.latency.timing import Run, percentile, speedup
+from upop.latency.timing import Timing, percentile, speedup
 from upop_cli.app import app
 
 from ..conftest import batches_for, build_tiny
@@ -28,7 +28,7 @@ def folders(tmp_path_factory):
 
 def test_percentiles_and_speedup():
     assert percentile([1, 2, 3, 4], 0.5) == 2.5 and percentile([5], 0.99) == 5
-    mk = lambda b, ms: Run("t", "torch", "cpu", "fp32", "g", b, ms, ms, ms, 1.0)  # noqa: E731
+    mk = lambda b, ms: Timing("t", "torch", "cpu", "fp32", "g", b, ms, ms, ms, 1.0)  # noqa: E731
     # baseline 4 ms and 9 ms, candidate 2 and 3: ratios 2 and 3, geometric mean sqrt(6)
     assert speedup([mk(1, 4.0), mk(8, 9.0)], [mk(1, 2.0), mk(8, 3.0)]) == pytest.approx(6 ** 0.5)
 

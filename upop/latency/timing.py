@@ -1,7 +1,7 @@
 """Latency on the machine at hand: every deployment graph, several batch sizes, p50/p90/p99.
 
 Warm-up runs first, then timed runs: CUDA events on a GPU (host timers would measure the launch,
-not the kernels), ``perf_counter`` on the CPU. This module holds the timing and the ``Run`` rows;
+not the kernels), ``perf_counter`` on the CPU. This module holds the timing and the ``Timing`` rows;
 the deployment graphs are defined with the exporters, so ``upop.exporters.timing`` times them
 (in PyTorch, ONNX Runtime and TensorRT) with these pieces.
 """
@@ -31,7 +31,7 @@ def feed_shape(dims: Sequence[Any], batch: int, seq: int = SEQ) -> list[int]:
 
 
 @dataclass
-class Run:
+class Timing:
     target: str
     runtime: str
     device: str
@@ -77,13 +77,13 @@ def time_fn(fn: Callable[[], Any], warmup: int, runs: int, cuda: bool) -> list[f
 
 
 def make_run(target: str, runtime: str, device: str, precision: str, graph: str, batch: int, ms: list[float],
-         provider: str = "") -> Run:
+         provider: str = "") -> Timing:
     p50 = percentile(ms, 0.5)
-    return Run(target, runtime, device, precision, graph, batch, p50, percentile(ms, 0.9), percentile(ms, 0.99),
+    return Timing(target, runtime, device, precision, graph, batch, p50, percentile(ms, 0.9), percentile(ms, 0.99),
                1000.0 * batch / p50 if p50 > 0 else 0.0, provider)
 
 
-def totals(runs: Sequence[Run]) -> dict[int, float]:
+def totals(runs: Sequence[Timing]) -> dict[int, float]:
     """p50 of the whole pipeline (all graphs in sequence) per batch size."""
     out: dict[int, float] = {}
     for r in runs:
@@ -91,7 +91,7 @@ def totals(runs: Sequence[Run]) -> dict[int, float]:
     return out
 
 
-def speedup(baseline: Sequence[Run], candidate: Sequence[Run]) -> float:
+def speedup(baseline: Sequence[Timing], candidate: Sequence[Timing]) -> float:
     """Geometric mean over batch sizes of baseline / candidate pipeline p50."""
     a, b = totals(baseline), totals(candidate)
     ratios = [a[k] / b[k] for k in a if k in b and b[k] > 0]

@@ -255,10 +255,10 @@ def test_momentum_options_are_checked_and_off_means_no_momentum_state(data):
 
 
 def test_demo_blip_reranks_its_own_depth_with_or_without_a_data_folder():
-    from upop.api import _open, setup_task
+    from upop.api import open_model, setup_task
     from upop.models.demo import shapes_dir
 
-    src = _open("demo-blip", None)
+    src = open_model("demo-blip", None)
     for data in (None, shapes_dir()):  # the benchmarks pass the shapes folder; compress leaves it to the demo
         assert setup_task(src, None, data, None, 8, 0).task.k_test("test") == 16
     assert setup_task(src, None, None, None, 8, 0, k_test=4).task.k_test("test") == 4  # the caller's wins
