@@ -64,6 +64,7 @@ class GraphModel:
     ``output_names`` (ONNX Runtime: ``OrtModel``; TensorRT: ``TrtModel``). Arrays in and out (numpy)."""
 
     manifest: dict[str, Any]
+    dir: Path
 
     def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs, in its output order, from the inputs it reads (others are ignored)."""
@@ -74,6 +75,15 @@ class GraphModel:
 
     def output_names(self, graph: str) -> list[str]:
         raise NotImplementedError
+
+    def feed(self, graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs ``graph`` reads, by name; a graph that reads what this export's task does not give is
+        not this export's (a folder put together from two exports)."""
+        wanted = self.input_names(graph)
+        if set(wanted) - set(inputs):
+            raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
+                                    f"{self.manifest['task']} export gives it: the graph is not this export's")
+        return {name: inputs[name] for name in wanted}
 
     def providers_used(self) -> dict[str, list[str]]:
         """Per graph, where it runs (first: the provider or runtime that runs it)."""
@@ -205,12 +215,9 @@ class OrtModel(GraphModel):
         return [o.name for o in self.sessions[graph].get_outputs()]
 
     def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
-        wanted = self.input_names(graph)
-        if set(wanted) - set(inputs):
-            raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
-                                    f"{self.manifest['task']} export gives it: the graph is not this export's")
+        feed = self.feed(graph, inputs)
         try:
-            return self.sessions[graph].run(None, {name: inputs[name] for name in wanted})
+            return self.sessions[graph].run(None, feed)
         except _session_errors() as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportFolderError(f"{self.dir}: graph {graph} cannot run on these inputs (not this export's "

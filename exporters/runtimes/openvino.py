@@ -117,11 +117,7 @@ class OvModel(GraphModel):
         return [p.name for p in self.sessions[graph].get_outputs()]
 
     def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
-        wanted = self.input_names(graph)
-        if set(wanted) - set(inputs):
-            raise ExportFolderError(f"{self.dir}: graph {graph} takes {', '.join(wanted)}, not what a "
-                                    f"{self.manifest['task']} export gives it: the graph is not this export's")
-        return self.sessions[graph].run(None, {name: inputs[name] for name in wanted})
+        return self.sessions[graph].run(None, self.feed(graph, inputs))
 
 
 def _io_names(entry: dict[str, Any]) -> list[str]:
