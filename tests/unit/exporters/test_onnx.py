@@ -248,3 +248,20 @@ def test_tensorrt_profile_and_calibration(tmp_path):
     prof = calibrate(model, get_adapter("vit"), base, device=torch.device("cuda"), runtime="tensorrt", points=2, warmup=2,
                      runs=5, timer=block_timer("tensorrt", torch.device("cuda"), base.precision))
     assert prof.table["runtime"] == "tensorrt" and all(m > 0 for b in prof.table["blocks"] for m in b["ms"])
+
+
+def test_a_graph_that_reads_what_the_export_does_not_give_is_refused_in_one_line():
+    """Every runtime's graphs are fed through GraphModel.feed: the inputs a graph reads, or one line naming it."""
+    from upop.exporters.runtime import ExportFolderError, GraphModel
+
+    class Stub(GraphModel):
+        manifest, dir = {"task": "classification"}, Path("exp")
+
+        def input_names(self, graph):
+            return ["pixel_values", "input_ids"]
+
+    px = np.zeros(1)
+    assert list(Stub().feed("g", {"pixel_values": px, "input_ids": px, "extra": px})) == ["pixel_values", "input_ids"]
+    with pytest.raises(ExportFolderError, match=r"^exp: graph g takes pixel_values, input_ids, not what a "
+                                                r"classification export gives it: the graph is not this export's$"):
+        Stub().feed("g", {"pixel_values": px})
