@@ -57,7 +57,7 @@ def flops_per_tower(model: nn.Module, adapter: Adapter, batch: dict[str, torch.T
     """FLOPs of one forward on ``batch``, grouped by tower, plus ``total``."""
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, depth=2)
+    counter = FlopCounterMode(display=False, depth=1 + max((k.count(".") + 1 for k in adapter.towers), default=1))
     with eager_attention(model), torch.no_grad(), counter:
         model(**batch)
     model.train(was_training)
@@ -65,9 +65,9 @@ def flops_per_tower(model: nn.Module, adapter: Adapter, batch: dict[str, torch.T
     root = type(model).__name__
     out: dict[str, int] = defaultdict(int)
     for key, per_op in counts.items():
-        parts = key.split(".")
-        if len(parts) == 2 and parts[0] == root:
-            out[adapter.tower_of(parts[1])] += int(sum(per_op.values()))
+        head, _, path = key.partition(".")
+        if head == root and _counted(path, adapter.towers):
+            out[adapter.tower_of(path)] += int(sum(per_op.values()))
     total = int(sum(counts.get("Global", {}).values()))
     attributed = sum(out.values())
     if total > attributed:
@@ -75,3 +75,11 @@ def flops_per_tower(model: nn.Module, adapter: Adapter, batch: dict[str, torch.T
     result = dict(sorted(out.items()))
     result["total"] = total
     return result
+
+
+def _counted(path: str, towers: dict[str, str]) -> bool:
+    """A module whose FLOPs count once: a tower's (dotted) root, or a top-level module that contains no tower root
+    (a family whose towers all sit under one attribute, as transformers' VLMs under ``model``, counts them apart)."""
+    if path in towers:
+        return True
+    return bool(path) and "." not in path and not any(k.startswith(path + ".") for k in towers)

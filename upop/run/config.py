@@ -70,15 +70,17 @@ class SearchConfig:
     grad_accum: int = 1  # batches per optimizer step (and per mask-gradient sum)
     max_steps: int | None = None  # cap on the steps (a smoke run of a full-size setup)
     cost_weights: str = "true"  # one of COST_WEIGHTS
+    towers: str | None = None  # "vision,language": the towers whose units are searched; None: all
 
     def validate(self) -> None:
-        _check((("cost weights", "cost_weights", self.cost_weights), ("ratio", "ratio", self.ratio),
+        _check((("towers", "towers", self.towers), ("cost weights", "cost_weights", self.cost_weights),
+                ("ratio", "ratio", self.ratio),
                 ("search lr schedule", "search_lr_schedule", self.lr_schedule),
                 ("granularity", "granularity", self.granularity), ("search epochs", "search_epochs", self.epochs),
                 ("update_every", "update_every", self.update_every), ("grad_accum", "grad_accum", self.grad_accum),
                 ("max_steps", "max_steps", self.max_steps), ("lambda_attn", "lambda_attn", self.lambda_attn),
                 ("lambda_mlp", "lambda_mlp", self.lambda_mlp), ("search lr", "lr", self.lr),
-                ("weight_decay", "weight_decay", self.weight_decay)), optional=("update_every", "max_steps"))
+                ("weight_decay", "weight_decay", self.weight_decay)), optional=("update_every", "max_steps", "towers"))
         if self.method not in SEARCH_METHODS:
             raise ConfigError(f"search method must be one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
         at_least(1).check("search steps", self.steps)
@@ -152,16 +154,18 @@ class CompressConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     device: str = "auto"
     distill: DistillConfig = field(default_factory=DistillConfig)
+    grad_checkpointing: bool = False  # search and retrain recompute activations in the backward
     config_version: int = CONFIG_VERSION
 
     def __init__(self, ratio: float | None = None, granularity: str | None = None, profile: str | None = None,
                  target_latency_ms: float | None = None, search: SearchConfig | None = None,
                  retrain: RetrainConfig | None = None, device: str = "auto", distill: DistillConfig | None = None,
-                 config_version: int = CONFIG_VERSION) -> None:
+                 grad_checkpointing: bool = False, config_version: int = CONFIG_VERSION) -> None:
         self.search = search if search is not None else SearchConfig()
         self.retrain = retrain if retrain is not None else RetrainConfig()
         self.distill = distill if distill is not None else DistillConfig()
         self.profile, self.target_latency_ms, self.device = profile, target_latency_ms, device
+        self.grad_checkpointing = grad_checkpointing
         self.config_version = config_version
         if ratio is not None:
             self.search.ratio = ratio
@@ -190,7 +194,7 @@ class CompressConfig:
             _check((("target latency", "target_latency", self.target_latency_ms),))
             if self.profile is None:
                 raise ConfigError("--target-latency needs a hardware profile (--profile) to predict latency")
-        _check((("device", "device", self.device),))
+        _check((("device", "device", self.device), ("grad checkpointing", "grad_checkpointing", self.grad_checkpointing)))
         self.search.validate()
         self.retrain.validate()
         self.distill.validate()

@@ -81,6 +81,8 @@ RATIO = Rule("strictly between 0 and 1", lambda v: is_num(v) and 0 < v < 1)
 SEED = Rule(f"an integer in 0..{MAX_SEED}", lambda v: is_int(v) and 0 <= v <= MAX_SEED)
 DEVICE = Rule("auto, cpu, cuda or cuda:N", lambda v: isinstance(v, str) and bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)))
 GRANULARITY = one_of(*GRANULARITIES)
+TOWERS = Rule("tower names separated by commas (e.g. vision,language)",
+              lambda v: isinstance(v, str) and bool(re.fullmatch(r"\s*\w+\s*(,\s*\w+\s*)*", v)))
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
            help="retrieval | caption | vqa | classification | nlvr (default: the model's)."),
     Option("data", TEXT, help="Data folder (default for demo models: the built-in shapes set)."),
     Option("granularity", GRANULARITY, help="dim (UPop) | head (whole heads).", into=("granularity",)),
+    Option("towers", TOWERS, help="Search only these towers (e.g. language); the others keep every unit "
+                                  "(default: all).", into=("search.towers",)),
     Option("profile", _named("a profile name or file"), help="Hardware profile name or file.", into=("profile",)),
     Option("target_latency", number(0, strict=True, what="a number of milliseconds > 0"), float,
            "ms under --profile; sets the ratio.", into=("target_latency_ms",)),
@@ -151,6 +155,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "the search and on Ctrl-C).", default=DEFAULT_CHECKPOINT_EVERY),
     Option("grad_accum", at_least(1), int, "Batches per optimizer step: effective batch = processes × batch × K.",
            into=("search.grad_accum", "retrain.grad_accum")),
+    Option("grad_checkpointing", SWITCH, bool, "Recompute activations in the backward (models that support "
+                                               "it): less memory, about a third more compute.", switch=True,
+           into=("grad_checkpointing",)),
     Option("max_steps", at_least(1), int, "Cap the search and the retrain at N steps each (a quick check of a "
                                           "full-size setup).", into=("search.max_steps", "retrain.max_steps")),
     Option("workers", at_least(0), int, "Image-decoding worker processes per GPU (default: a share of the cores; "

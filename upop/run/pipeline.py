@@ -34,6 +34,8 @@ from ..training.retrain import EvalFn, RetrainResult, retrain
 from .state import Baseline, RunState, StateStore
 from ..pruning.search import SearchResult, search
 from ..pruning.slim import slim_model
+from ..pruning.towers import in_towers, keep_the_rest
+from ..training.memory import enable_grad_checkpointing
 
 Progress = Callable[[str, dict[str, float]], None]
 
@@ -442,6 +444,8 @@ def compress(
     run = start_run(config or CompressConfig(), progress, checkpoint_every, latency)
     src = open_model(model, task)
     net = src.model.to(run.device)
+    if run.config.grad_checkpointing:
+        enable_grad_checkpointing(net)
     inputs = prepare_inputs(src, run, data=data, task=task, preprocessor=preprocessor, batch_size=batch_size,
                             eval_limit=eval_limit, batches=batches, loss_fn=loss_fn, retrain_batches=retrain_batches,
                             eval_fn=eval_fn, task_options=task_options or {})
@@ -449,7 +453,8 @@ def compress(
     example = src.adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     before = Measured.of(net, src.adapter, example)
     specs = src.adapter.modules(net)
-    plan = plan_for(run, net, src.adapter, specs)
+    searched = in_towers(specs, run.config.search.towers)
+    plan = plan_for(run, net, src.adapter, searched)
     run_info = distributed_info(run, inputs, batch_size)
     run.latency_batch = run_info["per_rank_batch"]
     open_state(run, state_dir, resume, {**run_info, "ratio": plan.ratio if plan else run.config.ratio,
@@ -457,7 +462,8 @@ def compress(
     if plan is not None:
         run.config = plan.applied(run.config)
     base = measure_baseline(run, net, src.adapter, inputs)
-    result = run_search(run, net, specs, inputs, plan, base)
+    result = run_search(run, net, searched, inputs, plan, base)
+    result.kept = keep_the_rest(result.kept, specs, run.config.granularity)  # the towers left out keep every unit
     run_slim(run, net, specs, result, src, base)
     if run.resumes("done"):
         return finish(run, net, src, result, Report.from_dict(run.saved.report), base)  # type: ignore[union-attr, arg-type]
