@@ -34,7 +34,7 @@ from ..training.retrain import EvalFn, RetrainResult, retrain
 from .state import Baseline, RunState, StateStore
 from ..pruning.search import SearchResult, search
 from ..pruning.slim import slim_model
-from ..pruning.towers import in_towers, keep_the_rest
+from ..pruning.towers import freeze_others, in_towers, keep_the_rest, thaw
 from ..training.memory import enable_grad_checkpointing
 
 Progress = Callable[[str, dict[str, float]], None]
@@ -148,6 +148,7 @@ class Run:
     profile: Any = None  # the loaded hardware profile, if any
     latency_runtimes: dict[str, Runtime] = field(default_factory=dict)  # what to time in; empty: nothing
     latency_batch: int = 1
+    frozen: list[str] = field(default_factory=list)  # parameters of the towers left out of the search (--towers)
 
     def stage(self, name: str) -> ProgressFn | None:
         progress = self.progress
@@ -397,6 +398,7 @@ def finish(run: Run, net: nn.Module, src: OpenedModel, result: SearchResult, rep
         run.write(lambda: RunState("done", base, search_result=dataclasses.asdict(result), report=report.to_dict(),
                                    final_model={k: v.detach().cpu() for k, v in net.state_dict().items()}))
     net._upop_info = src.info  # type: ignore[assignment]
+    thaw(net, run.frozen)
     return CompressResult(model=net, report=report, search=result, info=src.info, processor=src.processor,
                           config=run.config, state=run.store if run.dist.is_main else None)
 
@@ -454,6 +456,7 @@ def compress(
     before = Measured.of(net, src.adapter, example)
     specs = src.adapter.modules(net)
     searched = in_towers(specs, run.config.search.towers)
+    run.frozen = freeze_others(net, src.adapter.tower_of, specs, run.config.search.towers)
     plan = plan_for(run, net, src.adapter, searched)
     run_info = distributed_info(run, inputs, batch_size)
     run.latency_batch = run_info["per_rank_batch"]
