@@ -1,8 +1,8 @@
 """LLaVA (``LlavaForConditionalGeneration``): a CLIP or SigLIP vision tower, a two-layer projector, and a Llama,
 Qwen2 or Mistral language model reading the projected patch features in place of its image tokens.
 
-LLaVA reads the vision tower's hidden states at ``vision_feature_layer`` (-2 in LLaVA-1.5): layers after it do not
-reach the LM, so the search finds no importance in them and ranks their units first.
+LLaVA reads the vision tower's hidden states at ``vision_feature_layer`` (-2 in LLaVA-1.5): the layers after it do
+not reach the LM, so they are not units (no gradient reaches their masks; their weights stay as they are).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
+from ..pruning.units import ModuleSpec
 from .base import image_size_of, register
 from .decoder_vlm import DecoderVLMAdapter, DecoderVLMModels, language_config
 
@@ -63,6 +64,17 @@ class LlavaAdapter(DecoderVLMAdapter, LlavaModels):
 
     attention_types = (CLIPAttention, SiglipAttention)
     mlp_types = (CLIPMLP, SiglipMLP)
+
+    def modules(self, model: nn.Module) -> list[ModuleSpec]:
+        used = self.vision_layers_used(model)
+        return [s for s in super().modules(model) if not s.name.startswith(self.vision_stack + ".")
+                or int(s.name[len(self.vision_stack) + 1:].split(".", 1)[0]) < used]
+
+    def vision_layers_used(self, model: nn.Module) -> int:
+        """How many of the vision tower's first layers reach the LM (hidden state k is layer k-1's output)."""
+        n = len(model.get_submodule(self.vision_stack))
+        chosen = model.config.vision_feature_layer
+        return max(int(k) % (n + 1) for k in (chosen if isinstance(chosen, (list, tuple)) else [chosen]))
 
     def vision_tokens(self, model: nn.Module) -> int:
         cfg = model.config.vision_config

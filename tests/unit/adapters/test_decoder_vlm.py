@@ -141,3 +141,14 @@ def test_the_slim_checkpoint_reloads_and_compresses_again(variant, tmp_path):
     with torch.no_grad():
         want = adapter.forward_outputs(second.model.eval(), batch)["logits"]
         assert (adapter.forward_outputs(again, batch)["logits"] - want).abs().max() <= 1e-5
+
+
+def test_llava_vision_layers_after_the_feature_layer_are_not_units():
+    """LLaVA-1.5 reads the vision tower's second-to-last hidden state: the last layer never reaches the LM."""
+    adapter, model = tiny_vlm("llava-clip-llama")
+    vision = lambda: {s.name.split(".")[4] for s in adapter.modules(model) if s.tower == "vision"}  # noqa: E731
+    assert model.config.vision_feature_layer == -2 and vision() == {"0"}
+    model.config.vision_feature_layer = -1
+    assert vision() == {"0", "1"}
+    model.config.vision_feature_layer = [0, -2]
+    assert vision() == {"0"}
