@@ -46,6 +46,8 @@ COMPRESS_FLAGS = [
     (["--search-epochs", str(2**63)], f"--search-epochs must be at most 2147483647, got {2**63}"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--target-latency", "-2", "--profile", "t4"], "--target-latency must be a number of milliseconds > 0"),
+    (["--towers", "vision;text"], "--towers must be tower names separated by commas (e.g. vision,language), got "
+                                  "'vision;text'"),
 ]
 
 
