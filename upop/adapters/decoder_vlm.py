@@ -120,13 +120,6 @@ def language_config(text: str, *, hidden: int, layers: int, heads: int, vocab: i
 class DecoderVLMModels(ModelFactory):
     """Configs of small decoder VLMs: the vision tower and the LM at one width (the projector maps between them)."""
 
-    def image_processor(self, size: int) -> Any:
-        from transformers import SiglipImageProcessorPil
-
-        from .base import NORM_HALF
-
-        return SiglipImageProcessorPil(size={"height": size, "width": size}, **NORM_HALF)
-
     def vlm_config(self, *, vision: str, text: str, hidden: int, layers: int, heads: int, image_size: int,
                    patch_size: int, vocab: int, token_ids: dict[str, int]) -> Any:
         raise NotImplementedError

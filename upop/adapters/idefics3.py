@@ -13,13 +13,20 @@ import torch
 from torch import nn
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionAttention, Idefics3VisionMLP
 
-from .base import image_size_of, register
+from .base import NORM_HALF, image_size_of, register
 from .decoder_vlm import DecoderVLMAdapter, DecoderVLMModels, language_config
 
 
 class Idefics3Models(DecoderVLMModels):
     family = "idefics3"
     default_vision = "idefics3"
+
+    def image_processor(self, size: int) -> Any:
+        """One image of ``size`` px per example (no splitting into tiles), normalised to [-1, 1]."""
+        from transformers import Idefics3ImageProcessorPil
+
+        edge = {"longest_edge": size}
+        return Idefics3ImageProcessorPil(do_image_splitting=False, size=edge, max_image_size=edge, **NORM_HALF)
 
     def vlm_config(self, *, vision: str, text: str, hidden: int, layers: int, heads: int, image_size: int,
                    patch_size: int, vocab: int, token_ids: dict[str, int]) -> Any:

@@ -14,7 +14,7 @@ from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
 from ..pruning.units import ModuleSpec
-from .base import image_size_of, register
+from .base import NORM_HALF, image_size_of, register
 from .decoder_vlm import DecoderVLMAdapter, DecoderVLMModels, language_config
 
 #: vision tower name -> (its config's model_type, LLaVA's feature selection: CLIP drops its class token)
@@ -24,6 +24,12 @@ VISION_TOWERS = {"clip": ("clip_vision_model", "default"), "siglip": ("siglip_vi
 class LlavaModels(DecoderVLMModels):
     family = "llava"
     default_vision = "clip"
+
+    def image_processor(self, size: int) -> Any:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                     **NORM_HALF)
 
     def vlm_config(self, *, vision: str, text: str, hidden: int, layers: int, heads: int, image_size: int,
                    patch_size: int, vocab: int, token_ids: dict[str, int]) -> Any:
