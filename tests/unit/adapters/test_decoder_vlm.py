@@ -152,3 +152,28 @@ def test_llava_vision_layers_after_the_feature_layer_are_not_units():
     assert vision() == {"0", "1"}
     model.config.vision_feature_layer = [0, -2]
     assert vision() == {"0"}
+
+
+@pytest.mark.slow
+def test_smolvlm_256m_shape_slims_exactly():
+    """At SmolVLM-256M's real shapes (9 query heads over 3 KV heads of 64 dims, 512 px images, pixel shuffle by 4;
+    random weights, from benchmarks/vlm_memory.py's config shapes): half of every module's units kept, the slim
+    model computes the masked one."""
+    from benchmarks.vlm_memory import MODELS
+
+    adapter = get_adapter("idefics3")
+    torch.manual_seed(0)
+    model = adapter.build("Idefics3ForConditionalGeneration", adapter.config_from_dict(dict(MODELS["SmolVLM-256M"])))
+    batch = adapter.example_inputs(model.eval(), batch_size=1, seq_len=8, generator=torch.Generator().manual_seed(0))
+    specs, g = adapter.modules(model), torch.Generator().manual_seed(1)
+    masks = MaskSet(model, specs, "dim")
+    kept = {s.name: sorted(torch.randperm(z.numel(), generator=g)[: z.numel() // 2].tolist()) for s, z in masks.items()}
+    with torch.no_grad():
+        for s, z in masks.items():
+            z.zero_()[kept[s.name]] = 1.0
+        masked = adapter.forward_outputs(model, batch)["logits"]
+    masks.remove()
+    slim_model(model, specs, kept, "dim", adapter)
+    with torch.no_grad():
+        assert (adapter.forward_outputs(model, batch)["logits"] - masked).abs().max() <= 1e-5
+    assert sum(p.numel() for p in model.parameters()) < 0.7 * 256_484_928
