@@ -8,7 +8,7 @@ towers and the tokenizer: their widths stay. Tower names: ``vision`` and ``langu
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ def language_specs(model: nn.Module, stack: str, tower: str = "language") -> lis
     """The GQA attention and gated MLP of every layer of a rotary decoder stack (its sizes read from the Linears,
     so a slim model describes its kept sizes)."""
     specs: list[ModuleSpec] = []
-    for i, layer in enumerate(model.get_submodule(stack)):
+    for i, layer in enumerate(cast(nn.ModuleList, model.get_submodule(stack))):
         a, m, attn = f"{stack}.{i}.self_attn", f"{stack}.{i}.mlp", layer.self_attn
         hd = int(attn.head_dim)
         specs.append(GQASpec(name=a, tower=tower, q_proj=f"{a}.q_proj", k_proj=f"{a}.k_proj", v_proj=f"{a}.v_proj",

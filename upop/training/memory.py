@@ -19,7 +19,8 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
     kwargs = {"use_reentrant": False}
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
