@@ -9,7 +9,8 @@ units are counted exactly; the memory of one search step on one GPU (DDP keeps a
 - the masks: one fp32 value and gradient per unit (their importance, float64, lives on the CPU);
 - activations saved for the backward (bf16 under autocast, the fp32 residual stream and norms, the masks' inputs,
   flash attention: no attention matrix), per token and layer, counted below from what PyTorch saves in a layer of
-  each kind; with ``--grad-checkpointing`` each layer keeps only its fp32 input and one layer is recomputed at a time;
+  each kind (``tests/unit/test_vlm_memory.py`` checks the counts against a layer's saved tensors); with
+  ``--grad-checkpointing`` each layer keeps only its fp32 input and one layer is recomputed at a time;
 - the logits: bf16, their fp32 copy and the log-softmax the loss keeps, over the whole vocabulary for every token.
 
 Not counted: the CUDA context and allocator slack (a 10% margin is left), the teacher of ``--distill`` (bf16: 2
@@ -85,16 +86,17 @@ def shapes_of(name: str) -> Shapes:
 def vision_layer_bytes(h: int, i: int) -> int:
     """Bytes one vision layer (LayerNorm, MHA, GELU MLP) saves per token: fp32 LayerNorm inputs (2 × 4h), the bf16
     casts of the q/k/v and fc1 inputs (4 × 2h), the masked q/k/v outputs (3 × 2h), flash attention's q, k, v, out
-    (4 × 2h), fc1's masked output, the GELU's input and output (3 × 2i)."""
+    (4 × 2h), fc1's masked output, the GELU's input and output (3 × 2i). Per-token statistics (LayerNorm's mean and
+    rstd, attention's log-sum-exp) are left out: a few bytes per head."""
     return 8 * h + 8 * h + 6 * h + 8 * h + 6 * i
 
 
 def language_layer_bytes(h: int, i: int, heads: int, kv: int, d: int) -> int:
     """Bytes one decoder layer (RMSNorm, GQA with rotary, SwiGLU) saves per token: the fp32 RMSNorm input and
-    normalised output (2 × 2 × 4h), the bf16 casts of the q/k/v and gate/up inputs (5 × 2h), the masked q/k/v
-    outputs, the rotary q/k, v and attention output flash attention keeps (2 × (2·heads + 2·kv)·d), the gate output,
-    up output, masked up, SiLU output and their product (5 × 2i)."""
-    return 16 * h + 10 * h + 2 * (2 * heads * d + 2 * kv * d) + 10 * i
+    normalised output (2 × 2 × 4h), the bf16 casts of the q/k/v and gate/up inputs (5 × 2h), the q/k/v outputs the
+    masks keep (2 × (heads + 2·kv)·d), the rotary q/k, the masked v and the attention output flash attention keeps
+    (2 × (2·heads + 2·kv)·d), the gate output, up output, masked up, SiLU output and their product (5 × 2i)."""
+    return 16 * h + 10 * h + 2 * (3 * heads * d + 4 * kv * d) + 10 * i
 
 
 def step_gib(s: Shapes, batch: int, text_tokens: int, checkpointing: bool) -> dict[str, float]:
