@@ -77,8 +77,7 @@ def shapes_of(name: str) -> Shapes:
     units = sum(s.num_units("dim") for s in adapter.modules(model))
     v, t = model.config.vision_config, model.config.text_config
     return Shapes(params, units,
-                  (adapter.vision_layers_used(model) if hasattr(adapter, "vision_layers_used") else v.num_hidden_layers,
-                   v.hidden_size, v.intermediate_size, adapter.vision_tokens(model)),
+                  (adapter.vision_layers_used(model), v.hidden_size, v.intermediate_size, adapter.vision_tokens(model)),
                   (t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads,
                    t.num_key_value_heads, t.head_dim), adapter.lm_image_tokens(model), t.vocab_size)
 

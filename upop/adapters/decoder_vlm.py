@@ -55,9 +55,15 @@ class DecoderVLMAdapter(QKVOAdapter):
         return self.towers[best] if best else path.split(".", 1)[0]
 
     def modules(self, model: nn.Module) -> list[ModuleSpec]:
-        # the vision stack's layers only: a SigLIP pooling head (unused by the LM) is not a unit
-        vision = [s for s in super().modules(model) if s.name.startswith(self.vision_stack + ".")]
+        # the vision stack's layers the LM reads only: a SigLIP pooling head (unused by the LM) is not a unit
+        used, prefix = self.vision_layers_used(model), self.vision_stack + "."
+        vision = [s for s in super().modules(model)
+                  if s.name.startswith(prefix) and int(s.name[len(prefix):].split(".", 1)[0]) < used]
         return vision + language_specs(model, self.language_stack)
+
+    def vision_layers_used(self, model: nn.Module) -> int:
+        """How many of the vision stack's first layers reach the language model (all, unless a family says)."""
+        return len(cast(nn.ModuleList, model.get_submodule(self.vision_stack)))
 
     # ---- tokens ------------------------------------------------------------------------------------
     def vision_tokens(self, model: nn.Module) -> int:

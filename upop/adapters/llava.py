@@ -13,7 +13,6 @@ from torch import nn
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP
 
-from ..pruning.units import ModuleSpec
 from .base import NORM_HALF, image_size_of, register
 from .decoder_vlm import DecoderVLMAdapter, DecoderVLMModels, language_config
 
@@ -70,11 +69,6 @@ class LlavaAdapter(DecoderVLMAdapter, LlavaModels):
 
     attention_types = (CLIPAttention, SiglipAttention)
     mlp_types = (CLIPMLP, SiglipMLP)
-
-    def modules(self, model: nn.Module) -> list[ModuleSpec]:
-        used = self.vision_layers_used(model)
-        return [s for s in super().modules(model) if not s.name.startswith(self.vision_stack + ".")
-                or int(s.name[len(self.vision_stack) + 1:].split(".", 1)[0]) < used]
 
     def vision_layers_used(self, model: nn.Module) -> int:
         """How many of the vision tower's first layers reach the LM (hidden state k is layer k-1's output)."""
