@@ -14,7 +14,8 @@ units are counted exactly; the memory of one search step on one GPU (DDP keeps a
 - the logits: bf16, their fp32 copy and the log-softmax the loss keeps, over the whole vocabulary for every token.
 
 Not counted: the CUDA context and allocator slack (a 10% margin is left), the teacher of ``--distill`` (bf16: 2
-bytes per parameter more), the data pipeline. Run: ``python benchmarks/vlm_memory.py [--batch 8 --text-tokens 64]``.
+bytes per parameter more), the data pipeline. Run: ``python benchmarks/vlm_memory.py [--batch 8 --text-tokens 64]``;
+on a CUDA GPU ``--measure [MODEL ...]`` also runs a few search steps (random weights) and prints the peak memory.
 """
 
 from __future__ import annotations
@@ -112,6 +113,28 @@ def step_gib(s: Shapes, batch: int, text_tokens: int, checkpointing: bool) -> di
             "logits": lm * s.vocab * (2 + 4 + 4) / GIB}
 
 
+def measured_gib(name: str, batch: int, text_tokens: int, checkpointing: bool, steps: int = 3) -> float:
+    """Peak GiB a few search steps of ``name`` (random weights) take on this CUDA GPU, AMP on, as upop runs them."""
+    import upop
+    from upop.adapters import get_adapter
+    from upop.pruning.search import search
+    from upop.training.memory import enable_grad_checkpointing
+
+    adapter = get_adapter(MODELS[name]["model_type"])
+    torch.manual_seed(0)
+    model = adapter.build(next(iter(adapter.classes)), adapter.config_from_dict(dict(MODELS[name]))).cuda()
+    if checkpointing:
+        enable_grad_checkpointing(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [adapter.example_inputs(model, batch_size=batch, seq_len=text_tokens, generator=gen) for _ in range(steps)]
+    torch.cuda.reset_peak_memory_stats()
+    search(model, adapter.modules(model), adapter.native_loss, batches, upop.SearchConfig(steps=steps, update_every=1))
+    peak = torch.cuda.max_memory_allocated() / GIB
+    del model, batches
+    torch.cuda.empty_cache()
+    return peak
+
+
 def fits(total: float) -> str:
     ok = [f"{g}" for g in GPUS_GB if total <= MARGIN * g * 1e9 / GIB]
     return ", ".join(ok) + " GB" if ok else "none (needs sharding)"
@@ -121,6 +144,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="examples per GPU")
     ap.add_argument("--text-tokens", type=int, default=64, help="text tokens per example (prompt + answer)")
+    ap.add_argument("--measure", nargs="*", default=None, metavar="MODEL",
+                    help="also run a few search steps of these models (default: the SmolVLMs) on this CUDA GPU and "
+                         "print the peak memory beside the computed total")
     args = ap.parse_args()
     print(f"one image per example at the tower's size, {args.text_tokens} text tokens; GiB per GPU; fits: GPUs of "
           f"that many GB with {1 - MARGIN:.0%} left over\n")
@@ -135,6 +161,27 @@ def main() -> None:
                 print(f"| {name} | {s.params / 1e6:,.0f} M | {s.units:,} | {batch} | {'on' if ckpt else 'off'} | "
                       f"{parts['weights+grads+adam']:.1f} | {parts['activations']:.1f} | {parts['logits']:.1f} | "
                       f"{total:.1f} | {fits(total)} |")
+    if args.measure is not None:
+        measure(args.measure or [n for n in MODELS if n.startswith("SmolVLM")], args.batch, args.text_tokens)
+
+
+def measure(names: list[str], batches: list[int], text_tokens: int) -> None:
+    """The computed totals beside the peak a real search step reaches on this GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--measure needs a CUDA GPU")
+    print(f"\nmeasured on {torch.cuda.get_device_name()} (peak allocated, GiB)\n")
+    print("| model | batch | checkpointing | computed | measured |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        s = shapes_of(name)
+        for batch in batches:
+            for ckpt in (False, True):
+                total = sum(step_gib(s, batch, text_tokens, ckpt).values())
+                try:
+                    got = f"{measured_gib(name, batch, text_tokens, ckpt):.1f}"
+                except torch.cuda.OutOfMemoryError:
+                    got, _ = "out of memory", torch.cuda.empty_cache()
+                print(f"| {name} | {batch} | {'on' if ckpt else 'off'} | {total:.1f} | {got} |")
 
 
 if __name__ == "__main__":
