@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
@@ -222,8 +223,10 @@ def load_pretrained(name: str, task: str | None = None) -> Loaded:
     path = Path(source).expanduser()
     local_only = path.exists() or not hub_reachable()  # probed once: load_config asked already
     try:
+        # fp32 weights whatever the checkpoint's dtype (SmolVLM's and LLaVA's are published in bf16): AMP computes
+        # in bf16 and trains fp32 masters, since an update at the search's lr is below bf16's resolution
         model = cls.from_pretrained(str(path) if path.exists() else source,  # type: ignore[attr-defined]
-                                    trust_remote_code=False, local_files_only=local_only)
+                                    trust_remote_code=False, local_files_only=local_only, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the weights of {name}: {first}") from None

@@ -180,3 +180,15 @@ def test_smolvlm_256m_shape_slims_exactly():
     with torch.no_grad():
         assert (adapter.forward_outputs(model, batch)["logits"] - masked).abs().max() <= 1e-5
     assert sum(p.numel() for p in model.parameters()) < 0.7 * 256_484_928
+
+
+def test_a_bf16_checkpoint_opens_with_fp32_weights(tmp_path):
+    """SmolVLM and LLaVA are published in bf16; transformers 5 would load them so (dtype "auto"), and AMP's fp32
+    master weights would be bf16: the search's small updates would round away."""
+    from upop.models.hub import load_pretrained
+
+    _adapter, model = tiny_vlm("idefics3")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    loaded = load_pretrained(str(tmp_path / "m")).model
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.float())
