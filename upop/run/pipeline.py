@@ -214,6 +214,7 @@ def prepare_inputs(src: OpenedModel, run: Run, *, data: str | Path | None, task:
         ts = setup_task(src, task, data, preprocessor, batch_size, run.config.search.seed, eval_limit, **task_options)
         batches, report_fn, primary, task_name = ts.batches, ts.report_fn, ts.task.primary, ts.task.name
         task_impl = ts.task
+        task_impl.amp = run.config.search.amp and run.config.retrain.amp  # evaluation as the run computes
         loss_fn, eval_fn = loss_fn or ts.loss_fn, eval_fn or ts.eval_fn
     dist = run.dist
     if dist.enabled:

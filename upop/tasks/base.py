@@ -438,6 +438,7 @@ class Task:
             opt.rule.check(opt.name, options.get(opt.name))
         self.images = ImageStore(prep, workers, cache_gb, augmenter_for(adapter, options.get("augment")))
         self.forwards = Forwards(adapter)  # what evaluate() runs; replaced to evaluate an exported artifact
+        self.amp = True  # evaluation under CUDA autocast, as the run trains (``SearchConfig.amp``); CPU: never
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""

@@ -362,7 +362,7 @@ class BlipRetrieval(_RetrievalData):
         was = model.training
         model.eval()
         dev = device_of(model)
-        dtype = amp_dtype(dev, True)  # the compute dtype: image sequences are held in it, ITM runs in it
+        dtype = amp_dtype(dev, self.amp)  # the compute dtype: image sequences are held in it, ITM runs in it
         with autocast(dev, dtype):
             recs, texts, text_img, img, txt = self._embed(model, split, limit)
         sim = img @ txt.t()
