@@ -173,6 +173,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
                                                  "(default 128)."),
     Option("weight_decay", number(0), float, "AdamW weight decay of the search and the retrain (default 0.05).",
            into=("search.weight_decay", "retrain.weight_decay")),
+    Option("drop_path", Rule("a number in [0, 1)", lambda v: is_num(v) and 0 <= v < 1), float,
+           "Stochastic depth of the last block, linear from 0 at the first, in the search and the retrain (ViT/DeiT; "
+           "default 0, the DeiT recipe 0.1).", into=("search.drop_path", "retrain.drop_path")),
     Option("augment", one_of("none", "default"), help="Training augmentation: default (the family's reference; the "
                                                       "demos: none) | none.", task=True, always=True,
            default="default"),

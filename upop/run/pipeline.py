@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..pruning.flops import flops_per_tower, params_per_tower
 from ..latency.hardware import HardwarePlan, plan_hardware, predicted_latency_ms
 from ..latency.measure import Runtime, latency_rows, measure, torch_runtime
+from ..training.drop_path import branches as drop_path_branches, drop_path
 from ..training.loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory
 from .report import Report, module_rows
 from ..training.retrain import EvalFn, RetrainResult, retrain
@@ -450,6 +451,8 @@ def compress(
     example = src.adapter.example_inputs(net, batch_size=1, generator=torch.Generator().manual_seed(0))
     before = Measured.of(net, src.adapter, example)
     specs = src.adapter.modules(net)
+    if run.config.search.drop_path or run.config.retrain.drop_path:
+        drop_path_branches(net, src.adapter)  # a family without them stops here, before the baseline's evaluation
     plan = plan_for(run, net, src.adapter, specs)
     run_info = distributed_info(run, inputs, batch_size)
     run.latency_batch = run_info["per_rank_batch"]
@@ -458,11 +461,13 @@ def compress(
     if plan is not None:
         run.config = plan.applied(run.config)
     base = measure_baseline(run, net, src.adapter, inputs)
-    result = run_search(run, net, specs, inputs, plan, base)
+    with drop_path(net, src.adapter, run.config.search.drop_path):
+        result = run_search(run, net, specs, inputs, plan, base)
     run_slim(run, net, specs, result, src, base)
     if run.resumes("done"):
         return finish(run, net, src, result, Report.from_dict(run.saved.report), base)  # type: ignore[union-attr, arg-type]
-    rt, metric_slim = run_retrain(run, net, inputs, result, base)
+    with drop_path(net, src.adapter, run.config.retrain.drop_path):
+        rt, metric_slim = run_retrain(run, net, inputs, result, base)
     after = Measured.of(net, src.adapter, example)
     after.latency = measure_latency(run, net, src.adapter)
     test_after = inputs.report_fn(net) if inputs.report_fn is not None else None
