@@ -425,6 +425,8 @@ class Task:
     images_per_record: ClassVar[int] = 1
     #: the model classes it trains beyond those whose adapter names this task (a task added in a file of its own)
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: the export graphs its evaluation runs through ``Forwards`` (``upop eval EXPORT_DIR`` checks the export has them)
+    artifact_graphs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, adapter: TaskHooks, prep: Preprocessor, data_dir: str | Path, batch_size: int = 32,
                  eval_batch_size: int = 64, seed: int = 0, model: nn.Module | None = None, workers: int | None = None,
