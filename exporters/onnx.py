@@ -132,7 +132,9 @@ def _special_tokens(config: Any) -> dict[str, int]:
     if text is None:
         return {}
     keys = ("bos_token_id", "sep_token_id", "eos_token_id", "pad_token_id")
-    return {k: int(getattr(text, k)) for k in keys if isinstance(getattr(text, k, None), int)}
+    out = {k: int(getattr(text, k)) for k in keys if isinstance(getattr(text, k, None), int)}
+    image = getattr(config, "image_token_id", None)  # a decoder VLM's: where the host writes the image features
+    return {**out, "image_token_id": int(image)} if isinstance(image, int) else out
 
 
 def _copy_preprocessing(source: str, dest: Path) -> None:

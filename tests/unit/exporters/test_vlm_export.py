@@ -1,0 +1,235 @@
+"""Decoder VLM export (``upop.adapters.vlm_graphs``, ``exporters/generate.py``): the four graphs of tiny Idefics3
+and LLaVA models (Llama and Qwen2 language models, GQA), ONNX Runtime greedy generation token for token equal to
+``generate(do_sample=False)``, unpruned and slimmed, the one-line refusals, and the profile rows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+from typer.testing import CliRunner
+
+from upop.adapters.vlm_graphs import DecoderGraphs
+from upop.errors import ExportFolderError, GraphInputError
+from upop.exporters.generate import KvDecoder, greedy_generate
+from upop.exporters.onnx import export_graph
+from upop.exporters.runtime import OrtModel
+from upop.exporters.timing import profile_ort
+
+IMAGE_TOKEN, VOCAB, SIZE = 95, 96, 16
+KINDS = ["idefics3-siglip-llama", "llava-clip-llama", "llava-siglip-qwen2"]
+
+
+def _text(lm: str) -> dict:
+    return dict(model_type=lm, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+
+
+def _vision() -> dict:
+    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=4,
+                image_size=SIZE)
+
+
+def build(kind: str) -> nn.Module:
+    """A tiny model of ``kind`` (random weights, seeded): 4 query heads over 2 KV heads in its language model."""
+    family, vision, lm = kind.split("-")
+    torch.manual_seed(0)
+    if family == "idefics3":
+        cfg = tf.Idefics3Config(vision_config=_vision(), text_config=_text(lm), scale_factor=2,
+                                image_token_id=IMAGE_TOKEN)
+        model = tf.Idefics3ForConditionalGeneration(cfg)
+    else:
+        vcfg = (tf.CLIPVisionConfig if vision == "clip" else tf.SiglipVisionConfig)(**_vision())
+        cfg = tf.LlavaConfig(vision_config=vcfg, text_config=_text(lm), image_token_id=IMAGE_TOKEN,
+                             vision_feature_layer=-2, projector_hidden_act="gelu",
+                             vision_feature_select_strategy="default" if vision == "clip" else "full")
+        model = tf.LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
+    lin.weight = nn.Parameter(lin.weight.data[idx].clone())
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.data[idx].clone())
+    lin.out_features = len(idx)
+
+
+def _keep_cols(lin: nn.Linear, idx: torch.Tensor) -> None:
+    lin.weight = nn.Parameter(lin.weight.data[:, idx].clone())
+    lin.in_features = len(idx)
+
+
+def _span(units: list[int], width: int) -> torch.Tensor:
+    return torch.cat([torch.arange(u * width, (u + 1) * width) for u in units])
+
+
+def slim(model: nn.Module) -> nn.Module:
+    """Structured slimming as upop's slim step leaves a model, layer by layer (the family adapters that run it on
+    these classes are not on this branch): the LM's layer 0 loses a whole KV group with its query heads (1 KV
+    head left, 2 in layer 1), layer 1 half its gated-MLP channels, the vision tower's layer 0 two of its 4 heads."""
+    lm = model.model.text_model if hasattr(model.model, "text_model") else model.model.language_model
+    attn, hd = lm.layers[0].self_attn, lm.layers[0].self_attn.head_dim
+    group = attn.num_key_value_groups
+    _keep_rows(attn.q_proj, _span(list(range(group)), hd))
+    _keep_rows(attn.k_proj, _span([0], hd))
+    _keep_rows(attn.v_proj, _span([0], hd))
+    _keep_cols(attn.o_proj, _span(list(range(group)), hd))
+    mlp = lm.layers[1].mlp
+    keep = torch.arange(0, mlp.gate_proj.out_features, 2)
+    _keep_rows(mlp.gate_proj, keep)
+    _keep_rows(mlp.up_proj, keep)
+    _keep_cols(mlp.down_proj, keep)
+    vision = model.model.vision_model if hasattr(model.model, "vision_model") else model.model.vision_tower
+    vattn = vision.encoder.layers[0].self_attn
+    heads = _span([1, 3], vattn.head_dim)
+    for lin in (vattn.q_proj, vattn.k_proj, vattn.v_proj):
+        _keep_rows(lin, heads)
+    _keep_cols(vattn.out_proj, heads)
+    return model
+
+
+def export(model: nn.Module, folder) -> OrtModel:
+    folder.mkdir(parents=True)
+    graphs = DecoderGraphs(model).graphs()
+    entries = [export_graph(g, folder) for g in graphs]
+    (folder / "export.json").write_text(json.dumps({"task": "vqa", "graphs": entries,
+                                                    "tokens": {"image_token_id": IMAGE_TOKEN}}))
+    return OrtModel(folder, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=[(k, s) for k in KINDS for s in (False, True)],
+                ids=[f"{k}{'-slim' if s else ''}" for k in KINDS for s in (False, True)])
+def exported(request, tmp_path_factory):
+    kind, slimmed = request.param
+    model = slim(build(kind)) if slimmed else build(kind)
+    folder = tmp_path_factory.mktemp("vlm") / "onnx"
+    return kind, slimmed, model, export(model, folder)
+
+
+def _prompt(model: nn.Module, batch: int = 2, seed: int = 1):
+    """Images and a left-padded prompt (row 0 has two pads) whose image tokens match the images' features."""
+    with torch.no_grad():
+        tokens = DecoderGraphs(model).graphs()[0].module(torch.zeros(1, 3, SIZE, SIZE)).shape[1]
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(batch, 3, SIZE, SIZE, generator=g)
+    ids = torch.randint(3, IMAGE_TOKEN - 1, (batch, 9 + tokens), generator=g)
+    ids[:, 3:3 + tokens] = IMAGE_TOKEN
+    mask = torch.ones_like(ids)
+    mask[0, :2], ids[0, :2] = 0, 0
+    return px, ids, mask
+
+
+def _generate(model: nn.Module, px, ids, mask, new: int) -> np.ndarray:
+    images = px[:, None] if isinstance(model, tf.Idefics3ForConditionalGeneration) else px
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=new,
+                              do_sample=False, num_beams=1).numpy()
+
+
+def test_graphs_export_with_parity_and_dynamic_cache_axes(exported):
+    _kind, slimmed, model, ort = exported
+    graphs = {g["name"]: g for g in ort.manifest["graphs"]}
+    assert list(graphs) == ["vision_encoder", "embed_tokens", "decoder_prefill", "decoder_step"]
+    for g in graphs.values():
+        assert {p["batch"] for p in g["parity"]} == {1, 3}
+        assert all(p["max_abs"] <= 1e-4 for p in g["parity"])
+    step = {i["name"]: i["shape"] for i in graphs["decoder_step"]["inputs"]}
+    assert step["inputs_embeds"] == ["batch", 1, 32] and step["attention_mask"] == ["batch", "total"]
+    # GQA: the cache holds the KV heads (2 of 4 query heads; 1 in the slimmed layer 0), past length dynamic
+    assert step["past_key_0"] == ["batch", 1 if slimmed else 2, "past", 8]
+    assert step["past_value_1"] == ["batch", 2, "past", 8]
+    prefill = {o["name"]: o["shape"] for o in graphs["decoder_prefill"]["outputs"]}
+    assert prefill["present_key_1"][:3] == ["batch", 2, "sequence"] and prefill["logits"][::2] == ["batch", VOCAB]
+
+
+def test_ort_greedy_generation_equals_generate_token_for_token(exported):
+    _kind, _slimmed, model, ort = exported
+    px, ids, mask = _prompt(model)
+    ref = _generate(model, px, ids, mask, new=12)
+    got = greedy_generate(ort, ids.numpy(), mask.numpy(), eos=2, pad=0, max_new_tokens=12, pixel_values=px.numpy(),
+                          image_token_id=IMAGE_TOKEN)
+    assert ref.shape[1] > ids.shape[1] + 4  # it really generated
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_vision_graph_is_the_model_s_image_features(exported):
+    kind, _slimmed, model, ort = exported
+    px = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        if kind.startswith("idefics3"):
+            ref = torch.stack(model.model.get_image_features(px[:, None]).pooler_output)
+        else:
+            ref = torch.stack(list(model.model.get_image_features(
+                px, vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output))
+    (got,) = ort.run("vision_encoder", pixel_values=px.numpy())
+    assert got.shape == tuple(ref.shape) and got.shape[-1] == model.config.text_config.hidden_size
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    model = build("llava-clip-llama")
+    return model, export(model, tmp_path_factory.mktemp("llava") / "onnx")
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert text and "\n" not in text
+    return text
+
+
+def test_a_step_fed_a_wrong_past_length_fails_in_one_line(llava):
+    model, ort = llava
+    px, ids, mask = _prompt(model)
+    dec = KvDecoder(ort)
+    logits, state = dec.prefill(dec.prompt_embeds(ids.numpy(), dec.image_features(px.numpy()), IMAGE_TOKEN), mask.numpy())
+    token = dec.embed(logits.argmax(-1)[:, None])
+    state.past["past_key_1"] = state.past["past_key_1"][:, :, :-1]
+    with pytest.raises(GraphInputError) as exc:
+        dec.step(token, state)
+    assert "past_key_1" in _one_line(exc) and "past length" in str(exc.value)
+    state.past = {}
+    with pytest.raises(GraphInputError) as exc:
+        dec.step(token, state)
+    assert "past key/values" in _one_line(exc)
+
+
+def test_a_graph_missing_an_input_or_images_not_matching_the_prompt_fail_in_one_line(llava):
+    model, ort = llava
+    px, ids, mask = _prompt(model)
+    with pytest.raises(ExportFolderError) as exc:
+        ort.run("decoder_prefill", inputs_embeds=np.zeros((1, 4, 32), np.float32), attention_mask=np.ones((1, 4), np.int64))
+    assert "position_ids" in _one_line(exc)
+    with pytest.raises(GraphInputError) as exc:  # one image for a prompt written for two
+        greedy_generate(ort, ids.numpy(), mask.numpy(), eos=2, pad=0, max_new_tokens=2, pixel_values=px[:1].numpy(),
+                        image_token_id=IMAGE_TOKEN)
+    assert "image tokens" in _one_line(exc)
+
+
+def test_profile_rows_name_prefill_length_and_decode_tokens_per_second(llava, tmp_path):
+    _model, ort = llava
+    rows = {r.graph: r for r in profile_ort(ort.dir, "original", [1, 2], warmup=0, runs=2, threads=1) if r.batch == 2}
+    assert set(rows) == {"vision_encoder", "embed_tokens", "decoder_prefill", "decoder_step"}
+    assert rows["decoder_prefill"].tokens == "sequence 32" and rows["decoder_prefill"].tokens_per_s is None
+    step = rows["decoder_step"]
+    assert step.tokens == "past 32" and step.tokens_per_s == pytest.approx(2000.0 / step.p50_ms)
+    assert rows["vision_encoder"].tokens == "" and rows["vision_encoder"].p50_ms > 0
+
+
+def test_upop_profile_compares_original_and_slim_graphs(llava, tmp_path):
+    from upop_cli.app import app
+
+    _model, ort = llava
+    slim_ort = export(slim(build("llava-clip-llama")), tmp_path / "slim")
+    res = CliRunner().invoke(app, ["profile", str(slim_ort.dir), "--runtime", "onnxruntime", "--compare", str(ort.dir),
+                                   "--batch", "1", "--warmup", "0", "--runs", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    runs = json.loads(res.stdout)["runs"]
+    steps = [r for r in runs if r["graph"] == "decoder_step"]
+    assert len(steps) == 2 and all(r["tokens"] == "past 32" and r["tokens_per_s"] > 0 for r in steps)
+    assert {r["target"] for r in runs} == {str(slim_ort.dir), str(ort.dir)}
