@@ -127,13 +127,13 @@ class DecoderGraphs:
                      **{n: {0: "batch", 2: "total"} for n in self.present}}
         return [
             ExportGraph("vision_encoder", Fn(self.model, feats), self.pixels, ["image_features"],
-                        {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}),
+                        {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}, stage="image encode"),
             ExportGraph("embed_tokens", Fn(self.model, lambda m, ids: self.lm(m).embed_tokens(ids)), self.ids,
                         ["inputs_embeds"], {"input_ids": seq, "inputs_embeds": seq}),
             ExportGraph("decoder_prefill", Fn(self.model, self.decode), self.prompt, ["logits", *self.present],
-                        prefill_axes),
+                        prefill_axes, stage="prefill"),
             ExportGraph("decoder_step", Fn(self.model, self.decode), self.step_inputs, ["logits", *self.present],
-                        step_axes),
+                        step_axes, stage="decode"),
         ]
 
 
