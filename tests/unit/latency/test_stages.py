@@ -66,3 +66,17 @@ def test_stage_rows_survive_a_saved_and_resumed_baseline(timed):
     rows = latency_rows(resumed, after, torch.device("cpu"))
     assert sorted(r.get("stage", "forward") for r in rows if r["runtime"] == "torch") == \
         ["decode", "forward", "image encode", "prefill"]
+
+
+def test_the_report_table_names_each_stage_its_tokens_and_the_decode_tokens_per_second(timed):
+    from upop.run.report import Report, summary_rows
+
+    _before, _after, rows = timed
+    report = Report(model="m", family="llava", model_class="LlavaForConditionalGeneration", task="vqa", ratio=0.5,
+                    granularity="head", profile=None, removed_cost_share=0.5, metrics={}, params={"before": {}, "after": {}},
+                    flops={"before": {}, "after": {}}, modules=[], search={}, retrain={}, seconds=0.0, latency=rows)
+    labels = [r[0] for r in summary_rows(report)]
+    assert f"latency ms, prefill at sequence {TEXT_TOKENS}, onnxruntime cpu batch 1 (p50)" in labels
+    assert f"latency ms, decode at past {TEXT_TOKENS}, torch cpu batch 1 (p50)" in labels
+    assert f"tokens/s, decode at past {TEXT_TOKENS}, onnxruntime cpu" in labels
+    assert "latency ms, image encode, torch cpu batch 1 (p50)" in labels
