@@ -94,13 +94,29 @@ def check_step(embeds: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]
                                   "the mask's length minus one)")
 
 
+def flatten_images(pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """The images a batch of prompts holds, in order, as the vision graph takes them [N, 3, S, S]: a processor's
+    [B, images, 3, S, S] with its all-zero padding images dropped (as Idefics3 drops them). The graph encodes whole
+    images (the processor's tiles with image splitting, its default): a pixel mask that pads inside a real image is
+    refused rather than encoded wrong."""
+    if pixel_values.ndim == 4:
+        return pixel_values
+    flat = pixel_values.reshape(-1, *pixel_values.shape[2:])
+    real = (flat != 0).any(axis=(1, 2, 3))
+    if pixel_attention_mask is not None and not pixel_attention_mask.reshape(len(flat), -1)[real].all():
+        raise GraphInputError("the images are padded inside (pixel_attention_mask has zeros): the exported vision graph "
+                              "encodes whole images; process them with image splitting (the processor's default)")
+    return flat[real]
+
+
 def greedy_generate(graphs, input_ids: np.ndarray, attention_mask: np.ndarray, *, eos: int | None, pad: int,
                     max_new_tokens: int, pixel_values: np.ndarray | None = None,
                     image_token_id: int | None = None) -> np.ndarray:
     """[B, P + new] token ids, the prompt included, as ``generate(do_sample=False, max_new_tokens=...)`` returns
-    them. ``pixel_values`` [N, 3, S, S]: the images whose features replace the prompt's image tokens, in order."""
+    them. ``pixel_values``: the images whose features replace the prompt's image tokens, in order ([N, 3, S, S], or a
+    processor's [B, images, 3, S, S], see ``flatten_images``)."""
     dec = KvDecoder(graphs)
-    feats = dec.image_features(pixel_values) if pixel_values is not None else None
+    feats = dec.image_features(flatten_images(pixel_values)) if pixel_values is not None else None
     logits, state = dec.prefill(dec.prompt_embeds(input_ids, feats, image_token_id), attention_mask)
     ids = input_ids.astype(np.int64)
     done = np.zeros(len(ids), dtype=bool)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from upop.adapters.vlm_graphs import DecoderGraphs
 from upop.errors import ExportFolderError, GraphInputError
-from upop.exporters.generate import KvDecoder, greedy_generate
+from upop.exporters.generate import KvDecoder, flatten_images, greedy_generate
 from upop.exporters.onnx import export_graph
 from upop.exporters.runtime import OrtModel
 from upop.exporters.timing import profile_ort
@@ -157,6 +157,30 @@ def test_ort_greedy_generation_equals_generate_token_for_token(exported):
                           image_token_id=IMAGE_TOKEN)
     assert ref.shape[1] > ids.shape[1] + 4  # it really generated
     np.testing.assert_array_equal(got, ref)
+
+
+def test_idefics3_batch_with_a_padding_image_generates_as_the_model_does(tmp_path):
+    """A processor's batch: row 0 holds two images, row 1 one and an all-zero padding image, which the host drops."""
+    model = build("idefics3-siglip-llama")
+    ort = export(model, tmp_path / "onnx")
+    tokens = 4  # (16 / 4)² patches, pixel-shuffled by 2²
+    g = torch.Generator().manual_seed(5)
+    px = torch.randn(2, 2, 3, SIZE, SIZE, generator=g)
+    px[1, 1] = 0
+    ids = torch.randint(3, IMAGE_TOKEN - 1, (2, 6 + 2 * tokens), generator=g)
+    ids[0, 1:1 + 2 * tokens] = IMAGE_TOKEN
+    ids[1, 2 * tokens - 2:3 * tokens - 2] = IMAGE_TOKEN
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8, do_sample=False).numpy()
+    got = greedy_generate(ort, ids.numpy(), mask.numpy(), eos=2, pad=0, max_new_tokens=8, pixel_values=px.numpy(),
+                          image_token_id=IMAGE_TOKEN)
+    np.testing.assert_array_equal(got, ref)
+    pixel_mask = np.ones((2, 2, SIZE, SIZE), bool)
+    pixel_mask[0, 0, :, -4:] = False  # an image padded inside
+    with pytest.raises(GraphInputError) as exc:
+        flatten_images(px.numpy(), pixel_mask)
+    assert "whole images" in _one_line(exc)
 
 
 def test_vision_graph_is_the_model_s_image_features(exported):
