@@ -95,10 +95,10 @@ def slim(model: nn.Module) -> nn.Module:
     return model
 
 
-def export(model: nn.Module, folder) -> OrtModel:
+def export(model: nn.Module, folder, fp16: bool = False) -> OrtModel:
     folder.mkdir(parents=True)
     graphs = DecoderGraphs(model).graphs()
-    entries = [export_graph(g, folder) for g in graphs]
+    entries = [export_graph(g, folder, fp16=fp16) for g in graphs]
     (folder / "export.json").write_text(json.dumps({"task": "vqa", "graphs": entries,
                                                     "tokens": {"image_token_id": IMAGE_TOKEN}}))
     return OrtModel(folder, providers=["CPUExecutionProvider"])
@@ -181,6 +181,23 @@ def test_idefics3_batch_with_a_padding_image_generates_as_the_model_does(tmp_pat
     with pytest.raises(GraphInputError) as exc:
         flatten_images(px.numpy(), pixel_mask)
     assert "whole images" in _one_line(exc)
+
+
+@pytest.mark.parametrize("kind", ["idefics3-siglip-llama", "llava-siglip-qwen2"])
+def test_fp16_graphs_pass_their_parity_and_generate(kind, tmp_path):
+    model = build(kind)
+    ort = export(model, tmp_path / "onnx", fp16=True)
+    for g in ort.manifest["graphs"]:
+        assert all(p["max_abs"] <= p["tolerance"] for p in g["fp16"]["parity"])
+    half = OrtModel(ort.dir, fp16=True, providers=["CPUExecutionProvider"])
+    px, ids, mask = _prompt(model)
+    got = greedy_generate(half, ids.numpy(), mask.numpy(), eos=2, pad=0, max_new_tokens=4, pixel_values=px.numpy(),
+                          image_token_id=IMAGE_TOKEN)
+    assert got.shape == (2, ids.shape[1] + 4)  # padded generation runs in FP16 (its tokens may differ from FP32's)
+    dec = KvDecoder(half)
+    logits, state = dec.prefill(dec.prompt_embeds(ids.numpy(), dec.image_features(px.numpy()), IMAGE_TOKEN), mask.numpy())
+    logits, state = dec.step(dec.embed(logits.argmax(-1)[:, None]), state)
+    assert np.isfinite(logits).all() and all(np.isfinite(v).all() for v in state.past.values())
 
 
 def test_vision_graph_is_the_model_s_image_features(exported):
