@@ -27,7 +27,7 @@ from torch import nn
 from .graphs import ExportGraph, Fn, graphs_for, image_size
 
 
-def _idefics3_features(m: nn.Module, px: torch.Tensor) -> torch.Tensor:
+def _idefics3_features(m: Any, px: torch.Tensor) -> torch.Tensor:
     """Idefics3Model.get_image_features for whole images (the processor's tiles at the config's size). Every
     patch is real, so the position of patch k is k: the model's bucketed positions for a patch mask (which the
     TorchScript exporter types as float, an invalid ONNX Gather index) are not needed."""
@@ -39,7 +39,7 @@ def _idefics3_features(m: nn.Module, px: torch.Tensor) -> torch.Tensor:
     return m.model.connector(hidden)
 
 
-def _llava_features(m: nn.Module, px: torch.Tensor) -> torch.Tensor:
+def _llava_features(m: Any, px: torch.Tensor) -> torch.Tensor:
     """LlavaModel.get_image_features without its per-image split into a list (which a trace unrolls per batch)."""
     cfg = m.config
     hidden = m.model.vision_tower(px, output_hidden_states=True).hidden_states
@@ -68,12 +68,13 @@ class DecoderGraphs:
 
     def __init__(self, model: nn.Module):
         self.model, self.parts = model, _PARTS[type(model).__name__]
-        self.text = model.config.text_config
-        self.layers = self.text.num_hidden_layers
-        self.size = image_size(model.config.vision_config)
+        config: Any = model.config
+        self.text: Any = config.text_config
+        self.layers: int = self.text.num_hidden_layers
+        self.size = image_size(config.vision_config)
         self.past, self.present = kv_names(self.layers, "past"), kv_names(self.layers, "present")
 
-    def lm(self, m: nn.Module) -> nn.Module:
+    def lm(self, m: Any) -> Any:
         return getattr(m.model, self.parts.language_model)
 
     def cache(self, past: tuple[torch.Tensor, ...]) -> Any:
@@ -82,7 +83,7 @@ class DecoderGraphs:
         data = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)] if past else None
         return DynamicCache(data, config=self.text)
 
-    def decode(self, m: nn.Module, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+    def decode(self, m: Any, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The language model over ``emb`` after ``past``: the last position's logits and the grown cache."""
         out = self.lm(m)(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=self.cache(past),
