@@ -277,3 +277,13 @@ def test_upop_profile_compares_original_and_slim_graphs(llava, tmp_path):
     steps = [r for r in runs if r["graph"] == "decoder_step"]
     assert len(steps) == 2 and all(r["tokens"] == "past 32" and r["tokens_per_s"] > 0 for r in steps)
     assert {r["target"] for r in runs} == {str(slim_ort.dir), str(ort.dir)}
+
+
+def test_pytorch_profile_rows_time_the_same_stages(llava):
+    from upop.exporters.timing import profile_torch
+
+    model, _ort = llava
+    rows = {r.graph: r for r in profile_torch(model, None, "original", [2], torch.device("cpu"), warmup=0, runs=2)}
+    assert list(rows) == ["vision_encoder", "embed_tokens", "decoder_prefill", "decoder_step"]
+    assert rows["decoder_step"].tokens == "past 32" and rows["decoder_step"].tokens_per_s > 0
+    assert rows["decoder_prefill"].tokens == "sequence 32" and rows["decoder_prefill"].tokens_per_s is None
