@@ -95,6 +95,48 @@ def slim(model: nn.Module) -> nn.Module:
     return model
 
 
+class _Patcher:
+    """The size patches upop's slim step asks of an adapter (``upop.adapters.base``'s, for these modules)."""
+
+    def patch_gqa(self, model, spec, kept, granularity):
+        from upop.pruning.kinds.gqa import patch_rotary_attention
+
+        patch_rotary_attention(model, spec, kept, granularity)
+
+    def patch_mlp(self, model, spec, width):
+        pass
+
+    def patch_attention(self, model, spec, num_heads, head_dim):
+        mod = model.get_submodule(spec.name)
+        mod.num_heads, mod.head_dim = num_heads, head_dim
+
+
+def slim_with_kinds(model: nn.Module) -> nn.Module:
+    """The model slimmed by upop's own unit kinds (``upop.pruning.kinds``), every layer differently: LM layer 0 keeps 2
+    of its 4 rotary pairs in every head (``dim``: head width 8 → 4, the rotary tables cut to match), layer 1 one of its 2
+    KV groups with its query heads (``head``); both gated MLPs keep a third of their channels; the vision tower's
+    layer 0 keeps 3 of its 4 heads, layer 1 5 of 8 head dimensions."""
+    from upop.pruning.kinds.attention import AttentionSpec, InProj
+    from upop.pruning.kinds.gated_mlp import GatedMLPSpec
+    from upop.pruning.kinds.gqa import GQASpec
+
+    lm = "model.text_model" if hasattr(model.model, "text_model") else "model.language_model"
+    vision = "model.vision_model" if hasattr(model.model, "vision_model") else "model.vision_tower"
+    text = model.config.text_config
+    for i, (keep, granularity) in enumerate([([0, 3], "dim"), ([1], "head")]):
+        a = f"{lm}.layers.{i}.self_attn"
+        GQASpec(a, "language", f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj", f"{a}.o_proj", text.num_attention_heads,
+                text.num_key_value_heads, 8).slim(model, keep, granularity, None, _Patcher())
+        m = f"{lm}.layers.{i}.mlp"
+        GatedMLPSpec(m, "language", f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj", 48).slim(
+            model, list(range(0, 48, 3)), "neuron", None, _Patcher())
+    for i, (keep, granularity) in enumerate([([0, 2, 3], "head"), ([0, 1, 4, 6, 7], "dim")]):
+        a = f"{vision}.encoder.layers.{i}.self_attn"
+        AttentionSpec(a, "vision", "self", tuple(InProj(f"{a}.{n}") for n in ("q_proj", "k_proj", "v_proj")),
+                      f"{a}.out_proj", 4, 8).slim(model, keep, granularity, None, _Patcher())
+    return model
+
+
 def export(model: nn.Module, folder, fp16: bool = False) -> OrtModel:
     folder.mkdir(parents=True)
     graphs = DecoderGraphs(model).graphs()
@@ -104,13 +146,15 @@ def export(model: nn.Module, folder, fp16: bool = False) -> OrtModel:
     return OrtModel(folder, providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module", params=[(k, s) for k in KINDS for s in (False, True)],
-                ids=[f"{k}{'-slim' if s else ''}" for k in KINDS for s in (False, True)])
+SLIMS = {"": None, "-slim": slim, "-kinds": slim_with_kinds}
+
+
+@pytest.fixture(scope="module", params=[(k, s) for k in KINDS for s in SLIMS], ids=[k + s for k in KINDS for s in SLIMS])
 def exported(request, tmp_path_factory):
-    kind, slimmed = request.param
-    model = slim(build(kind)) if slimmed else build(kind)
+    kind, how = request.param
+    model = SLIMS[how](build(kind)) if SLIMS[how] else build(kind)
     folder = tmp_path_factory.mktemp("vlm") / "onnx"
-    return kind, slimmed, model, export(model, folder)
+    return kind, how, model, export(model, folder)
 
 
 def _prompt(model: nn.Module, batch: int = 2, seed: int = 1):
@@ -134,7 +178,7 @@ def _generate(model: nn.Module, px, ids, mask, new: int) -> np.ndarray:
 
 
 def test_graphs_export_with_parity_and_dynamic_cache_axes(exported):
-    _kind, slimmed, model, ort = exported
+    _kind, how, model, ort = exported
     graphs = {g["name"]: g for g in ort.manifest["graphs"]}
     assert list(graphs) == ["vision_encoder", "embed_tokens", "decoder_prefill", "decoder_step"]
     for g in graphs.values():
@@ -142,15 +186,16 @@ def test_graphs_export_with_parity_and_dynamic_cache_axes(exported):
         assert all(p["max_abs"] <= 1e-4 for p in g["parity"])
     step = {i["name"]: i["shape"] for i in graphs["decoder_step"]["inputs"]}
     assert step["inputs_embeds"] == ["batch", 1, 32] and step["attention_mask"] == ["batch", "total"]
-    # GQA: the cache holds the KV heads (2 of 4 query heads; 1 in the slimmed layer 0), past length dynamic
-    assert step["past_key_0"] == ["batch", 1 if slimmed else 2, "past", 8]
-    assert step["past_value_1"] == ["batch", 2, "past", 8]
+    # GQA: the cache holds the KV heads (2 for 4 query heads), per layer as slimmed; past length dynamic
+    shapes = {"": [(2, 8), (2, 8)], "-slim": [(1, 8), (2, 8)], "-kinds": [(2, 4), (1, 8)]}[how]
+    for i, (heads, width) in enumerate(shapes):
+        assert step[f"past_key_{i}"] == step[f"past_value_{i}"] == ["batch", heads, "past", width]
     prefill = {o["name"]: o["shape"] for o in graphs["decoder_prefill"]["outputs"]}
-    assert prefill["present_key_1"][:3] == ["batch", 2, "sequence"] and prefill["logits"][::2] == ["batch", VOCAB]
+    assert prefill["present_key_1"][:3] == ["batch", shapes[1][0], "sequence"] and prefill["logits"][::2] == ["batch", VOCAB]
 
 
 def test_ort_greedy_generation_equals_generate_token_for_token(exported):
-    _kind, _slimmed, model, ort = exported
+    _kind, _how, model, ort = exported
     px, ids, mask = _prompt(model)
     ref = _generate(model, px, ids, mask, new=12)
     got = greedy_generate(ort, ids.numpy(), mask.numpy(), eos=2, pad=0, max_new_tokens=12, pixel_values=px.numpy(),
@@ -201,7 +246,7 @@ def test_fp16_graphs_pass_their_parity_and_generate(kind, tmp_path):
 
 
 def test_vision_graph_is_the_model_s_image_features(exported):
-    kind, _slimmed, model, ort = exported
+    kind, _how, model, ort = exported
     px = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         if kind.startswith("idefics3"):
@@ -287,3 +332,13 @@ def test_pytorch_profile_rows_time_the_same_stages(llava):
     assert list(rows) == ["vision_encoder", "embed_tokens", "decoder_prefill", "decoder_step"]
     assert rows["decoder_step"].tokens == "past 32" and rows["decoder_step"].tokens_per_s > 0
     assert rows["decoder_prefill"].tokens == "sequence 32" and rows["decoder_prefill"].tokens_per_s is None
+
+
+def test_the_adapters_package_registers_the_graphs_by_itself():
+    import subprocess
+    import sys
+
+    code = ("import upop.adapters; from upop.adapters.graphs import graph_classes; "
+            "print(sorted({'Idefics3ForConditionalGeneration', 'LlavaForConditionalGeneration'} - set(graph_classes())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
