@@ -109,11 +109,12 @@ def flatten_images(pixel_values: np.ndarray, pixel_attention_mask: np.ndarray | 
     return flat[real]
 
 
-def greedy_generate(graphs, input_ids: np.ndarray, attention_mask: np.ndarray, *, eos: int | None, pad: int,
+def greedy_generate(graphs, input_ids: np.ndarray, attention_mask: np.ndarray, *, eos: int | list[int] | None, pad: int,
                     max_new_tokens: int, pixel_values: np.ndarray | None = None,
                     image_token_id: int | None = None) -> np.ndarray:
     """[B, P + new] token ids, the prompt included, as ``generate(do_sample=False, max_new_tokens=...)`` returns
-    them. ``pixel_values``: the images whose features replace the prompt's image tokens, in order ([N, 3, S, S], or a
+    them; a row ends at its first token in ``eos`` (one id or several) and is padded with ``pad`` after it.
+    ``pixel_values``: the images whose features replace the prompt's image tokens, in order ([N, 3, S, S], or a
     processor's [B, images, 3, S, S], see ``flatten_images``)."""
     dec = KvDecoder(graphs)
     feats = dec.image_features(flatten_images(pixel_values)) if pixel_values is not None else None
@@ -123,7 +124,7 @@ def greedy_generate(graphs, input_ids: np.ndarray, attention_mask: np.ndarray, *
     for _ in range(max_new_tokens):
         nxt = np.where(done, pad, logits.argmax(-1)).astype(np.int64)
         ids = np.concatenate([ids, nxt[:, None]], axis=1)
-        done |= eos is not None and nxt == eos
+        done |= np.isin(nxt, [] if eos is None else eos)  # any of the end tokens, as generate stops on a list
         if done.all() or ids.shape[1] - input_ids.shape[1] >= max_new_tokens:
             break
         logits, state = dec.step(dec.embed(nxt[:, None]), state)

@@ -204,6 +204,20 @@ def test_ort_greedy_generation_equals_generate_token_for_token(exported):
     np.testing.assert_array_equal(got, ref)
 
 
+def test_a_row_that_ends_is_padded_as_generate_pads_it(llava):
+    model, ort = llava
+    px, ids, mask = _prompt(model)
+    free = _generate(model, px, ids, mask, new=8)
+    end = [int(free[0, ids.shape[1] + 2]), 1]  # row 0's third new token ends it (two end tokens, as configs list them)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8, do_sample=False,
+                             eos_token_id=end, pad_token_id=0).numpy()
+    got = greedy_generate(ort, ids.numpy(), mask.numpy(), eos=end, pad=0, max_new_tokens=8, pixel_values=px.numpy(),
+                          image_token_id=IMAGE_TOKEN)
+    assert ref[0, -1] == 0 or ref.shape[1] < free.shape[1]  # row 0 ended early
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_idefics3_batch_with_a_padding_image_generates_as_the_model_does(tmp_path):
     """A processor's batch: row 0 holds two images, row 1 one and an all-zero padding image, which the host drops."""
     model = build("idefics3-siglip-llama")
