@@ -112,9 +112,12 @@ class DecoderGraphs:
                 "position_ids": pos}
 
     def step_inputs(self, b: int, s: int) -> dict[str, torch.Tensor]:
+        """One token after a prefill of ``s`` (run where the model is; the inputs come back on the CPU, as every
+        graph's example inputs)."""
         first = self.prompt(b, s)
+        where = next(self.model.parameters()).device
         with torch.no_grad():
-            outs = self.decode(self.model, *first.values())
+            outs = [t.cpu() for t in self.decode(self.model, *(v.to(where) for v in first.values()))]
         mask = torch.cat([first["attention_mask"], torch.ones(b, 1, dtype=torch.long)], dim=1)
         return {"inputs_embeds": 0.5 * torch.randn(b, 1, self.text.hidden_size), "attention_mask": mask,
                 "position_ids": first["position_ids"][:, -1:] + 1, **dict(zip(self.past, outs[1:]))}

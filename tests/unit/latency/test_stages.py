@@ -80,3 +80,15 @@ def test_the_report_table_names_each_stage_its_tokens_and_the_decode_tokens_per_
     assert f"latency ms, decode at past {TEXT_TOKENS}, torch cpu batch 1 (p50)" in labels
     assert f"tokens/s, decode at past {TEXT_TOKENS}, onnxruntime cpu" in labels
     assert "latency ms, image encode, torch cpu batch 1 (p50)" in labels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_stages_are_timed_on_the_gpu_where_the_model_is():
+    from upop.latency.measure import time_stages
+
+    cuda = torch.device("cuda")
+    model = slim(build("idefics3-siglip-llama")).to(cuda)
+    stages = time_stages(model, None, cuda, torch_runtime(cuda))
+    assert [s["stage"] for s in stages.values()] == ["image encode", "prefill", "decode"]
+    assert all(s["p50_ms"] > 0 for s in stages.values()) and stages["decoder_step"]["tokens_per_s"] > 0
