@@ -39,13 +39,13 @@ from upop.adapters.vlm_graphs import DecoderGraphs
 from upop.exporters.onnx import export_graph
 from upop.exporters.sessions import ort_session
 
-#: SmolVLM-256M's published config (HuggingFaceTB/SmolVLM-256M-Instruct), the values that set its shape
+#: SmolVLM-256M's shape: these values are the published config's (HuggingFaceTB/SmolVLM-256M-Instruct): a SigLIP-like
+#: vision tower and a Llama-like language model
 SMOLVLM_256M = {
     "vision": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    patch_size=16, image_size=512),
     "text": dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, intermediate_size=1536, vocab_size=49280, max_position_embeddings=8192,
-                 tie_word_embeddings=False),
+                 num_key_value_heads=3, intermediate_size=1536, vocab_size=49280),
     "scale_factor": 4,
 }
 #: the same structure, small: 4 vision heads and 3 KV groups of 3 query heads, 64 px images
@@ -53,15 +53,19 @@ SMALL = {
     "vision": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=8,
                    image_size=64),
     "text": dict(model_type="llama", hidden_size=72, num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=96, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False),
+                 intermediate_size=96, vocab_size=512),
     "scale_factor": 2,
 }
 STD = 0.02
+#: set here, not taken from the published config: room for the longest prompt timed, a separate LM head (as counted
+#: in the table's params), and the last vocabulary id as the image token
+OURS = dict(max_position_embeddings=2048, tie_word_embeddings=False)
 
 
 def build(shape: dict) -> nn.Module:
-    cfg = tf.Idefics3Config(vision_config=shape["vision"], text_config=shape["text"], scale_factor=shape["scale_factor"],
-                            image_token_id=shape["text"]["vocab_size"] - 1, tie_word_embeddings=False)
+    cfg = tf.Idefics3Config(vision_config=shape["vision"], text_config={**shape["text"], **OURS},
+                            scale_factor=shape["scale_factor"], image_token_id=shape["text"]["vocab_size"] - 1,
+                            tie_word_embeddings=False)
     model = tf.Idefics3ForConditionalGeneration(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
