@@ -102,8 +102,12 @@ def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
             ratio = f"{a.get(tower, 0) / b[tower]:.1%}" if b[tower] else ""
             rows.append((f"{what} {tower}", _fmt(b[tower]), _fmt(a.get(tower)), ratio))
     for r in report.latency or []:
-        rows.append((f"latency ms, {r['runtime']} {r['device']} batch {r['batch']} (p50)", f"{r['before_ms']:.3f}",
+        what = f"{r['stage']}{' at ' + r['tokens'] if r.get('tokens') else ''}, " if "stage" in r else ""
+        rows.append((f"latency ms, {what}{r['runtime']} {r['device']} batch {r['batch']} (p50)", f"{r['before_ms']:.3f}",
                      f"{r['after_ms']:.3f}", f"{r['after_ms'] / r['before_ms']:.1%} (speedup {r['speedup']:.2f}×)"))
+        if "after_tokens_per_s" in r:
+            b, a = r["before_tokens_per_s"], r["after_tokens_per_s"]
+            rows.append((f"tokens/s, {what}{r['runtime']} {r['device']}", f"{b:.1f}", f"{a:.1f}", f"{a / b:.1%}"))
     hw = report.hardware
     if hw and hw.get("predicted_ms_after") is not None:
         b, a = hw["predicted_ms_before"], hw["predicted_ms_after"]

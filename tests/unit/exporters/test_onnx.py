@@ -211,6 +211,9 @@ def test_tensorrt_profile_shapes_and_batch_parsing():
     kv = profile_shapes([{"name": "past_self_key_0", "shape": ["batch", 2, "past", 8]}], ShapeRange.parse("1:4:16"),
                         ShapeRange.parse("1:12:64"))
     assert kv["past_self_key_0"] == ((1, 2, 1, 8), (4, 2, 12, 8), (16, 2, 64, 8))  # a cache grows with tokens
+    step = profile_shapes([{"name": "attention_mask", "shape": ["batch", "total"]}], ShapeRange.parse("1:4:16"),
+                          ShapeRange.parse("1:12:64"))
+    assert step["attention_mask"] == ((1, 2), (4, 13), (16, 65))  # a decode step's mask: the past and the new token
     for bad in ("8:4:16", "1:2", "a:b:c", "0:1:2"):
         with pytest.raises(UpopError, match="MIN:OPT:MAX"):
             ShapeRange.parse(bad)
