@@ -39,13 +39,6 @@ __all__ = ["METRIC_TOL", "Artifact", "ArtifactForwards", "evaluate_artifact", "e
 
 #: |metric of the fp32 artifact − metric of the PyTorch model| in points (see the module docstring)
 METRIC_TOL = 1e-4
-#: the graphs each task implementation (``upop.tasks`` key) runs
-TASK_GRAPHS = {
-    "classification": ("classifier",), "zero-shot": ("image_encoder", "text_encoder"),
-    "dual-retrieval": ("image_encoder", "text_encoder"), "blip-retrieval": ("image_encoder", "text_encoder", "itm"),
-    "blip-caption": ("vision_encoder", "decoder_prefill", "decoder_step"),
-    "blip-vqa": ("vision_encoder", "question_encoder", "answer_decoder"), "blip-nlvr": ("reasoning",),
-}
 
 
 # ---- the artifact and its forwards ---------------------------------------------------------------
@@ -180,7 +173,7 @@ def _task_key(artifact: Artifact, task: str) -> Any:
     if not trains(adapter, task_class(key), rec.model_class):
         raise ExportFolderError(f"export.json says task {task!r}, but its model class {rec.model_class} does "
                                 f"{own!r} (the file was edited?)")
-    missing = [g for g in TASK_GRAPHS.get(key, ()) if g not in artifact.model.graph_names()]
+    missing = [g for g in task_class(key).artifact_graphs if g not in artifact.model.graph_names()]
     if missing:
         raise ExportFolderError(f"task {task!r} needs graph(s) {', '.join(missing)}, which this export lacks "
                                 f"(it has {', '.join(artifact.model.graph_names())})")

@@ -132,7 +132,9 @@ def _special_tokens(config: Any) -> dict[str, int]:
     if text is None:
         return {}
     keys = ("bos_token_id", "sep_token_id", "eos_token_id", "pad_token_id")
-    return {k: int(getattr(text, k)) for k in keys if isinstance(getattr(text, k, None), int)}
+    out = {k: int(getattr(text, k)) for k in keys if isinstance(getattr(text, k, None), int)}
+    image = getattr(config, "image_token_id", None)  # a decoder VLM's: where the host writes the image features
+    return {**out, "image_token_id": int(image)} if isinstance(image, int) else out
 
 
 def _copy_preprocessing(source: str, dest: Path) -> None:
@@ -149,6 +151,35 @@ def _copy_preprocessing(source: str, dest: Path) -> None:
         if f.is_file() and (f.name.startswith(("tokenizer", "preprocessor", "processor", "special_tokens"))
                             or f.name in ("vocab.txt", "vocab.json", "merges.txt")):
             shutil.copy2(f, dest / f.name)
+
+
+def export_graph(graph: Any, folder: Path, *, opset: int = 17, seq: int = 12, check_batches: tuple[int, ...] = (1, 3),
+                 fp16: bool = False) -> dict[str, Any]:
+    """One graph to ``folder/NAME.onnx`` (TorchScript exporter), checked with ``onnx.checker`` and against PyTorch in
+    ONNX Runtime; the graph's ``export.json`` entry (its inputs, outputs and parity)."""
+    import onnx
+
+    path = folder / f"{graph.name}.onnx"
+    example = graph.make_inputs(2, seq)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings about Python-side shape checks: the graphs are checked below instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph.module, tuple(example.values()), str(path), input_names=list(example),
+                          output_names=graph.outputs, dynamic_axes=graph.dynamic, opset_version=opset,
+                          dynamo=False, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    entry = {"name": graph.name, "file": path.name, **_io_spec(proto),
+             "parity": check_parity(graph, path, check_batches, seq, FP32_TOL, relative_to_scale=False)}
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half = convert_float_to_float16(proto, keep_io_types=True)
+        hpath = folder / f"{graph.name}.fp16.onnx"
+        onnx.save(half, str(hpath))
+        entry["fp16"] = {"file": hpath.name, "tolerance_rule": f"max abs <= {FP16_TOL} * (1 + max |ref|)",
+                         "parity": check_parity(graph, hpath, check_batches, seq, FP16_TOL, relative_to_scale=True)}
+    return entry
 
 
 def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, opset: int = 17,
@@ -186,27 +217,7 @@ def export_onnx(source: str | Path, out_dir: str | Path, *, fp16: bool = False, 
         for graph in graphs:
             if progress:
                 progress(f"exporting {graph.name}")
-            path = tmp / f"{graph.name}.onnx"
-            example = graph.make_inputs(2, seq)
-            with torch.no_grad(), warnings.catch_warnings():
-                # Tracer warnings about Python-side shape checks: the graphs are checked below instead.
-                warnings.simplefilter("ignore")
-                torch.onnx.export(graph.module, tuple(example.values()), str(path), input_names=list(example),
-                                  output_names=graph.outputs, dynamic_axes=graph.dynamic, opset_version=opset,
-                                  dynamo=False, do_constant_folding=True)
-            proto = onnx.load(str(path))
-            onnx.checker.check_model(proto)
-            entry = {"name": graph.name, "file": path.name, **_io_spec(proto),
-                     "parity": check_parity(graph, path, check_batches, seq, FP32_TOL, relative_to_scale=False)}
-            if fp16:
-                from onnxruntime.transformers.float16 import convert_float_to_float16
-
-                half = convert_float_to_float16(proto, keep_io_types=True)
-                hpath = tmp / f"{graph.name}.fp16.onnx"
-                onnx.save(half, str(hpath))
-                entry["fp16"] = {"file": hpath.name, "tolerance_rule": f"max abs <= {FP16_TOL} * (1 + max |ref|)",
-                                 "parity": check_parity(graph, hpath, check_batches, seq, FP16_TOL,
-                                                        relative_to_scale=True)}
+            entry = export_graph(graph, tmp, opset=opset, seq=seq, check_batches=check_batches, fp16=fp16)
             manifest["graphs"].append(entry)
         _copy_preprocessing(loaded.source, tmp)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2))

@@ -70,7 +70,7 @@ def trt_major(trt: Any) -> int:
 def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
     """(min, opt, max) shapes per input: item axes take ``batch``, token axes ``seq`` (the rule of
     ``upop.latency.timing.feed_shape``, so profiling feeds fit the profile)."""
-    from upop.latency.timing import is_batch_axis
+    from upop.latency.timing import GROWN_AXES, is_batch_axis
 
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     for inp in io:
@@ -82,6 +82,8 @@ def profile_shapes(io: list[dict[str, Any]], batch: ShapeRange, seq: ShapeRange)
                 r = ShapeRange(d, d, d)
             else:
                 r = batch if is_batch_axis(d) else seq
+                if d in GROWN_AXES:  # a decode step's mask: the past and the new token
+                    r = ShapeRange(seq.min + 1, seq.opt + 1, seq.max + 1)
             lo.append(r.min)
             mid.append(r.opt)
             hi.append(r.max)

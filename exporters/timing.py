@@ -45,7 +45,8 @@ def profile_torch(model: torch.nn.Module, adapter: Any, target: str, batches: Se
                 inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
             with torch.inference_mode():
                 ms = time_fn(lambda: graph.module(*inputs.values()), warmup, runs, device.type == "cuda")
-            out.append(make_run(target, "torch", str(device), precision, graph.name, b, ms))
+            axes = [{"name": k, "shape": list(v.values())} for k, v in graph.dynamic.items()]
+            out.append(make_run(target, "torch", str(device), precision, graph.name, b, ms, inputs=axes))
     return out
 
 
@@ -70,7 +71,7 @@ def profile_ort(export_dir: str | Path, target: str, batches: Sequence[int], dev
         for b in batches:
             ms = time_fn(ort_call(sess, synthetic_feed(g, sess, b), gpu), warmup, runs, cuda=False)
             out.append(make_run(target, "onnxruntime", device if used == "cuda" else "cpu", precision, g["name"], b, ms,
-                                provider))
+                                provider, inputs=g.get("inputs")))
     return out
 
 

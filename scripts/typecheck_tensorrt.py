@@ -5,7 +5,9 @@ site-packages) and contain a few syntax errors (a parameter named ``in``, a defa
 non-default). This copies them to a temporary folder, repairs those, and runs mypy on the module
 with errors inside the stubs themselves ignored. Exit status: mypy's.
 
-    pip install --no-deps tensorrt-stubs && python scripts/typecheck_tensorrt.py
+    pip install --no-deps tensorrt-stubs && python scripts/typecheck_tensorrt.py [FILE ...]
+
+With no FILE it checks upop's TensorRT code (the exporter and its runtime backend).
 """
 
 import importlib.util
@@ -17,9 +19,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "exporters" / "tensorrt.py", ROOT / "exporters" / "runtimes" / "tensorrt.py"]
 
 
-def main() -> int:
+def main(files: list[str]) -> int:
     spec = importlib.util.find_spec("tensorrt_stubs")
     if spec is None or spec.origin is None:
         print("tensorrt-stubs is not installed: pip install --no-deps tensorrt-stubs", file=sys.stderr)
@@ -36,9 +39,10 @@ def main() -> int:
         cfg = Path(tmp) / "mypy.ini"
         cfg.write_text("[mypy]\nfollow_imports = silent\nignore_missing_imports = True\n"
                        "[mypy-tensorrt_bindings.*]\nignore_errors = True\n[mypy-tensorrt.*]\nignore_errors = True\n")
-        cmd = [sys.executable, "-m", "mypy", "--config-file", str(cfg), str(ROOT / "exporters" / "tensorrt.py")]
+        cmd = [sys.executable, "-m", "mypy", "--config-file", str(cfg), "--cache-dir", str(Path(tmp) / "cache"),
+               *(files or map(str, FILES))]
         return subprocess.run(cmd, env={"MYPYPATH": tmp, "PATH": "/usr/bin:/bin"}).returncode
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -100,3 +100,7 @@ class TensorRTBuildError(UpopError):
 
 class ExportFolderError(UpopError):
     """An export folder that is missing, damaged or from a newer format."""
+
+
+class GraphInputError(ExportError):
+    """Exported graphs fed inputs that do not fit together (a past length the mask does not cover, a missing cache)."""

@@ -11,6 +11,7 @@ from rich.table import Table
 from upop.datasets.readers import outside_data_allowed
 from upop.run.report import target_missed as latency_note
 
+from .export_cmd import plan_chain
 from .options import check_values, merge, read_toml
 from .recipes_cmd import recipe_options
 from .errors import Interrupted
@@ -46,11 +47,22 @@ def run(flags: dict[str, Any], config_file: Path | None, overwrite: bool, quiet:
 
     network_rule(model)  # one probe of the hub at most; demos and local folders never touch it
     guard = _output_guard(out, model, o.get("data"), overwrite, main, o.get("teacher"))
+    chain = plan_chain({**o, "allow_outside_data": allow_outside_data}, model, out, overwrite) if main else None
     with guard as partial, outside_data_allowed(allow_outside_data):
         result = _compress(model, cfg, o, out, partial, overwrite, quiet, resume, main, as_json)
     if main:
         _record_latest(out, model)
+        if chain is not None:
+            _deploy(chain, result.report, model, out, overwrite, quiet)
         _tell(result.report, out, quiet, as_json)
+
+
+def _deploy(chain: Any, report: Any, model: str, out: Path, overwrite: bool, quiet: bool) -> None:
+    """``--export``: the slim checkpoint is written and kept whatever happens here; the report gains the table."""
+    from upop.run.report import write_report
+
+    report.deployment = chain.run(model, out, overwrite, console(stderr=True, quiet=quiet))
+    write_report(report, out)
 
 
 def _not_applying(o: dict[str, Any], family: str | None, task: str | None) -> dict[str, str]:
@@ -63,7 +75,17 @@ def _not_applying(o: dict[str, Any], family: str | None, task: str | None) -> di
         out["distill_temperature"] = "it is the temperature of the logit KL; --distill features has none"
     if family is not None and task is not None:
         out |= _task_options_unused(family, task)
-    return out
+    return out | _export_options_unused(o)
+
+
+def _export_options_unused(o: dict[str, Any]) -> dict[str, str]:
+    """The precision options without --export, and INT8's own without a precision that calibrates or compares."""
+    if not o.get("export"):
+        return {k: "it is for --export, which is not given" for k in ("precision", "max_drop", "calibration_size")}
+    if o.get("precision") in ("int8", "auto"):
+        return {}
+    return {"calibration_size": "only --precision int8 and auto calibrate",
+            "max_drop": "only --precision int8 and auto compare metrics"}
 
 
 def _task_options_unused(family: str, task: str) -> dict[str, str]:
@@ -278,7 +300,7 @@ def finish_together() -> None:
 
 
 def print_summary(report: Any, out: Path, stderr: bool = False) -> None:
-    from upop.run.report import run_lines, summary_rows
+    from upop.run.report import deployment_lines, deployment_rows, run_lines, summary_rows
 
     con = console(stderr=stderr)
     table = Table(title=f"{report.model} → {out}  (ratio {report.ratio}, {report.granularity}, "
@@ -292,5 +314,16 @@ def print_summary(report: Any, out: Path, stderr: bool = False) -> None:
     con.print(table)
     if note:  # said once, where it is seen
         con.print(f"[bold red]{note}[/bold red]")
+    dep = deployment_rows(report)
+    if dep:
+        table = Table(title=f"deployment ({report.deployment['deployment']['runtime']} "
+                            f"{report.deployment['deployment']['device']})")
+        for col in dep[0]:
+            table.add_column(col, justify="left" if col == "precision" else "right")
+        for row in dep[1:]:
+            table.add_row(*row)
+        con.print(table)
+    for line in deployment_lines(report):
+        con.print(line, soft_wrap=True)
     con.print(f"slim checkpoint: {out}   report: {out / 'report.md'}   picture: {out / 'compression.png'}",
               soft_wrap=True)

@@ -93,11 +93,12 @@ def run(target: str | None, runtime: str, device: str, batches: list[int], preci
     if quiet:
         return
     table = Table(title=f"latency, {runtime} on {device} ({precision})")
-    for col in ("target", "graph", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "provider"):
-        table.add_column(col, justify="left" if col in ("target", "graph", "provider") else "right")
+    for col in ("target", "graph", "tokens", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "tokens/s", "provider"):
+        table.add_column(col, justify="left" if col in ("target", "graph", "tokens", "provider") else "right")
     for r in results + other:
-        table.add_row(r.target, r.graph, str(r.batch), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
-                      f"{r.throughput:.1f}", r.provider or "-")
+        table.add_row(r.target, r.graph, r.tokens or "-", str(r.batch), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}",
+                      f"{r.p99_ms:.2f}", f"{r.throughput:.1f}",
+                      f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else "-", r.provider or "-")
     con = console(stderr=to_stdout)
     con.print(table)
     if ratio is not None:

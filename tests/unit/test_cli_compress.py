@@ -176,3 +176,56 @@ def test_bool_options_reach_torchrun_workers_as_switches():
 
     assert worker_args("compress", {"latency": False, "ratio": 0.5, "workers": None}, {"quiet": True}) == \
         ["compress", "--no-latency", "--ratio", "0.5", "--quiet"]
+
+
+def test_export_after_compress_puts_the_deployment_table_in_the_report(vit_dir, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the exports' default folders (upop-export/) land here
+    out = tmp_path / "out"
+    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", out, "--batch-size", 8,
+                "--search-epochs", 1, "--retrain-epochs", 1, "--export", "onnx", "--precision", "auto",
+                "--calibration-size", 4, "--no-latency")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    dep = rep["deployment"]
+    assert dep["runtime"] == "onnxruntime" and dep["export"] == os.path.join("upop-export", "out-onnxruntime")
+    assert dep["original"] == os.path.join("upop-export", "tiny-vit-onnxruntime")
+    rows = {row["precision"]: row for row in dep["deployment"]["rows"]}
+    assert set(rows) == {"fp32", "fp16", "int8", "int8-dynamic"} and dep["precision"] in rows
+    assert all(row["metric_val"] is not None and "speedup_vs_original" in row for row in rows.values())
+    assert dep["choice"]["chosen"] == dep["precision"]
+    assert (tmp_path / dep["export"] / "export.json").is_file() and (tmp_path / dep["original"] / "export.json").is_file()
+    md = (out / "report.md").read_text()
+    assert "## Deployment" in md and f"| {dep['precision']} (chosen) |" in md
+    assert "deployment (onnxruntime cpu)" in r.output and f"auto chose {dep['precision']}" in r.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--precision", "int8"], "--precision does not apply to this run (it is for --export, which is not given)"),
+    (["--export", "onnxruntime", "--max-drop", "2"], "--max-drop does not apply to this run (only --precision int8"),
+    (["--export", "onnxruntime", "--precision", "int4"], "--precision must be one of fp32, fp16, int8, int8-dynamic, auto"),
+    (["--export", "torch"], "export format 'torch' is not supported"),
+    (["--export", "tensorrt", "--precision", "int8-dynamic"], "--format tensorrt builds fp32, fp16 or int8 engines"),
+])
+def test_export_flags_are_checked_before_the_run(args, match, vit_dir, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", tmp_path / "out", *args)
+    assert r.exit_code == 2 and match in r.output, r.output
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_an_export_folder_upop_did_not_write_stops_the_run_before_it_starts(vit_dir, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "upop-export" / "out-onnxruntime"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    r = _invoke("compress", "--model", vit_dir, "--ratio", 0.5, "--data", data, "--out", tmp_path / "out",
+                "--export", "onnxruntime", "--overwrite")
+    assert r.exit_code == 2 and "out-onnxruntime" in r.output, r.output
+    assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_the_compress_table_offers_the_exporters_precisions():
+    from upop.exporters.precision import CHOICES
+    from upop.run.options import EXPORT_PRECISIONS
+
+    assert EXPORT_PRECISIONS == CHOICES

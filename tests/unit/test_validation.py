@@ -429,23 +429,13 @@ def test_a_graph_of_another_model_is_one_error(exported):
 
 # -- options that do not apply, caps said once, a diverging loss ---------------------------------------------
 
-class _Result:
-    def __init__(self):
-        from .test_cli_safety import _report
-
-        self.report = _report(hardware=None)
-
-    def save(self, out, overwrite=False):
-        from pathlib import Path
-
-        Path(out).mkdir()
-        (Path(out) / "upop_manifest.json").write_text("{}")
-
-
 @pytest.fixture
 def fake_run(monkeypatch):
+    """upop.compress replaced (test_cli_safety's stand-in): the calls are recorded, nothing is trained."""
+    from .test_cli_safety import FakeResult
+
     calls = []
-    monkeypatch.setattr(upop, "compress", lambda *a, **k: calls.append(k) or _Result())
+    monkeypatch.setattr(upop, "compress", lambda *a, **k: calls.append(k) or FakeResult())
     return calls
 
 

@@ -173,6 +173,11 @@ class Adapter:
         cfg = getattr(model.config, "vision_config", model.config)
         return (image_size_of(cfg) // int(cfg.patch_size)) ** 2 + 1
 
+    def drop_path_branches(self, model: nn.Module) -> list[list[nn.Module]]:
+        """Per block, the modules whose output is a residual branch (``--drop-path`` scales it per sample);
+        empty: the family does not offer drop path (its blocks add the residual inside the modules)."""
+        return []
+
     def module_items(self, model: nn.Module, spec: ModuleSpec) -> int:
         """How many sequences a module runs on per example (a model that encodes two images runs its
         vision tower on two): the latency model multiplies the batch by it, not the tokens."""

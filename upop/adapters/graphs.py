@@ -28,12 +28,15 @@ class ExportGraph:
     """One graph of a deployment: a module wrapper, how to make its inputs, and its dynamic axes.
 
     ``make_inputs(batch, seq)`` returns the named inputs (in the wrapper's argument order); axes
-    named "batch" and "sequence" are dynamic in the exported graph.
+    named "batch" and "sequence" are dynamic in the exported graph. ``stage``: what the graph is in a deployment
+    that decodes with a cache (image encode, prefill, decode), where one forward of the model is not what runs;
+    the compress report times each staged graph before and after (``upop.latency.measure``).
     """
 
-    def __init__(self, name: str, module: nn.Module, make_inputs: Inputs, outputs: list[str], dynamic: Axes):
+    def __init__(self, name: str, module: nn.Module, make_inputs: Inputs, outputs: list[str], dynamic: Axes,
+                 stage: str | None = None):
         self.name, self.module, self.make_inputs = name, module, make_inputs
-        self.outputs, self.dynamic = outputs, dynamic
+        self.outputs, self.dynamic, self.stage = outputs, dynamic, stage
 
 
 class Fn(nn.Module):

@@ -66,6 +66,10 @@ class ViTAdapter(QKVOAdapter, ViTModels):
     def forward_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"logits": model(**batch).logits}
 
+    def drop_path_branches(self, model: nn.Module) -> list[list[nn.Module]]:
+        """Pre-norm blocks: the attention's and the MLP's outputs are added to the residual by the block."""
+        return [[layer.attention, layer.mlp] for layer in model.get_submodule(self.feature_stacks[0])]
+
 
 # ---- export graphs (``upop.exporters`` looks them up by class name) -------------------------------------
 @graphs_for("ViTForImageClassification")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .timing import percentile, time_fn
+from .timing import percentile, time_fn, token_axes
 
 @dataclass(frozen=True)
 class Runtime:
@@ -27,6 +27,8 @@ class Runtime:
 
 
 TEXT_TOKENS = 32
+#: key of a runtime's per-stage timings (a deployment that decodes with a cache), beside its batch sizes
+STAGES = "stages"
 WARMUP = 2
 RUNS = (5, 50)  # at least, at most
 BUDGET_S = 0.5  # timed seconds per model, batch and runtime (the test suite lowers it)
@@ -48,6 +50,14 @@ def _runs_for(one_ms: float) -> int:
     return int(min(RUNS[1], max(RUNS[0], BUDGET_S * 1000 / max(one_ms, 1e-3))))
 
 
+def _time(run: Callable[[], Any], runtime: Runtime) -> dict[str, Any]:
+    probe = time_fn(run, WARMUP, 1, runtime.cuda_events)
+    ms = time_fn(run, 0, _runs_for(probe[0]), runtime.cuda_events)
+    where = getattr(run, "device", None)
+    return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms)),
+            **({"device": where} if where is not None else {})}
+
+
 def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device, runtime: Runtime) -> dict[str, Any]:
     """p50 and p90 (ms) of one forward of ``model`` on a batch of the adapter's example inputs, and ``device``
     where the runtime's call says where it ran (a runtime may fall back to the CPU)."""
@@ -56,30 +66,81 @@ def time_model(model: nn.Module, adapter: Any, batch: int, device: torch.device,
     inputs = adapter.example_inputs(model, batch_size=batch, seq_len=TEXT_TOKENS,
                                     generator=torch.Generator().manual_seed(0))
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    run = runtime.prepare(model, inputs)
-    probe = time_fn(run, WARMUP, 1, runtime.cuda_events)
-    ms = time_fn(run, 0, _runs_for(probe[0]), runtime.cuda_events)
+    out = _time(runtime.prepare(model, inputs), runtime)
     model.train(was_training)
-    where = getattr(run, "device", None)
-    return {"p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9), "runs": float(len(ms)),
-            **({"device": where} if where is not None else {})}
+    return out
+
+
+class _Named(nn.Module):
+    """A deployment graph's wrapper called with its named inputs, as the runtimes call a model."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.graph = module
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self.graph(*inputs.values())
+
+
+def staged_graphs(model: nn.Module, adapter: Any) -> list[Any]:
+    """The model's deployment graphs that name a stage (``upop.adapters.graphs.ExportGraph.stage``): those of a
+    deployment that decodes with a cache; none for a model whose deployment is one forward."""
+    from ..adapters.graphs import graphs_of
+
+    fn = graphs_of(type(model).__name__)
+    return [g for g in fn(model, adapter) if g.stage] if fn is not None else []
+
+
+def time_stages(model: nn.Module, adapter: Any, device: torch.device, runtime: Runtime) -> dict[str, dict[str, Any]]:
+    """Per staged graph, at batch 1 with ``TEXT_TOKENS`` prompt (or past) tokens: its stage, token lengths, p50/p90 ms,
+    and for a decode step its tokens per second."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for g in staged_graphs(model, adapter):
+        torch.manual_seed(0)
+        inputs = {k: v.to(device) for k, v in g.make_inputs(1, TEXT_TOKENS).items()}
+        tokens, step = token_axes([{"shape": list(axes.values())} for axes in g.dynamic.values()], TEXT_TOKENS)
+        timed = _time(runtime.prepare(_Named(g.module), inputs), runtime)
+        per_s = {"tokens_per_s": 1000.0 / timed["p50_ms"]} if step and timed["p50_ms"] > 0 else {}
+        out[g.name] = {"stage": g.stage, "tokens": tokens, **timed, **per_s}
+    model.train(was_training)
+    return out
 
 
 def measure(model: nn.Module, adapter: Any, batches: Sequence[int], device: torch.device,
-            runtimes: Mapping[str, Runtime]) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{runtime: {batch: {p50_ms, p90_ms, runs}}}`` for every runtime and batch size."""
-    return {name: {b: time_model(model, adapter, b, device, rt) for b in batches} for name, rt in runtimes.items()}
+            runtimes: Mapping[str, Runtime]) -> dict[str, dict[Any, dict[str, Any]]]:
+    """``{runtime: {batch: {p50_ms, p90_ms, runs}}}`` for every runtime and batch size, and under ``STAGES`` the
+    staged graphs' timings where the model's deployment has some."""
+    out: dict[str, dict[Any, dict[str, Any]]] = {}
+    for name, rt in runtimes.items():
+        out[name] = {b: time_model(model, adapter, b, device, rt) for b in batches}
+        stages = time_stages(model, adapter, device, rt)
+        if stages:
+            out[name][STAGES] = stages
+    return out
 
 
 def latency_rows(before: dict[str, Any], after: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
-    """The report's rows: one per runtime and batch measured both before and after."""
+    """The report's rows: one per runtime and batch measured both before and after, then one per staged graph."""
     rows = []
     for runtime, per_batch in after.items():
         for batch, a in per_batch.items():
             b = before.get(runtime, {}).get(batch)
-            if b is None:
+            if b is None or batch == STAGES:
                 continue
             rows.append({"runtime": runtime, "device": a.get("device", str(device)), "batch": int(batch),
-                         "before_ms": b["p50_ms"], "after_ms": a["p50_ms"], "before_p90_ms": b["p90_ms"],
-                         "after_p90_ms": a["p90_ms"], "speedup": b["p50_ms"] / a["p50_ms"] if a["p50_ms"] > 0 else 0.0})
+                         **_compared(b, a)})
+        for graph, a in per_batch.get(STAGES, {}).items():
+            b = before.get(runtime, {}).get(STAGES, {}).get(graph)
+            if b is not None:
+                per_s = ({"before_tokens_per_s": b["tokens_per_s"], "after_tokens_per_s": a["tokens_per_s"]}
+                         if "tokens_per_s" in a and "tokens_per_s" in b else {})
+                rows.append({"runtime": runtime, "device": a.get("device", str(device)), "batch": 1, "graph": graph,
+                             "stage": a["stage"], "tokens": a["tokens"], **_compared(b, a), **per_s})
     return rows
+
+
+def _compared(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+    return {"before_ms": b["p50_ms"], "after_ms": a["p50_ms"], "before_p90_ms": b["p90_ms"], "after_p90_ms": a["p90_ms"],
+            "speedup": b["p50_ms"] / a["p50_ms"] if a["p50_ms"] > 0 else 0.0}

@@ -71,6 +71,7 @@ class SearchConfig:
     max_steps: int | None = None  # cap on the steps (a smoke run of a full-size setup)
     cost_weights: str = "true"  # one of COST_WEIGHTS
     towers: str | None = None  # "vision,language": the towers whose units are searched; None: all
+    drop_path: float = 0.0  # stochastic depth at the last block (``upop.training.drop_path``); 0: off
 
     def validate(self) -> None:
         _check((("towers", "towers", self.towers), ("cost weights", "cost_weights", self.cost_weights),
@@ -80,7 +81,8 @@ class SearchConfig:
                 ("update_every", "update_every", self.update_every), ("grad_accum", "grad_accum", self.grad_accum),
                 ("max_steps", "max_steps", self.max_steps), ("lambda_attn", "lambda_attn", self.lambda_attn),
                 ("lambda_mlp", "lambda_mlp", self.lambda_mlp), ("search lr", "lr", self.lr),
-                ("weight_decay", "weight_decay", self.weight_decay)), optional=("update_every", "max_steps", "towers"))
+                ("weight_decay", "weight_decay", self.weight_decay), ("drop_path", "drop_path", self.drop_path)),
+               optional=("update_every", "max_steps", "towers"))
         if self.method not in SEARCH_METHODS:
             raise ConfigError(f"search method must be one of {', '.join(SEARCH_METHODS)}, got {self.method!r}")
         at_least(1).check("search steps", self.steps)
@@ -100,11 +102,13 @@ class RetrainConfig:
     seed: int = 0
     grad_accum: int = 1  # batches per optimizer step
     max_steps: int | None = None  # cap on the steps over all epochs (a smoke run)
+    drop_path: float = 0.0  # stochastic depth at the last block (``upop.training.drop_path``); 0: off
 
     def validate(self) -> None:
         _check((("grad_accum", "grad_accum", self.grad_accum), ("max_steps", "max_steps", self.max_steps),
                 ("retrain epochs", "retrain_epochs", self.epochs), ("retrain lr", "lr", self.lr),
-                ("weight_decay", "weight_decay", self.weight_decay)), optional=("max_steps",))
+                ("weight_decay", "weight_decay", self.weight_decay), ("drop_path", "drop_path", self.drop_path)),
+               optional=("max_steps",))
         at_least(1).check("steps_per_epoch", self.steps_per_epoch)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")

@@ -29,6 +29,8 @@ COST_WEIGHTS = ("true", "paper")
 #: what the slim model learns from the teacher: nothing, its outputs (KL), its hidden states (MSE), or both
 DISTILL_MODES = ("off", "logits", "features", "both")
 #: Integers beyond these overflow what they feed (a seed: numpy's 32 bits; the rest: C ints in torch).
+#: ``upop export --precision``'s choices (the exporters' ``CHOICES``; a test keeps the two equal)
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "auto")
 MAX_SEED = 2**32 - 1
 MAX_INT = 2**31 - 1
 
@@ -167,8 +169,20 @@ RUN_OPTIONS: tuple[Option, ...] = (
            task=True, always=True),
     Option("latency", SWITCH, bool, "Measure the latency before and after in the report (default on).", switch=True,
            default=True),
+    Option("export", _named("a runtime name (upop export --format)"),
+           help="After the run, export the slim model for this runtime (onnxruntime, tensorrt, ...) and put its "
+                "deployment table in the report."),
+    Option("precision", one_of(*EXPORT_PRECISIONS),
+           help="With --export: fp32 | fp16 | int8 | int8-dynamic | auto (the fastest within --max-drop)."),
+    Option("max_drop", number(0, what="a number of points >= 0"), float,
+           "With --export --precision int8/auto: metric points allowed below FP32 on val (default 1)."),
+    Option("calibration_size", at_least(1), int, "With --export --precision int8/auto: train items to calibrate on "
+                                                 "(default 128)."),
     Option("weight_decay", number(0), float, "AdamW weight decay of the search and the retrain (default 0.05).",
            into=("search.weight_decay", "retrain.weight_decay")),
+    Option("drop_path", Rule("a number in [0, 1)", lambda v: is_num(v) and 0 <= v < 1), float,
+           "Stochastic depth of the last block, linear from 0 at the first, in the search and the retrain (ViT/DeiT; "
+           "default 0, the DeiT recipe 0.1).", into=("search.drop_path", "retrain.drop_path")),
     Option("augment", one_of("none", "default"), help="Training augmentation: default (the family's reference; the "
                                                       "demos: none) | none.", task=True, always=True,
            default="default"),

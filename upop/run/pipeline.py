@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..pruning.flops import flops_per_tower, params_per_tower
 from ..latency.hardware import HardwarePlan, plan_hardware, predicted_latency_ms
 from ..latency.measure import Runtime, latency_rows, measure, torch_runtime
+from ..training.drop_path import branches as drop_path_branches, drop_path
 from ..training.loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory
 from .report import Report, module_rows
 from ..training.retrain import EvalFn, RetrainResult, retrain
@@ -217,6 +218,7 @@ def prepare_inputs(src: OpenedModel, run: Run, *, data: str | Path | None, task:
         ts = setup_task(src, task, data, preprocessor, batch_size, run.config.search.seed, eval_limit, **task_options)
         batches, report_fn, primary, task_name = ts.batches, ts.report_fn, ts.task.primary, ts.task.name
         task_impl = ts.task
+        task_impl.amp = run.config.search.amp and run.config.retrain.amp  # evaluation as the run computes
         loss_fn, eval_fn = loss_fn or ts.loss_fn, eval_fn or ts.eval_fn
     dist = run.dist
     if dist.enabled:
@@ -457,6 +459,8 @@ def compress(
     specs = src.adapter.modules(net)
     searched = in_towers(specs, run.config.search.towers)
     run.frozen = freeze_others(net, src.adapter.tower_of, specs, run.config.search.towers)
+    if run.config.search.drop_path or run.config.retrain.drop_path:
+        drop_path_branches(net, src.adapter)  # a family without them stops here, before the baseline's evaluation
     plan = plan_for(run, net, src.adapter, searched)
     run_info = distributed_info(run, inputs, batch_size)
     run.latency_batch = run_info["per_rank_batch"]
@@ -465,12 +469,14 @@ def compress(
     if plan is not None:
         run.config = plan.applied(run.config)
     base = measure_baseline(run, net, src.adapter, inputs)
-    result = run_search(run, net, searched, inputs, plan, base)
+    with drop_path(net, src.adapter, run.config.search.drop_path):
+        result = run_search(run, net, searched, inputs, plan, base)
     result.kept = keep_the_rest(result.kept, specs, run.config.granularity)  # the towers left out keep every unit
     run_slim(run, net, specs, result, src, base)
     if run.resumes("done"):
         return finish(run, net, src, result, Report.from_dict(run.saved.report), base)  # type: ignore[union-attr, arg-type]
-    rt, metric_slim = run_retrain(run, net, inputs, result, base)
+    with drop_path(net, src.adapter, run.config.retrain.drop_path):
+        rt, metric_slim = run_retrain(run, net, inputs, result, base)
     after = Measured.of(net, src.adapter, example)
     after.latency = measure_latency(run, net, src.adapter)
     test_after = inputs.report_fn(net) if inputs.report_fn is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class Report:
     performance: dict[str, Any] = field(default_factory=dict)  # per-phase seconds, throughput, peak memory
     latency: list[dict[str, Any]] | None = None  # measured: runtime, device, batch, before/after ms (p50, p90), speedup
     distill: dict[str, Any] | None = None  # mode, weight, temperature, search, the teacher's source and dtype
+    deployment: dict[str, Any] | None = None  # compress --export: the export folder(s), precision, table, choice
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,14 +102,51 @@ def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
             ratio = f"{a.get(tower, 0) / b[tower]:.1%}" if b[tower] else ""
             rows.append((f"{what} {tower}", _fmt(b[tower]), _fmt(a.get(tower)), ratio))
     for r in report.latency or []:
-        rows.append((f"latency ms, {r['runtime']} {r['device']} batch {r['batch']} (p50)", f"{r['before_ms']:.3f}",
+        what = f"{r['stage']}{' at ' + r['tokens'] if r.get('tokens') else ''}, " if "stage" in r else ""
+        rows.append((f"latency ms, {what}{r['runtime']} {r['device']} batch {r['batch']} (p50)", f"{r['before_ms']:.3f}",
                      f"{r['after_ms']:.3f}", f"{r['after_ms'] / r['before_ms']:.1%} (speedup {r['speedup']:.2f}×)"))
+        if "after_tokens_per_s" in r:
+            b, a = r["before_tokens_per_s"], r["after_tokens_per_s"]
+            rows.append((f"tokens/s, {what}{r['runtime']} {r['device']}", f"{b:.1f}", f"{a:.1f}", f"{a / b:.1%}"))
     hw = report.hardware
     if hw and hw.get("predicted_ms_after") is not None:
         b, a = hw["predicted_ms_before"], hw["predicted_ms_after"]
         rows.append((f"latency ms, predicted by profile {hw['profile']}", f"{b:.3f}", f"{a:.3f}",
                      f"{a / b:.1%}" if b else ""))
     return rows
+
+
+def deployment_rows(report: Report) -> list[tuple[str, ...]]:
+    """The deployment table of ``compress --export --precision`` (header first): per precision the metric on val
+    and test, size, latency p50 at each batch and the speedups; empty without one."""
+    dep = (report.deployment or {}).get("deployment")
+    if not dep:
+        return []
+    batches = [str(b) for b in dep["batches"]]
+    chosen = report.deployment.get("precision") if report.deployment else None
+    original = any("speedup_vs_original" in r for r in dep["rows"])
+    head = ("precision", "val", "test", "size MB", *(f"p50 ms @{b}" for b in batches), f"vs fp32 @{batches[-1]}",
+            *([f"vs original @{batches[-1]}"] if original else []))
+    rows: list[tuple[str, ...]] = [head]
+    for r in dep["rows"]:
+        cells = [r["precision"] + (" (chosen)" if r["precision"] == chosen else ""),
+                 *(_fmt(r.get(k)) for k in ("metric_val", "metric_test")), f"{r['size_bytes'] / 1e6:.2f}",
+                 *(f"{r['latency'][b]['p50_ms']:.2f}" for b in batches), f"{r['speedup_vs_fp32'][batches[-1]]:.2f}×"]
+        cells += [f"{r['speedup_vs_original'][batches[-1]]:.2f}×"] if original else []
+        rows.append(tuple(cells))
+    return rows
+
+
+def deployment_lines(report: Report) -> list[str]:
+    """Where the export went and, for ``auto``, what it chose and why the others lost."""
+    d = report.deployment
+    if not d:
+        return []
+    lines = [f"export ({d['runtime']}): {d['export']}" + (f", precision {d['precision']}" if d.get("precision") else "")]
+    if d.get("choice"):
+        lines.append(f"auto chose {d['choice']['chosen']} ({d['choice']['rule']})")
+        lines += [f"  {why}" for why in d["choice"]["reasons"].values()]
+    return lines
 
 
 def target_missed(report: Report) -> str | None:
@@ -156,6 +195,12 @@ def to_markdown(report: Report) -> str:
     for r in report.modules:
         shape = kind_named(r["kind"]).shape_text(r)
         lines.append(f"| {r['tower']} | {r['module']} | {r['kind']} ({r['role']}) | {r['kept']} / {r['units']} | {shape} |")
+    dep = deployment_rows(report)
+    if report.deployment:
+        lines += ["", "## Deployment", "", *(f"- {line.strip()}" for line in deployment_lines(report))]
+    if dep:
+        lines += ["", "| " + " | ".join(dep[0]) + " |", "|" + "---|" * len(dep[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in dep[1:]]
     lines += ["", "![where the compression went](compression.png)", ""]
     return "\n".join(lines)
 
@@ -203,6 +248,13 @@ def plot(report: Report, path: Path) -> None:
 
 def write_report(report: Report, out_dir: str | Path) -> None:
     out = Path(out_dir)
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
-    (out / "report.md").write_text(to_markdown(report))
+    _write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, default=float))
+    _write_text(out / "report.md", to_markdown(report))
     plot(report, out / "compression.png")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A temporary name, then the rename: a report rewritten after the run (``--export``) is never half there."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

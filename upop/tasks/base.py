@@ -425,6 +425,8 @@ class Task:
     images_per_record: ClassVar[int] = 1
     #: the model classes it trains beyond those whose adapter names this task (a task added in a file of its own)
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: the export graphs its evaluation runs through ``Forwards`` (``upop eval EXPORT_DIR`` checks the export has them)
+    artifact_graphs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, adapter: TaskHooks, prep: Preprocessor, data_dir: str | Path, batch_size: int = 32,
                  eval_batch_size: int = 64, seed: int = 0, model: nn.Module | None = None, workers: int | None = None,
@@ -438,6 +440,7 @@ class Task:
             opt.rule.check(opt.name, options.get(opt.name))
         self.images = ImageStore(prep, workers, cache_gb, augmenter_for(adapter, options.get("augment")))
         self.forwards = Forwards(adapter)  # what evaluate() runs; replaced to evaluate an exported artifact
+        self.amp = True  # evaluation under CUDA autocast, as the run trains (``SearchConfig.amp``); CPU: never
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""

@@ -43,6 +43,8 @@ class _ClassData(Task):
 
 @register_task("classification")
 class Classification(_ClassData):
+    artifact_graphs = ("classifier",)
+
     def _classes(self, model: nn.Module | None) -> list[str] | None:
         model = model if model is not None else self.model
         if model is None:
@@ -109,6 +111,8 @@ class Classification(_ClassData):
 @register_task("zero-shot")
 class ZeroShotClassification(_ClassData):
     """Class folder names become prompts (``prompt`` option, default "a {}"); evaluation only."""
+
+    artifact_graphs = ("image_encoder", "text_encoder")
 
     trainable = False
 

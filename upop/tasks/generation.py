@@ -63,6 +63,7 @@ def _token_kl(task: Task, student: dict[str, torch.Tensor], teacher: dict[str, t
 class BlipCaption(Task):
     name = "caption"
     primary = "cider"
+    artifact_graphs = ("vision_encoder", "decoder_prefill", "decoder_step")
     annotation = ("caption_{split}.json", "retrieval_{split}.json", "coco_karpathy_{split}.json",
                   "flickr30k_{split}.json", "{split}.json")
     reader = staticmethod(read_retrieval)
@@ -120,6 +121,7 @@ class BlipCaption(Task):
 class BlipVQA(Task):
     name = "vqa"
     primary = "vqa_acc"
+    artifact_graphs = ("vision_encoder", "question_encoder", "answer_decoder")
     annotation = ("vqa_{split}.json", "vqa_{split}.jsonl")
     reader = staticmethod(read_vqa)
 

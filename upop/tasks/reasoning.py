@@ -15,6 +15,7 @@ from .base import Batches, Images, Task, device_of, distill_kl, register_task, t
 class BlipVisualReasoning(Task):
     name = "nlvr"
     primary = "acc"
+    artifact_graphs = ("reasoning",)
     annotation = ("nlvr_{split}.json", "nlvr2_{split}.json", "nlvr_{split}.jsonl")
     images_per_record = 2
     reader = staticmethod(read_nlvr)

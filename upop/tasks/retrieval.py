@@ -165,6 +165,8 @@ class DualEncoderRetrieval(_RetrievalData):
     """CLIP / SigLIP: the model's own loss (contrastive / sigmoid, with its learnable scale and bias) over the
     features of every rank's batch, cosine ranking."""
 
+    artifact_graphs = ("image_encoder", "text_encoder")
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         batch = self.on_device(batch, model)
@@ -205,6 +207,8 @@ class BlipRetrieval(_RetrievalData):
     """BLIP fine-tuning losses: ITC over every rank's features, at the learnable temperature BLIP trains (clamped to
     [0.001, 0.5]; ``learn_temperature=False``: fixed at ``temperature``), + ITM with hard negatives drawn from the ITC
     similarities over every rank's batch; evaluation ranks by ITC, then re-ranks each top-``k_test`` by ITM."""
+
+    artifact_graphs = ("image_encoder", "text_encoder", "itm")
 
     title = "BLIP retrieval"
     task_options = (K_TEST, MOMENTUM, RERANK)
@@ -362,7 +366,7 @@ class BlipRetrieval(_RetrievalData):
         was = model.training
         model.eval()
         dev = device_of(model)
-        dtype = amp_dtype(dev, True)  # the compute dtype: image sequences are held in it, ITM runs in it
+        dtype = amp_dtype(dev, self.amp)  # the compute dtype: image sequences are held in it, ITM runs in it
         with autocast(dev, dtype):
             recs, texts, text_img, img, txt = self._embed(model, split, limit)
         sim = img @ txt.t()

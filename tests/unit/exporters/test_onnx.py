@@ -211,6 +211,9 @@ def test_tensorrt_profile_shapes_and_batch_parsing():
     kv = profile_shapes([{"name": "past_self_key_0", "shape": ["batch", 2, "past", 8]}], ShapeRange.parse("1:4:16"),
                         ShapeRange.parse("1:12:64"))
     assert kv["past_self_key_0"] == ((1, 2, 1, 8), (4, 2, 12, 8), (16, 2, 64, 8))  # a cache grows with tokens
+    step = profile_shapes([{"name": "attention_mask", "shape": ["batch", "total"]}], ShapeRange.parse("1:4:16"),
+                          ShapeRange.parse("1:12:64"))
+    assert step["attention_mask"] == ((1, 2), (4, 13), (16, 65))  # a decode step's mask: the past and the new token
     for bad in ("8:4:16", "1:2", "a:b:c", "0:1:2"):
         with pytest.raises(UpopError, match="MIN:OPT:MAX"):
             ShapeRange.parse(bad)
@@ -218,9 +221,15 @@ def test_tensorrt_profile_shapes_and_batch_parsing():
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_stubs") is None,
                     reason="tensorrt-stubs not installed (pip install --no-deps tensorrt-stubs)")
-def test_tensorrt_module_type_checks_against_the_stubs():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "typecheck_tensorrt.py")], capture_output=True, text=True)
+def test_tensorrt_module_type_checks_against_the_stubs(tmp_path):
+    script = str(ROOT / "scripts" / "typecheck_tensorrt.py")
+    r = subprocess.run([sys.executable, script], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    canary = tmp_path / "canary.py"  # the stubs in effect: a misspelt builder call fails (else every call would pass)
+    canary.write_text("import tensorrt as trt\n\n\ndef f() -> None:\n"
+                      "    trt.Builder(trt.Logger(trt.Logger.WARNING)).create_network_v3()\n")
+    r = subprocess.run([sys.executable, script, str(canary)], capture_output=True, text=True)
+    assert r.returncode == 1 and 'has no attribute "create_network_v3"' in r.stdout, r.stdout + r.stderr
 
 
 @needs_tensorrt_gpu

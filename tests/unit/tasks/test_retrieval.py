@@ -312,6 +312,11 @@ def test_evaluation_holds_one_chunk_of_image_sequences_in_the_compute_dtype(data
     low = _task("blip", model, data, eval_batch_size=2).evaluate(model, "test")
     assert {d for _, d in held} == {torch.bfloat16} and low.keys() == whole.keys()
     assert all(v == v for v in low.values())  # no NaN
+    held.clear()
+    monkeypatch.setattr(retrieval, "amp_dtype", lambda device, enabled: torch.bfloat16 if enabled else None)
+    task = _task("blip", model, data, eval_batch_size=2)
+    task.amp = False  # a run without AMP (SearchConfig.amp) evaluates without it too
+    assert task.evaluate(model, "test") == pytest.approx(whole, abs=1e-6) and {d for _, d in held} == {torch.float32}
 
 
 # ---- the reference's epoch and its in-batch duplicates (independent ports of sdc17/UPop's formulas) ------------
