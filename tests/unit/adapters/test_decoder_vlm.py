@@ -1,4 +1,4 @@
-"""Decoder VLMs (LLaVA with CLIP + Llama and SigLIP + Qwen2 towers, Idefics3/SmolVLM): every unit kind slims to
+"""Decoder VLMs (LLaVA with CLIP + Llama, SigLIP + Qwen2 and CLIP + Mistral towers, Idefics3/SmolVLM): every unit kind slims to
 exactly the masked model inside the full model, one ranking spans both towers at their real costs, and the slim
 checkpoint reloads and compresses again."""
 
@@ -18,6 +18,7 @@ from ...conftest import batches_for, build_tiny
 VARIANTS = [
     ("llava-clip-llama", "llava", "LlavaForConditionalGeneration", {"vision": "clip", "text": "llama"}),
     ("llava-siglip-qwen2", "llava", "LlavaForConditionalGeneration", {"vision": "siglip", "text": "qwen2"}),
+    ("llava-clip-mistral", "llava", "LlavaForConditionalGeneration", {"vision": "clip", "text": "mistral"}),
     ("idefics3", "idefics3", "Idefics3ForConditionalGeneration", {}),
 ]
 KINDS = ["attn", "mlp", "gqa", "gated_mlp"]
