@@ -99,13 +99,25 @@ def build_model(tokenizer, seed: int = 0, **shape: Any):
     return model
 
 
-def train_smolvlm(out_dir: str | Path, data_dir: str | Path, epochs: int = 8, lr: float = 1e-3,
+def _hooks(model: Any) -> Any:
+    """The family adapter when one is registered; the chat tasks call none of its hooks, so they also train
+    the demo where the idefics3 adapter is not installed."""
+    from ..adapters import get_adapter
+    from ..errors import UnsupportedModelError
+
+    try:
+        return get_adapter(model.config.model_type)
+    except UnsupportedModelError:
+        return None
+
+
+def train_smolvlm(out_dir: str | Path, data_dir: str | Path, epochs: int = 5, lr: float = 1e-3,
                   batch_size: int = 64, seed: int = 0, shape: dict[str, Any] | None = None,
                   eval_limit: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains demo-smolvlm from nothing on the shapes set's VQA questions and captions mixed, and writes it
     (model, processor, and a summary with its test VQA accuracy and caption CIDEr) to ``out_dir``."""
     from ..run.config import RetrainConfig
-    from ..tasks.chat import ChatCaption, ChatVQA, chat_hooks, mixed_batches
+    from ..tasks.chat import ChatCaption, ChatVQA, mixed_batches
     from ..tasks.base import Preprocessor
     from ..training.retrain import retrain
 
@@ -113,7 +125,7 @@ def train_smolvlm(out_dir: str | Path, data_dir: str | Path, epochs: int = 8, lr
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed, **(shape or {}))
     prep = Preprocessor(tokenizer, processor.image_processor, processor=processor)
-    hooks = chat_hooks()
+    hooks = _hooks(model)
     vqa = ChatVQA(hooks, prep, data_dir, batch_size=batch_size, seed=seed, model=model)
     cap = ChatCaption(hooks, prep, data_dir, batch_size=batch_size, seed=seed, model=model)
     batches = mixed_batches([vqa, cap], batch_size, seed)
@@ -125,8 +137,8 @@ def train_smolvlm(out_dir: str | Path, data_dir: str | Path, epochs: int = 8, lr
                   progress=lambda r: log(f"  step {int(r['step'])}/{int(r['total'])} loss {r['loss']:.3f}")
                   if int(r["step"]) % 50 == 0 else None)
     seconds = time.perf_counter() - t0
-    test = {**vqa.evaluate(model, "test", eval_limit), **cap.evaluate(model, "test", eval_limit)}
-    test.pop("primary")
+    # primary: the demo's default task's metric (VQA accuracy); the caption metrics beside it
+    test = {**cap.evaluate(model, "test", eval_limit), **vqa.evaluate(model, "test", eval_limit)}
     summary = {"name": "demo-smolvlm", "task": "vqa", "tasks_trained": ["vqa", "caption"], "test": test,
                "best_val": res.best_metric, "best_epoch": res.best_epoch, "train_seconds": round(seconds, 1),
                "seed": seed, "data": SHAPES_VERSION, "epochs": epochs, "lr": lr, "batch_size": batch_size}
