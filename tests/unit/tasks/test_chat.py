@@ -71,9 +71,11 @@ def test_the_loss_reads_only_the_answer_tokens(parts, data):
     enc = chat_inputs(task.encoder, ["how many shapes are there?"], ["two"])
     logits = torch.randn(1, enc["input_ids"].shape[1], len(parts[0]))
     changed = logits.clone()
-    changed[0, :-3] += torch.randn_like(changed[0, :-3])  # every position but those that predict the answer
+    # The answer is the last two tokens ("two", end of turn): positions -3 and -2 predict them, the last predicts none.
+    changed[0, :-3] += torch.randn_like(changed[0, :-3])
+    changed[0, -1] += torch.randn_like(changed[0, -1])
     assert answer_loss(changed, enc["labels"]) == answer_loss(logits, enc["labels"])
-    changed[0, -2] += 5 * torch.randn_like(changed[0, -2])
+    changed[0, -3] += 5 * torch.randn_like(changed[0, -3])
     assert answer_loss(changed, enc["labels"]) != answer_loss(logits, enc["labels"])
 
 
@@ -164,3 +166,17 @@ def test_the_demo_builds_from_nothing_and_reloads(data, tmp_path):
     assert again.encoder.image_ids == _task(ChatVQA, (prep.tokenizer, prep.multimodal(), model), data).encoder.image_ids
     assert again.encoder.prompt_ids("how many shapes are there?")[-2:] == prep.tokenizer.convert_tokens_to_ids(
         ["assistant", ":"])
+
+
+def test_left_padding_changes_no_generated_logit(parts, data):
+    """A prompt decoded in a batch beside a longer one (so padded on the left) scores every step as alone."""
+    task = _task(ChatVQA, parts, data)
+    recs = task._records("test")[:2]
+    px = task.images.get([r.image for r in recs])
+    prompts = ["what shape is?", "how many shapes are there?"]
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        both = parts[2].generate(pixel_values=px, **prompt_inputs(task.encoder, prompts), **kw)
+        alone = parts[2].generate(pixel_values=px[:1], **prompt_inputs(task.encoder, prompts[:1]), **kw)
+    for step_both, step_alone in zip(both.logits, alone.logits):
+        torch.testing.assert_close(step_both[0], step_alone[0], atol=1e-4, rtol=1e-4)
