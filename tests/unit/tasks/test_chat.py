@@ -112,6 +112,7 @@ def test_greedy_answers_are_those_the_model_scores_highest(parts, data):
     task = _task(ChatVQA, parts, data, max_new_tokens=3)
     rec = task._records("test")[0]
     px = task.images.get([rec.image])
+    assert px.shape == (1, 1, 3, 64, 64)  # Idefics3's layout, [batch, images per item, 3, H, W], as its processor gives
     ids = torch.tensor([task.encoder.prompt_ids(rec.question)])
     model, chain = parts[2], []
     with torch.no_grad():
@@ -166,6 +167,10 @@ def test_the_demo_builds_from_nothing_and_reloads(data, tmp_path):
     assert again.encoder.image_ids == _task(ChatVQA, (prep.tokenizer, prep.multimodal(), model), data).encoder.image_ids
     assert again.encoder.prompt_ids("how many shapes are there?")[-2:] == prep.tokenizer.convert_tokens_to_ids(
         ["assistant", ":"])
+    prep.save_pretrained(tmp_path / "slim")  # what a slim checkpoint keeps: the processor, its template with it
+    slim = Preprocessor.from_pretrained(tmp_path / "slim")
+    assert ChatVQA(None, slim, data, model=model).encoder.prompt_ids("is there a red circle?") == \
+        again.encoder.prompt_ids("is there a red circle?")
 
 
 def test_left_padding_changes_no_generated_logit(parts, data):
