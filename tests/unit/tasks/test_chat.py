@@ -185,3 +185,35 @@ def test_left_padding_changes_no_generated_logit(parts, data):
         alone = parts[2].generate(pixel_values=px[:1], **prompt_inputs(task.encoder, prompts[:1]), **kw)
     for step_both, step_alone in zip(both.logits, alone.logits):
         torch.testing.assert_close(step_both[0], step_alone[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llava_parts():
+    """A tiny LLaVA-style model (CLIP vision tower, projector, Llama-shape LM with GQA) and its LLaVA processor
+    (the image token expanded to one token per patch, CLS dropped), with the demo's tokenizer and template."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = demo_vlm.build_chat_tokenizer()
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = LlavaProcessor(images, tok, patch_size=8, vision_feature_select_strategy="default",
+                          chat_template=demo_vlm.CHAT_TEMPLATE, num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    return tok, proc, LlavaForConditionalGeneration(config).eval()
+
+
+def test_a_llava_model_trains_and_decodes_under_its_processor(llava_parts, data):
+    tok, proc, model = llava_parts
+    task = ChatVQA(None, Preprocessor(tok, proc.image_processor, processor=proc), data, batch_size=4, model=model,
+                   max_new_tokens=2)
+    assert task.encoder.image_ids == [task.encoder.image_token_id] * 16  # (32 / 8)² patches, the CLS token dropped
+    batch = next(iter(task.train_batches()))
+    assert torch.isfinite(task.loss(model, batch))
+    assert 0.0 <= task.evaluate(model, "test")["primary"] <= 100.0
