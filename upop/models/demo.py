@@ -66,7 +66,7 @@ DEMOS = {
     "demo-blip-nlvr": DemoSpec("demo-blip-nlvr", "blip_nlvr", "BlipNlvrForVisualReasoning", "nlvr", 40, 3e-4, 32,
                                base="demo-blip"),
     # Idefics3 shape (SmolVLM's): trained on the shapes set's VQA questions and captions mixed (upop.models.demo_vlm)
-    "demo-smolvlm": DemoSpec("demo-smolvlm", "idefics3", "Idefics3ForConditionalGeneration", "vqa", 5, 1e-3, 64,
+    "demo-smolvlm": DemoSpec("demo-smolvlm", "idefics3", "Idefics3ForConditionalGeneration", "vqa", 12, 1e-3, 64,
                              compress_search_epochs=1, compress_retrain_epochs=1, trainer="demo_vlm:train_smolvlm"),
 }
 

@@ -111,7 +111,7 @@ def _hooks(model: Any) -> Any:
         return None
 
 
-def train_smolvlm(out_dir: str | Path, data_dir: str | Path, epochs: int = 5, lr: float = 1e-3,
+def train_smolvlm(out_dir: str | Path, data_dir: str | Path, epochs: int = 12, lr: float = 1e-3,
                   batch_size: int = 64, seed: int = 0, shape: dict[str, Any] | None = None,
                   eval_limit: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains demo-smolvlm from nothing on the shapes set's VQA questions and captions mixed, and writes it
