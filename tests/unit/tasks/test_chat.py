@@ -217,3 +217,14 @@ def test_a_llava_model_trains_and_decodes_under_its_processor(llava_parts, data)
     batch = next(iter(task.train_batches()))
     assert torch.isfinite(task.loss(model, batch))
     assert 0.0 <= task.evaluate(model, "test")["primary"] <= 100.0
+
+
+def test_train_demo_hands_demo_smolvlm_to_its_own_trainer(data, tmp_path):
+    from upop.errors import ConfigError
+    from upop.models.demo import train_demo
+
+    summary = train_demo("demo-smolvlm", out_dir=tmp_path / "d", data_dir=data, epochs=1, log=lambda _s: None)
+    assert summary["epochs"] == 1 and summary["tasks_trained"] == ["vqa", "caption"]
+    assert (tmp_path / "d" / "processor_config.json").is_file()
+    with pytest.raises(ConfigError, match="from nothing only"):
+        train_demo("demo-smolvlm", out_dir=tmp_path / "e", data_dir=data, init_from=tmp_path / "d")
