@@ -1,6 +1,6 @@
 """Train the built-in demo models on the shapes set and write them into upop/demo_models/.
 
-    python scripts/train_demos.py [demo-blip demo-clip demo-vit] [--epochs N] [--out DIR]
+    python scripts/train_demos.py [demo-blip demo-clip demo-vit demo-blip-nlvr demo-smolvlm] [--epochs N] [--out DIR]
 """
 
 import argparse

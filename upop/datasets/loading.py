@@ -196,7 +196,8 @@ class PixelPipeline:
             _lut(self.processor)
         except (AttributeError, TypeError, ValueError):
             return False
-        return out.dtype == torch.uint8
+        # [images per item, 3, H, W] (Idefics3's) is the processor's own layout: run whole, its output kept as it is
+        return out.dtype == torch.uint8 and out.ndim == 3
 
     def _by_processor(self, im: Any) -> torch.Tensor:
         return self.processor(images=[im], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]

@@ -9,6 +9,7 @@ is how the shipped ones were made.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from ..adapters import get_adapter
 from ..datasets import shapes as make_shapes
 from ..datasets.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES
 from ..run.checkpoint import atomic_dir
-from ..errors import ModelLoadError, OutputError
+from ..errors import ConfigError, ModelLoadError, OutputError
 from ..run.safety import cache_root, check_replace
 
 SHAPES_VERSION = "shapes-v2"  # v2 adds nlvr_<split>.json; every other file is as in v1
@@ -47,6 +48,9 @@ class DemoSpec:
     base: str | None = None
     # task options of compress runs on the built-in data, under any the caller gives
     task_options: dict[str, Any] = field(default_factory=dict)
+    # "module:function" in upop.models that builds and trains the demo itself (a family whose model, tokenizer and
+    # processor are built by a module of their own); called as train_demo's stand-in with its arguments
+    trainer: str | None = None
 
 
 DEMOS = {
@@ -61,6 +65,9 @@ DEMOS = {
     "demo-vit": DemoSpec("demo-vit", "vit", "ViTForImageClassification", "classification", 60, 1e-3, 64),
     "demo-blip-nlvr": DemoSpec("demo-blip-nlvr", "blip_nlvr", "BlipNlvrForVisualReasoning", "nlvr", 40, 3e-4, 32,
                                base="demo-blip"),
+    # Idefics3 shape (SmolVLM's): trained on the shapes set's VQA questions and captions mixed (upop.models.demo_vlm)
+    "demo-smolvlm": DemoSpec("demo-smolvlm", "idefics3", "Idefics3ForConditionalGeneration", "vqa", 12, 1e-3, 64,
+                             compress_search_epochs=1, compress_retrain_epochs=1, trainer="demo_vlm:train_smolvlm"),
 }
 
 
@@ -149,6 +156,13 @@ def train_demo(name: str, out_dir: str | Path | None = None, data_dir: str | Pat
     spec = DEMOS[name]
     data = Path(data_dir) if data_dir is not None else shapes_dir()
     out = Path(out_dir) if out_dir is not None else DEMO_ROOT / name
+    if spec.trainer is not None:
+        if init_from is not None:
+            raise ConfigError(f"{name} is trained from nothing only; run it without --init-from")
+        module, function = spec.trainer.split(":")
+        train = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return train(out, data, epochs=epochs or spec.epochs, lr=lr or spec.lr, batch_size=spec.batch_size, seed=seed,
+                     log=log)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     prep = Preprocessor(tokenizer, get_adapter(spec.family).image_processor(IMAGE_SIZE))

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..adapters.base import TaskHooks
 from ..errors import UnsupportedModelError
-from . import classification, generation, reasoning, retrieval  # noqa: F401  (registration)
+from . import chat, classification, generation, reasoning, retrieval  # noqa: F401  (registration)
 from .base import Preprocessor, Task, family_tasks, implementation, register_task, task_class, task_names
 
 

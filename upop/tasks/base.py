@@ -111,6 +111,9 @@ class Preprocessor:
     image_processor: Any
     max_length: int = 35
     pad_to_max_length: bool = False
+    #: the folder's multimodal processor (chat template, image-token expansion): loaded from ``source`` on first use
+    processor: Any = None
+    source: str | None = None
 
     @classmethod
     def from_pretrained(cls, source: str | Path, **kw: Any) -> "Preprocessor":
@@ -125,9 +128,27 @@ class Preprocessor:
             tok = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         except errors:
             tok = None  # vision-only models (ViT, DeiT) have none; text tasks say so when they need it
-        return cls(tok, img, **kw)
+        return cls(tok, img, source=str(source), **kw)
+
+    def multimodal(self) -> Any:
+        """The model folder's processor (the chat tasks' template and image tokens), loaded once."""
+        if self.processor is None:
+            import transformers
+
+            if self.source is None:
+                raise DataError("this task needs the model folder's processor (its chat template), and none was given")
+
+            try:
+                self.processor = transformers.AutoProcessor.from_pretrained(str(self.source), trust_remote_code=False)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{self.source} has no usable processor: {str(exc).splitlines()[0]}") from None
+            self.processor.tokenizer, self.processor.image_processor = self.tokenizer, self.image_processor
+        return self.processor
 
     def save_pretrained(self, out_dir: str | Path) -> None:
+        if self.processor is not None:  # its own files (chat template, image tokens) with the tokenizer's and images'
+            self.processor.save_pretrained(str(out_dir))
+            return
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out_dir))
         self.image_processor.save_pretrained(str(out_dir))

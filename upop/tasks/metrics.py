@@ -5,7 +5,7 @@
 - CIDEr-D (coco-caption: n-grams 1-4, tf-idf with document frequencies over the references of
   the evaluated set, candidate counts clipped by reference counts, Gaussian length penalty
   σ = 6, scaled by 10).
-- VQA accuracy: min(#annotators who gave the answer / 3, 1).
+- VQA accuracy: min(#annotators who gave the answer / 3, 1), answers normalised as VQAv2's evaluation does.
 - Top-k classification accuracy.
 """
 
@@ -119,8 +119,27 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], sigm
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
+#: the VQAv2 evaluation's answer normalisation (its vqaEval.py): these marks are dropped where they touch a space
+#: (or anywhere in an answer with a digit-comma-digit), else they split words; a period goes unless a digit
+#: follows; number words become digits; articles are dropped
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_VQA_PERIOD = re.compile(r"\.(?!\d)")  # the script's (?!<=\d)(\.)(?!\d) as it behaves: a period not before a digit
+_VQA_COMMA = re.compile(r"(\d)(,)(\d)")
+_VQA_DIGITS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+               "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = {"a", "an", "the"}
+
+
 def normalize_answer(ans: str) -> str:
-    return " ".join(tokenize(ans))
+    """An answer as VQAv2's evaluation compares it: lower case, its punctuation rule, number words as digits,
+    no articles (the official script's contraction repairs, "dont" → "don't", are not applied)."""
+    text = " ".join(ans.replace("\n", " ").replace("\t", " ").strip().lower().split())
+    out = text
+    for p in _VQA_PUNCT:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or _VQA_COMMA.search(text)) else " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_DIGITS.get(w, w) for w in out.split()]
+    return " ".join(w for w in words if w not in _VQA_ARTICLES)
 
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
