@@ -113,6 +113,8 @@ class ArtifactForwards(Forwards):
 
     def generate(self, model: nn.Module, decoding: Decoding, **inputs: torch.Tensor) -> torch.Tensor:
         """``generate()``'s tokens from the artifact's graphs: greedy or beam search, with the task's prompt."""
+        if "embed_tokens" in self.model.graph_names():  # a decoder VLM: prefill and steps with its KV cache
+            return self._generate_with_cache(decoding, **inputs)
         bos, eos = self._token("bos_token_id"), self._token("sep_token_id")  # BLIP decodes [DEC] ... [SEP]
         px = _np(inputs["pixel_values"])
         if "decoder_prefill" not in self.model.graph_names():  # VQA: question encoder, answer decoder
@@ -137,6 +139,20 @@ class ArtifactForwards(Forwards):
         settings = BeamSettings(decoding.num_beams, decoding.max_length, decoding.min_length, decoding.length_penalty,
                                 decoding.early_stopping)
         return torch.from_numpy(self.model.beam_caption(px, start, eos, pad, settings))
+
+
+    def _generate_with_cache(self, decoding: Decoding, **inputs: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding of a decoder VLM over its graphs (``exporters.generate``), from the task's left-padded
+        chat prompts: [B, prompt + new] ids, as ``generate`` returns them."""
+        from .generate import greedy_generate
+
+        if decoding.num_beams != 1 or decoding.max_new_tokens is None:
+            raise ExportFolderError("this export decodes greedily only (max_new_tokens, one beam)")
+        ids = greedy_generate(self.model, _np(inputs["input_ids"]), _np(inputs["attention_mask"]),
+                              eos=self._token("eos_token_id"), pad=self._token("pad_token_id"),
+                              max_new_tokens=decoding.max_new_tokens, pixel_values=_np(inputs["pixel_values"]),
+                              image_token_id=self._token("image_token_id"))
+        return torch.from_numpy(ids)
 
 
 class ArtifactModule(nn.Module):

@@ -148,7 +148,7 @@ def _copy_preprocessing(source: str, dest: Path) -> None:
             proc.save_pretrained(str(dest))
         return
     for f in src.iterdir():
-        if f.is_file() and (f.name.startswith(("tokenizer", "preprocessor", "processor", "special_tokens"))
+        if f.is_file() and (f.name.startswith(("tokenizer", "preprocessor", "processor", "special_tokens", "chat_template"))
                             or f.name in ("vocab.txt", "vocab.json", "merges.txt")):
             shutil.copy2(f, dest / f.name)
 

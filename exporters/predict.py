@@ -77,8 +77,32 @@ def _classify(x: _Inputs) -> list[str]:
     return [f"{labels.get(str(i), str(i))}: {probs[i]:.3f}" for i in np.argsort(-probs)[:5]]
 
 
+def _is_chat(x: _Inputs) -> bool:
+    """A decoder VLM's export (vision, embeddings, prefill and step graphs) answers and captions under its chat
+    template, as the chat tasks evaluate it."""
+    return "embed_tokens" in {g["name"] for g in x.model.manifest["graphs"]}
+
+
+def _chat(x: _Inputs, prompt: str) -> list[str]:
+    from upop.tasks.chat import ChatEncoder, prompt_inputs
+
+    from .generate import greedy_generate
+
+    processor = x.prep.multimodal()
+    processor.image_processor.do_image_splitting = False  # one image at the processor's size, as the tasks run it
+    enc = prompt_inputs(ChatEncoder(processor), [prompt])
+    ids = greedy_generate(x.model, enc["input_ids"].numpy(), enc["attention_mask"].numpy(),
+                          eos=x.tokens["eos_token_id"], pad=x.tokens["pad_token_id"], max_new_tokens=24,
+                          pixel_values=x.pixels, image_token_id=x.tokens["image_token_id"])
+    return [ChatEncoder(processor).decode(ids[0, enc["input_ids"].shape[1]:].tolist())]
+
+
 def _caption(x: _Inputs) -> list[str]:
     _no_text(x, "captioning")
+    if _is_chat(x):
+        from upop.tasks.chat import CAPTION_INSTRUCTION
+
+        return _chat(x, CAPTION_INSTRUCTION)
     return [x.decode(x.model.greedy_caption(x.pixels, x.tokens["bos_token_id"], x.tokens["sep_token_id"]))]
 
 
@@ -93,6 +117,8 @@ def _reason(x: _Inputs) -> list[str]:
 def _answer(x: _Inputs) -> list[str]:
     if not x.texts:
         raise ConfigError("a VQA model needs a question: --text 'what color is the circle?'")
+    if _is_chat(x):
+        return _chat(x, x.texts[0])
     q = x.text(x.texts[:1])
     ids = x.model.greedy_answer(x.pixels, q["input_ids"], q["attention_mask"], x.tokens["bos_token_id"],
                                 x.tokens["sep_token_id"])

@@ -12,7 +12,7 @@ from upop_cli.app import app
 
 runner = CliRunner()
 TEXT = {"retrieval": ["a red circle on the left"], "nlvr": ["there are two shapes in total"],
-        "classification": []}
+        "classification": [], "vqa": ["what color is the circle?"]}
 
 
 def _has_image_processor(folder):

@@ -138,6 +138,7 @@ class ChatTask(Task):
     task_options = (MAX_NEW_TOKENS,)
     title = "Chat VQA/caption"
     model_classes = MODEL_CLASSES
+    artifact_graphs = ("vision_encoder", "embed_tokens", "decoder_prefill", "decoder_step")
     default_new_tokens: int = 8
 
     def __init__(self, adapter: Any, prep: Preprocessor, data_dir: Any, **kw: Any):

@@ -46,19 +46,25 @@ def _assert_same(torch_metrics, export_metrics):
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """The four demos exported once (fp32 ONNX)."""
+    """The demos exported once (fp32 ONNX)."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
-    for demo in ("demo-vit", "demo-clip", "demo-blip", "demo-blip-nlvr"):
+    for demo in DEMOS:
         get("onnx")(demo, root / demo)
         out[demo] = root / demo
     return out
 
 
-@pytest.mark.parametrize("demo", ["demo-vit", "demo-clip", "demo-blip", "demo-blip-nlvr"])
-def test_fp32_export_metric_equals_pytorch(exports, demo):
-    ref = _json([demo, "--device", "cpu", "--limit", str(LIMIT)])
-    got = _json([str(exports[demo]), "--limit", str(LIMIT), "--device", "cpu"])
+DEMOS = ["demo-vit", "demo-clip", "demo-blip", "demo-blip-nlvr", "demo-smolvlm"]
+#: the tasks a demo's export serves beyond its own (demo-smolvlm learnt VQA and captions: its graphs decode both)
+OTHER_TASKS = [("demo-smolvlm", "caption")]
+
+
+@pytest.mark.parametrize("demo,task", [(d, None) for d in DEMOS] + OTHER_TASKS)
+def test_fp32_export_metric_equals_pytorch(exports, demo, task):
+    chosen = ["--task", task] if task else []
+    ref = _json([demo, "--device", "cpu", "--limit", str(LIMIT), *chosen])
+    got = _json([str(exports[demo]), "--limit", str(LIMIT), "--device", "cpu", *chosen])
     assert got["runtime"] == "onnxruntime" and got["providers"] == ["CPUExecutionProvider"]
     assert got["task"] == ref["task"]
     _assert_same(ref["metrics"], got["metrics"])
