@@ -4,8 +4,8 @@ The model is transformers' Idefics3ForConditionalGeneration built from SmolVLM-2
 (written below, no download) with random weights (normal, std 0.02; norms 1, biases 0): latency does not depend on the
 weights' values. Both models are exported with upop's decoder-VLM graphs (vision tower + projector, token embeddings,
 language-model prefill and decode step with a KV cache, each parity-checked against PyTorch at batch 1) and timed in
-ONNX Runtime (``--threads`` intra-op threads, batch 1): image encode (one image), prefill at each ``--prompts`` length,
-one decode step at a past of each length, and its tokens/s.
+ONNX Runtime (``--threads`` intra-op threads, batch 1; p50 over interleaved rounds): image encode (one image), prefill
+at each ``--prompts`` length, one decode step at a past of each length, and its tokens/s.
 
 Slim 0.5 widths, cut out of the original's weights as upop's slim step cuts them (whole units, per layer): half the
 vision heads (6 of 12) and vision MLP channels, half the LM's gated-MLP channels, and half the LM's KV groups on
@@ -14,6 +14,8 @@ layers 2 of 3). Hidden widths, embeddings and the projector stay (they are the i
 
     python benchmarks/vlm_latency.py                  # SmolVLM-256M shape (about 1 GB of fp32 graphs per model)
     python benchmarks/vlm_latency.py --small          # a small shape: checks that the script runs
+
+Both models are prepared first (exported, sessions open), then timed in interleaved rounds, stage by stage.
 """
 
 from __future__ import annotations
@@ -123,15 +125,14 @@ def slim_half(model: Any) -> Any:
     return model
 
 
-def p50_ms(sess, feed: dict[str, np.ndarray], runs: int) -> float:
-    for _ in range(2):
-        sess.run(None, feed)
+def _run_times(sess, feed: dict[str, np.ndarray], runs: int) -> list[float]:
+    sess.run(None, feed)  # warm: the first call of a shape allocates
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    return times
 
 
 def flops(module: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
@@ -141,30 +142,45 @@ def flops(module: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     return counter.get_total_flops()
 
 
-def measure(model: nn.Module, prompts: list[int], runs: int, threads: int, folder: Path) -> dict:
-    """Params, FLOPs and ONNX Runtime p50 latency per stage, and each graph's parity at batch 1."""
+def prepare(model: nn.Module, prompts: list[int], threads: int, folder: Path) -> tuple[dict, dict]:
+    """Params, FLOPs, each graph's parity at batch 1, and the (session, feed) of every timed stage."""
     dg = DecoderGraphs(model)
     graphs = {g.name: g for g in dg.graphs()}
-    out: dict = {"params": sum(p.numel() for p in model.parameters()), "parity_max_abs": {}}
+    info: dict = {"params": sum(p.numel() for p in model.parameters()), "parity_max_abs": {}}
     sessions = {}
     for name, graph in graphs.items():
         entry = export_graph(graph, folder, seq=8, check_batches=(1,))
-        out["parity_max_abs"][name] = max(p["max_abs"] for p in entry["parity"])
+        info["parity_max_abs"][name] = max(p["max_abs"] for p in entry["parity"])
         sessions[name] = ort_session(folder / entry["file"], threads=threads)
     torch.manual_seed(0)
     image = graphs["vision_encoder"].make_inputs(1, 1)
-    out["image_tokens"] = int(graphs["vision_encoder"].module(*image.values()).shape[1])
-    out["image_encode_ms"] = p50_ms(sessions["vision_encoder"], {k: v.numpy() for k, v in image.items()}, runs)
-    out["image_encode_gflops"] = flops(graphs["vision_encoder"].module, image) / 1e9
+    info["image_tokens"] = int(graphs["vision_encoder"].module(*image.values()).shape[1])
+    info["image_encode_gflops"] = flops(graphs["vision_encoder"].module, image) / 1e9
+    stages = {"image_encode": (sessions["vision_encoder"], {k: v.numpy() for k, v in image.items()})}
     for n in prompts:
         prompt = dg.prompt(1, n)
-        out[f"prefill_{n}_ms"] = p50_ms(sessions["decoder_prefill"], {k: v.numpy() for k, v in prompt.items()}, runs)
-        out[f"prefill_{n}_gflops"] = flops(graphs["decoder_prefill"].module, prompt) / 1e9
+        info[f"prefill_{n}_gflops"] = flops(graphs["decoder_prefill"].module, prompt) / 1e9
+        stages[f"prefill_{n}"] = (sessions["decoder_prefill"], {k: v.numpy() for k, v in prompt.items()})
         step = dg.step_inputs(1, n)  # one token after a past of n
-        ms = p50_ms(sessions["decoder_step"], {k: v.numpy() for k, v in step.items()}, runs)
-        out[f"decode_{n}_ms"], out[f"decode_{n}_tokens_s"] = ms, 1000.0 / ms
-        out[f"decode_{n}_gflops"] = flops(graphs["decoder_step"].module, step) / 1e9
-    return out
+        info[f"decode_{n}_gflops"] = flops(graphs["decoder_step"].module, step) / 1e9
+        stages[f"decode_{n}"] = (sessions["decoder_step"], {k: v.numpy() for k, v in step.items()})
+    return info, stages
+
+
+def interleaved(prepared: dict[str, tuple[dict, dict]], runs: int, rounds: int) -> None:
+    """p50 ms of every stage of every model, timed in rounds that alternate the models stage by stage (drift on the
+    machine falls on both alike); a decode stage's tokens/s beside it. Written into each model's info."""
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in prepared}
+    for _ in range(rounds):
+        for stage in next(iter(prepared.values()))[1]:
+            for name, (_info, stages) in prepared.items():
+                sess, feed = stages[stage]
+                times[name].setdefault(stage, []).extend(_run_times(sess, feed, runs))
+    for name, (info, _stages) in prepared.items():
+        for stage, ts in times[name].items():
+            info[f"{stage}_ms"] = statistics.median(ts) * 1000
+            if stage.startswith("decode_"):
+                info[f"{stage}_tokens_s"] = 1000.0 / info[f"{stage}_ms"]
 
 
 def table(results: dict[str, dict], prompts: list[int], title: str) -> Table:
@@ -189,22 +205,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="a small shape of the same structure (a quick check)")
     ap.add_argument("--prompts", nargs="*", type=int, default=[64, 256])
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per stage and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds alternating the models stage by stage")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
     shape = SMALL if args.small else SMOLVLM_256M
-    results = {}
-    for name in ("original", "slim 0.5"):
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = {}
+        for name in ("original", "slim 0.5"):
             model = build(shape)
             if name == "slim 0.5":
                 model = slim_half(model)
-            results[name] = measure(model, args.prompts, args.runs, args.threads, Path(tmp))
+            (Path(tmp) / name).mkdir()
+            prepared[name] = prepare(model, args.prompts, args.threads, Path(tmp) / name)
             del model
             gc.collect()
+        interleaved(prepared, args.runs, args.rounds)
+        results = {name: info for name, (info, _stages) in prepared.items()}
     title = (f"{'small shape' if args.small else 'SmolVLM-256M shape'}, random weights: ONNX Runtime CPU, "
-             f"{args.threads} threads, batch 1, p50 of {args.runs} runs")
+             f"{args.threads} threads, batch 1, p50 of {args.rounds} interleaved rounds × {args.runs} runs")
     Console().print(table(results, args.prompts, title))
     for name, r in results.items():
         print(f"{name}: parity max abs per graph (batch 1) {json.dumps({k: f'{v:.1e}' for k, v in r['parity_max_abs'].items()})}")
