@@ -58,12 +58,10 @@ def precision_options(source: str, fp16: bool, batch: str, q: QuantArgs) -> Any:
 
 def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | None, opset: int, overwrite: bool,
         quiet: bool, as_json: bool = False, quant: QuantArgs | None = None) -> None:
-    from upop.exporters import backend, canonical, get
     from upop.models.hub import network_rule
     from upop.run.safety import check_replace, read_json
 
-    get(fmt)  # an unknown format: one line listing the known ones
-    runtime = backend(canonical(fmt, "--format"))
+    runtime = exporting_runtime(fmt)
     q = quant or QuantArgs()
     batch = runtime.takes_batch(batch, "fp16" if fp16 else q.precision)
     source = source_or_latest(source, "export")
@@ -82,6 +80,14 @@ def run(source: str | None, fmt: str, out: str | None, fp16: bool, batch: str | 
     con = console(stderr=as_json)
     for part in runtime.summary(manifest, source, out_dir, opset):
         con.print(part, soft_wrap=isinstance(part, str))
+
+
+def exporting_runtime(fmt: str) -> Any:
+    """The backend of an export format by any of its spellings; an unknown one is one line listing the known ones."""
+    from upop.exporters import backend, canonical, get
+
+    get(fmt)
+    return backend(canonical(fmt, "--format"))
 
 
 def default_out(source: str, runtime: str) -> Path:
@@ -130,11 +136,9 @@ def plan_chain(o: dict[str, Any], model: str, out: Path, overwrite: bool) -> Cha
     """The exports ``upop compress --export`` will write, every flag and folder checked before the run starts."""
     if not o.get("export"):
         return None
-    from upop.exporters import backend, canonical, get
     from upop.run.safety import check_replace
 
-    get(o["export"])  # an unknown format: one line listing the known ones
-    runtime = backend(canonical(o["export"], "--format"))
+    runtime = exporting_runtime(o["export"])
     q = QuantArgs(o.get("precision"), o.get("calibration_size") or 128, max_drop=1.0 if o.get("max_drop") is None
                   else o["max_drop"], task=o.get("task"), data=o.get("data"),
                   allow_outside_data=bool(o.get("allow_outside_data")))

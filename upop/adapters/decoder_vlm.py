@@ -46,6 +46,8 @@ class DecoderVLMAdapter(QKVOAdapter):
 
     vision_stack: ClassVar[str]
     language_stack: ClassVar[str]
+    #: none of their own: the chat tasks (``upop.tasks.chat``) name these families when they register
+    tasks: ClassVar[dict[str, str]] = {}
 
     def tower_of(self, path: str) -> str:
         best = ""

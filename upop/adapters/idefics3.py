@@ -50,7 +50,6 @@ class Idefics3Adapter(DecoderVLMAdapter, Idefics3Models):
     aliases = {"smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
                "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct"}
     classes = {"Idefics3ForConditionalGeneration": "vqa"}
-    tasks = {"vqa": "chat-vqa", "caption": "chat-caption"}
     towers = {"model.vision_model": "vision", "model.connector": "projector", "model.text_model": "language",
               "lm_head": "language"}
     vision_stack = "model.vision_model.encoder.layers"

@@ -60,7 +60,6 @@ class LlavaAdapter(DecoderVLMAdapter, LlavaModels):
     model_types = ("llava",)
     aliases = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf"}
     classes = {"LlavaForConditionalGeneration": "vqa"}
-    tasks = {"vqa": "chat-vqa", "caption": "chat-caption"}
     towers = {"model.vision_tower": "vision", "model.multi_modal_projector": "projector",
               "model.language_model": "language", "lm_head": "language"}
     vision_stack = "model.vision_tower.encoder.layers"
