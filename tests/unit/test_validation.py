@@ -48,6 +48,7 @@ COMPRESS_FLAGS = [
     (["--target-latency", "-2", "--profile", "t4"], "--target-latency must be a number of milliseconds > 0"),
     (["--towers", "vision;text"], "--towers must be tower names separated by commas (e.g. vision,language), got "
                                   "'vision;text'"),
+    (["--drop-path", "1.5"], "--drop-path must be a number in [0, 1), got 1.5"),
 ]
 
 
