@@ -11,8 +11,10 @@ teachers trained to convergence, then runs each choice both ways over several se
    ``--stage-epochs`` epochs (each stage continues the last), until a stage gains less than
    ``--converged`` points on val or ``--max-stages`` is reached. The loss curve (every 100 steps) and the
    val metric after each stage are recorded: the teacher is converged by that record, not assumed.
-3. **Choices**: ``upop compress TEACHER --ratio R`` with the default and with each alternative (below), one
-   run per seed (``--seeds``, at least 3), everything else equal. Per cell: the test metric's mean and
+3. **Choices**: ``upop compress TEACHER --ratio R`` once per seed (``--seeds``, at least 3) with every
+   default flag spelt out, and once per seed and choice with that one flag changed, everything else equal.
+   A choice that only changes the scoring (the re-ranking rule and depth) re-scores the default run's slim
+   model instead of training again. Per cell: the test metric's mean and
    its 95 % interval over seeds (t distribution). Per choice: the paired difference (same seed, same
    test set: the test-set sampling noise is common to both sides and cancels) with its 95 % interval,
    and a "decides" column: ``keep`` when the alternative is worse beyond the interval, ``change`` when it
@@ -22,7 +24,8 @@ teachers trained to convergence, then runs each choice both ways over several se
         [--json benchmarks/quality_results.json]
     python benchmarks/quality.py --dry-run      # tiny sizes: the code path end to end in a few minutes
 
-Needs no network. Long: a teacher, then 2 runs per seed per choice (hours on 2 CPU cores at the default
+With ``--work DIR`` a stopped run goes on where it stopped (``DIR/state.json``: teacher stages, runs).
+Needs no network. Long: a teacher, then 1 + (training choices) runs per seed (hours on 2 CPU cores at the default
 sizes). Prints the tables; decides nothing on wall-clock time.
 """
 
@@ -48,21 +51,27 @@ from upop.models.demo import train_demo
 
 @dataclass(frozen=True)
 class Choice:
-    """A default and its alternative, as ``upop compress`` flags; ``families``: where the choice applies."""
+    """A default and its alternative, as ``upop compress`` flags; ``families``: where the choice applies.
+
+    ``at_eval``: the choice only changes how the model is scored (the task option, its default value and its
+    alternative value), so its alternative re-scores the default run's slim model instead of training again.
+    Exact when the retrain has one epoch (nothing is selected on val), as in every run here."""
 
     name: str
     default: tuple[str, ...]
     alternative: tuple[str, ...]
     families: tuple[str, ...]
+    at_eval: tuple[str, object, object] | None = None
 
 
 CHOICES = [
     Choice("search-lr-schedule", ("--search-lr-schedule", "constant"), ("--search-lr-schedule", "cosine"),
            ("vit", "blip")),
     Choice("distill", ("--distill", "off"), ("--distill", "logits"), ("vit", "blip")),
-    Choice("momentum", ("--no-momentum",), ("--momentum",), ("blip",)),
-    Choice("rerank", ("--rerank", "logit"), ("--rerank", "prob"), ("blip",)),
-    Choice("k-test", ("--k-test", "16"), ("--k-test", "64"), ("blip",)),
+    Choice("cost-weights", ("--cost-weights", "true"), ("--cost-weights", "paper"), ("blip",)),
+    Choice("momentum", ("--momentum",), ("--no-momentum",), ("blip",)),
+    Choice("rerank", ("--rerank", "logit"), ("--rerank", "prob"), ("blip",), at_eval=("rerank", "logit", "prob")),
+    Choice("k-test", ("--k-test", "16"), ("--k-test", "64"), ("blip",), at_eval=("k_test", 16, 64)),
 ]
 TEACHERS = {"vit": "demo-vit", "blip": "demo-blip"}
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (beyond 30: the normal's)
@@ -101,27 +110,52 @@ class Teacher:
     stages: list[dict] = field(default_factory=list)
 
 
-def train_teacher(family: str, data: Path, root: Path, args: argparse.Namespace, console: Console) -> Teacher:
+class State:
+    """What a run under ``--work`` has finished (teacher stages, compress runs, re-scorings), kept in
+    ``state.json`` there, so a stopped benchmark goes on where it stopped instead of starting again."""
+
+    def __init__(self, root: Path, settings: dict[str, str]) -> None:
+        self.path = root / "state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if self.data.get("settings", settings) != settings:
+            raise SystemExit(f"{self.path} was written with other settings; use another --work folder")
+        self.data.setdefault("settings", settings)
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def train_teacher(family: str, data: Path, root: Path, args: argparse.Namespace, console: Console,
+                  state: State) -> Teacher:
     """Stages of ``stage_epochs`` until val gains less than ``converged`` points; the loss curve recorded."""
     teacher = Teacher(family, root / f"teacher-{family}")
     prev: Path | None = None
     best = -math.inf
     for stage in range(args.max_stages):
-        losses: list[tuple[int, float]] = []
-
-        def log(line: str) -> None:
-            m = re.search(r"step (\d+)/\d+ loss ([0-9.]+)", line)
-            if m:
-                losses.append((int(m.group(1)), float(m.group(2))))
-
         out = root / f"teacher-{family}-stage{stage}"
-        summary = train_demo(TEACHERS[family], out_dir=out, data_dir=data, epochs=args.stage_epochs,
-                             init_from=prev, log=log)
-        val = float(summary["best_val"])
-        teacher.stages.append({"stage": stage, "epochs": args.stage_epochs, "val": val,
-                               "test": summary["test"].get("primary"), "loss_curve": losses})
-        console.print(f"teacher {family} stage {stage}: val {val:.2f}, test {summary['test'].get('primary', 0):.2f}")
-        prev, gain, best = out, val - best, max(best, val)
+        record = state.get(f"teacher-{family}-{stage}")
+        if record is None:
+            losses: list[tuple[int, float]] = []
+
+            def log(line: str) -> None:
+                m = re.search(r"step (\d+)/\d+ loss ([0-9.]+)", line)
+                if m:
+                    losses.append((int(m.group(1)), float(m.group(2))))
+
+            summary = train_demo(TEACHERS[family], out_dir=out, data_dir=data, epochs=args.stage_epochs,
+                                 init_from=prev, log=log)
+            record = {"stage": stage, "epochs": args.stage_epochs, "val": float(summary["best_val"]),
+                      "test": summary["test"].get("primary"), "loss_curve": losses}
+            state.put(f"teacher-{family}-{stage}", record)
+        teacher.stages.append(record)
+        console.print(f"teacher {family} stage {stage}: val {record['val']:.2f}, test {record['test'] or 0:.2f}")
+        prev, gain, best = out, record["val"] - best, max(best, record["val"])
         if gain < args.converged:
             break
     teacher.folder = prev  # type: ignore[assignment]
@@ -144,26 +178,51 @@ def compress(teacher: Path, data: Path, out: Path, seed: int, flags: tuple[str, 
     return float(report["metrics"]["after"]["primary"])
 
 
-def run_choices(teacher: Teacher, data: Path, root: Path, args: argparse.Namespace, console: Console) -> list[dict]:
+def rescore(slim: Path, data: Path, seed: int, options: dict[str, object]) -> float:
+    """The test primary metric of a compress run's slim model, scored with these task options."""
+    from upop.run.pipeline import open_model, setup_task
+
+    src = open_model(slim)
+    ts = setup_task(src, None, data, None, 64, seed, **options)
+    return float(ts.report_fn(src.model)["primary"])
+
+
+def run_choices(teacher: Teacher, data: Path, root: Path, args: argparse.Namespace, console: Console,
+                state: State) -> list[dict]:
+    """Every choice's alternative against one shared default run per seed: the default run carries every
+    default flag, an alternative run changes one of them."""
+    choices = [c for c in CHOICES if teacher.family in c.families and (not args.choices or c.name in args.choices)]
+    base = [flag for c in choices for flag in c.default]
+
+    def run(name: str, flags: list[str], seed: int) -> float:
+        key = f"{teacher.family}-{name}-s{seed}"
+        done = state.get(key)
+        if done is None or done["flags"] != flags:  # another --choices set: the default run's flags differ
+            done = {"flags": flags, "metric": compress(teacher.folder, data, root / key, seed, tuple(flags), args)}
+            state.put(key, done)
+        console.print(f"{teacher.family} {name} seed {seed}: {done['metric']:.2f}")
+        return done["metric"]
+
+    defaults = [run("default", base, seed) for seed in args.seeds]
     rows = []
-    done: dict[tuple[str, ...], dict[int, float]] = {}  # one default run per seed serves every choice sharing it
-    for choice in CHOICES:
-        if teacher.family not in choice.families or (args.choices and choice.name not in args.choices):
-            continue
-        sides = {}
-        for label, flags in (("default", choice.default), ("alternative", choice.alternative)):
-            cached = done.setdefault(flags, {})
-            for seed in args.seeds:
-                if seed not in cached:
-                    out = root / f"{teacher.family}-{'-'.join(f.strip('-') for f in flags)}-s{seed}"
-                    cached[seed] = compress(teacher.folder, data, out, seed, flags, args)
-                    console.print(f"{teacher.family} {choice.name} {label} seed {seed}: {cached[seed]:.2f}")
-            sides[label] = [cached[s] for s in args.seeds]
-        diffs = [a - d for a, d in zip(sides["alternative"], sides["default"])]
+    for choice in choices:
+        alternative = []
+        for seed in args.seeds:
+            if choice.at_eval:
+                key = f"{teacher.family}-{choice.name}-rescored-s{seed}"
+                if state.get(key) is None:  # the default run's scoring options, this one changed
+                    options = {c.at_eval[0]: c.at_eval[2 if c is choice else 1] for c in choices if c.at_eval}
+                    state.put(key, rescore(root / f"{teacher.family}-default-s{seed}", data, seed, options))
+                console.print(f"{teacher.family} {choice.name} rescored seed {seed}: {state.get(key):.2f}")
+                alternative.append(state.get(key))
+            else:
+                flags = [f for c in choices for f in (c.alternative if c is choice else c.default)]
+                alternative.append(run(choice.name, flags, seed))
+        diffs = [a - d for a, d in zip(alternative, defaults)]
         rows.append({"family": teacher.family, "choice": choice.name, "default": " ".join(choice.default),
                      "alternative": " ".join(choice.alternative), "seeds": list(args.seeds),
-                     "default_runs": sides["default"], "alternative_runs": sides["alternative"],
-                     "diff": interval(diffs), "decides": verdict(diffs)})
+                     "rescored": choice.at_eval is not None, "default_runs": defaults,
+                     "alternative_runs": alternative, "diff": interval(diffs), "decides": verdict(diffs)})
     return rows
 
 
@@ -220,14 +279,19 @@ def main() -> None:
         ap.error("at least 3 seeds: an interval over 2 runs is too wide to decide anything")
     console = Console(width=170)
     root = args.work or Path(tempfile.mkdtemp(prefix="upop-quality-"))
+    root.mkdir(parents=True, exist_ok=True)
+    state = State(root, {k: str(v) for k, v in vars(args).items() if k not in ("work", "json", "families", "choices")})
     per_class = -(-args.test // 12)
-    data = shapes(root / "data", train=args.train, val=max(12, args.test // 5), test=args.test, seed=1234,
-                  classification_per_class=(args.train_per_class, max(1, per_class // 5), per_class))
+    data = root / "data"
+    if not (data / ".complete").is_file():
+        shapes(data, train=args.train, val=max(12, args.test // 5), test=args.test, seed=1234,
+               classification_per_class=(args.train_per_class, max(1, per_class // 5), per_class))
+        (data / ".complete").write_text("")
     teachers, rows = [], []
     for family in args.families:
-        teacher = train_teacher(family, data, root, args, console)
+        teacher = train_teacher(family, data, root, args, console, state)
         teachers.append(teacher)
-        rows += run_choices(teacher, data, root, args, console)
+        rows += run_choices(teacher, data, root, args, console, state)
     print_tables(teachers, rows, args, console)
     if args.json:
         args.json.write_text(json.dumps({"teachers": [t.__dict__ | {"folder": str(t.folder)} for t in teachers],
