@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from upop.datasets.shapes import shapes
-from upop.models.demo import train_demo
+from upop.models.demo import DEMOS, train_demo
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Choice:
 
     ``at_eval``: the choice only changes how the model is scored (the task option, its default value and its
     alternative value), so its alternative re-scores the default run's slim model instead of training again.
-    Exact when the retrain has one epoch (nothing is selected on val), as in every run here."""
+    Exact when the retrain has one epoch (nothing is selected on val), as demo-blip's budget has."""
 
     name: str
     default: tuple[str, ...]
@@ -162,15 +162,16 @@ def train_teacher(family: str, data: Path, root: Path, args: argparse.Namespace,
     return teacher
 
 
-def compress(teacher: Path, data: Path, out: Path, seed: int, flags: tuple[str, ...], args: argparse.Namespace) -> float:
-    """The test primary metric of one ``upop compress`` run (the CLI, as a user runs it)."""
+def compress(family: str, teacher: Path, data: Path, out: Path, seed: int, flags: tuple[str, ...],
+             args: argparse.Namespace) -> float:
+    """The test primary metric of one ``upop compress`` run (the CLI, as a user runs it), with the budget
+    ``upop compress`` gives the family's demo (epochs, learning rate, batch, no augmentation) unless told."""
+    spec = DEMOS[TEACHERS[family]]
     cmd = [sys.executable, "-m", "upop_cli", "compress", "--model", str(teacher), "--data", str(data),
            "--ratio", str(args.ratio), "--seed", str(seed), "--out", str(out), "--quiet", "--no-latency",
-           "--overwrite", *flags]
-    if args.search_epochs:
-        cmd += ["--search-epochs", str(args.search_epochs)]
-    if args.retrain_epochs:
-        cmd += ["--retrain-epochs", str(args.retrain_epochs)]
+           "--overwrite", "--search-epochs", str(args.search_epochs or spec.compress_search_epochs),
+           "--retrain-epochs", str(args.retrain_epochs or spec.compress_retrain_epochs),
+           "--lr", str(spec.compress_lr), "--batch-size", str(spec.batch_size), "--augment", "none", *flags]
     if args.max_steps:
         cmd += ["--max-steps", str(args.max_steps)]
     subprocess.run(cmd, check=True)
@@ -198,7 +199,8 @@ def run_choices(teacher: Teacher, data: Path, root: Path, args: argparse.Namespa
         key = f"{teacher.family}-{name}-s{seed}"
         done = state.get(key)
         if done is None or done["flags"] != flags:  # another --choices set: the default run's flags differ
-            done = {"flags": flags, "metric": compress(teacher.folder, data, root / key, seed, tuple(flags), args)}
+            metric = compress(teacher.family, teacher.folder, data, root / key, seed, tuple(flags), args)
+            done = {"flags": flags, "metric": metric}
             state.put(key, done)
         console.print(f"{teacher.family} {name} seed {seed}: {done['metric']:.2f}")
         return done["metric"]
@@ -264,8 +266,8 @@ def main() -> None:
     ap.add_argument("--stage-epochs", type=int, default=20)
     ap.add_argument("--max-stages", type=int, default=5)
     ap.add_argument("--converged", type=float, default=0.5, help="val points a stage must gain to go on")
-    ap.add_argument("--search-epochs", type=int, default=None)
-    ap.add_argument("--retrain-epochs", type=int, default=None)
+    ap.add_argument("--search-epochs", type=int, default=None, help="default: the family's demo budget")
+    ap.add_argument("--retrain-epochs", type=int, default=None, help="default: the family's demo budget")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--work", type=Path, default=None, help="keep the data, teachers and runs here")
     ap.add_argument("--json", type=Path, default=None)
