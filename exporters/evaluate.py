@@ -160,13 +160,16 @@ class ArtifactModule(nn.Module):
     labels that evaluation reads from a model's config, and an empty parameter that keeps the task's tensors
     (pixels, token ids, similarity matrices) on the host."""
 
-    def __init__(self, labels: dict[str, Any]):
+    def __init__(self, labels: dict[str, Any], tokens: dict[str, Any] | None = None):
         super().__init__()
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         try:
             self.config = SimpleNamespace(id2label={int(k): v for k, v in labels.items()})
         except ValueError:
             raise ExportFolderError("export.json is damaged (a label key is not a class index)") from None
+        vocab = (tokens or {}).get("text_vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool):  # the text embedding's rows: BLIP's [ENC] row
+            self.config.text_config = SimpleNamespace(vocab_size=vocab)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ def evaluate_artifact(artifact: Artifact, *, data: str | Path | None = None, spl
     # TensorRT: the engines take at most their profile's batch (the batching changes no metric)
     t.eval_batch_size = min(batch_size, artifact.max_batch or batch_size)
     t.forwards = ArtifactForwards(artifact.model)
-    module = ArtifactModule(artifact.manifest.get("labels", {}))
+    module = ArtifactModule(artifact.manifest.get("labels", {}), artifact.manifest.get("tokens", {}))
     t.model = module
     return t.evaluate(module, split, limit)
 

@@ -40,6 +40,15 @@ class _Inputs:
     def text(self, texts: list[str]) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.prep.text(texts).items()}
 
+    def with_enc(self, ids: np.ndarray, reader: str) -> np.ndarray:
+        """BLIP's [ENC] as the first token of a text an image-reading encoder takes (upop.tasks.enc_token)."""
+        import torch
+
+        from upop.tasks.enc_token import enc_token_id, with_enc
+
+        enc = enc_token_id(self.prep.tokenizer, self.tokens.get("text_vocab_size"))
+        return with_enc(torch.from_numpy(ids), enc, reader).numpy()
+
     def decode(self, ids: np.ndarray) -> str:
         import torch
 
@@ -98,12 +107,28 @@ def _chat(x: _Inputs, prompt: str) -> list[str]:
 
 
 def _caption(x: _Inputs) -> list[str]:
+    """A caption decoded as the task's evaluation decodes it (BLIP: after its prompt, beam search of 3, 5 to 20
+    tokens, the prompt left out of the line)."""
+    import torch
+
+    from .evaluate import ArtifactForwards
+
     _no_text(x, "captioning")
     if _is_chat(x):
         from upop.tasks.chat import CAPTION_INSTRUCTION
 
         return _chat(x, CAPTION_INSTRUCTION)
-    return [x.decode(x.model.greedy_caption(x.pixels, x.tokens["bos_token_id"], x.tokens["sep_token_id"]))]
+    cls = _task_class(x.model.manifest, "caption")
+    if cls is None:
+        raise ConfigError(f"a {x.model.manifest.get('family')} export does not caption (export.json names no "
+                          "family that does)")
+    decoding = cls.decoding
+    extra, skip = {}, 0
+    if decoding.prompt:
+        ids = torch.tensor([x.prep.tokenizer(decoding.prompt)["input_ids"]], dtype=torch.long)
+        extra, skip = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.shape[1] - 1
+    out = ArtifactForwards(x.model).generate(None, decoding, pixel_values=torch.from_numpy(x.pixels), **extra)
+    return [x.decode(out[0:1, skip:].numpy())]
 
 
 def _reason(x: _Inputs) -> list[str]:
@@ -120,6 +145,7 @@ def _answer(x: _Inputs) -> list[str]:
     if _is_chat(x):
         return _chat(x, x.texts[0])
     q = x.text(x.texts[:1])
+    q["input_ids"] = x.with_enc(q["input_ids"], "question encoder")
     ids = x.model.greedy_answer(x.pixels, q["input_ids"], q["attention_mask"], x.tokens["bos_token_id"],
                                 x.tokens["sep_token_id"])
     return [x.decode(ids)]
@@ -134,7 +160,8 @@ def _score(x: _Inputs) -> list[str]:
         emb, feat = m.run("image_encoder", pixel_values=x.pixels)
         (tf,) = m.run("text_encoder", **t)
         itc = (feat @ tf.T)[0]
-        (itm,) = m.run("itm", image_embeds=np.repeat(emb, len(x.texts), 0), **t)
+        itm_text = t | {"input_ids": x.with_enc(t["input_ids"], "ITM")}  # ITC reads [CLS], ITM [ENC]
+        (itm,) = m.run("itm", image_embeds=np.repeat(emb, len(x.texts), 0), **itm_text)
         p = _softmax(itm, 1)[:, 1]
         return [f"ITC {itc[i]:.3f}  ITM {p[i]:.3f}  {txt}" for i, txt in enumerate(x.texts)]
     (img,) = m.run("image_encoder", pixel_values=x.pixels)
@@ -159,9 +186,9 @@ def presenter(task: str):
     return deco
 
 
-def _images_per_record(manifest: dict[str, Any], task: str) -> int:
-    """How many images one record of the task holds (the task's declaration; 1 where the export names no known
-    family or the family cannot do the task, which the presenter then says)."""
+def _task_class(manifest: dict[str, Any], task: str) -> Any:
+    """The class of the task as the export's family does it (None where the export names no known family or the
+    family cannot do the task, which the presenter then says)."""
     from upop.adapters import get_adapter
     from upop.errors import UpopError
     from upop.tasks.base import implementation, task_class
@@ -169,8 +196,14 @@ def _images_per_record(manifest: dict[str, Any], task: str) -> int:
     try:
         key = implementation(get_adapter(str(manifest.get("family", ""))), task)
     except UpopError:
-        return 1
-    return task_class(key).images_per_record if key is not None else 1
+        return None
+    return task_class(key) if key is not None else None
+
+
+def _images_per_record(manifest: dict[str, Any], task: str) -> int:
+    """How many images one record of the task holds (the task's declaration; 1 where it is unknown)."""
+    cls = _task_class(manifest, task)
+    return cls.images_per_record if cls is not None else 1
 
 
 def predict(export_dir: str | Path, images: list[str | Path], texts: list[str], fp16: bool = False,

@@ -22,7 +22,9 @@ class DeiTModels(ViTModels):
 @register
 class DeiTAdapter(ViTAdapter, DeiTModels):
     family = "deit"
-    paper_attn_weight = 9234 / 769  # deit/engine.py's weighting, DeiT-S's true ratio (--cost-weights paper)
+    # --cost-weights paper: the reference's DeiT code computes DeiT-S's true ratio 9234/769 but stores it in an int64
+    # tensor, so the weight its mask update really uses is 12
+    paper_attn_weight = 12.0
     model_types = ("deit",)
     aliases = {"deit": "facebook/deit-small-patch16-224"}
     feature_stacks = ("deit.layers",)

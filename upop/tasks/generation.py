@@ -13,6 +13,7 @@ from torch import nn
 
 from ..datasets.loading import CaptionPairs
 from ..datasets.readers import read_retrieval, read_vqa, read_vqa_training
+from .enc_token import enc_token_id, text_vocab_size, with_enc
 from .base import Batches, Decoding, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
@@ -140,7 +141,7 @@ class BlipVQA(Task):
 
     def forward(self, model: nn.Module, batch, guide: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         dev = device_of(model)
-        q = to_device(self.prep.text(batch["questions"]), dev)
+        q = self._questions(batch["questions"], dev)
         ids, mask, labels = _decoder_ids(self, model, batch["answers"], max_length=10)
         seen: list[torch.Tensor] = []
         # The model returns the answer decoder's loss only; its logits are read where the decoder returns them.
@@ -152,6 +153,15 @@ class BlipVQA(Task):
         finally:
             hook.remove()
         return _decoded(seen[-1], out.loss, labels.to(dev))
+
+    def _questions(self, questions: list[str], dev: torch.device) -> dict[str, torch.Tensor]:
+        """The question encoder's input: BLIP trains and answers with [ENC] as its first token (it reads the
+        image), where there is one."""
+        if not hasattr(self, "_enc"):  # looked up once: the vocabulary is 30k entries
+            self._enc = enc_token_id(self.prep.tokenizer, text_vocab_size(self.model))
+        q = self.prep.text(questions)
+        q["input_ids"] = with_enc(q["input_ids"], self._enc, "question encoder")
+        return to_device(q, dev)
 
     def image_paths(self, split: str) -> list[Path]:
         if split != "train":
@@ -167,7 +177,7 @@ class BlipVQA(Task):
         dev = device_of(model)
 
         def answer(chunk, px) -> list[str]:
-            q = to_device(self.prep.text([r.question for r in chunk]), dev)
+            q = self._questions([r.question for r in chunk], dev)
             out = self.forwards.generate(model, Decoding(max_new_tokens=int(self.options.get("max_new_tokens", 5))),
                                          pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"])
             return self.prep.decode(out)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from ..training.distributed import current
 from ..errors import ConfigError
 from ..training.momentum import QUEUE_INITS, Momentum
 from ..run.options import SWITCH, Option, at_least, one_of
+from .enc_token import enc_token_id, text_vocab_size, with_enc
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
@@ -425,33 +425,10 @@ class BlipRetrieval(_RetrievalData):
 
     def _itm_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The ITM input: BLIP's ITM head was trained with [ENC] as the first text token (its ITC encoder reads
-        [CLS]); where the tokenizer has no [ENC], the ids as they are ([CLS]), said once."""
+        [CLS]); where there is no [ENC], the ids as they are ([CLS]), said once."""
         if not hasattr(self, "_enc"):  # looked up once: the vocabulary is 30k entries
-            self._enc = enc_token_id(self.prep.tokenizer)
-        enc = self._enc
-        if enc is None:
-            _say_once("note: the tokenizer has no [ENC] token; BLIP's ITM reads [CLS] as its first text token")
-            return ids
-        out = ids.clone()
-        out[:, 0] = enc
-        return out
-
-
-def enc_token_id(tokenizer: Any) -> int | None:
-    """The id of BLIP's [ENC] token in ``tokenizer``, or None where it has none."""
-    if tokenizer is None or "[ENC]" not in tokenizer.get_vocab():
-        return None
-    return int(tokenizer.convert_tokens_to_ids("[ENC]"))
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(line: str) -> None:
-    """One line on stderr, once per process (rank 0 only: every rank would say the same)."""
-    if line not in _SAID and current().rank == 0:
-        _SAID.add(line)
-        print(line, file=sys.stderr)
+            self._enc = enc_token_id(self.prep.tokenizer, text_vocab_size(self.model))
+        return with_enc(ids, self._enc, "ITM")
 
 
 def _same_image(batch: dict[str, torch.Tensor], offset: torch.Tensor, columns: int) -> torch.Tensor:

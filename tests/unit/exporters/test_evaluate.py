@@ -150,6 +150,62 @@ def test_fp32_export_of_a_generation_model_decodes_as_pytorch(class_name, ratio,
     _assert_same(ref["metrics"], got["metrics"])
 
 
+def _image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "x.png")
+    return tmp_path / "x.png"
+
+
+def test_predict_captions_as_the_task_evaluates(generation_data, tmp_path):
+    """``upop predict`` on a BLIP caption export decodes as the caption task does (BLIP's prompt, beam search of
+    3, 5 to 20 tokens), the prompt left out of the line."""
+    from upop.datasets.readers import open_image
+    from upop.exporters.predict import predict
+    from upop.tasks import make_task
+
+    folder = _model_folder(tmp_path, "BlipForConditionalGeneration", 0.0)
+    get("onnx")(folder, tmp_path / "e")
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    prep = Preprocessor.from_pretrained(folder)
+    task = make_task(get_adapter("blip"), "caption", prep, generation_data, model=model)
+    d = task.decoding
+    assert d.prompt and d.num_beams == 3
+    prompt = torch.tensor([prep.tokenizer(d.prompt)["input_ids"]])
+    px = prep.pixels([open_image(_image(tmp_path))])
+    with torch.no_grad():
+        ids = task.forwards.generate(model, d, pixel_values=px, input_ids=prompt, attention_mask=torch.ones_like(prompt))
+    want = prep.decode(ids[:, prompt.shape[1] - 1:])
+    assert predict(tmp_path / "e", [_image(tmp_path)], []).lines == want
+
+
+def test_predict_scores_itm_with_enc_first(tmp_path):
+    """The ITM probability ``upop predict`` shows is BLIP's ITM head on [ENC] + the text (ITC reads [CLS])."""
+    from upop.datasets.readers import open_image
+    from upop.exporters.predict import predict
+
+    adapter = get_adapter("blip")
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    model.save_pretrained(tmp_path / "m")
+    prep = Preprocessor(tok, adapter.image_processor(32))
+    prep.save_pretrained(tmp_path / "m")
+    get("onnx")(tmp_path / "m", tmp_path / "e")
+    texts = ["a red circle", "two blue squares"]
+    lines = predict(tmp_path / "e", [_image(tmp_path)], texts).lines
+    t = prep.text(texts)
+    ids = t["input_ids"].clone()
+    ids[:, 0] = tok.convert_tokens_to_ids("[ENC]")
+    with torch.no_grad():
+        seq, _ = adapter.encode_image(model, prep.pixels([open_image(_image(tmp_path))]))
+        p = torch.softmax(adapter.itm_logits(model, seq.expand(2, -1, -1), ids, t["attention_mask"]), 1)[:, 1]
+    got = [float(line.split("ITM ")[1].split()[0]) for line in lines]
+    assert got == pytest.approx(p.tolist(), abs=2e-3)
+
+
 # ---- bad input: one line, exit 2 ---------------------------------------------------------------------------
 
 def test_a_folder_that_is_not_an_export(tmp_path):

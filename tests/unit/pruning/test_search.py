@@ -202,7 +202,7 @@ def _reference_pruned(scores_attn: torch.Tensor, scores_mlp: torch.Tensor, attn_
 
 @pytest.mark.parametrize("family,class_name,weight", [("blip", "BlipForImageTextRetrieval", 36.0),
                                                       ("clip", "CLIPModel", 36.0), ("deit", "DeiTForImageClassification",
-                                                                                   9234 / 769)])
+                                                                                   12.0)])
 def test_paper_cost_weights_weigh_units_as_the_reference(family, class_name, weight):
     from upop.adapters import get_adapter
     from upop.pruning.search import paper_unit_costs

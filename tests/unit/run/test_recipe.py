@@ -104,8 +104,20 @@ def test_recipe_rows_are_chosen_by_ratio(name):
     assert checked(r)["search_epochs"] == REFERENCE_SCRIPTS[name][0.5]  # no ratio (a latency target): the 2x row
 
 
-def test_deit_has_one_row_and_a_bad_row_is_one_line(tmp_path, monkeypatch):
-    assert rc.load_recipe("deit-imagenet").rows == {}
+#: the reference's DeiT scripts (compress_classification_imagenet_0{1,2,3,4,5}0x.sh): --p and --interval
+DEIT_INTERVALS = {0.1: 1600, 0.2: 1000, 0.3: 800, 0.4: 800, 0.5: 800}
+
+
+def test_deit_rows_change_the_update_interval_by_ratio():
+    r = rc.load_recipe("deit-imagenet")
+    for ratio in (0.05, 0.1, 0.14, 0.2, 0.24, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 0.9):
+        opts = checked(r, ratio)
+        assert opts["update_every"] == _reference_row(DEIT_INTERVALS, ratio), ratio
+        assert {k: v for k, v in opts.items() if k != "update_every"} == \
+            {k: v for k, v in r.options.items() if k != "update_every"}  # a row changes the interval only
+
+
+def test_a_bad_row_is_one_line(tmp_path, monkeypatch):
     head = 'family = "blip"\ntask = "retrieval"\ndataset = "x"\nannotations = ["a.json"]\n[compress]\nlr = 1e-5\n'
     monkeypatch.setattr(rc, "RECIPES_DIR", tmp_path)
     (tmp_path / "mine.toml").write_text(head + '[rows."1.5"]\nsearch_epochs = 2\n')

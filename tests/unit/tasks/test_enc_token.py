@@ -1,0 +1,91 @@
+"""BLIP's [ENC] token: found in the tokenizer or as the text embedding's row after [DEC], and the first token of
+the VQA question encoder's input in training and evaluation (the ITM's: tests/unit/tasks/test_retrieval.py)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from upop.adapters import get_adapter
+from upop.datasets import shapes
+from upop.models.demo import build_tokenizer
+from upop.tasks import Preprocessor, make_task
+from upop.tasks import enc_token
+from upop.tasks.enc_token import enc_token_id, text_vocab_size, with_enc
+
+from ...conftest import build_tiny
+
+
+def _tokenizer(*added: str):
+    tok = build_tokenizer()
+    for t in added:
+        tok.add_special_tokens({"additional_special_tokens": [t]})
+    return tok
+
+
+def test_the_tokenizers_own_enc_wins():
+    tok = _tokenizer("[ENC]")
+    assert enc_token_id(tok) == enc_token_id(tok, 12345) == tok.convert_tokens_to_ids("[ENC]")
+
+
+def _bert_like(words: list[str]):
+    """A word-level tokenizer ending at [DEC], as BLIP's is before [ENC] is added (bert-base-uncased + [DEC])."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words, "[DEC]"])}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                   pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   bos_token="[DEC]")
+
+
+def test_the_row_after_a_final_dec_is_enc_where_the_embedding_has_exactly_that_row():
+    """BLIP's tokenizer adds [DEC] then [ENC]; a tokenizer saved with [DEC] only still has [ENC]'s weights in
+    the text embedding: 30,522 + [DEC] = 30,523 tokens and 30,524 rows → [ENC] is 30,523."""
+    tok = _bert_like(["red", "circle"])
+    n = len(tok)
+    assert tok.get_vocab()["[DEC]"] == n - 1
+    assert enc_token_id(tok, n + 1) == n
+    assert enc_token_id(tok, n) is None and enc_token_id(tok, n + 2) is None and enc_token_id(tok) is None
+    assert enc_token_id(build_tokenizer(), len(build_tokenizer()) + 1) is None  # its [DEC] is not the last token
+    assert enc_token_id(None, 10) is None
+
+
+def test_text_vocab_size_reads_the_text_config():
+    assert text_vocab_size(build_tiny("blip", "BlipForQuestionAnswering", vocab=99)) == 99
+    assert text_vocab_size(None) is None and text_vocab_size(SimpleNamespace(config=SimpleNamespace())) is None
+    assert text_vocab_size(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(vocab_size=True)))) is None
+
+
+def test_with_enc_replaces_the_first_token_and_leaves_the_input(capsys, monkeypatch):
+    ids = torch.tensor([[1, 5, 6], [1, 7, 0]])
+    out = with_enc(ids, 42, "ITM")
+    assert out[:, 0].tolist() == [42, 42] and out[:, 1:].tolist() == ids[:, 1:].tolist() and ids[0, 0] == 1
+    monkeypatch.setattr(enc_token, "_SAID", set())
+    assert with_enc(ids, None, "question encoder") is ids and with_enc(ids, None, "question encoder") is ids
+    assert capsys.readouterr().err.count("BLIP's question encoder reads [CLS]") == 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("vqa") / "shapes", train=4, val=4, test=4, classification_per_class=(1, 1, 1))
+
+
+@pytest.mark.parametrize("with_enc_token", [True, False], ids=["enc", "no-enc"])
+def test_vqa_questions_start_with_enc_in_training_and_evaluation(data, with_enc_token):
+    model = build_tiny("blip", "BlipForQuestionAnswering", vocab=99)
+    adapter = get_adapter("blip")
+    tok = _tokenizer("[ENC]") if with_enc_token else build_tokenizer()
+    task = make_task(adapter, "vqa", Preprocessor(tok, adapter.image_processor(32)), data, model=model, batch_size=2)
+    first = tok.convert_tokens_to_ids("[ENC]") if with_enc_token else tok.cls_token_id
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    try:
+        batch = next(iter(task.train_batches()))
+        task.forward(model.train(), {**batch, "pixel_values": torch.randn(2, 3, 32, 32)})
+    finally:
+        hook.remove()
+    real = task.forwards.generate
+    task.forwards.generate = lambda m, d, **x: seen.append(x["input_ids"]) or real(m, d, **x)
+    task.evaluate(model.eval(), "test", limit=2)
+    assert len(seen) >= 2 and all((ids[:, 0] == first).all() for ids in seen)
