@@ -18,6 +18,7 @@ from .options import (  # noqa: F401  (the constants: where the fields are)
     DEFAULT_CHECKPOINT_EVERY,
     DISTILL_MODES,
     GRANULARITIES,
+    RETRAIN_SCHEDULES,
     RUN_OPTIONS,
     SEARCH_LR_SCHEDULES,
     Rule,
@@ -90,12 +91,14 @@ class SearchConfig:
 
 @dataclass
 class RetrainConfig:
-    """Retrain of the slim model: AdamW, linear warm-up then cosine to 0, gradient clipping."""
+    """Retrain of the slim model: AdamW; ``schedule`` warmup-cosine (linear warm-up then cosine to 0, gradient
+    clipping) or epoch-cosine (the reference's: no warm-up, no clipping; ``warmup_ratio``, ``max_grad_norm`` unused)."""
 
     epochs: int = 1
     steps_per_epoch: int | None = None
     lr: float = 1e-5
     weight_decay: float = 0.05
+    schedule: str = "warmup-cosine"  # one of RETRAIN_SCHEDULES
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     amp: bool = True
@@ -107,7 +110,8 @@ class RetrainConfig:
     def validate(self) -> None:
         _check((("grad_accum", "grad_accum", self.grad_accum), ("max_steps", "max_steps", self.max_steps),
                 ("retrain epochs", "retrain_epochs", self.epochs), ("retrain lr", "lr", self.lr),
-                ("weight_decay", "weight_decay", self.weight_decay), ("drop_path", "drop_path", self.drop_path)),
+                ("weight_decay", "weight_decay", self.weight_decay), ("drop_path", "drop_path", self.drop_path),
+                ("retrain schedule", "retrain_schedule", self.schedule)),
                optional=("max_steps",))
         at_least(1).check("steps_per_epoch", self.steps_per_epoch)
         if not 0 <= self.warmup_ratio < 1:

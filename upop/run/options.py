@@ -23,6 +23,10 @@ GRANULARITIES = ("dim", "head")
 #: constant: the search trains at ``lr`` throughout (as the reference UPop code; the weights adapt most while
 #: the most is being removed, late in the search); cosine: decays to 0 over the search (upop before 0.2)
 SEARCH_LR_SCHEDULES = ("constant", "cosine")
+#: warmup-cosine: a 5 % linear warm-up, then cosine to 0 per step, gradients clipped at norm 1 (upop's default);
+#: epoch-cosine: the reference's (BLIP's ``cosine_lr_schedule``, DeiT's timm scheduler at --warmup-epochs 0): the
+#: rate of epoch e is lr·½(1 + cos(π e / epochs)), held through the epoch, no warm-up, no clipping
+RETRAIN_SCHEDULES = ("warmup-cosine", "epoch-cosine")
 #: how a unit's cost is counted when the search fills the ratio: its true parameters, or the reference's weighting
 #: (an attention unit as a fixed number of MLP neurons per family: ``Adapter.paper_attn_weight``)
 COST_WEIGHTS = ("true", "paper")
@@ -146,6 +150,10 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("update_every", at_least(1), int, "K: search steps between mask updates.", into=("search.update_every",)),
     Option("search_lr_schedule", one_of(*SEARCH_LR_SCHEDULES),
            help="constant (default, as UPop's reference) | cosine to 0.", into=("search.lr_schedule",)),
+    Option("retrain_schedule", one_of(*RETRAIN_SCHEDULES),
+           help="warmup-cosine (default: 5 % warm-up, cosine per step, clipping at 1) | epoch-cosine (the "
+                "reference's: cosine stepped per epoch, no warm-up or clipping; the recipes').",
+           into=("retrain.schedule",)),
     Option("lambda_attn", number(0), float, into=("search.lambda_attn",), flagged=False),
     Option("lambda_mlp", number(0), float, into=("search.lambda_mlp",), flagged=False),
     Option("eval_limit", at_least(1), int, "Evaluate on at most N records."),

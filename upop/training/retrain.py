@@ -1,4 +1,5 @@
-"""Retrain of the slim model: AdamW, linear warm-up then cosine to 0, clipping, AMP on CUDA.
+"""Retrain of the slim model: AdamW, linear warm-up then cosine to 0 with clipping (or the reference's cosine per
+epoch), AMP on CUDA.
 
 The optimizer is always built here, after slimming: an optimizer from before slimming would
 hold states shaped like the unslimmed weights.
@@ -28,6 +29,14 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
             return 1.0
         progress = min(1.0, (step - warmup) / (total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def epoch_cosine(steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """The reference's: epoch e (from 0) trains at ½(1 + cos(π e / epochs)) of the rate, held through the epoch."""
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step // max(1, steps_per_epoch), epochs) / max(1, epochs)))
 
     return factor
 
@@ -127,10 +136,11 @@ def retrain(
     config.validate()
     steps, total = retrain_steps(config, batches)
     phase = RetrainPhase(model, eval_fn, steps, resume)
+    reference = config.schedule == "epoch-cosine"
+    schedule = epoch_cosine(steps, config.epochs) if reference else warmup_cosine(int(config.warmup_ratio * total), total)
     settings = LoopSettings(total=total, lr=config.lr, weight_decay=config.weight_decay, amp=config.amp,
-                            seed=config.seed, schedule=warmup_cosine(int(config.warmup_ratio * total), total),
-                            max_grad_norm=config.max_grad_norm, grad_accum=config.grad_accum,
-                            checkpoint_every=checkpoint_every)
+                            seed=config.seed, schedule=schedule, max_grad_norm=None if reference else config.max_grad_norm,
+                            grad_accum=config.grad_accum, checkpoint_every=checkpoint_every)
     loop = TrainLoop(model, loss_fn, batches, settings, phase, progress=progress, resume=resume)
     phase.lr = lambda: loop.lr
     if resume is None:

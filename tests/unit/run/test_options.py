@@ -13,7 +13,8 @@ from upop_cli.options import compress_keys, read_toml
 
 #: a valid value per type, unlike every default, to see where it lands
 SAMPLE = {int: 3, float: 0.25, bool: True}
-CHOICE = {"granularity": "head", "search_lr_schedule": "cosine", "device": "cpu", "cost_weights": "paper",
+CHOICE = {"granularity": "head", "search_lr_schedule": "cosine", "retrain_schedule": "epoch-cosine", "device": "cpu",
+          "cost_weights": "paper",
           "distill": "logits", "profile": "t4", "teacher": "demo-vit", "towers": "language"}
 
 
