@@ -200,8 +200,10 @@ def _task_key(artifact: Artifact, task: str) -> Any:
 
 
 def evaluate_artifact(artifact: Artifact, *, data: str | Path | None = None, split: str = "test",
-                      batch_size: int = 32, limit: int | None = None, task: str | None = None) -> dict[str, float]:
-    """The metrics ``upop eval`` computes for the model, computed with the artifact's forwards."""
+                      batch_size: int = 32, limit: int | None = None, task: str | None = None,
+                      scoring: dict[str, Any] | None = None) -> dict[str, float]:
+    """The metrics ``upop eval`` computes for the model, computed with the artifact's forwards; ``scoring``: task
+    options over the recorded ones (``--k-test``, ``--rerank``, ``--max-new-tokens``)."""
     from upop.models.demo import shapes_dir
     from upop.tasks import Preprocessor, make_task
 
@@ -217,7 +219,8 @@ def evaluate_artifact(artifact: Artifact, *, data: str | Path | None = None, spl
                               "demo-* models have built-in data")
         data = shapes_dir()
     prep = Preprocessor.from_pretrained(artifact.folder, **rec.preprocessor)
-    t = make_task(adapter, name, prep, data, **rec.task_options)
+    t = make_task(adapter, name, prep, data, **{**rec.task_options, **(scoring or {})})
+    t.refuse_undeclared(scoring or {})
     t.check_images()  # a corrupt image stops the evaluation now, naming the file
     # TensorRT: the engines take at most their profile's batch (the batching changes no metric)
     t.eval_batch_size = min(batch_size, artifact.max_batch or batch_size)

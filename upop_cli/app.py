@@ -130,6 +130,12 @@ def evaluate(
     allow_outside_data: bool = OutsideOpt,
     runtime: Optional[str] = typer.Option(None, "--runtime", help="An export folder: run it in "
                                           f"{_runtimes(exporting=True)} (default onnxruntime; the folder's format)."),
+    k_test: Optional[int] = typer.Option(None, "--k-test", help="Retrieval: ITM re-ranking depth (as upop compress; "
+                                                                "default: the data's, or a demo's)."),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="BLIP retrieval: logit (default) | prob, as upop "
+                                                                "compress."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Chat VQA/caption: greedy "
+                                                                                "decoding's new tokens."),
 ) -> None:
     """Evaluate a model, slim checkpoint or export folder on a task (an export: every forward by the artifact).
 
@@ -137,7 +143,10 @@ def evaluate(
     """
     from .eval_cmd import run
 
-    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json, allow_outside_data, runtime))
+    scoring = {k: v for k, v in (("k_test", k_test), ("rerank", rerank), ("max_new_tokens", max_new_tokens))
+               if v is not None}
+    guarded(lambda: run(model, task, data, split, batch_size, limit, device, as_json, allow_outside_data, runtime,
+                        scoring))
 
 
 @app.command()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .out import console
 from rich.table import Table
@@ -22,7 +23,10 @@ def is_export(path: str) -> bool:
 
 
 def run(model: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
-        device: str, as_json: bool, allow_outside_data: bool = False, runtime: str | None = None) -> None:
+        device: str, as_json: bool, allow_outside_data: bool = False, runtime: str | None = None,
+        scoring: dict[str, Any] | None = None) -> None:
+    """``scoring``: the task options that change how the model is scored (``--k-test``, ``--rerank``,
+    ``--max-new-tokens``), given only when set: as ``upop compress`` scored the run, not the defaults."""
     from upop.api import open_model, resolve_device, setup_task
     from upop.datasets.readers import outside_data_allowed
     from upop.errors import ConfigError
@@ -32,7 +36,8 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     check("--limit", limit, "an integer >= 1", at_least(1))
     if is_export(model):
         with outside_data_allowed(allow_outside_data):
-            return run_export(model, task, data, split, batch_size, limit, device, as_json, canonical(runtime or "onnxruntime"))
+            return run_export(model, task, data, split, batch_size, limit, device, as_json, canonical(runtime or "onnxruntime"),
+                              scoring)
     if runtime is not None:
         raise ConfigError(f"{model} is not an export folder (written by upop export), which --runtime evaluates")
     from upop.models.hub import network_rule
@@ -42,7 +47,8 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     src = open_model(model, task)
     src.model.to(dev)
     with outside_data_allowed(allow_outside_data):
-        ts = setup_task(src, task, data, None, batch_size, 0, limit)
+        ts = setup_task(src, task, data, None, batch_size, 0, limit, **(scoring or {}))
+        ts.task.refuse_undeclared(scoring or {})
         ts.task.eval_batch_size = batch_size  # the task evaluates in batches of this size
         metrics = ts.task.evaluate(src.model, split, limit)
     if as_json:
@@ -52,12 +58,13 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
 
 
 def run_export(export_dir: str, task: str | None, data: str | None, split: str, batch_size: int, limit: int | None,
-               device: str, as_json: bool, runtime: str) -> None:
+               device: str, as_json: bool, runtime: str, scoring: dict[str, Any] | None = None) -> None:
     """The task metrics of an exported artifact, every forward run by it."""
     from upop.exporters.evaluate import evaluate_artifact, open_artifact
 
     artifact = open_artifact(export_dir, runtime, device)
-    metrics = evaluate_artifact(artifact, data=data, split=split, batch_size=batch_size, limit=limit, task=task)
+    metrics = evaluate_artifact(artifact, data=data, split=split, batch_size=batch_size, limit=limit, task=task,
+                                scoring=scoring)
     name = task or artifact.record.task
     providers = artifact.providers()
     if as_json:

@@ -71,6 +71,32 @@ def test_fp32_export_metric_equals_pytorch(exports, demo, task):
     assert ref["metrics"]["primary"] > 0  # the demos are trained: a metric that could differ
 
 
+def test_scoring_flags_reach_the_task_for_a_model_and_its_export(exports):
+    """``--k-test`` and ``--rerank`` score as ``upop compress`` did with them, not by the defaults; both ways."""
+    from upop.api import open_model, setup_task
+    from upop.models.demo import shapes_dir
+
+    flags = ["--k-test", "3", "--rerank", "prob", "--limit", str(LIMIT), "--device", "cpu"]
+    ref = _json(["demo-blip", *flags])
+    got = _json([str(exports["demo-blip"]), *flags])
+    _assert_same(ref["metrics"], got["metrics"])
+    src = open_model("demo-blip")
+    ts = setup_task(src, None, shapes_dir(), None, 64, 0, LIMIT, k_test=3, rerank="prob")
+    _assert_same(ts.task.evaluate(src.model, "test", LIMIT), ref["metrics"])
+    default = _json(["demo-blip", "--limit", str(LIMIT), "--device", "cpu"])
+    assert default["metrics"] != ref["metrics"]  # the flags changed the scoring
+
+
+@pytest.mark.parametrize("args,match", [
+    (["demo-vit", "--rerank", "prob"], "--rerank does not apply to the classification task of this model (it takes none)"),
+    (["demo-clip", "--k-test", "4"], "--k-test does not apply to the retrieval task"),
+    (["demo-blip", "--k-test", "0"], "k_test must be an integer >= 1"),
+    (["demo-blip", "--rerank", "softmax"], "rerank must be one of logit, prob"),
+])
+def test_a_scoring_flag_the_task_does_not_take_is_one_line(args, match):
+    _one_line([*args, "--limit", "2", "--device", "cpu"], match)
+
+
 def test_zero_shot_classification_of_a_dual_encoder_export(exports):
     """CLIP's export evaluated on another task its graphs serve (zero-shot classification: the text encoder
     embeds the class prompts), as the task evaluates the PyTorch model."""
