@@ -167,9 +167,11 @@ class ArtifactModule(nn.Module):
             self.config = SimpleNamespace(id2label={int(k): v for k, v in labels.items()})
         except ValueError:
             raise ExportFolderError("export.json is damaged (a label key is not a class index)") from None
-        vocab = (tokens or {}).get("text_vocab_size")
-        if isinstance(vocab, int) and not isinstance(vocab, bool):  # the text embedding's rows: BLIP's [ENC] row
-            self.config.text_config = SimpleNamespace(vocab_size=vocab)
+        # the text embedding's rows and [DEC]'s id: where BLIP's [ENC] is (upop.tasks.enc_token)
+        tokens = tokens or {}
+        self.config.text_config = SimpleNamespace(vocab_size=tokens.get("text_vocab_size"),
+                                                  **{k: tokens.get(k) for k in ("bos_token_id", "sep_token_id",
+                                                                                "eos_token_id", "pad_token_id")})
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -220,7 +222,6 @@ def evaluate_artifact(artifact: Artifact, *, data: str | Path | None = None, spl
         data = shapes_dir()
     prep = Preprocessor.from_pretrained(artifact.folder, **rec.preprocessor)
     t = make_task(adapter, name, prep, data, **{**rec.task_options, **(scoring or {})})
-    t.refuse_undeclared(scoring or {})
     t.check_images()  # a corrupt image stops the evaluation now, naming the file
     # TensorRT: the engines take at most their profile's batch (the batching changes no metric)
     t.eval_batch_size = min(batch_size, artifact.max_batch or batch_size)

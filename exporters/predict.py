@@ -46,7 +46,9 @@ class _Inputs:
 
         from upop.tasks.enc_token import enc_token_id, with_enc
 
-        enc = enc_token_id(self.prep.tokenizer, self.tokens.get("text_vocab_size"))
+        t = self.tokens
+        taken = tuple(t[k] for k in ("sep_token_id", "eos_token_id", "pad_token_id") if k in t)
+        enc = enc_token_id(self.prep.tokenizer, t.get("text_vocab_size"), t.get("bos_token_id"), taken)
         return with_enc(torch.from_numpy(ids), enc, reader).numpy()
 
     def decode(self, ids: np.ndarray) -> str:
@@ -146,8 +148,9 @@ def _answer(x: _Inputs) -> list[str]:
         return _chat(x, x.texts[0])
     q = x.text(x.texts[:1])
     q["input_ids"] = x.with_enc(q["input_ids"], "question encoder")
+    cls = _task_class(x.model.manifest, "vqa")
     ids = x.model.greedy_answer(x.pixels, q["input_ids"], q["attention_mask"], x.tokens["bos_token_id"],
-                                x.tokens["sep_token_id"])
+                                x.tokens["sep_token_id"], getattr(cls, "default_new_tokens", 5))  # as upop eval
     return [x.decode(ids)]
 
 

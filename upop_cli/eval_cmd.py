@@ -29,6 +29,7 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     ``--max-new-tokens``), given only when set: as ``upop compress`` scored the run, not the defaults."""
     from upop.api import open_model, resolve_device, setup_task
     from upop.datasets.readers import outside_data_allowed
+    from upop.tasks import default_task
     from upop.errors import ConfigError
     from upop.exporters import canonical
 
@@ -45,10 +46,10 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     dev = resolve_device(device)
     network_rule(model)
     src = open_model(model, task)
+    refuse_unused(src.adapter, task or default_task(src.adapter, src.model), scoring or {})
     src.model.to(dev)
     with outside_data_allowed(allow_outside_data):
         ts = setup_task(src, task, data, None, batch_size, 0, limit, **(scoring or {}))
-        ts.task.refuse_undeclared(scoring or {})
         ts.task.eval_batch_size = batch_size  # the task evaluates in batches of this size
         metrics = ts.task.evaluate(src.model, split, limit)
     if as_json:
@@ -62,7 +63,17 @@ def run_export(export_dir: str, task: str | None, data: str | None, split: str, 
     """The task metrics of an exported artifact, every forward run by it."""
     from upop.exporters.evaluate import evaluate_artifact, open_artifact
 
+    from upop.adapters import get_adapter
+    from upop.errors import ExportFolderError, UpopError
+
     artifact = open_artifact(export_dir, runtime, device)
+    if scoring:
+        try:
+            adapter = get_adapter(artifact.record.family)
+        except UpopError:
+            raise ExportFolderError(f"export.json names an unknown model family {artifact.record.family!r} "
+                                    "(damaged?)") from None
+        refuse_unused(adapter, task or artifact.record.task, scoring)
     metrics = evaluate_artifact(artifact, data=data, split=split, batch_size=batch_size, limit=limit, task=task,
                                 scoring=scoring)
     name = task or artifact.record.task
@@ -72,6 +83,23 @@ def run_export(export_dir: str, task: str | None, data: str | None, split: str, 
                           "split": split, "metrics": metrics}, indent=2))
         return
     _show(f"{export_dir} ({runtime}: {', '.join(providers)}): {name} on {split}", metrics)
+
+
+def refuse_unused(adapter: Any, task: str, scoring: dict[str, Any]) -> None:
+    """One line, before any work, for a scoring flag this model's task does not take (and which tasks do)."""
+    from upop.errors import ConfigError, UpopError
+    from upop.tasks import task_for
+    from upop.tasks.base import declaring
+
+    try:
+        mine = {o.name for o in task_for(adapter, task).task_options}
+    except UpopError:  # a task the family cannot do: the evaluation says so itself
+        return
+    for name in scoring:
+        if name not in mine:
+            users = " and ".join(declaring().get(name, [])) or "no task"
+            raise ConfigError(f"--{name.replace('_', '-')} does not apply to this {adapter.family} {task} model "
+                              f"(only {users} uses it)")
 
 
 def _show(title: str, metrics: dict[str, float]) -> None:

@@ -343,7 +343,7 @@ class SearchPhase(Phase):
 def paper_unit_costs(specs: Sequence[ModuleSpec], granularity: str, attn_weight: float | None,
                      family: str = "this model") -> dict[str, float]:
     """The reference's cost weighting (``cost_weights = "paper"``): every MLP neuron weighs 1 and every attention
-    dimension ``attn_weight`` (BLIP and CLIP: 36, "12 heads × q, k, v"; DeiT-S: 9234/769), whatever the layer's
+    dimension ``attn_weight`` (BLIP and CLIP: 36, "12 heads × q, k, v"; DeiT-S: 12), whatever the layer's
     true parameters; a head unit weighs its ``head_dim`` dimensions."""
     if attn_weight is None:
         raise ConfigError(f"cost weights 'paper': the reference has no attention:MLP weighting for {family}")

@@ -9,7 +9,7 @@ flags, from the declaration), and the model classes it trains.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +36,7 @@ from ..training.augment import Augmenter, augmenter_for
 from ..datasets.readers import DataError, check_images
 from ..adapters.base import TaskHooks
 from ..errors import ConfigError
-from ..run.options import Option
+from ..run.options import Option, at_least
 
 _TASKS: dict[str, type["Task"]] = {}
 #: (family, task name) -> implementation key, for tasks that name the families they serve (``register_task``)
@@ -400,6 +400,12 @@ class Forwards:
         return model.generate(**inputs, **decoding.generate_kwargs())
 
 
+#: greedy decoding's new tokens at evaluation, for the tasks that decode greedily (each has its own default)
+MAX_NEW_TOKENS = Option("max_new_tokens", at_least(1), int,
+                        "VQA/caption decoded greedily: new tokens at evaluation (default: chat VQA 8, chat captions 24, "
+                        "BLIP VQA 5).")
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How a generative task decodes, in ``generate()``'s terms, so that PyTorch and an exported artifact
@@ -462,15 +468,6 @@ class Task:
         self.images = ImageStore(prep, workers, cache_gb, augmenter_for(adapter, options.get("augment")))
         self.forwards = Forwards(adapter)  # what evaluate() runs; replaced to evaluate an exported artifact
         self.amp = True  # evaluation under CUDA autocast, as the run trains (``SearchConfig.amp``); CPU: never
-
-    def refuse_undeclared(self, given: Mapping[str, Any]) -> None:
-        """One line for an option given to this task that it does not take (``upop eval``'s scoring flags)."""
-        own = {o.name for o in self.task_options}
-        for name in given:
-            if name not in own:
-                takes = f"it takes {', '.join('--' + o.replace('_', '-') for o in sorted(own))}" if own else "it takes none"
-                raise ConfigError(f"--{name.replace('_', '-')} does not apply to the {self.name} task of this model "
-                                  f"({takes})")
 
     def _records(self, split: str, limit: int | None = None) -> list[Any]:
         """The split's records (the first ``limit`` of them), read from the data folder."""

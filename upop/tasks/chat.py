@@ -22,16 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..datasets.readers import DataError, read_retrieval, read_vqa
-from ..run.options import Option, at_least
-from .base import Batches, Decoding, Images, Preprocessor, Task, device_of, distill_kl, register_task
+from .base import MAX_NEW_TOKENS, Batches, Decoding, Images, Preprocessor, Task, device_of, distill_kl, register_task
 from .metrics import bleu4, cider_d, vqa_accuracy
 
 FAMILIES = ("llava", "idefics3")
 MODEL_CLASSES = ("Idefics3ForConditionalGeneration", "LlavaForConditionalGeneration")
 #: the user turn that asks for a caption
 CAPTION_INSTRUCTION = "Describe the image."
-MAX_NEW_TOKENS = Option("max_new_tokens", at_least(1), int,
-                        "Chat VQA/caption: greedy decoding's new tokens at evaluation (default 8 for VQA, 24 for captions).")
 
 
 class ChatEncoder:

@@ -2,8 +2,9 @@
 encoder), as BLIP trains them (``input_ids[:, 0] = enc_token_id``); its ITC text encoder reads [CLS].
 
 BLIP's tokenizer is bert-base-uncased's 30,522 tokens, then [DEC] (30,522) and [ENC] (30,523); the text
-embedding has those 30,524 rows. A tokenizer saved without [ENC] but ending at [DEC], with a text embedding one
-row longer than the tokenizer, still holds [ENC]'s row: that row is taken as it."""
+embedding has those 30,524 rows. transformers' converted BLIP checkpoints keep the 30,524 rows (the config's
+``bos_token_id`` is [DEC]'s 30,522) but ship bert-base-uncased's tokenizer, without [DEC] or [ENC]: where the
+embedding has exactly the two rows after the tokenizer's that BLIP adds, the second is [ENC]'s."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from ..training.distributed import current
 
-__all__ = ["enc_token_id", "text_vocab_size", "with_enc", "say_once"]
+__all__ = ["enc_token_id", "text_embedding", "with_enc", "say_once"]
 
 _SAID: set[str] = set()
 
@@ -26,23 +27,35 @@ def say_once(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def text_vocab_size(model: Any) -> int | None:
-    """Rows of the model's text embedding, from its config (None where it has no text config)."""
-    size = getattr(getattr(getattr(model, "config", None), "text_config", None), "vocab_size", None)
-    return size if isinstance(size, int) and not isinstance(size, bool) else None
+#: the text config's token ids that are not [ENC] (a row one of them names is taken)
+_OTHER_IDS = ("sep_token_id", "eos_token_id", "pad_token_id")
 
 
-def enc_token_id(tokenizer: Any, vocab_size: int | None = None) -> int | None:
-    """The id of [ENC]: the tokenizer's own; else the row after a final [DEC] where the text embedding
-    (``vocab_size`` rows) has exactly that one row more; else None."""
+def text_embedding(model: Any) -> tuple[int | None, int | None, tuple[int, ...]]:
+    """(rows of the model's text embedding, its [DEC] id: the text config's ``bos_token_id``, its other special
+    ids), None / () where absent."""
+    text = getattr(getattr(model, "config", None), "text_config", None)
+
+    def whole(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    others = tuple(v for v in (whole(getattr(text, k, None)) for k in _OTHER_IDS) if v is not None)
+    return whole(getattr(text, "vocab_size", None)), whole(getattr(text, "bos_token_id", None)), others
+
+
+def enc_token_id(tokenizer: Any, vocab_size: int | None = None, dec_id: int | None = None,
+                 taken: tuple[int, ...] = ()) -> int | None:
+    """The id of [ENC]: the tokenizer's own (if the embedding has its row); else ``dec_id`` + 1 where the embedding
+    ends right after it (``vocab_size`` = ``dec_id`` + 2), the tokenizer stops at or before [DEC] and no other
+    special token (``taken``) names that row; else None."""
     if tokenizer is None:
         return None
     vocab = tokenizer.get_vocab()
     if "[ENC]" in vocab:
-        return int(vocab["[ENC]"])
-    n = len(tokenizer)
-    if vocab.get("[DEC]") == n - 1 and vocab_size == n + 1:
-        return n
+        own = int(vocab["[ENC]"])
+        return own if vocab_size is None or own < vocab_size else None
+    if dec_id is not None and vocab_size == dec_id + 2 and len(tokenizer) <= dec_id + 1 and dec_id + 1 not in taken:
+        return dec_id + 1
     return None
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..datasets.loading import CaptionPairs
 from ..datasets.readers import read_retrieval, read_vqa, read_vqa_training
-from .enc_token import enc_token_id, text_vocab_size, with_enc
-from .base import Batches, Decoding, Images, Task, device_of, distill_kl, register_task, to_device
+from .enc_token import enc_token_id, text_embedding, with_enc
+from .base import MAX_NEW_TOKENS, Batches, Decoding, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 
 
@@ -121,7 +121,11 @@ class BlipCaption(Task):
 @register_task("blip-vqa")
 class BlipVQA(Task):
     name = "vqa"
+    title = "BLIP VQA"
     primary = "vqa_acc"
+    task_options = (MAX_NEW_TOKENS,)
+    #: the answer's new tokens at evaluation (VQAv2 answers are a few words)
+    default_new_tokens = 5
     artifact_graphs = ("vision_encoder", "question_encoder", "answer_decoder")
     annotation = ("vqa_{split}.json", "vqa_{split}.jsonl")
     reader = staticmethod(read_vqa)
@@ -158,7 +162,7 @@ class BlipVQA(Task):
         """The question encoder's input: BLIP trains and answers with [ENC] as its first token (it reads the
         image), where there is one."""
         if not hasattr(self, "_enc"):  # looked up once: the vocabulary is 30k entries
-            self._enc = enc_token_id(self.prep.tokenizer, text_vocab_size(self.model))
+            self._enc = enc_token_id(self.prep.tokenizer, *text_embedding(self.model))
         q = self.prep.text(questions)
         q["input_ids"] = with_enc(q["input_ids"], self._enc, "question encoder")
         return to_device(q, dev)
@@ -178,7 +182,8 @@ class BlipVQA(Task):
 
         def answer(chunk, px) -> list[str]:
             q = self._questions([r.question for r in chunk], dev)
-            out = self.forwards.generate(model, Decoding(max_new_tokens=int(self.options.get("max_new_tokens", 5))),
+            new_tokens = int(self.options.get("max_new_tokens") or self.default_new_tokens)
+            out = self.forwards.generate(model, Decoding(max_new_tokens=new_tokens),
                                          pixel_values=px, input_ids=q["input_ids"], attention_mask=q["attention_mask"])
             return self.prep.decode(out)
 

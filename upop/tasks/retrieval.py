@@ -18,7 +18,7 @@ from ..training.distributed import current
 from ..errors import ConfigError
 from ..training.momentum import QUEUE_INITS, Momentum
 from ..run.options import SWITCH, Option, at_least, one_of
-from .enc_token import enc_token_id, text_vocab_size, with_enc
+from .enc_token import enc_token_id, text_embedding, with_enc
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 
@@ -427,7 +427,7 @@ class BlipRetrieval(_RetrievalData):
         """The ITM input: BLIP's ITM head was trained with [ENC] as the first text token (its ITC encoder reads
         [CLS]); where there is no [ENC], the ids as they are ([CLS]), said once."""
         if not hasattr(self, "_enc"):  # looked up once: the vocabulary is 30k entries
-            self._enc = enc_token_id(self.prep.tokenizer, text_vocab_size(self.model))
+            self._enc = enc_token_id(self.prep.tokenizer, *text_embedding(self.model))
         return with_enc(ids, self._enc, "ITM")
 
 

@@ -88,13 +88,17 @@ def test_scoring_flags_reach_the_task_for_a_model_and_its_export(exports):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["demo-vit", "--rerank", "prob"], "--rerank does not apply to the classification task of this model (it takes none)"),
-    (["demo-clip", "--k-test", "4"], "--k-test does not apply to the retrieval task"),
+    (["demo-vit", "--rerank", "prob"], "--rerank does not apply to this vit classification model (only BLIP retrieval "
+                                       "uses it)"),
+    (["demo-clip", "--k-test", "4"], "--k-test does not apply to this clip retrieval model (only BLIP retrieval uses it)"),
+    (["demo-blip", "--max-new-tokens", "4"], "--max-new-tokens does not apply to this blip retrieval model (only "),
     (["demo-blip", "--k-test", "0"], "k_test must be an integer >= 1"),
     (["demo-blip", "--rerank", "softmax"], "rerank must be one of logit, prob"),
 ])
-def test_a_scoring_flag_the_task_does_not_take_is_one_line(args, match):
+def test_a_scoring_flag_the_task_does_not_take_is_one_line(exports, args, match):
     _one_line([*args, "--limit", "2", "--device", "cpu"], match)
+    if "only" in match:  # the export of the same model: the same line, before its graphs run
+        _one_line([str(exports[args[0]]), *args[1:], "--limit", "2", "--device", "cpu"], match)
 
 
 def test_zero_shot_classification_of_a_dual_encoder_export(exports):
@@ -230,6 +234,43 @@ def test_predict_scores_itm_with_enc_first(tmp_path):
         p = torch.softmax(adapter.itm_logits(model, seq.expand(2, -1, -1), ids, t["attention_mask"]), 1)[:, 1]
     got = [float(line.split("ITM ")[1].split()[0]) for line in lines]
     assert got == pytest.approx(p.tolist(), abs=2e-3)
+
+
+@pytest.mark.parametrize("class_name", ["BlipForImageTextRetrieval", "BlipForQuestionAnswering"], ids=["itm", "vqa"])
+def test_enc_found_after_dec_is_used_alike_by_pytorch_its_export_and_predict(class_name, generation_data, tmp_path):
+    """A tokenizer without [ENC] and a text embedding two rows past it ([DEC] = bos, then [ENC]), as transformers'
+    converted BLIP checkpoints are: PyTorch, the export's evaluation and ``upop predict`` all put that row first."""
+    from upop.exporters.predict import predict
+    from upop.tasks.enc_token import enc_token_id, text_embedding
+
+    adapter = get_adapter("blip")
+    model = build_tiny("blip", class_name, vocab=99)
+    t = model.config.text_config
+    tok = build_tokenizer()
+    t.sep_token_id = t.eos_token_id = tok.sep_token_id  # the tiny config's own ids sit on the last rows
+    assert t.bos_token_id == 97 and len(tok) < 97
+    model.save_pretrained(tmp_path / "m")
+    prep = Preprocessor(tok, adapter.image_processor(32))
+    prep.save_pretrained(tmp_path / "m")
+    first: list[int] = []
+    assert enc_token_id(tok, *text_embedding(model)) == 98
+    get("onnx")(tmp_path / "m", tmp_path / "e")
+    ref = _json([str(tmp_path / "m"), "--data", str(generation_data), "--device", "cpu", "--batch-size", "4"])
+    got = _json([str(tmp_path / "e"), "--data", str(generation_data), "--batch-size", "4"])
+    _assert_same(ref["metrics"], got["metrics"])
+    real_run = OrtModel.run
+
+    def spy(self, graph, **x):
+        if graph in ("itm", "question_encoder"):
+            first.append(int(x["input_ids"][0, 0]))
+        return real_run(self, graph, **x)
+
+    OrtModel.run = spy
+    try:
+        predict(tmp_path / "e", [_image(tmp_path)], ["a red circle?"])
+    finally:
+        OrtModel.run = real_run
+    assert first and set(first) == {98}
 
 
 # ---- bad input: one line, exit 2 ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from upop.datasets import shapes
 from upop.models.demo import build_tokenizer
 from upop.tasks import Preprocessor, make_task
 from upop.tasks import enc_token
-from upop.tasks.enc_token import enc_token_id, text_vocab_size, with_enc
+from upop.tasks.enc_token import enc_token_id, text_embedding, with_enc
 
 from ...conftest import build_tiny
 
@@ -39,22 +39,44 @@ def _bert_like(words: list[str]):
                                    bos_token="[DEC]")
 
 
-def test_the_row_after_a_final_dec_is_enc_where_the_embedding_has_exactly_that_row():
-    """BLIP's tokenizer adds [DEC] then [ENC]; a tokenizer saved with [DEC] only still has [ENC]'s weights in
-    the text embedding: 30,522 + [DEC] = 30,523 tokens and 30,524 rows → [ENC] is 30,523."""
-    tok = _bert_like(["red", "circle"])
-    n = len(tok)
-    assert tok.get_vocab()["[DEC]"] == n - 1
-    assert enc_token_id(tok, n + 1) == n
-    assert enc_token_id(tok, n) is None and enc_token_id(tok, n + 2) is None and enc_token_id(tok) is None
-    assert enc_token_id(build_tokenizer(), len(build_tokenizer()) + 1) is None  # its [DEC] is not the last token
-    assert enc_token_id(None, 10) is None
+def test_enc_is_the_row_after_dec_where_the_embedding_ends_there():
+    """BLIP's tokenizer adds [DEC] then [ENC] to bert-base-uncased's 30,522 tokens; transformers' converted
+    checkpoints keep all 30,524 embedding rows ([DEC] = bos_token_id 30,522) but ship the bare 30,522-token
+    tokenizer, or one ending at [DEC]: either way [ENC] is 30,523."""
+    bare = _bert_like(["red", "circle"])
+    bare_n = len(bare) - 1  # the same words without the final [DEC]
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "red", "circle"])}
+    hub_like = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                       pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    assert len(hub_like) == bare_n
+    dec = bare_n  # the config's bos_token_id, one past the bare tokenizer
+    assert enc_token_id(hub_like, dec + 2, dec) == dec + 1  # the hub case: 30,522 tokens, [DEC] 30,522, 30,524 rows
+    assert enc_token_id(bare, dec + 2, dec) == dec + 1  # a tokenizer that ends at [DEC]
+    assert enc_token_id(hub_like, dec + 1, dec) is None and enc_token_id(hub_like, dec + 3, dec) is None
+    assert enc_token_id(hub_like, dec + 2, None) is None and enc_token_id(hub_like, None, dec) is None
+    assert enc_token_id(hub_like, dec + 2, dec - 2) is None  # the tokenizer runs past the [DEC] id
+    assert enc_token_id(hub_like, dec + 2, dec, taken=(dec + 1,)) is None  # that row is [SEP], say
+    demo = build_tokenizer()  # [DEC] inside the vocabulary (id 5), no extra row: no [ENC]
+    assert enc_token_id(demo, len(demo), demo.bos_token_id) is None
+    assert enc_token_id(None, 10, 8) is None
 
 
-def test_text_vocab_size_reads_the_text_config():
-    assert text_vocab_size(build_tiny("blip", "BlipForQuestionAnswering", vocab=99)) == 99
-    assert text_vocab_size(None) is None and text_vocab_size(SimpleNamespace(config=SimpleNamespace())) is None
-    assert text_vocab_size(SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(vocab_size=True)))) is None
+def test_the_tokenizers_own_enc_needs_its_embedding_row():
+    tok = _tokenizer("[ENC]")
+    enc = tok.convert_tokens_to_ids("[ENC]")
+    assert enc_token_id(tok, enc + 1, 0) == enc and enc_token_id(tok, enc, 0) is None
+
+
+def test_text_embedding_reads_the_text_config():
+    model = build_tiny("blip", "BlipForQuestionAnswering", vocab=99)
+    t = model.config.text_config
+    assert text_embedding(model) == (99, t.bos_token_id, (t.sep_token_id, t.eos_token_id, t.pad_token_id))
+    assert text_embedding(None) == (None, None, ()) == text_embedding(SimpleNamespace(config=SimpleNamespace()))
+    flag = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(vocab_size=True, bos_token_id=3)))
+    assert text_embedding(flag) == (None, 3, ())
 
 
 def test_with_enc_replaces_the_first_token_and_leaves_the_input(capsys, monkeypatch):
