@@ -198,9 +198,10 @@ def run_choices(teacher: Teacher, data: Path, root: Path, args: argparse.Namespa
     def run(name: str, flags: list[str], seed: int) -> float:
         key = f"{teacher.family}-{name}-s{seed}"
         done = state.get(key)
-        if done is None or done["flags"] != flags:  # another --choices set: the default run's flags differ
+        # another --choices set (the default run's flags differ) or another teacher (more stages): run again
+        if done is None or done["flags"] != flags or done.get("teacher") != str(teacher.folder):
             metric = compress(teacher.family, teacher.folder, data, root / key, seed, tuple(flags), args)
-            done = {"flags": flags, "metric": metric}
+            done = {"flags": flags, "teacher": str(teacher.folder), "metric": metric}
             state.put(key, done)
         console.print(f"{teacher.family} {name} seed {seed}: {done['metric']:.2f}")
         return done["metric"]
@@ -212,11 +213,15 @@ def run_choices(teacher: Teacher, data: Path, root: Path, args: argparse.Namespa
         for seed in args.seeds:
             if choice.at_eval:
                 key = f"{teacher.family}-{choice.name}-rescored-s{seed}"
-                if state.get(key) is None:  # the default run's scoring options, this one changed
+                done = state.get(key)
+                if done is None or done.get("teacher") != str(teacher.folder):
+                    # the default run's scoring options, this one changed
                     options = {c.at_eval[0]: c.at_eval[2 if c is choice else 1] for c in choices if c.at_eval}
-                    state.put(key, rescore(root / f"{teacher.family}-default-s{seed}", data, seed, options))
-                console.print(f"{teacher.family} {choice.name} rescored seed {seed}: {state.get(key):.2f}")
-                alternative.append(state.get(key))
+                    metric = rescore(root / f"{teacher.family}-default-s{seed}", data, seed, options)
+                    done = {"teacher": str(teacher.folder), "metric": metric}
+                    state.put(key, done)
+                console.print(f"{teacher.family} {choice.name} rescored seed {seed}: {done['metric']:.2f}")
+                alternative.append(done["metric"])
             else:
                 flags = [f for c in choices for f in (c.alternative if c is choice else c.default)]
                 alternative.append(run(choice.name, flags, seed))
@@ -282,7 +287,9 @@ def main() -> None:
     console = Console(width=170)
     root = args.work or Path(tempfile.mkdtemp(prefix="upop-quality-"))
     root.mkdir(parents=True, exist_ok=True)
-    state = State(root, {k: str(v) for k, v in vars(args).items() if k not in ("work", "json", "families", "choices")})
+    # what the finished work depends on (more stages or another threshold reuse the stages already trained)
+    state = State(root, {k: str(v) for k, v in vars(args).items()
+                         if k not in ("work", "json", "families", "choices", "max_stages", "converged")})
     per_class = -(-args.test // 12)
     data = root / "data"
     if not (data / ".complete").is_file():
