@@ -133,7 +133,7 @@ def _special_tokens(config: Any) -> dict[str, int]:
         return {}
     keys = ("bos_token_id", "sep_token_id", "eos_token_id", "pad_token_id")
     out = {k: int(getattr(text, k)) for k in keys if isinstance(getattr(text, k, None), int)}
-    if isinstance(getattr(text, "vocab_size", None), int):  # where BLIP's [ENC] row is found (upop.tasks.enc_token)
+    if isinstance(getattr(text, "vocab_size", None), int):  # where BLIP's [ENC] row is found (upop.models.enc_token)
         out["text_vocab_size"] = int(text.vocab_size)
     image = getattr(config, "image_token_id", None)  # a decoder VLM's: where the host writes the image features
     return {**out, "image_token_id": int(image)} if isinstance(image, int) else out

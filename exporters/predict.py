@@ -41,10 +41,10 @@ class _Inputs:
         return {k: v.numpy() for k, v in self.prep.text(texts).items()}
 
     def with_enc(self, ids: np.ndarray, reader: str) -> np.ndarray:
-        """BLIP's [ENC] as the first token of a text an image-reading encoder takes (upop.tasks.enc_token)."""
+        """BLIP's [ENC] as the first token of a text an image-reading encoder takes (upop.models.enc_token)."""
         import torch
 
-        from upop.tasks.enc_token import enc_token_id, with_enc
+        from upop.models.enc_token import enc_token_id, with_enc
 
         t = self.tokens
         taken = tuple(t[k] for k in ("sep_token_id", "eos_token_id", "pad_token_id") if k in t)

@@ -78,8 +78,12 @@ class BlipNlvrAdapter(BlipAdapter, BlipNlvrModels):
         return 2 if spec.tower == "vision" else 1
 
     def init_from(self, source: nn.Module) -> nn.Module:
-        """A reasoning model initialised from an HF BLIP retrieval model."""
-        return BlipNlvrForVisualReasoning.from_retrieval(source)
+        """A reasoning model initialised from an HF BLIP retrieval model; its text reads BLIP's [ENC] first where the
+        retrieval model's embedding holds that row (transformers' converted checkpoints: 30,523), as its ITM
+        encoder, whose layers it starts from, was trained."""
+        from ..models.enc_token import enc_row, text_embedding
+
+        return BlipNlvrForVisualReasoning.from_retrieval(source, enc_token_id=enc_row(*text_embedding(source)))
 
     # ---- synthetic inputs ----------------------------------------------------------------------------
     def example_inputs(self, model: nn.Module, batch_size: int = 2, seq_len: int = 8,

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..datasets.loading import CaptionPairs
 from ..datasets.readers import read_retrieval, read_vqa, read_vqa_training
-from .enc_token import enc_token_id, text_embedding, with_enc
+from ..models.enc_token import enc_token_id, text_embedding, with_enc
 from .base import MAX_NEW_TOKENS, Batches, Decoding, Images, Task, device_of, distill_kl, register_task, to_device
 from .metrics import bleu4, cider_d, vqa_accuracy
 

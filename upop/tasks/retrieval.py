@@ -18,7 +18,7 @@ from ..training.distributed import current
 from ..errors import ConfigError
 from ..training.momentum import QUEUE_INITS, Momentum
 from ..run.options import SWITCH, Option, at_least, one_of
-from .enc_token import enc_token_id, text_embedding, with_enc
+from ..models.enc_token import enc_token_id, text_embedding, with_enc
 from .base import Batches, Images, Task, device_of, distill_kl, find_annotation, register_task, to_device
 from .metrics import recall_at_k
 

@@ -241,7 +241,7 @@ def test_enc_found_after_dec_is_used_alike_by_pytorch_its_export_and_predict(cla
     """A tokenizer without [ENC] and a text embedding two rows past it ([DEC] = bos, then [ENC]), as transformers'
     converted BLIP checkpoints are: PyTorch, the export's evaluation and ``upop predict`` all put that row first."""
     from upop.exporters.predict import predict
-    from upop.tasks.enc_token import enc_token_id, text_embedding
+    from upop.models.enc_token import enc_token_id, text_embedding
 
     adapter = get_adapter("blip")
     model = build_tiny("blip", class_name, vocab=99)

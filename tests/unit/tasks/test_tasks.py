@@ -123,3 +123,30 @@ def test_vqa_trains_on_every_training_file_present(tmp_path):
     assert sorted(questions) == sorted([f"q{i}?" for i in range(2)] + [f"v{i}?" for i in range(3)] +
                                        [f"g{i}?" for i in range(4)])
     assert root / "VG_100K" / "1.jpg" in task.image_paths("train")  # checked before a run, as the others
+
+
+@pytest.fixture(scope="module")
+def vqa_data(tmp_path_factory):
+    return shapes(tmp_path_factory.mktemp("vqa") / "shapes", train=4, val=4, test=4, classification_per_class=(1, 1, 1))
+
+
+@pytest.mark.parametrize("with_enc_token", [True, False], ids=["enc", "no-enc"])
+def test_vqa_questions_start_with_enc_in_training_and_evaluation(vqa_data, with_enc_token):
+    model = build_tiny("blip", "BlipForQuestionAnswering", vocab=99)
+    adapter = get_adapter("blip")
+    tok = build_tokenizer()
+    if with_enc_token:
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})  # as BLIP's init_tokenizer adds it
+    task = make_task(adapter, "vqa", Preprocessor(tok, adapter.image_processor(32)), vqa_data, model=model, batch_size=2)
+    first = tok.convert_tokens_to_ids("[ENC]") if with_enc_token else tok.cls_token_id
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    try:
+        batch = next(iter(task.train_batches()))
+        task.forward(model.train(), {**batch, "pixel_values": torch.randn(2, 3, 32, 32)})
+    finally:
+        hook.remove()
+    real = task.forwards.generate
+    task.forwards.generate = lambda m, d, **x: seen.append(x["input_ids"]) or real(m, d, **x)
+    task.evaluate(model.eval(), "test", limit=2)
+    assert len(seen) >= 2 and all((ids[:, 0] == first).all() for ids in seen)

@@ -15,7 +15,7 @@ import torch
 
 from ..training.distributed import current
 
-__all__ = ["enc_token_id", "text_embedding", "with_enc", "say_once"]
+__all__ = ["enc_row", "enc_token_id", "text_embedding", "with_enc", "say_once"]
 
 _SAID: set[str] = set()
 
@@ -54,7 +54,14 @@ def enc_token_id(tokenizer: Any, vocab_size: int | None = None, dec_id: int | No
     if "[ENC]" in vocab:
         own = int(vocab["[ENC]"])
         return own if vocab_size is None or own < vocab_size else None
-    if dec_id is not None and vocab_size == dec_id + 2 and len(tokenizer) <= dec_id + 1 and dec_id + 1 not in taken:
+    row = enc_row(vocab_size, dec_id, taken)
+    return row if row is not None and len(tokenizer) <= row else None  # the tokenizer stops at or before [DEC]
+
+
+def enc_row(vocab_size: int | None, dec_id: int | None, taken: tuple[int, ...] = ()) -> int | None:
+    """The config's part of the rule: the row after [DEC] where the embedding ends right after it and no other
+    special token names it (a model without its tokenizer: ``init_from``)."""
+    if dec_id is not None and vocab_size == dec_id + 2 and dec_id + 1 not in taken:
         return dec_id + 1
     return None
 

@@ -1,17 +1,13 @@
-"""BLIP's [ENC] token: found in the tokenizer or as the text embedding's row after [DEC], and the first token of
-the VQA question encoder's input in training and evaluation (the ITM's: tests/unit/tasks/test_retrieval.py)."""
+"""BLIP's [ENC] token: found in the tokenizer or as the text embedding's row after [DEC] (its use: the ITM's in
+tests/unit/tasks/test_retrieval.py, the VQA question encoder's in tests/unit/tasks/test_tasks.py, NLVR's below)."""
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
-from upop.adapters import get_adapter
-from upop.datasets import shapes
 from upop.models.demo import build_tokenizer
-from upop.tasks import Preprocessor, make_task
-from upop.tasks import enc_token
-from upop.tasks.enc_token import enc_token_id, text_embedding, with_enc
+from upop.models import enc_token
+from upop.models.enc_token import enc_token_id, text_embedding, with_enc
 
 from ...conftest import build_tiny
 
@@ -88,26 +84,12 @@ def test_with_enc_replaces_the_first_token_and_leaves_the_input(capsys, monkeypa
     assert capsys.readouterr().err.count("BLIP's question encoder reads [CLS]") == 1
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return shapes(tmp_path_factory.mktemp("vqa") / "shapes", train=4, val=4, test=4, classification_per_class=(1, 1, 1))
+def test_an_nlvr_model_from_a_converted_retrieval_model_reads_enc():
+    """init_from keeps the [ENC] row the retrieval model's ITM encoder learned (transformers' BLIP: 30,523)."""
+    from upop.adapters import get_adapter
 
-
-@pytest.mark.parametrize("with_enc_token", [True, False], ids=["enc", "no-enc"])
-def test_vqa_questions_start_with_enc_in_training_and_evaluation(data, with_enc_token):
-    model = build_tiny("blip", "BlipForQuestionAnswering", vocab=99)
-    adapter = get_adapter("blip")
-    tok = _tokenizer("[ENC]") if with_enc_token else build_tokenizer()
-    task = make_task(adapter, "vqa", Preprocessor(tok, adapter.image_processor(32)), data, model=model, batch_size=2)
-    first = tok.convert_tokens_to_ids("[ENC]") if with_enc_token else tok.cls_token_id
-    seen: list[torch.Tensor] = []
-    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
-    try:
-        batch = next(iter(task.train_batches()))
-        task.forward(model.train(), {**batch, "pixel_values": torch.randn(2, 3, 32, 32)})
-    finally:
-        hook.remove()
-    real = task.forwards.generate
-    task.forwards.generate = lambda m, d, **x: seen.append(x["input_ids"]) or real(m, d, **x)
-    task.evaluate(model.eval(), "test", limit=2)
-    assert len(seen) >= 2 and all((ids[:, 0] == first).all() for ids in seen)
+    retrieval = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99)
+    t = retrieval.config.text_config
+    assert get_adapter("blip_nlvr").init_from(retrieval).config.enc_token_id is None  # row 98 is the tiny [SEP]
+    t.sep_token_id = t.eos_token_id = 3
+    assert get_adapter("blip_nlvr").init_from(retrieval).config.enc_token_id == 98
