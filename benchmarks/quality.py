@@ -137,7 +137,7 @@ def train_teacher(family: str, data: Path, root: Path, args: argparse.Namespace,
     teacher = Teacher(family, root / f"teacher-{family}")
     prev: Path | None = None
     best = -math.inf
-    for stage in range(args.max_stages):
+    for stage in range(max_stages(args.max_stages, family)):
         out = root / f"teacher-{family}-stage{stage}"
         record = state.get(f"teacher-{family}-{stage}")
         if record is None:
@@ -160,6 +160,14 @@ def train_teacher(family: str, data: Path, root: Path, args: argparse.Namespace,
             break
     teacher.folder = prev  # type: ignore[assignment]
     return teacher
+
+
+def max_stages(spec: list[str], family: str) -> int:
+    """``--max-stages 5`` for every family, or per family: ``--max-stages 5 blip=2`` (the last plain number
+    for the others)."""
+    plain = [int(v) for v in spec if "=" not in v] or [5]
+    own = {k: int(v) for k, v in (item.split("=", 1) for item in spec if "=" in item)}
+    return own.get(family, plain[-1])
 
 
 def compress(family: str, teacher: Path, data: Path, out: Path, seed: int, flags: tuple[str, ...],
@@ -269,7 +277,7 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=250, help="classification training images per class")
     ap.add_argument("--test", type=int, default=1000, help="test images (classification: rounded up to 12 classes)")
     ap.add_argument("--stage-epochs", type=int, default=20)
-    ap.add_argument("--max-stages", type=int, default=5)
+    ap.add_argument("--max-stages", nargs="*", default=["5"], help="stages at most: N, or FAMILY=N (e.g. 5 blip=2)")
     ap.add_argument("--converged", type=float, default=0.5, help="val points a stage must gain to go on")
     ap.add_argument("--search-epochs", type=int, default=None, help="default: the family's demo budget")
     ap.add_argument("--retrain-epochs", type=int, default=None, help="default: the family's demo budget")
@@ -280,7 +288,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.dry_run:
         args.train, args.train_per_class, args.test = 48, 4, 24
-        args.stage_epochs, args.max_stages, args.max_steps = 1, 2, 2
+        args.stage_epochs, args.max_stages, args.max_steps = 1, ["2"], 2
         args.seeds = args.seeds[:2]
     if len(args.seeds) < 3 and not args.dry_run:
         ap.error("at least 3 seeds: an interval over 2 runs is too wide to decide anything")
