@@ -122,8 +122,10 @@ def _caption(x: _Inputs) -> list[str]:
         return _chat(x, CAPTION_INSTRUCTION)
     cls = _task_class(x.model.manifest, "caption")
     if cls is None:
-        raise ConfigError(f"a {x.model.manifest.get('family')} export does not caption (export.json names no "
-                          "family that does)")
+        from upop.errors import ExportFolderError
+
+        raise ExportFolderError(f"{x.model.dir}/export.json says task caption, which a "
+                                f"{x.model.manifest.get('family')} export does not do (the file was edited?)")
     decoding = cls.decoding
     extra, skip = {}, 0
     if decoding.prompt:

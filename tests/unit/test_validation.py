@@ -374,7 +374,7 @@ ONE_LINE = {
     "plain pickle as state.pt": (_plain_pickle_state, "which upop never loads"),
     "plain pickle as an NLVR checkpoint": (_plain_pickle_nlvr, "which upop never loads"),
     "garbage .onnx under profile": (_garbage_onnx, "cannot be loaded (damaged or not an ONNX graph)"),
-    "predict on an edited task": (_edited_task, "has no bos_token_id under tokens"),
+    "predict on an edited task": (_edited_task, "export.json says task caption, which a vit export does not do"),
 }
 
 
