@@ -167,11 +167,14 @@ class ArtifactModule(nn.Module):
             self.config = SimpleNamespace(id2label={int(k): v for k, v in labels.items()})
         except ValueError:
             raise ExportFolderError("export.json is damaged (a label key is not a class index)") from None
-        # the text embedding's rows and [DEC]'s id: where BLIP's [ENC] is (upop.models.enc_token)
-        tokens = tokens or {}
-        self.config.text_config = SimpleNamespace(vocab_size=tokens.get("text_vocab_size"),
-                                                  **{k: tokens.get(k) for k in ("bos_token_id", "sep_token_id",
-                                                                                "eos_token_id", "pad_token_id")})
+        self.config.text_config = export_text_config(tokens or {})
+
+
+def export_text_config(tokens: dict[str, Any]) -> SimpleNamespace:
+    """The text config's sizes and ids that ``export.json`` records (``tokens``): the text embedding's rows and the
+    special ids, where BLIP's [ENC] is found (upop.models.enc_token)."""
+    return SimpleNamespace(vocab_size=tokens.get("text_vocab_size"),
+                           **{k: tokens.get(k) for k in ("bos_token_id", "sep_token_id", "eos_token_id", "pad_token_id")})
 
 
 # ---- evaluation --------------------------------------------------------------------------------

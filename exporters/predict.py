@@ -44,11 +44,11 @@ class _Inputs:
         """BLIP's [ENC] as the first token of a text an image-reading encoder takes (upop.models.enc_token)."""
         import torch
 
-        from upop.models.enc_token import enc_token_id, with_enc
+        from upop.models.enc_token import enc_token_id, text_ids, with_enc
 
-        t = self.tokens
-        taken = tuple(t[k] for k in ("sep_token_id", "eos_token_id", "pad_token_id") if k in t)
-        enc = enc_token_id(self.prep.tokenizer, t.get("text_vocab_size"), t.get("bos_token_id"), taken)
+        from .evaluate import export_text_config
+
+        enc = enc_token_id(self.prep.tokenizer, *text_ids(export_text_config(self.tokens)))
         return with_enc(torch.from_numpy(ids), enc, reader).numpy()
 
     def decode(self, ids: np.ndarray) -> str:

@@ -92,15 +92,14 @@ def _task_options_unused(family: str, task: str) -> dict[str, str]:
     """The tasks' own options that this run's task does not declare, each with the tasks that use it."""
     from upop.adapters import get_adapter
     from upop.errors import UpopError
-    from upop.tasks import task_for
-    from upop.tasks.base import declaring
+    from upop.tasks import options_not_taken
 
     try:
-        mine = {o.name for o in task_for(get_adapter(family), task).task_options}
-    except UpopError:  # a task the family cannot do: the run says so itself
+        adapter = get_adapter(family)
+    except UpopError:  # an unknown family: the run says so itself
         return {}
     return {name: f"only {' and '.join(users)} uses it; this run is {family} {task}"
-            for name, users in declaring().items() if name not in mine}
+            for name, users in options_not_taken(adapter, task).items()}
 
 
 def _family_task(model: str, task: str | None) -> tuple[str | None, str | None]:

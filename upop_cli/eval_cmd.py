@@ -87,19 +87,14 @@ def run_export(export_dir: str, task: str | None, data: str | None, split: str, 
 
 def refuse_unused(adapter: Any, task: str, scoring: dict[str, Any]) -> None:
     """One line, before any work, for a scoring flag this model's task does not take (and which tasks do)."""
-    from upop.errors import ConfigError, UpopError
-    from upop.tasks import task_for
-    from upop.tasks.base import declaring
+    from upop.errors import ConfigError
+    from upop.tasks import options_not_taken
 
-    try:
-        mine = {o.name for o in task_for(adapter, task).task_options}
-    except UpopError:  # a task the family cannot do: the evaluation says so itself
-        return
+    not_taken = options_not_taken(adapter, task)
     for name in scoring:
-        if name not in mine:
-            users = " and ".join(declaring().get(name, [])) or "no task"
+        if name in not_taken:
             raise ConfigError(f"--{name.replace('_', '-')} does not apply to this {adapter.family} {task} model "
-                              f"(only {users} uses it)")
+                              f"(only {' and '.join(not_taken[name])} uses it)")
 
 
 def _show(title: str, metrics: dict[str, float]) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from ..training.distributed import current
 
-__all__ = ["enc_row", "enc_token_id", "text_embedding", "with_enc", "say_once"]
+__all__ = ["enc_row", "enc_token_id", "text_embedding", "text_ids", "with_enc", "say_once"]
 
 _SAID: set[str] = set()
 
@@ -34,7 +34,11 @@ _OTHER_IDS = ("sep_token_id", "eos_token_id", "pad_token_id")
 def text_embedding(model: Any) -> tuple[int | None, int | None, tuple[int, ...]]:
     """(rows of the model's text embedding, its [DEC] id: the text config's ``bos_token_id``, its other special
     ids), None / () where absent."""
-    text = getattr(getattr(model, "config", None), "text_config", None)
+    return text_ids(getattr(getattr(model, "config", None), "text_config", None))
+
+
+def text_ids(text: Any) -> tuple[int | None, int | None, tuple[int, ...]]:
+    """``text_embedding`` of a text config itself (an export's, read from its ``export.json``)."""
 
     def whole(v: Any) -> int | None:
         return v if isinstance(v, int) and not isinstance(v, bool) else None

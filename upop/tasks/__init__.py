@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.base import TaskHooks
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, UpopError
 from . import chat, classification, generation, reasoning, retrieval  # noqa: F401  (registration)
-from .base import Preprocessor, Task, family_tasks, implementation, register_task, task_class, task_names
+from .base import Preprocessor, Task, declaring, family_tasks, implementation, register_task, task_class, task_names
 
 
 def task_for(adapter: TaskHooks, task: str) -> type[Task]:
@@ -18,6 +18,16 @@ def task_for(adapter: TaskHooks, task: str) -> type[Task]:
         raise UnsupportedModelError(
             f"{adapter.family} models cannot do task {task!r}; they do: {', '.join(family_tasks(adapter))}")
     return task_class(key)
+
+
+def options_not_taken(adapter: TaskHooks, task: str) -> dict[str, list[str]]:
+    """Each task option that ``task`` of this family does not declare → the titles of the tasks that do ({} for a
+    task the family cannot do: the run says so itself)."""
+    try:
+        mine = {o.name for o in task_for(adapter, task).task_options}
+    except UpopError:
+        return {}
+    return {name: users for name, users in declaring().items() if name not in mine}
 
 
 def trains(adapter: TaskHooks, cls: type[Task], model_class: str) -> bool:
