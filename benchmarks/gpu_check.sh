@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent machine (about 10 minutes): install upop, run every GPU check, print the tables.
+# One-shot GPU check for a lent machine (about 10 minutes; GPU_CHECK_<STEP>_S sets a step's limit in seconds): install upop, run every GPU check, print the tables.
 # What it answers is listed in README.md's GPU section and in benchmarks/gpu_check.py's docstring. Each step has
 # its own time limit and a failed step says so and lets the next one run: one run answers as much as it can.
 #
@@ -15,10 +15,11 @@
 #           `upop eval --runtime tensorrt` of each: the task metric of the engine next to the ONNX Runtime one
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS="${GPU_CHECK_STEPS:-checks real ddp trt}"
+STEPS="${GPU_CHECK_STEPS:-real ddp checks trt}"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d)}"
-python -c "import torch, transformers" 2>/dev/null || pip install --quiet torch transformers
-pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 || pip install --quiet --no-deps -e . || true
+export PYTHONUNBUFFERED=1  # each line as it comes: a step cut off by its limit keeps what it printed
+python -c "import torch, transformers" 2>/dev/null || python -m pip install --quiet torch transformers
+python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install --quiet --no-deps -e . || true
 python - <<'PY'
 import importlib.util
 import torch
@@ -76,9 +77,10 @@ PY
 
 export WORK
 export -f trt_road ddp_road
-step checks 300 python benchmarks/gpu_check.py "$@"
-step real 240 python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 10 --workers 8
-step ddp 180 ddp_road
-step trt 300 trt_road
+# the order is the value's: a machine lent for minutes answers the real-size questions first
+step real "${GPU_CHECK_REAL_S:-240}" python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 10 --workers 8
+step ddp "${GPU_CHECK_DDP_S:-120}" ddp_road
+step checks "${GPU_CHECK_CHECKS_S:-300}" python benchmarks/gpu_check.py "$@"
+step trt "${GPU_CHECK_TRT_S:-300}" trt_road
 echo
 echo "work folder: $WORK"

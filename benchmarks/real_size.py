@@ -29,6 +29,7 @@ import upop
 from upop.adapters import get_adapter
 from upop.models.demo import build_tokenizer
 from upop.tasks import Preprocessor
+from upop.training.parts import amp_dtype
 
 CLASS = "BlipForImageTextRetrieval"
 
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 on a GPU (default: AMP)")
     args = ap.parse_args()
     console = Console(width=140)
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,8 +111,9 @@ def main() -> None:
         model_dir, params = write_model(root / "model", args.image_size)
         console.log(f"{params / 1e6:.1f} M parameters; data and model written in {time.perf_counter() - t0:.0f} s")
         cfg = upop.CompressConfig(ratio=args.ratio, device=args.device,
-                                  search=upop.SearchConfig(steps=args.steps, update_every=1, lr=1e-5),
-                                  retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=args.steps, lr=1e-5))
+                                  search=upop.SearchConfig(steps=args.steps, update_every=1, lr=1e-5, amp=args.amp),
+                                  retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=args.steps, lr=1e-5,
+                                                             amp=args.amp))
         t0 = time.perf_counter()
         res = upop.compress(str(model_dir), cfg, data=data, batch_size=args.batch, eval_limit=8,
                             task_options={"workers": args.workers})
@@ -134,7 +137,11 @@ def report(console: Console, args, rep, params: int, compress_s: float, export_s
                         f"ratio {args.ratio}, {torch.get_num_threads()} threads")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    rows = [("parameters before → after", f"{params / 1e6:.1f} M → {rep.params['after']['total'] / 1e6:.1f} M")]
+    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = amp_dtype(dev, args.amp)
+    rows = [("device / training precision", f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'} / "
+                                             f"{'AMP ' + str(dtype).replace('torch.', '') if dtype else 'fp32'}"),
+            ("parameters before → after", f"{params / 1e6:.1f} M → {rep.params['after']['total'] / 1e6:.1f} M")]
     for phase in ("search", "retrain"):
         p = perf[phase]
         rows.append((f"{phase}: s per step / images/s / data wait",
