@@ -10,7 +10,7 @@
 #   checks  benchmarks/gpu_check.py: AMP search step, FP16 slim latency aligned/unaligned, the AMP dtype, BLIP
 #           retrieval evaluation memory, ONNX Runtime provider and IO binding, TensorRT on its own stream
 #   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory
-#   ddp     a 1-GPU torchrun of `upop compress` (NCCL): it runs, its report says the backend, resume works
+#   ddp     a 1-GPU torchrun of `upop compress`: a group of one, every collective through NCCL; the report says so
 #   trt     TensorRT engines of a slim demo at fp32 / fp16 / int8 (strongly typed, from the ONNX graphs) and
 #           `upop eval --runtime tensorrt` of each: the task metric of the engine next to the ONNX Runtime one
 set -uo pipefail
@@ -62,9 +62,11 @@ trt_road() {  # compress demo-vit at 0.5 (short), export ONNX + TensorRT at thre
     done
 }
 
-ddp_road() {  # one process per GPU under torchrun: the process group is NCCL and a kill-free resume finishes
+ddp_road() {  # one process under torchrun joins a group of one: every collective runs through NCCL on the GPU
     local out="$WORK/ddp"
-    python -m upop_cli compress --model demo-vit --ratio 0.5 --out "$out" --nproc 1 --max-steps 30 --overwrite || return 1
+    # (--nproc 1 would run in-process, without a group)
+    python -m torch.distributed.run --standalone --nproc-per-node 1 --module upop_cli compress --model demo-vit \
+        --ratio 0.5 --out "$out" --max-steps 30 --overwrite || return 1
     python - "$out" <<'PY'
 import json, sys
 from pathlib import Path

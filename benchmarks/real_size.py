@@ -101,7 +101,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 on a GPU (default: AMP)")
+    ap.add_argument("--precision", choices=["amp", "fp32", "both"], default="amp",
+                    help="training precision on a GPU (AMP: bf16, or fp16 where bf16 is not native); both: one "
+                         "compress each, on the same data and model (the export and memory rows are AMP's)")
     args = ap.parse_args()
     console = Console(width=140)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,14 +112,13 @@ def main() -> None:
         data = write_data(root / "data", args.images)
         model_dir, params = write_model(root / "model", args.image_size)
         console.log(f"{params / 1e6:.1f} M parameters; data and model written in {time.perf_counter() - t0:.0f} s")
-        cfg = upop.CompressConfig(ratio=args.ratio, device=args.device,
-                                  search=upop.SearchConfig(steps=args.steps, update_every=1, lr=1e-5, amp=args.amp),
-                                  retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=args.steps, lr=1e-5,
-                                                             amp=args.amp))
-        t0 = time.perf_counter()
-        res = upop.compress(str(model_dir), cfg, data=data, batch_size=args.batch, eval_limit=8,
-                            task_options={"workers": args.workers})
-        compress_s = time.perf_counter() - t0
+        runs = {}
+        for amp in {"amp": [True], "fp32": [False], "both": [True, False]}[args.precision]:
+            t0 = time.perf_counter()
+            res = upop.compress(str(model_dir), config(args, amp), data=data, batch_size=args.batch, eval_limit=8,
+                                task_options={"workers": args.workers})
+            runs[amp] = (res, time.perf_counter() - t0)
+        res, compress_s = next(iter(runs.values()))
         slim_dir = res.save(root / "slim")
         from upop.exporters import get
 
@@ -126,34 +127,47 @@ def main() -> None:
         export_s = time.perf_counter() - t0
         device = torch.device(res.report.latency[0]["device"]) if res.report.latency else torch.device("cpu")
         per_image = eval_bytes_per_image(slim_dir, device)
-        report(console, args, res.report, params, compress_s, export_s, per_image, folder_mb(slim_dir),
-               folder_mb(root / "onnx"))
+        report(console, args, runs, params, export_s, per_image, folder_mb(slim_dir), folder_mb(root / "onnx"))
 
 
-def report(console: Console, args, rep, params: int, compress_s: float, export_s: float, per_image: float,
+def config(args, amp: bool) -> upop.CompressConfig:
+    return upop.CompressConfig(ratio=args.ratio, device=args.device,
+                               search=upop.SearchConfig(steps=args.steps, update_every=1, lr=1e-5, amp=amp),
+                               retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=args.steps, lr=1e-5, amp=amp))
+
+
+def precision(args, amp: bool) -> str:
+    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = amp_dtype(dev, amp)
+    if dtype is None:
+        return "fp32" if not amp else "AMP asked, fp32 (none on the CPU)"
+    return f"AMP {str(dtype).replace('torch.', '')}"
+
+
+def report(console: Console, args, runs: dict, params: int, export_s: float, per_image: float,
            slim_mb: float, onnx_mb: float) -> None:
-    perf = rep.performance
+    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     table = Table(title=f"BLIP-base-size ITR at {args.image_size} px, batch {args.batch}, {args.workers} workers, "
-                        f"ratio {args.ratio}, {torch.get_num_threads()} threads")
+                        f"ratio {args.ratio}, {args.steps} steps a phase, {torch.get_num_threads()} threads, "
+                        f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = amp_dtype(dev, args.amp)
-    rows = [("device / training precision", f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'} / "
-                                             f"{'AMP ' + str(dtype).replace('torch.', '') if dtype else 'fp32'}"),
-            ("parameters before → after", f"{params / 1e6:.1f} M → {rep.params['after']['total'] / 1e6:.1f} M")]
-    for phase in ("search", "retrain"):
-        p = perf[phase]
-        rows.append((f"{phase}: s per step / images/s / data wait",
-                     f"{p['step_s']:.2f} / {p['images_per_s']:.2f} / {100 * p['data_wait']:.1f} %"))
-    rows += [(f"seconds: {k}", f"{v:.1f}") for k, v in perf["seconds"].items()]
-    rows += [(f"peak memory: {k}", f"{v:,.0f} MiB") for k, v in perf["peak_memory"].items()]
+    first = next(iter(runs.values()))[0].report
+    rows = [("parameters before → after", f"{params / 1e6:.1f} M → {first.params['after']['total'] / 1e6:.1f} M")]
+    for amp, (res, compress_s) in runs.items():
+        perf, tag = res.report.performance, precision(args, amp)
+        for phase in ("search", "retrain"):
+            p = perf[phase]
+            rows.append((f"{tag}: {phase}: s per step / images/s / data wait",
+                         f"{p['step_s']:.2f} / {p['images_per_s']:.2f} / {100 * p['data_wait']:.1f} %"))
+        rows += [(f"{tag}: seconds: {k}", f"{v:.1f}") for k, v in perf["seconds"].items()]
+        rows += [(f"{tag}: peak memory: {k}", f"{v:,.0f} MiB") for k, v in perf["peak_memory"].items()]
+        rows.append((f"{tag}: compress wall time (s)", f"{compress_s:.0f}"))
     rows += [("evaluation: MB per test image (kept sequence)", f"{per_image / 2**20:.2f}"),
              ("evaluation: GiB for a 5k test split, whole / per rank of 8", f"{5000 * per_image / 2**30:.2f} / "
                                                                               f"{5000 * per_image / 8 / 2**30:.2f}"),
-             ("compress wall time (s)", f"{compress_s:.0f}"), ("slim checkpoint (MB)", f"{slim_mb:.0f}"),
-             ("ONNX export: s / MB", f"{export_s:.0f} / {onnx_mb:.0f}")]
-    for r in rep.latency or []:
+             ("slim checkpoint (MB)", f"{slim_mb:.0f}"), ("ONNX export: s / MB", f"{export_s:.0f} / {onnx_mb:.0f}")]
+    for r in first.latency or []:
         rows.append((f"latency {r['runtime']} batch {r['batch']} before → after (ms)",
                      f"{r['before_ms']:.1f} → {r['after_ms']:.1f} ({r['speedup']:.2f}×)"))
     for k, v in rows:

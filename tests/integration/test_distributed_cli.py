@@ -96,6 +96,25 @@ def _assert_whole_search(report: dict) -> None:
     assert all(any(p == pytest.approx(pi_schedule(s, total, 0.5)) for s in range(total + 1)) for p in pis)
 
 
+def test_torchrun_with_one_process_joins_a_group_and_selects_what_no_group_selects(setup, tmp_path):
+    """Under torchrun even one process joins the process group, so every collective goes through the backend:
+    a one-GPU machine checks the NCCL paths this way. The run selects and scores as the one without a group."""
+    common = ("--batch-size", "8", "--search-epochs", "2", "--retrain-epochs", "1")
+    alone = subprocess.run(_cmd(setup, tmp_path / "alone", *common), capture_output=True, text=True, timeout=600,
+                           env=_env())
+    assert alone.returncode == 0, alone.stderr
+    cmd = _cmd(setup, tmp_path / "group", *common)
+    group = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                            "--module", "upop_cli", *cmd[1:]], capture_output=True, text=True, timeout=600, env=_env())
+    assert group.returncode == 0, group.stderr
+    assert _report(tmp_path / "group")["distributed"] == {"world_size": 1, "per_rank_batch": 8, "grad_accum": 1,
+                                                          "effective_batch": 8, "backend": "gloo"}
+    assert _report(tmp_path / "alone")["distributed"]["backend"] is None
+    assert _kept(tmp_path / "group") == _kept(tmp_path / "alone")
+    after = [_report(tmp_path / name)["metrics"]["after"]["top1"] for name in ("group", "alone")]
+    assert after[0] == pytest.approx(after[1])
+
+
 def test_nproc_two_selects_what_one_process_with_the_whole_batch_selects(setup, tmp_path):
     common = ("--search-epochs", "4", "--retrain-epochs", "1")
     one = subprocess.run(_cmd(setup, tmp_path / "one", "--batch-size", "8", *common), capture_output=True,

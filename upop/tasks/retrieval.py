@@ -408,7 +408,11 @@ class BlipRetrieval(_RetrievalData):
         scores: list[list[torch.Tensor]] = [[] for _ in sets]
         for first, seq in chunks:
             for (pairs, bounds), part in zip(sets, scores):
+                # a chunk of images in no text's top-k has no text → image pair; splitting nothing still yields
+                # one empty part, which the text encoder cannot take (found on a GPU: ties in bf16 similarities)
                 for c in pairs[bounds(first, first + len(seq))].split(self.eval_batch_size):
+                    if not len(c):
+                        continue
                     img, txt = c[:, 0], c[:, 1]
                     itm = self._itm(model, seq[img - first], tok["input_ids"][txt], tok["attention_mask"][txt])
                     part.append(itm + sim[img, txt])

@@ -28,10 +28,11 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    grouped: bool = False  # in a process group (torchrun), even of one: its collectives run through the backend
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.grouped
 
     @property
     def is_main(self) -> bool:
@@ -219,7 +220,7 @@ def current() -> Dist:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return Dist()
     return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")), grouped=True)
 
 
 def env_rank() -> int:
@@ -228,7 +229,9 @@ def env_rank() -> int:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun started this process: its elastic agent names the run, also for one process (whose group
+    then runs every collective through NCCL on a single GPU: the check a one-GPU machine can make)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def restart_count() -> int:

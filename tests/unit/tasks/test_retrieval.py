@@ -287,6 +287,29 @@ def test_re_ranked_scores_are_assembled_on_the_host_matrix_device(data, monkeypa
     assert ("cat", "cpu", "meta") in seen
 
 
+def test_a_chunk_of_images_in_no_pair_is_skipped(data):
+    """Text → image pairs come from each text's top-k images: a chunk of images that no text ranks high has none
+    (a single-GPU evaluation of a BLIP-base-sized random model crashed on it: the text encoder got 0 rows). Its
+    rows stay -1e4 and the other chunk's pairs are scored as when it is alone."""
+    from upop.tasks import retrieval
+
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    task = _task("blip", model, data, eval_batch_size=2)
+    size = model.config.vision_config.image_size
+    with torch.no_grad():
+        seq, _ = task.adapter.encode_image(model, torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    sim = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    sim[2:] -= 10  # images 2 and 3 (the second chunk) are in no text's top 2
+    pairs = retrieval._pairs(sim.topk(2, dim=0).indices.t(), 0, rows_are_images=False)
+    assert set(pairs[:, 0].tolist()) == {0, 1}
+    tokens = task.prep.text(["a", "b c", "d"])
+    with torch.no_grad():
+        (both,) = task._rerank(model, sim, [(0, seq[:2]), (2, seq[2:])], tokens, [pairs])
+        (alone,) = task._rerank(model, sim, [(0, seq[:2])], tokens, [pairs])
+    assert torch.equal(both, alone)
+    assert (both[2:] == -1e4).all() and (both[:2] > -1e4).sum() == len(pairs)
+
+
 def test_evaluation_holds_one_chunk_of_image_sequences_in_the_compute_dtype(data, monkeypatch):
     """BLIP's ITM input (every image's full sequence) is re-encoded one ``eval_batch_size`` chunk at a time rather
     than kept for the whole split, in the compute dtype (bf16 under autocast on a GPU; forced here on the CPU);
