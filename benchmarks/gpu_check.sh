@@ -9,7 +9,8 @@
 # Steps:
 #   checks  benchmarks/gpu_check.py: AMP search step, FP16 slim latency aligned/unaligned, the AMP dtype, BLIP
 #           retrieval evaluation memory, ONNX Runtime provider and IO binding, TensorRT on its own stream
-#   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory
+#   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory,
+#           with AMP and in fp32
 #   ddp     a 1-GPU torchrun of `upop compress`: a group of one, every collective through NCCL; the report says so
 #   trt     TensorRT engines of a slim demo at fp32 / fp16 / int8 (strongly typed, from the ONNX graphs) and
 #           `upop eval --runtime tensorrt` of each: the task metric of the engine next to the ONNX Runtime one
@@ -80,7 +81,8 @@ PY
 export WORK
 export -f trt_road ddp_road
 # the order is the value's: a machine lent for minutes answers the real-size questions first
-step real "${GPU_CHECK_REAL_S:-240}" python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 10 --workers 8
+step real "${GPU_CHECK_REAL_S:-300}" python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 30 --workers 8 \
+    --precision both
 step ddp "${GPU_CHECK_DDP_S:-120}" ddp_road
 step checks "${GPU_CHECK_CHECKS_S:-300}" python benchmarks/gpu_check.py "$@"
 step trt "${GPU_CHECK_TRT_S:-300}" trt_road
