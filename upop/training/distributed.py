@@ -259,6 +259,8 @@ def init(device: str) -> Dist:
                               "lower --nproc-per-node")
         torch.cuda.set_device(local)
     backend, timeout = ("nccl" if cuda else "gloo"), timedelta(minutes=30)
+    # The rank's GPU named to the group: NCCL's barrier otherwise guesses it (and says so on every rank)
+    bind = {"device_id": torch.device("cuda", local)} if cuda else {}
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The agent's store outlives a restart and still holds the failed attempt's addresses: a
         # restarted rank could read a dead peer's port before the new one is written. Each attempt
@@ -267,9 +269,9 @@ def init(device: str) -> Dist:
                                            int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
         torch.distributed.init_process_group(
             backend=backend, store=torch.distributed.PrefixStore(f"upop/attempt_{restart_count()}", store),
-            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout, **bind)
     else:
-        torch.distributed.init_process_group(backend=backend, timeout=timeout)
+        torch.distributed.init_process_group(backend=backend, timeout=timeout, **bind)
     return current()
 
 

@@ -386,3 +386,29 @@ def test_two_processes_train_blip_reading_the_device_at_most_once_per_logging_wi
         assert len(r["after_first"]) <= r["windows"], r["after_first"]
         assert {"cat_with_grad", "cat_same", "cat_padded"} <= set(r["collectives"])
         assert {c.split(" at ")[1].split(":")[0] for c in r["library"]} <= {"transformers/masking_utils.py"}
+
+
+@pytest.mark.parametrize("agent_store", [False, True])
+def test_a_gpu_rank_names_its_gpu_to_the_nccl_group(monkeypatch, agent_store):
+    """Under torchrun on GPUs each rank joins NCCL with its LOCAL_RANK's GPU as ``device_id`` (without it NCCL's
+    barrier guesses the device and warns on every rank: seen on an H100); on the CPU, gloo with no device."""
+    from upop.training import distributed
+
+    seen: list[dict] = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "TCPStore", lambda *a, **kw: object())
+    monkeypatch.setattr(torch.distributed, "PrefixStore", lambda prefix, store: (prefix, store))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(distributed, "current", lambda: Dist(rank=1, world=2, local_rank=1, grouped=True))
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if agent_store:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    distributed.init("cuda")
+    distributed.init("cpu")
+    assert seen[0]["backend"] == "nccl" and seen[0]["device_id"] == torch.device("cuda", 1)
+    assert seen[1]["backend"] == "gloo" and "device_id" not in seen[1]
