@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent machine (about 10 minutes; GPU_CHECK_<STEP>_S sets a step's limit in seconds): install upop, run every GPU check, print the tables.
+# One-shot GPU check for a lent machine (about 12 minutes; GPU_CHECK_<STEP>_S sets a step's limit in seconds): install upop, run every GPU check, print the tables.
 # What it answers is listed in README.md's GPU section and in benchmarks/gpu_check.py's docstring. Each step has
 # its own time limit and a failed step says so and lets the next one run: one run answers as much as it can.
 #
 #   bash benchmarks/gpu_check.sh                 # everything
-#   GPU_CHECK_STEPS="checks trt" bash benchmarks/gpu_check.sh    # some steps: checks real ddp trt
+#   GPU_CHECK_STEPS="checks trt" bash benchmarks/gpu_check.sh    # some steps: profile real ddp checks trt
+#   GPU_CHECK_TRACE=$OUT bash benchmarks/gpu_check.sh            # the profile's Chrome traces where they come back
 #
 # Steps:
+#   profile benchmarks/step_profile.py: where a BLIP-base training step's time goes (GPU busy share, kernel
+#           launches, host waits, the costliest operators), search and retrain, gzipped Chrome traces
 #   checks  benchmarks/gpu_check.py: AMP search step, FP16 slim latency aligned/unaligned, the AMP dtype, BLIP
 #           retrieval evaluation memory, ONNX Runtime provider and IO binding, TensorRT on its own stream
 #   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory,
@@ -16,7 +19,7 @@
 #           `upop eval --runtime tensorrt` of each: the task metric of the engine next to the ONNX Runtime one
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS="${GPU_CHECK_STEPS:-real ddp checks trt}"
+STEPS="${GPU_CHECK_STEPS:-profile real ddp checks trt}"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d)}"
 export PYTHONUNBUFFERED=1  # each line as it comes: a step cut off by its limit keeps what it printed
 python -c "import torch, transformers" 2>/dev/null || python -m pip install --quiet torch transformers
@@ -80,7 +83,9 @@ PY
 
 export WORK
 export -f trt_road ddp_road
-# the order is the value's: a machine lent for minutes answers the real-size questions first
+# the order is the value's: a machine lent for minutes answers the open question first (where a step's time
+# goes: the 2026-12-06 H100 run trained at 5 % of the GPU's rate), then the real-size numbers
+step profile "${GPU_CHECK_PROFILE_S:-240}" python benchmarks/step_profile.py --trace "${GPU_CHECK_TRACE:-$WORK/trace}"
 step real "${GPU_CHECK_REAL_S:-300}" python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 30 --workers 8 \
     --precision both
 step ddp "${GPU_CHECK_DDP_S:-120}" ddp_road

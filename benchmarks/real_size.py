@@ -57,11 +57,12 @@ def write_data(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def write_model(root: Path, image_size: int) -> tuple[Path, int]:
-    """A BLIP-base-size model folder with random weights (std 0.02), the offline tokenizer and a processor."""
+def write_model(root: Path, image_size: int, hidden: int = 768, layers: int = 12, heads: int = 12) -> tuple[Path, int]:
+    """A BLIP-base-size model folder (by default) with random weights (std 0.02), the offline tokenizer and a
+    processor."""
     adapter = get_adapter("blip")
     tok = build_tokenizer()
-    cfg = adapter.small_config(CLASS, hidden=768, layers=12, heads=12, image_size=image_size, patch_size=16,
+    cfg = adapter.small_config(CLASS, hidden=hidden, layers=layers, heads=heads, image_size=image_size, patch_size=16,
                                vocab=30524, token_ids={"bos_token_id": tok.cls_token_id, "sep_token_id": tok.sep_token_id,
                                                        "pad_token_id": tok.pad_token_id})
     torch.manual_seed(0)
