@@ -14,17 +14,20 @@ from upop.errors import ExportFolderError
 __all__ = ["Record", "evaluation_record", "read_record"]
 
 #: task options an export may record (what ``upop eval MODEL`` takes from a demo), with their types
-_OPTION_TYPES: dict[str, type] = {"k_test": int, "max_new_tokens": int, "prompt": str}
+_OPTION_TYPES: dict[str, type] = {"k_test": int, "max_new_tokens": int, "prompt": str, "rerank": str}
 _PREP_TYPES: dict[str, type] = {"max_length": int, "pad_to_max_length": bool}
 
 
 def evaluation_record(source: str | Path, model: nn.Module, adapter: Any) -> dict[str, Any]:
     """What ``export.json`` records so that the artifact is evaluated as ``upop eval`` evaluates the model: the
-    demo it comes from (its data and task options), the task options, and the preprocessor's options."""
+    demo it comes from (its data and task options), the task options (a slim checkpoint's recorded scoring over
+    the demo's), and the preprocessor's options."""
     from upop.models.demo import DEMOS
 
     demo = _demo_name(source, model)
-    return {"demo": demo, "task_options": dict(DEMOS[demo].task_options) if demo else {},
+    info = getattr(model, "_upop_info", None)
+    scoring = {k: v for k, v in getattr(info, "scoring", {}).items() if k in _OPTION_TYPES}
+    return {"demo": demo, "task_options": {**(dict(DEMOS[demo].task_options) if demo else {}), **scoring},
             "preprocessor": adapter.preprocessor_options(model)}
 
 

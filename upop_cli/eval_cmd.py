@@ -46,7 +46,9 @@ def run(model: str, task: str | None, data: str | None, split: str, batch_size: 
     dev = resolve_device(device)
     network_rule(model)
     src = open_model(model, task)
-    refuse_unused(src.adapter, task or default_task(src.adapter, src.model), scoring or {})
+    task_name = task or default_task(src.adapter, src.model)
+    refuse_unused(src.adapter, task_name, scoring or {})
+    scoring = with_recorded(src.adapter, task_name, src.info.scoring, scoring or {}, model)
     src.model.to(dev)
     with outside_data_allowed(allow_outside_data):
         ts = setup_task(src, task, data, None, batch_size, 0, limit, **(scoring or {}))
@@ -83,6 +85,20 @@ def run_export(export_dir: str, task: str | None, data: str | None, split: str, 
                           "split": split, "metrics": metrics}, indent=2))
         return
     _show(f"{export_dir} ({runtime}: {', '.join(providers)}): {name} on {split}", metrics)
+
+
+def with_recorded(adapter: Any, task: str, recorded: dict[str, Any], given: dict[str, Any], where: str) -> dict[str, Any]:
+    """The scoring options a slim checkpoint recorded (those ``task`` takes) under the ones given; the recorded ones
+    in use are said in one line on stderr, so a score is never read without knowing how it was made."""
+    from upop.tasks import options_not_taken
+
+    not_taken = options_not_taken(adapter, task)
+    used = {k: v for k, v in recorded.items() if k not in not_taken and k not in given}
+    if used:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in used.items())
+        console(stderr=True).print(f"scored as its run was: {flags} (recorded in {where}; a flag overrides)",
+                                   markup=False, highlight=False)
+    return {**used, **given}
 
 
 def refuse_unused(adapter: Any, task: str, scoring: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._version import __version__
 from ..adapters import Adapter, get_adapter
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from .safety import SLIM_MANIFEST, check_config_dict, check_replace, load_json, member, output_dir
 from ..pruning.slim import slim_model
 
@@ -60,6 +60,7 @@ class SlimInfo:
     stages: list[Stage] = field(default_factory=list)
     profile: str | None = None
     source: str | None = None
+    scoring: dict[str, Any] = field(default_factory=dict)  # the task options the run was scored with (k_test, ...)
 
 
 def sha256_file(path: Path) -> str:
@@ -124,6 +125,7 @@ def save_slim(
             "base_config": info.base_config,
             "source": info.source,
             "profile": info.profile,
+            "scoring": info.scoring,
             "stages": [s.to_dict() for s in info.stages],
             "modules": modules,
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
@@ -185,8 +187,18 @@ def check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
              "weights must be an object with a sha256 string")
     member(mpath.parent, weights.get("file", WEIGHTS), "weights file", CheckpointError)
     _require(isinstance(manifest["stages"], list), mpath, "stages must be a list")
+    _check_scoring(manifest.get("scoring", {}), mpath)
     for i, stage in enumerate(manifest["stages"]):
         _check_stage(stage, mpath, i)
+
+
+def _check_scoring(values: Any, mpath: Path) -> None:
+    from ..tasks import check_scoring
+
+    try:
+        check_scoring(values)
+    except ConfigError as exc:
+        raise CheckpointError(f"{mpath}: {exc}") from None
 
 
 def _check_stage(stage: Any, mpath: Path, i: int) -> None:
@@ -297,4 +309,5 @@ def info_from_manifest(manifest: dict[str, Any]) -> SlimInfo:
         stages=[Stage.from_dict(s) for s in manifest["stages"]],
         profile=manifest.get("profile"),
         source=manifest.get("source"),
+        scoring=dict(manifest.get("scoring", {})),
     )

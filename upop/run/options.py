@@ -112,6 +112,7 @@ class Option:
     flagged: bool = True  # False: a key of TOML files and recipes only, no flag
     default: Any = None
     defaulted: bool = True
+    scores: bool = False  # a task option that changes how a model is scored: kept with the slim checkpoint
 
     @property
     def flag(self) -> str:
@@ -224,6 +225,16 @@ def add_task_options(options: Iterable[Option]) -> None:
     for opt in options:
         if _TASK_OPTIONS.setdefault(opt.name, opt) != opt:
             raise ConfigError(f"task option {opt.name!r} is declared twice, differently")
+
+
+def task_option(name: str) -> Option | None:
+    """A registered task's option by name (None when no task declares it)."""
+    return _TASK_OPTIONS.get(name)
+
+
+def scoring_names() -> list[str]:
+    """The task options that change how a model is scored (``Option.scores``), of the tasks registered so far."""
+    return sorted(k for k, o in _TASK_OPTIONS.items() if o.scores)
 
 
 def compress_options() -> tuple[Option, ...]:

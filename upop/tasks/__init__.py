@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.base import TaskHooks
-from ..errors import UnsupportedModelError, UpopError
+from ..errors import ConfigError, UnsupportedModelError, UpopError
+from ..run.options import scoring_names, task_option
 from . import chat, classification, generation, reasoning, retrieval  # noqa: F401  (registration)
 from .base import Preprocessor, Task, declaring, family_tasks, implementation, register_task, task_class, task_names
 
@@ -64,6 +65,26 @@ def model_class_for(adapter: TaskHooks, task: str, archs: list[str]) -> str | No
     if archs:
         return archs[0] if archs[0] in fits else None
     return fits[0] if fits else None
+
+
+def scoring_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``values`` that say how the model is scored (task options marked ``scores``), set ones only:
+    a slim checkpoint keeps them so that ``upop eval`` and its exports score it as the run did."""
+    names = scoring_names()
+    return {k: v for k, v in sorted(values.items()) if v is not None and k in names}
+
+
+def check_scoring(values: Any) -> None:
+    """Recorded scoring options read back from a file: an object of known scoring options, each within its rule."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"scoring must be an object, got {values!r}")
+    for name, value in values.items():
+        opt = task_option(name)
+        if opt is None or not opt.scores:
+            raise ConfigError(f"scoring option {name!r} is not one of {', '.join(scoring_names())}")
+        if type(value) is not opt.type:  # a bool is no int here
+            raise ConfigError(f"scoring option {name} must be {opt.rule.what}, got {value!r}")
+        opt.rule.check(f"scoring option {name}", value, required=True)
 
 
 __all__ = ["default_task", "make_task", "model_class_for", "Preprocessor", "register_task", "Task", "task_for",

@@ -403,7 +403,7 @@ class Forwards:
 #: greedy decoding's new tokens at evaluation, for the tasks that decode greedily (each has its own default)
 MAX_NEW_TOKENS = Option("max_new_tokens", at_least(1), int,
                         "VQA/caption decoded greedily: new tokens at evaluation (default: chat VQA 8, chat captions 24, "
-                        "BLIP VQA 5).")
+                        "BLIP VQA 5).", scores=True)
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,12 @@ TEMPERATURE, TEMPERATURE_RANGE = 0.07, (0.001, 0.5)
 RERANK_RULES = ("logit", "prob")
 #: the options ``upop compress`` takes for BLIP retrieval (checked by their rules when the task is built)
 K_TEST = Option("k_test", at_least(1), int, "Retrieval: ITM re-ranking depth at evaluation (default 256 for COCO, "
-                                            "128 for Flickr30k, else 256).", task=True)
+                                            "128 for Flickr30k, else 256).", task=True, scores=True)
 MOMENTUM = Option("momentum", SWITCH, bool, "BLIP retrieval: distil from a momentum encoder and a queue of its "
                                             "features, as BLIP trains (default on).", switch=True, task=True)
 RERANK = Option("rerank", one_of(*RERANK_RULES), help="BLIP retrieval: the ITM score added to the ITC similarity "
-                                                      "when re-ranking: logit (default, BLIP's) | prob.", task=True)
+                                                      "when re-ranking: logit (default, BLIP's) | prob.", task=True,
+                scores=True)
 
 
 class _RetrievalData(Task):

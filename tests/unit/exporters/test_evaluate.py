@@ -87,6 +87,54 @@ def test_scoring_flags_reach_the_task_for_a_model_and_its_export(exports):
     assert default["metrics"] != ref["metrics"]  # the flags changed the scoring
 
 
+@pytest.fixture(scope="module")
+def scored_slim(tmp_path_factory):
+    """demo-blip compressed (one step a phase) with scoring options of its own: k-test 3, the probability rule."""
+    out = tmp_path_factory.mktemp("scored") / "slim"
+    r = CliRunner().invoke(app, ["compress", "--model", "demo-blip", "--ratio", "0.5", "--max-steps", "1", "--eval-limit",
+                                 "8", "--k-test", "3", "--rerank", "prob", "--no-latency", "--quiet", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_a_slim_checkpoint_and_its_export_are_scored_as_the_run_was(scored_slim, tmp_path):
+    """The run's scoring options are recorded with the slim checkpoint: ``upop eval`` applies them (saying so on
+    stderr; a flag overrides one), and ``upop export`` records them over the demo's for the export's evaluation."""
+    manifest = json.loads((scored_slim / "upop_manifest.json").read_text())
+    assert manifest["scoring"] == {"k_test": 3, "rerank": "prob"}
+    common = ["--limit", str(LIMIT), "--device", "cpu"]
+    r = CliRunner().invoke(app, ["eval", str(scored_slim), *common, "--json"])
+    assert r.exit_code == 0, r.output
+    assert "scored as its run was: --k-test 3, --rerank prob" in r.stderr
+    recorded = json.loads(r.stdout[r.stdout.index("{"):])["metrics"]
+    explicit = _json([str(scored_slim), *common, "--k-test", "3", "--rerank", "prob"])["metrics"]
+    assert recorded == explicit and recorded["k_test"] == 3.0
+    r = CliRunner().invoke(app, ["eval", str(scored_slim), *common, "--k-test", "5", "--json"])
+    assert "scored as its run was: --rerank prob (" in r.stderr  # the flag given is not the recorded one
+    assert json.loads(r.stdout[r.stdout.index("{"):])["metrics"]["k_test"] == 5.0
+    get("onnx")(scored_slim, tmp_path / "onnx")
+    rec = json.loads((tmp_path / "onnx" / "export.json").read_text())["evaluation"]
+    assert rec["task_options"] == {"k_test": 3, "rerank": "prob"}  # the run's, over demo-blip's k_test 16
+    _assert_same(recorded, _json([str(tmp_path / "onnx"), "--limit", str(LIMIT), "--device", "cpu"])["metrics"])
+
+
+@pytest.mark.parametrize("scoring,match", [
+    ({"k_test": "3"}, "scoring option k_test must be an integer >= 1, got '3'"),
+    ({"rerank": "softmax"}, "scoring option rerank must be one of logit, prob"),
+    ({"momentum": False}, "scoring option 'momentum' is not one of k_test, max_new_tokens, rerank"),
+    ([3], "scoring must be an object"),
+])
+def test_an_edited_scoring_record_is_one_line(scored_slim, tmp_path, scoring, match):
+    import shutil
+
+    copy = tmp_path / "slim"
+    shutil.copytree(scored_slim, copy)
+    manifest = json.loads((copy / "upop_manifest.json").read_text())
+    manifest["scoring"] = scoring
+    (copy / "upop_manifest.json").write_text(json.dumps(manifest))
+    _one_line([str(copy), "--limit", "2", "--device", "cpu"], match)
+
+
 @pytest.mark.parametrize("args,match", [
     (["demo-vit", "--rerank", "prob"], "--rerank does not apply to this vit classification model (only BLIP retrieval "
                                        "uses it)"),
