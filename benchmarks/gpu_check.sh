@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent machine (about 12 minutes; GPU_CHECK_<STEP>_S sets a step's limit in seconds): install upop, run every GPU check, print the tables.
+# One-shot GPU check for a lent machine: install upop, run every GPU check, print the tables. GPU_CHECK_<STEP>_S
+# sets a step's limit in seconds. All steps take about 9-10 minutes on an H100 (estimated from the 2026-12-06 runs;
+# the profile step has not run on a GPU yet), over one device call's 10 minutes: run two
+# calls back to back (the machine stays warm between them), GPU_CHECK_STEPS="profile real" then "ddp checks trt".
 # What it answers is listed in README.md's GPU section and in benchmarks/gpu_check.py's docstring. Each step has
 # its own time limit and a failed step says so and lets the next one run: one run answers as much as it can.
 #
@@ -12,8 +15,8 @@
 #           launches, host waits, the costliest operators), search and retrain, gzipped Chrome traces
 #   checks  benchmarks/gpu_check.py: AMP search step, FP16 slim latency aligned/unaligned, the AMP dtype, BLIP
 #           retrieval evaluation memory, ONNX Runtime provider and IO binding, TensorRT on its own stream
-#   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory,
-#           with AMP and in fp32
+#   real    benchmarks/real_size.py on CUDA: BLIP-base size, images/s of search and retrain, data wait, peak CUDA memory
+#           (AMP; GPU_CHECK_PRECISION=both adds fp32)
 #   ddp     a 1-GPU torchrun of `upop compress`: a group of one, every collective through NCCL; the report says so
 #   trt     TensorRT engines of a slim demo at fp32 / fp16 / int8 (strongly typed, from the ONNX graphs) and
 #           `upop eval --runtime tensorrt` of each: the task metric of the engine next to the ONNX Runtime one
@@ -84,12 +87,13 @@ PY
 export WORK
 export -f trt_road ddp_road
 # the order is the value's: a machine lent for minutes answers the open question first (where a step's time
-# goes: the 2026-12-06 H100 run trained at 5 % of the GPU's rate), then the real-size numbers
+# goes: the 2026-12-06 H100 run searched at about 3 % of the GPU's dense bf16 rate), then the real-size numbers
+# (AMP only: fp32 was measured that day; GPU_CHECK_PRECISION=both measures it again)
 step profile "${GPU_CHECK_PROFILE_S:-240}" python benchmarks/step_profile.py --trace "${GPU_CHECK_TRACE:-$WORK/trace}"
-step real "${GPU_CHECK_REAL_S:-300}" python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 30 --workers 8 \
-    --precision both
-step ddp "${GPU_CHECK_DDP_S:-120}" ddp_road
-step checks "${GPU_CHECK_CHECKS_S:-300}" python benchmarks/gpu_check.py "$@"
-step trt "${GPU_CHECK_TRT_S:-300}" trt_road
+step real "${GPU_CHECK_REAL_S:-240}" python benchmarks/real_size.py --device cuda --images 256 --batch 32 --steps 30 --workers 8 \
+    --precision "${GPU_CHECK_PRECISION:-amp}"
+step ddp "${GPU_CHECK_DDP_S:-90}" ddp_road
+step checks "${GPU_CHECK_CHECKS_S:-180}" python benchmarks/gpu_check.py "$@"
+step trt "${GPU_CHECK_TRT_S:-120}" trt_road
 echo
 echo "work folder: $WORK"

@@ -81,7 +81,7 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def eval_bytes_per_image(model_dir: Path, device: torch.device) -> float:
+def eval_bytes_per_image(model_dir: Path, device: torch.device, amp: bool = True) -> float:
     """Bytes one test image's sequence takes in evaluation (what ITM re-ranking reads, re-encoded one chunk of
     images at a time), in the compute dtype of the run (fp32 on CPU, bf16/fp16 under CUDA AMP)."""
     adapter = get_adapter("blip")
@@ -89,7 +89,7 @@ def eval_bytes_per_image(model_dir: Path, device: torch.device) -> float:
     size = model.config.vision_config.image_size
     with torch.no_grad():
         seq, _emb = adapter.encode_image(model, torch.randn(1, 3, size, size, device=device))
-    itemsize = 2 if device.type == "cuda" else 4
+    itemsize = 2 if amp_dtype(device, amp) is not None else 4
     return seq.numel() * itemsize
 
 
@@ -116,10 +116,18 @@ def main() -> None:
         runs = {}
         for amp in {"amp": [True], "fp32": [False], "both": [True, False]}[args.precision]:
             t0 = time.perf_counter()
-            res = upop.compress(str(model_dir), config(args, amp), data=data, batch_size=args.batch, eval_limit=8,
-                                task_options={"workers": args.workers})
+            try:  # one precision failing (out of memory, say) leaves the other's rows
+                res = upop.compress(str(model_dir), config(args, amp), data=data, batch_size=args.batch,
+                                    eval_limit=8, task_options={"workers": args.workers})
+            except Exception as exc:  # noqa: BLE001  (said, and the next precision runs)
+                console.print(f"{precision(args, amp)}: FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
             runs[amp] = (res, time.perf_counter() - t0)
-        res, compress_s = next(iter(runs.values()))
+            console.print(f"{precision(args, amp)}: " + ", ".join(
+                f"{phase} {res.report.performance[phase]['images_per_s']:.2f} images/s" for phase in ("search", "retrain")))
+        if not runs:
+            raise SystemExit("no compress finished")
+        amp, (res, compress_s) = next(iter(runs.items()))
         slim_dir = res.save(root / "slim")
         from upop.exporters import get
 
@@ -127,7 +135,7 @@ def main() -> None:
         get("onnx")(slim_dir, root / "onnx")
         export_s = time.perf_counter() - t0
         device = torch.device(res.report.latency[0]["device"]) if res.report.latency else torch.device("cpu")
-        per_image = eval_bytes_per_image(slim_dir, device)
+        per_image = eval_bytes_per_image(slim_dir, device, amp)
         report(console, args, runs, params, export_s, per_image, folder_mb(slim_dir), folder_mb(root / "onnx"))
 
 

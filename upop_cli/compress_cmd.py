@@ -208,9 +208,9 @@ def _compress(model: str, cfg: Any, o: dict[str, Any], out: Path, partial: Path,
                 _save(result, out, partial, overwrite)
             finish_together()
     except RuntimeError as exc:
-        from upop.training.distributed import PeerLostError, launched_by_torchrun
+        from upop.training.distributed import PeerLostError, has_peers
 
-        if not launched_by_torchrun():
+        if not has_peers():  # alone (a group of one too), the error is the run's own: shown as it is
             raise
         # Under torchrun a failed collective means another rank is gone; torchrun restarts the
         # group (--max-restarts) and the restarted ranks resume from the last checkpoint.

@@ -29,7 +29,7 @@ from ..pruning.flops import flops_per_tower, params_per_tower
 from ..latency.hardware import HardwarePlan, plan_hardware, predicted_latency_ms
 from ..latency.measure import Runtime, latency_rows, measure, torch_runtime
 from ..training.drop_path import branches as drop_path_branches, drop_path
-from ..training.loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory
+from ..training.loop import CheckpointFn, LossFn, ProgressFn, StateFn, batch_items, peak_memory, reset_peak_memory
 from .report import Report, module_rows
 from ..training.retrain import EvalFn, RetrainResult, retrain
 from .state import Baseline, RunState, StateStore
@@ -558,6 +558,7 @@ def start_run(config: CompressConfig, progress: Progress | None, checkpoint_ever
     run = Run(config, dist, device_for(dist, resolve_device(config.device)), progress if dist.is_main else None,
               checkpoint_every=checkpoint_every)
     run.profile = profile
+    reset_peak_memory(run.device)
     if latency is not False:
         run.latency_runtimes = {"torch": torch_runtime(run.device), **(latency if isinstance(latency, dict) else {})}
     return run

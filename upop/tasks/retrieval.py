@@ -410,7 +410,7 @@ class BlipRetrieval(_RetrievalData):
         for first, seq in chunks:
             for (pairs, bounds), part in zip(sets, scores):
                 # a chunk of images in no text's top-k has no text → image pair; splitting nothing still yields
-                # one empty part, which the text encoder cannot take (found on a GPU: ties in bf16 similarities)
+                # one empty part, which the text encoder cannot take (a BLIP-base evaluation on a GPU crashed on it)
                 for c in pairs[bounds(first, first + len(seq))].split(self.eval_batch_size):
                     if not len(c):
                         continue

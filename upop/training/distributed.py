@@ -228,10 +228,20 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+#: what torchrun sets for each worker to find the group
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched_by_torchrun() -> bool:
-    """torchrun started this process: its elastic agent names the run, also for one process (whose group
-    then runs every collective through NCCL on a single GPU: the check a one-GPU machine can make)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    """torchrun started this process: several workers, or one that its elastic agent named (a run id and the
+    rendezvous; a variable merely inherited does not count), whose group of one runs every collective through
+    the backend, NCCL on a GPU: the check a one-GPU machine can make."""
+    return has_peers() or ("TORCHELASTIC_RUN_ID" in os.environ and all(k in os.environ for k in _RENDEZVOUS))
+
+
+def has_peers() -> bool:
+    """Other workers share this run (a failed collective may mean one of them is gone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def restart_count() -> int:
@@ -254,6 +264,7 @@ def init(device: str) -> Dist:
     if cuda:
         if not torch.cuda.is_available():
             raise ConfigError("device cuda was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+        local = _gpu(device, local)
         if local >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "
                               "lower --nproc-per-node")
@@ -275,9 +286,16 @@ def init(device: str) -> Dist:
     return current()
 
 
+def _gpu(device: str, local: int) -> int:
+    """The GPU a torchrun worker takes: its LOCAL_RANK's, or the one named (``cuda:1``) when it is alone."""
+    named = torch.device(device).index if device.startswith("cuda:") else None
+    return named if named is not None and not has_peers() else local
+
+
 def device_for(dist: Dist, device: torch.device) -> torch.device:
-    """Under torchrun, rank r uses GPU LOCAL_RANK rather than whichever one was named."""
-    if dist.enabled and device.type == "cuda":
+    """Under torchrun, rank r uses GPU LOCAL_RANK rather than whichever one was named (a worker alone keeps
+    the one it named)."""
+    if dist.enabled and device.type == "cuda" and not (dist.world == 1 and device.index is not None):
         return torch.device("cuda", dist.local_rank)
     return device
 

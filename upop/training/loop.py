@@ -121,8 +121,16 @@ def batch_items(batch: Any) -> int:
     return 0
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """The GPU's peak starts again (a run's report is its own, not the process's: a second compress in one
+    process would show the first one's peak). Host RSS has no reset: its peak is the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak host RSS of this process and, on CUDA, the peak allocated GPU memory (MiB)."""
+    """Peak host RSS of this process and, on CUDA, the peak allocated GPU memory since ``reset_peak_memory``
+    (MiB)."""
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"host_rss_mib": rss_kib / (1024 * 1024) if sys.platform == "darwin" else rss_kib / 1024}
     if device.type == "cuda":
@@ -340,7 +348,7 @@ class TrainLoop:
             self.flush_log()
             self.phase.sync()
         except KeyboardInterrupt:
-            if on_interrupt is not None and not self.dist.enabled:
+            if on_interrupt is not None and self.dist.world == 1:  # alone (a group of one too): nobody to wait for
                 self.flush_log()
                 self.phase.sync()
                 on_interrupt(self.state())

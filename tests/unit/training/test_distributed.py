@@ -412,3 +412,22 @@ def test_a_gpu_rank_names_its_gpu_to_the_nccl_group(monkeypatch, agent_store):
     distributed.init("cpu")
     assert seen[0]["backend"] == "nccl" and seen[0]["device_id"] == torch.device("cuda", 1)
     assert seen[1]["backend"] == "gloo" and "device_id" not in seen[1]
+
+
+def test_only_torchruns_own_variables_make_a_group_and_a_worker_alone_keeps_the_gpu_it_named(monkeypatch):
+    """A run id inherited without the rendezvous (a subprocess, an exported shell variable) is no torchrun launch;
+    a worker alone keeps ``cuda:1`` where several take their LOCAL_RANK's GPU."""
+    from upop.training import distributed
+
+    for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert not distributed.launched_by_torchrun()
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.launched_by_torchrun() and not distributed.has_peers()
+    assert distributed._gpu("cuda:1", 0) == 1 and distributed._gpu("cuda", 0) == 0
+    assert distributed.device_for(Dist(world=1, grouped=True), torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.has_peers() and distributed._gpu("cuda:1", 0) == 0
+    assert distributed.device_for(Dist(rank=1, world=2, local_rank=1), torch.device("cuda", 0)) == torch.device("cuda", 1)

@@ -137,6 +137,24 @@ def test_the_report_has_throughput_time_per_phase_and_peak_memory():
     assert res.report.distributed["effective_batch"] == 2 and res.report.distributed["grad_accum"] == 1
 
 
+def test_each_run_starts_the_gpu_peak_again(monkeypatch):
+    """A run's peak CUDA memory is its own: the counter is reset when a run starts (a stubbed torch.cuda: the
+    reset, then the read, both on the run's device)."""
+    from upop.run import pipeline
+    from upop.training import loop
+
+    calls: list[tuple[str, torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("read", d)) or 3 * 2**20)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda _name: torch.device("cuda", 0))
+    monkeypatch.setattr(pipeline, "torch_runtime", lambda d: None)
+    run = pipeline.start_run(upop.CompressConfig(device="cuda"), None, 0)
+    assert calls == [("reset", torch.device("cuda", 0))]
+    assert loop.peak_memory(run.device)["cuda_max_allocated_mib"] == 3.0 and calls[-1] == ("read", torch.device("cuda", 0))
+    loop.reset_peak_memory(torch.device("cpu"))  # nothing to reset on the CPU
+    assert len(calls) == 2
+
+
 def test_ctrl_c_inside_a_step_is_acted_on_when_the_step_is_whole():
     import os
     import signal
@@ -158,9 +176,21 @@ def test_ctrl_c_inside_a_step_is_acted_on_when_the_step_is_whole():
     assert done == ["rest of the step"]
 
 
-def test_an_interrupt_during_the_last_mask_update_resumes_to_the_same_selection(tmp_path, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["alone", "group-of-one"])
+def alone_or_grouped(request, tmp_path):
+    """This process alone, or in a process group of one (what ``torchrun --nproc-per-node 1`` gives)."""
+    if request.param:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield request.param
+    if request.param:
+        torch.distributed.destroy_process_group()
+
+
+def test_an_interrupt_during_the_last_mask_update_resumes_to_the_same_selection(tmp_path, monkeypatch,
+                                                                                 alone_or_grouped):
     """Ctrl-C arriving while the final masks move (where a GPU run first waits for the device) is deferred
-    to the end of the step, so the saved state holds the final selection."""
+    to the end of the step, so the saved state holds the final selection; a group of one saves it too (no
+    other worker to wait for)."""
     import os
     import signal
 
