@@ -264,6 +264,17 @@ def test_demo_blip_reranks_its_own_depth_with_or_without_a_data_folder():
     assert setup_task(src, None, None, None, 8, 0, k_test=4).task.k_test("test") == 4  # the caller's wins
 
 
+def _blip_sequences(data, images: int):
+    """A tiny BLIP retrieval model, its task (chunks of 2) and the image sequences of ``images`` random images."""
+    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
+    task = _task("blip", model, data, eval_batch_size=2)
+    size = model.config.vision_config.image_size
+    with torch.no_grad():
+        seq, _ = task.adapter.encode_image(model, torch.randn(images, 3, size, size,
+                                                              generator=torch.Generator().manual_seed(0)))
+    return model, task, seq
+
+
 def test_re_ranked_scores_are_assembled_on_the_host_matrix_device(data, monkeypatch):
     """One process: the pairs and their scores come from the model's device and must move to the host matrix's
     (a single-GPU evaluation crashed indexing a CPU matrix with CUDA rows). The matrix is put on ``meta`` here,
@@ -272,11 +283,7 @@ def test_re_ranked_scores_are_assembled_on_the_host_matrix_device(data, monkeypa
 
     from ...gpuless import observe_devices
 
-    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
-    task = _task("blip", model, data, eval_batch_size=2)
-    size = model.config.vision_config.image_size
-    with torch.no_grad():
-        seq, _ = task.adapter.encode_image(model, torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    model, task, seq = _blip_sequences(data, 3)
     sim = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
     pairs = retrieval._pairs(sim.topk(2, dim=1).indices, 0, rows_are_images=True)
     monkeypatch.setattr(retrieval, "HOST", torch.device("meta"))
@@ -293,11 +300,7 @@ def test_a_chunk_of_images_in_no_pair_is_skipped(data):
     rows stay -1e4 and the other chunk's pairs are scored as when it is alone."""
     from upop.tasks import retrieval
 
-    model = build_tiny("blip", "BlipForImageTextRetrieval", vocab=99).eval()
-    task = _task("blip", model, data, eval_batch_size=2)
-    size = model.config.vision_config.image_size
-    with torch.no_grad():
-        seq, _ = task.adapter.encode_image(model, torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    model, task, seq = _blip_sequences(data, 4)
     sim = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     sim[2:] -= 10  # images 2 and 3 (the second chunk) are in no text's top 2
     pairs = retrieval._pairs(sim.topk(2, dim=0).indices.t(), 0, rows_are_images=False)
