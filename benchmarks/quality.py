@@ -247,12 +247,16 @@ def _cell(values: list[float]) -> str:
 
 
 def print_tables(teachers: list[Teacher], rows: list[dict], args: argparse.Namespace, console: Console) -> None:
-    t = Table(title="Teachers (trained to convergence on the larger shapes set)")
-    for c in ("family", "stages", "epochs", "val per stage", "test"):
+    t = Table(title=f"Teachers on the larger shapes set (stages until val gains < {args.converged} points, or the "
+                    "stage cap)")
+    for c in ("family", "stages", "epochs", "val per stage", "test", "converged"):
         t.add_column(c)
     for te in teachers:
+        vals = [s["val"] for s in te.stages]
+        done = len(vals) > 1 and vals[-1] - vals[-2] < args.converged
         t.add_row(te.family, str(len(te.stages)), str(sum(s["epochs"] for s in te.stages)),
-                  " → ".join(f"{s['val']:.1f}" for s in te.stages), f"{te.stages[-1]['test']:.2f}")
+                  " → ".join(f"{v:.1f}" for v in vals), f"{te.stages[-1]['test']:.2f}",
+                  "yes" if done else f"no: the last stage gained {vals[-1] - vals[-2]:.2f}" if len(vals) > 1 else "no")
     console.print(t)
     t = Table(title=f"Choices at ratio {args.ratio}: test metric, mean ± 95 % interval over seeds {args.seeds}; "
                     f"the difference is paired by seed")
