@@ -127,14 +127,14 @@ def main() -> None:
                 f"{phase} {res.report.performance[phase]['images_per_s']:.2f} images/s" for phase in ("search", "retrain")))
         if not runs:
             raise SystemExit("no compress finished")
-        amp, (res, compress_s) = next(iter(runs.items()))
+        amp, (res, _secs) = next(iter(runs.items()))
         slim_dir = res.save(root / "slim")
         from upop.exporters import get
 
         t0 = time.perf_counter()
         get("onnx")(slim_dir, root / "onnx")
         export_s = time.perf_counter() - t0
-        device = torch.device(res.report.latency[0]["device"]) if res.report.latency else torch.device("cpu")
+        device = run_device(args)
         per_image = eval_bytes_per_image(slim_dir, device, amp)
         report(console, args, runs, params, export_s, per_image, folder_mb(slim_dir), folder_mb(root / "onnx"))
 
@@ -145,9 +145,12 @@ def config(args, amp: bool) -> upop.CompressConfig:
                                retrain=upop.RetrainConfig(epochs=1, steps_per_epoch=args.steps, lr=1e-5, amp=amp))
 
 
+def run_device(args) -> torch.device:
+    return torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def precision(args, amp: bool) -> str:
-    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = amp_dtype(dev, amp)
+    dtype = amp_dtype(run_device(args), amp)
     if dtype is None:
         return "fp32" if not amp else "AMP asked, fp32 (none on the CPU)"
     return f"AMP {str(dtype).replace('torch.', '')}"
@@ -155,7 +158,7 @@ def precision(args, amp: bool) -> str:
 
 def report(console: Console, args, runs: dict, params: int, export_s: float, per_image: float,
            slim_mb: float, onnx_mb: float) -> None:
-    dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dev = run_device(args)
     table = Table(title=f"BLIP-base-size ITR at {args.image_size} px, batch {args.batch}, {args.workers} workers, "
                         f"ratio {args.ratio}, {args.steps} steps a phase, {torch.get_num_threads()} threads, "
                         f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}")

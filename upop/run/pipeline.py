@@ -447,8 +447,10 @@ def compress(
     started = time.perf_counter()
     run = start_run(config or CompressConfig(), progress, checkpoint_every, latency)
     src = open_model(model, task)
+    from ..tasks import scoring_options
+
     # the options the run is scored with go with the slim checkpoint: upop eval and its exports score it alike
-    src.info.scoring = {**src.info.scoring, **recorded_scoring(task_options or {})}
+    src.info.scoring = {**src.info.scoring, **scoring_options(task_options or {})}
     net = src.model.to(run.device)
     if run.config.grad_checkpointing:
         enable_grad_checkpointing(net)
@@ -539,12 +541,6 @@ def plan_for(run: Run, net: nn.Module, adapter: Adapter, specs: list) -> Hardwar
         return None
     cfg = run.config
     return plan_hardware(net, adapter, specs, cfg.granularity, cfg.ratio, run.profile, cfg.target_latency_ms)
-
-
-def recorded_scoring(task_options: dict[str, Any]) -> dict[str, Any]:
-    from ..tasks import scoring_options
-
-    return scoring_options(task_options)
 
 
 def start_run(config: CompressConfig, progress: Progress | None, checkpoint_every: int,
